@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny synthetic IDX dataset and a tiny trained model directory (seeded, seconds to make)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+def idx_bytes(arr: np.ndarray, magic: int) -> bytes:
+    """Serialize a uint8 array as an IDX file."""
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+def write_idx_dataset(folder: Path, n_train: int = 256, n_test: int = 64, seed: int = 0, gz: bool = True) -> Path:
+    """Four IDX files of blurry random strokes: enough structure for a VAE to learn something fast."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        for i in range(n):
+            r, c = rng.integers(4, 20, size=2)
+            images[i, r : r + 8, c : c + 3] = 255
+            images[i, r + 3 : r + 5, c : c + 8] = 180
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        for name, arr, magic in ((f"{split}-images-idx3-ubyte", images, 2051), (f"{split}-labels-idx1-ubyte", labels, 2049)):
+            raw = idx_bytes(arr, magic)
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
+            else:
+                (folder / name).write_bytes(raw)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_idx_dataset(tmp_path_factory.mktemp("idx"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_data) -> Path:
+    """A 784-32-4 MLP VAE trained for 2 epochs on the tiny dataset."""
+    from vae_engine.config import ModelConfig, TrainConfig
+    from vae_engine.train import train
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    train(ModelConfig(latent_dim=4, hidden=(32,)),
+          TrainConfig(dataset="dir", data_dir=str(tiny_data), epochs=2, batch_size=32, seed=1), out, plots=False)
+    return out

@@ -1,0 +1,77 @@
+"""The CLI end to end through Typer's CliRunner: outputs, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from vae_engine.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_lists_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for name in ("train", "evaluate"):
+        assert name in result.output
+
+
+def test_train_and_evaluate_end_to_end(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", "--data-dir", tiny_data, "--out", out, "--epochs", 2, "--batch-size", 32,
+                    "--latent-dim", 2, "--hidden", "32", "--threads", 2)
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "model.safetensors", "metrics.jsonl", "train_state.safetensors"):
+        assert (out / name).is_file()
+    for name in ("training_curve", "reconstructions", "samples", "latent_traversal", "interpolation", "manifold"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 1000
+    result = invoke("evaluate", out, "--k", 16, "--limit", 20, "--json", tmp_path / "ev.json")
+    assert result.exit_code == 0, result.output
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["n"] == 20 and ev["k"] == 16 and 0 < ev["test_nll"] < ev["test_nelbo"] + 1
+    result = invoke("train", "--data-dir", tiny_data, "--out", out, "--epochs", 3, "--batch-size", 32, "--resume",
+                    "--no-plots")
+    assert result.exit_code == 0, result.output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_inputs_give_one_line(tmp_path, tiny_data):
+    _one_line_error(invoke("train", "--data-dir", tmp_path / "missing", "--out", tmp_path / "o"), "not found")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(invoke("train", "--data-dir", tmp_path / "empty", "--out", tmp_path / "o"), "missing")
+    _one_line_error(invoke("train", "--epochs", 0, "--out", tmp_path / "o"), "epochs")
+    _one_line_error(invoke("train", "--latent-dim", 0, "--out", tmp_path / "o"), "latent dim")
+    _one_line_error(invoke("train", "--hidden", "a,b", "--out", tmp_path / "o"), "--hidden")
+    _one_line_error(invoke("train", "--data-dir", tiny_data, "--batch-size", 100000, "--out", tmp_path / "o"),
+                    "larger than the training set")
+    _one_line_error(invoke("evaluate", tmp_path / "nomodel"), "not found")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{not json")
+    _one_line_error(invoke("evaluate", tmp_path / "half"), "not valid JSON")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_idx_gives_one_line(tmp_path, tiny_data):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_data, bad)
+    path = bad / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:100])
+    _one_line_error(invoke("train", "--data-dir", bad, "--out", tmp_path / "o"), "train-images-idx3-ubyte.gz")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,102 @@
+"""The strict IDX reader, the bundled MNIST copy and binarization."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from vae_engine import data
+from vae_engine.errors import DataError
+
+from .conftest import idx_bytes, write_idx_dataset
+
+
+def test_round_trip_raw_and_gz(tmp_path):
+    arr = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    (tmp_path / "a").write_bytes(idx_bytes(arr, 2051))
+    (tmp_path / "a.gz").write_bytes(gzip.compress(idx_bytes(arr, 2051)))
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "a", 2051), arr)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "a.gz", 2051), arr)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda b: b[:-1], "truncated"),
+        (lambda b: b + b"\0", "size mismatch"),
+        (lambda b: b"\x01" + b[1:], "bad magic"),
+        (lambda b: b[:2] + b"\x07" + b[3:], "bad magic"),  # unknown type code
+        (lambda b: b[:6], "truncated IDX header"),
+        (lambda b: b[:3] + b"\x01" + b[4:], "bad magic number 2049, expected 2051"),  # labels magic for images
+        (lambda b: b"", "truncated"),
+    ],
+)
+def test_corrupt_files_are_named(tmp_path, mutate, message):
+    raw = idx_bytes(np.zeros((3, 28, 28), np.uint8), 2051)
+    path = tmp_path / "bad-images-idx3-ubyte"
+    path.write_bytes(mutate(raw))
+    with pytest.raises(DataError, match=message) as err:
+        data.read_idx(path, 2051)
+    assert str(path) in str(err.value)
+
+
+def test_corrupt_gzip(tmp_path):
+    path = tmp_path / "x.gz"
+    path.write_bytes(gzip.compress(idx_bytes(np.zeros((3, 28, 28), np.uint8), 2051))[:-8])
+    with pytest.raises(DataError, match="gzip"):
+        data.read_idx(path)
+
+
+def test_split_checks_counts_and_labels(tmp_path):
+    folder = write_idx_dataset(tmp_path / "d", n_train=10, n_test=5, gz=False)
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(4, np.uint8), 2049))
+    with pytest.raises(DataError, match="4 labels for 5 images"):
+        data.load_split(folder, "test")
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.full(5, 10, np.uint8), 2049))
+    with pytest.raises(DataError, match="labels must be 0-9"):
+        data.load_split(folder, "test")
+    with pytest.raises(DataError, match="missing train-images"):
+        data.load_split(tmp_path, "train")
+    with pytest.raises(DataError, match="not found"):
+        data.load_split(tmp_path / "nope", "train")
+
+
+def test_checksum_mismatch_detected(tmp_path):
+    folder = write_idx_dataset(tmp_path / "d", n_train=10, n_test=5, gz=False)
+    (folder / "SHA256SUMS").write_text("0" * 64 + "  t10k-images-idx3-ubyte\n")
+    with pytest.raises(DataError, match="SHA-256"):
+        data.load_split(folder, "test")
+
+
+def test_bundled_mnist_matches_sha256sums():
+    folder = data.bundled_dir()
+    sums = dict(line.split()[::-1] for line in (folder / "SHA256SUMS").read_text().splitlines())
+    assert len(sums) == 4
+    for name, digest in sums.items():
+        assert hashlib.sha256(gzip.decompress((folder / f"{name}.gz").read_bytes())).hexdigest() == digest
+    images, labels = data.load_split(folder, "test")
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    # label counts from the dataset's README
+    assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_named_dataset_without_download_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAE_ENGINE_CACHE", str(tmp_path))
+    with pytest.raises(DataError, match="--download"):
+        data.load_dataset("kmnist")
+    with pytest.raises(DataError, match="unknown dataset"):
+        data.load_dataset("cifar")
+
+
+def test_dynamic_binarization_is_seeded_bernoulli():
+    x = torch.full((200, 784), 0.3)
+    a = data.binarize(x, "dynamic", torch.Generator().manual_seed(5))
+    b = data.binarize(x, "dynamic", torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    assert set(a.unique().tolist()) == {0.0, 1.0}
+    assert abs(a.mean().item() - 0.3) < 0.01
+    assert data.binarize(x, "none", None) is x

@@ -1,0 +1,187 @@
+"""The `vae-engine` command line: each command is a docstring and one call into the library."""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import VaeEngineError
+
+app = typer.Typer(
+    help="Train, export and run variational autoencoders fast (PyTorch, ONNX Runtime, Numba).",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def friendly(fn):
+    """Turn the project's errors into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VaeEngineError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: no output was written", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def progress_bar(unit: str = "items") -> Progress:
+    """A rich progress bar with count, rate and time left."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TextColumn(f"{{task.fields[rate]}} {unit}/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+    )
+
+
+class Meter:
+    """A progress bar that appears only once work starts, so errors found while loading print alone."""
+
+    def __init__(self, description: str, unit: str = "items", info: str = ""):
+        self.description, self.unit, self.info = description, unit, info
+        self.bar: Progress | None = None
+
+    def start(self, total: int | None) -> None:
+        self.bar = progress_bar(self.unit)
+        self.bar.start()
+        self.task = self.bar.add_task(self.description, total=total, info=self.info, rate="")
+        self.t0, self.done = time.perf_counter(), 0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.update(self.task, advance=n, rate=f"{rate:,.1f}")
+
+    def __enter__(self) -> Meter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _parse_hidden(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(h) for h in text.replace("x", ",").split(",") if h.strip())
+    except ValueError:
+        raise VaeEngineError(f"--hidden must be comma-separated integers like 400,400, got {text!r}") from None
+
+
+ModelDir = Annotated[Path, typer.Argument(help="Model directory (config.json + model.safetensors, as written by train).")]
+
+
+@app.command()
+@friendly
+def train(
+    out_dir: Annotated[Path, typer.Option("--out", help="Model directory to write (config, weights, metrics, plots).")] = Path("runs/mnist-vae"),
+    dataset: Annotated[str, typer.Option(help="Named dataset: mnist (bundled), fashion-mnist or kmnist (need --download once).")] = "mnist",
+    data_dir: Annotated[Path | None, typer.Option(help="Folder with the four IDX files of any MNIST-format dataset; overrides --dataset.")] = None,
+    download: Annotated[bool, typer.Option(help="Fetch --dataset into the cache ($VAE_ENGINE_CACHE or ~/.cache/vae-engine) if missing. Off: no network.")] = False,
+    binarize: Annotated[str, typer.Option(help="dynamic: re-sample Bernoulli pixels every use (Burda et al.). none: keep grayscale; BCE on grayscale is not a proper likelihood, so its numbers are not comparable NLLs.")] = "dynamic",
+    arch: Annotated[str, typer.Option(help="Architecture: mlp or conv.")] = "mlp",
+    latent_dim: Annotated[int, typer.Option(help="Size of the latent z.")] = 20,
+    hidden: Annotated[str, typer.Option(help="Hidden layer sizes of the encoder, comma-separated; the decoder mirrors them.")] = "400,400",
+    activation: Annotated[str, typer.Option(help="Nonlinearity: relu, tanh, elu or softplus.")] = "relu",
+    epochs: Annotated[int, typer.Option(help="Passes over the training set (with --resume: the new total).")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Images per optimizer step.")] = 100,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    lr_schedule: Annotated[str, typer.Option(help="constant, or cosine decay to 0 over all epochs.")] = "constant",
+    objective: Annotated[str, typer.Option(help="elbo (analytic KL, K&W 2013) or iwae (Burda et al. 2015 bound with --k samples).")] = "elbo",
+    k: Annotated[int, typer.Option("--k", help="Samples per input: IWAE importance samples, or eps samples averaged by the ELBO.")] = 1,
+    kl_warmup: Annotated[int, typer.Option(help="Epochs of linear KL warm-up from 0 to 1 (ELBO objective).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for init, shuffling, binarization and eps; same seed, same weights on CPU.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="Torch intra-op threads (default: all cores).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N training images (quick runs).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last complete epoch.")] = False,
+    plots: Annotated[bool, typer.Option(help="Draw plots/ at the end (training curve, reconstructions, samples, traversals).")] = True,
+) -> None:
+    """Train a VAE on an IDX dataset and write a model directory."""
+    from .config import ModelConfig, TrainConfig
+    from .train import Callbacks, train as run_train
+
+    model_cfg = ModelConfig(arch=arch, latent_dim=latent_dim, hidden=_parse_hidden(hidden), activation=activation)
+    train_cfg = TrainConfig(
+        dataset="dir" if data_dir else dataset, data_dir=str(data_dir) if data_dir else None, binarize=binarize,
+        epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, objective=objective, k=k,
+        kl_warmup_epochs=kl_warmup, seed=seed, threads=threads, limit=limit,
+    )
+
+    class Bar(Callbacks):
+        def on_train_start(self, epochs, start_epoch, steps_per_epoch):
+            self.steps, self.bar = steps_per_epoch, progress_bar("samples")
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=(epochs - start_epoch) * steps_per_epoch, info="", rate="")
+            self.t0, self.seen = time.perf_counter(), 0
+
+        def on_batch_end(self, epoch, step, loss, samples):
+            self.seen += samples
+            if (step + 1) % 25 == 0 or step == self.steps - 1:
+                rate = self.seen / max(time.perf_counter() - self.t0, 1e-9)
+                self.bar.update(self.task, advance=step % 25 + 1, description=f"epoch {epoch + 1}",
+                                info=f"loss {loss:7.2f}", rate=f"{rate:,.0f}")
+
+        def on_epoch_end(self, row):
+            self.bar.console.print(
+                f"epoch {row['epoch']:3d}  train {row['train_loss']:8.3f}  test -ELBO {row['test_nelbo']:8.3f}  "
+                f"{row['seconds']:6.2f} s  {row['samples_per_s']:,.0f} samples/s")
+
+    bar = Bar()
+    try:
+        run_train(model_cfg, train_cfg, out_dir, resume=resume, callbacks=bar, plots=plots, download=download)
+    finally:
+        if hasattr(bar, "bar"):
+            bar.bar.stop()
+    out.print(f"model directory: {out_dir}")
+
+
+@app.command()
+@friendly
+def evaluate(
+    model_dir: ModelDir,
+    k: Annotated[int, typer.Option("--k", help="Importance samples per image for the NLL estimate (Burda et al. use 5000).")] = 5000,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N test images.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the binarization and eps streams (fixed, so runs are comparable).")] = 0,
+    backend: Annotated[str, typer.Option(help="torch (the PyTorch reference) or an engine backend name.")] = "torch",
+    threads: Annotated[int | None, typer.Option(help="Threads for torch / ONNX Runtime / Numba (default: all cores).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+) -> None:
+    """Test-set -ELBO and importance-weighted NLL on dynamically binarized test images."""
+    from .evaluate import run as run_evaluation
+
+    if k < 1:
+        raise VaeEngineError(f"--k must be at least 1, got {k}")
+    if limit is not None and limit < 1:
+        raise VaeEngineError(f"--limit must be at least 1, got {limit}")
+    with Meter("evaluate", "images", info=f"k={k}") as meter:
+        result = run_evaluation(model_dir, k=k, limit=limit, seed=seed, backend=backend, threads=threads,
+                                start=meter.start, progress=meter.advance)
+    table = Table(title=f"evaluation of {model_dir} ({result['n']} test images, seed {seed})")
+    for col in ("backend", "-ELBO (nats)", f"NLL k={k} (nats)", "seconds"):
+        table.add_column(col)
+    table.add_row(result["backend"], f"{result['test_nelbo']:.3f} ± {result['test_nelbo_stderr']:.3f}",
+                  f"{result['test_nll']:.3f} ± {result['test_nll_stderr']:.3f}", f"{result['seconds']:.1f}")
+    out.print(table)
+    if json_path:
+        from . import atomic
+
+        atomic.write_json(json_path, result)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+

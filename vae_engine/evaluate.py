@@ -1,0 +1,94 @@
+"""Test-set -ELBO and importance-weighted NLL (Burda et al. 2015): the PyTorch reference implementation.
+
+Binarization and eps come from the counter-based streams of `rng`, keyed by (seed, test-image index), so any
+backend that uses the same streams must reproduce these numbers exactly up to float rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import rng
+from .model import VAE, elbo, iwae_bound, log_weights
+
+MAX_ROWS = 16384  # decoder rows per call: bounds memory at about 16384*784*4 B = 50 MB per temporary
+
+
+@torch.no_grad()
+def reference_scores(model: VAE, x: np.ndarray, start: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image (-ELBO, -log p(x) IWAE estimate with k samples), each (n,) float64, for binary x (n, 784).
+
+    `start` is the global index of x[0]: it keys the eps streams, so results do not depend on chunking.
+    -ELBO uses the analytic KL and the first eps of a k=1 stream; the IWAE estimate its own k-sample stream.
+    """
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    n, d = len(x), model.cfg.latent_dim
+    eps1 = torch.from_numpy(rng.normal_eps(seed, start, n, 1, d)).transpose(0, 1)  # (1, n, D)
+    nelbo = -elbo(model, xt, eps1).double().numpy()
+    nll = np.empty(n)
+    per_item = max(1, MAX_ROWS // k)
+    for i in range(0, n, per_item):
+        j = min(n, i + per_item)
+        eps = rng.normal_eps(seed, start + i, j - i, k, d)  # (b, K, D)
+        parts = []
+        for s in range(0, k, MAX_ROWS):  # split K itself when one image's samples exceed MAX_ROWS
+            e = torch.from_numpy(eps[:, s : s + MAX_ROWS]).transpose(0, 1)  # (K', b, D)
+            parts.append(log_weights(model, xt[i:j], e))
+        nll[i:j] = -iwae_bound(torch.cat(parts).double()).numpy()
+    return nelbo, nll
+
+
+def summarize(nelbo: np.ndarray, nll: np.ndarray, k: int, seed: int, seconds: float, backend: str) -> dict:
+    """The evaluation record: means, standard errors and how they were measured."""
+    n = len(nelbo)
+    return {
+        "n": n, "k": k, "seed": seed, "backend": backend, "seconds": round(seconds, 3),
+        "test_nelbo": float(nelbo.mean()), "test_nelbo_stderr": float(nelbo.std() / np.sqrt(n)),
+        "test_nll": float(nll.mean()), "test_nll_stderr": float(nll.std() / np.sqrt(n)),
+    }
+
+
+
+
+
+def evaluate(score_fn, images: np.ndarray, k: int, seed: int, chunk: int = 100, progress=None) -> tuple:
+    """Run `score_fn(x_bin, start, k, seed) -> (nelbo, nll)` over uint8 images (N, 28, 28) in chunks.
+
+    Images are binarized with the counter-based stream (seed, index); returns per-image (nelbo, nll).
+    `progress(n)` is called after each chunk with the number of images done in it.
+    """
+    x = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    nelbo, nll = np.empty(len(x)), np.empty(len(x))
+    for i in range(0, len(x), chunk):
+        xb = rng.binarize(x[i : i + chunk], seed, i)
+        nelbo[i : i + len(xb)], nll[i : i + len(xb)] = score_fn(xb, i, k, seed)
+        if progress:
+            progress(len(xb))
+    return nelbo, nll
+
+
+def run(model_dir, k: int = 5000, limit: int | None = None, seed: int = 0, backend: str = "torch",
+        threads: int | None = None, start=None, progress=None) -> dict:
+    """Evaluate a model directory on its dataset's test split; returns the summary record."""
+    import time
+    from functools import partial
+
+    from . import checkpoint, data
+
+    train_cfg = checkpoint.train_config(model_dir)
+    images, _ = data.load_split(data.resolve_data_dir(train_cfg.dataset, train_cfg.data_dir), "test")
+    images = images[:limit]
+    if backend == "torch":
+        if threads:
+            torch.set_num_threads(threads)
+        score_fn = partial(reference_scores, checkpoint.load_model(model_dir))
+    else:
+        from .engine import Engine
+
+        score_fn = Engine.load(model_dir, backend=backend, threads=threads).scores
+    if start:
+        start(len(images))
+    t0 = time.perf_counter()
+    nelbo, nll = evaluate(score_fn, images, k, seed, progress=progress)
+    return summarize(nelbo, nll, k, seed, time.perf_counter() - t0, backend)

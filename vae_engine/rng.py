@@ -1,0 +1,130 @@
+"""Counter-based random numbers: eps and binarization noise as pure functions of (seed, item index).
+
+Every random number the engine uses is a hash of (seed, stream, counter), the counter being derived from the
+global index of the input item. So results for a seed do not depend on batch size, chunking, thread count or
+backend, and the PyTorch reference and the ONNX Runtime/Numba engine see identical eps.
+Generator: the splitmix64 finalizer over key + counter * golden ratio; normals by Box-Muller.
+Each kernel has a NumPy twin (`*_numpy`), compared in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+EPS_STREAM, BINARIZE_STREAM = 0, 1
+PARALLEL_MIN = 1 << 16  # below this many numbers a parallel launch costs more than it saves on 2 cores
+
+
+def _mix_int(x: int) -> int:
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def stream_key(seed: int, stream: int) -> np.uint64:
+    """The 64-bit key of one random stream of a seed."""
+    return np.uint64(_mix_int((int(seed) * _GOLDEN + stream) & _MASK))
+
+
+# ---- Numba kernels ----
+
+_G, _M1, _M2 = np.uint64(_GOLDEN), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S11, _S27, _S30, _S31 = np.uint64(11), np.uint64(27), np.uint64(30), np.uint64(31)
+_INV53 = 1.0 / 9007199254740992.0  # 2**-53
+
+
+@numba.njit(inline="always")
+def _uniform(key, counter):
+    x = key + counter * _G
+    x = (x ^ (x >> _S30)) * _M1
+    x = (x ^ (x >> _S27)) * _M2
+    x = x ^ (x >> _S31)
+    return (float(x >> _S11) + 0.5) * _INV53  # in (0, 1), never 0, so log() is finite
+
+
+@numba.njit(inline="always")
+def _normal(key, j):
+    pair = j >> np.uint64(1)
+    u1 = _uniform(key, pair * np.uint64(2))
+    u2 = _uniform(key, pair * np.uint64(2) + np.uint64(1))
+    r = math.sqrt(-2.0 * math.log(u1))
+    if j & np.uint64(1):
+        return r * math.sin(2.0 * math.pi * u2)
+    return r * math.cos(2.0 * math.pi * u2)
+
+
+def _make_normal_kernel(parallel: bool):
+    @numba.njit(parallel=parallel, cache=True)
+    def kernel(key, start, out):  # out (N, K, D) float32
+        n, k, d = out.shape
+        for b in numba.prange(n):
+            base = np.uint64(start + b) * np.uint64(k * d)
+            for s in range(k):
+                for i in range(d):
+                    out[b, s, i] = _normal(key, base + np.uint64(s * d + i))
+    return kernel
+
+
+def _make_binarize_kernel(parallel: bool):
+    @numba.njit(parallel=parallel, cache=True)
+    def kernel(key, start, x, out):  # x, out (N, P) float32
+        n, p = x.shape
+        for b in numba.prange(n):
+            base = np.uint64(start + b) * np.uint64(p)
+            for i in range(p):
+                out[b, i] = 1.0 if _uniform(key, base + np.uint64(i)) < x[b, i] else 0.0
+    return kernel
+
+
+_normal_kernels = (_make_normal_kernel(False), _make_normal_kernel(True))
+_binarize_kernels = (_make_binarize_kernel(False), _make_binarize_kernel(True))
+
+
+def normal_eps(seed: int, start: int, n: int, k: int, d: int) -> np.ndarray:
+    """eps (n, k, d) float32 ~ N(0, I) for items start..start+n-1, k samples each."""
+    out = np.empty((n, k, d), dtype=np.float32)
+    _normal_kernels[out.size >= PARALLEL_MIN](stream_key(seed, EPS_STREAM), np.int64(start), out)
+    return out
+
+
+def binarize(x: np.ndarray, seed: int, start: int) -> np.ndarray:
+    """Bernoulli(x) pixels (n, P) float32 for items start..start+n-1, x in [0, 1]."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    _binarize_kernels[x.size >= PARALLEL_MIN](stream_key(seed, BINARIZE_STREAM), np.int64(start), x, out)
+    return out
+
+
+# ---- NumPy twins (the reference the kernels are tested against) ----
+
+
+def _uniform_numpy(key: np.uint64, counter: np.ndarray) -> np.ndarray:
+    x = key + counter * _G
+    x = (x ^ (x >> _S30)) * _M1
+    x = (x ^ (x >> _S27)) * _M2
+    x = x ^ (x >> _S31)
+    return ((x >> _S11).astype(np.float64) + 0.5) * _INV53
+
+
+def normal_eps_numpy(seed: int, start: int, n: int, k: int, d: int) -> np.ndarray:
+    """NumPy twin of normal_eps."""
+    j = np.uint64(start) * np.uint64(k * d) + np.arange(n * k * d, dtype=np.uint64)
+    key = stream_key(seed, EPS_STREAM)
+    pair = (j >> np.uint64(1)) * np.uint64(2)
+    r = np.sqrt(-2.0 * np.log(_uniform_numpy(key, pair)))
+    angle = 2.0 * np.pi * _uniform_numpy(key, pair + np.uint64(1))
+    z = np.where(j & np.uint64(1), r * np.sin(angle), r * np.cos(angle))
+    return z.astype(np.float32).reshape(n, k, d)
+
+
+def binarize_numpy(x: np.ndarray, seed: int, start: int) -> np.ndarray:
+    """NumPy twin of binarize."""
+    n, p = x.shape
+    counters = np.uint64(start) * np.uint64(p) + np.arange(n * p, dtype=np.uint64)
+    u = _uniform_numpy(stream_key(seed, BINARIZE_STREAM), counters).reshape(n, p)
+    return (u < x).astype(np.float32)
