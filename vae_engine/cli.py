@@ -181,6 +181,46 @@ def evaluate(
         atomic.write_json(json_path, result)
 
 
+@app.command()
+@friendly
+def export(
+    model_dir: ModelDir,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Write the graphs here instead of into MODEL_DIR.")] = None,
+    optimize: Annotated[bool, typer.Option(help="Also save ONNX Runtime's optimized graph (*.opt.onnx; may hold ORT-only fused ops).")] = False,
+    quantize: Annotated[str | None, typer.Option(help="int8: also save dynamically quantized graphs (*.int8.onnx).")] = None,
+    fp16: Annotated[bool, typer.Option(help="Also save half-precision graphs (*.fp16.onnx) for GPU providers; slower on CPU.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the test-set binarization and eps used for the accuracy report.")] = 0,
+) -> None:
+    """Export encoder.onnx and decoder.onnx, validate them against PyTorch, and report each variant's accuracy."""
+    from .export import REPORT
+    from .export import export as run_export
+
+    with console.status("exporting") as status:
+        report = run_export(model_dir, out_dir, optimize=optimize, quantize=quantize, fp16=fp16, seed=seed,
+                            progress=lambda message: status.update(message))
+    table = Table(title=f"export of {model_dir} (opset {report['opset']}, {report['test_images']} test images)")
+    for col in ("variant", "MB enc+dec", "max|err| enc", "max|err| dec", "test logits", "test -ELBO", "Δ nats"):
+        table.add_column(col)
+    for v in report["variants"]:
+        err = v["max_abs_err_vs_torch"]
+        table.add_row(v["variant"], f"{(v['bytes']['encoder'] + v['bytes']['decoder']) / 1e6:.2f}",
+                      f"{err['encoder']:.1e}", f"{err['decoder']:.1e}", f"{v['test_max_abs_logit_err']:.1e}",
+                      f"{v['test_nelbo']:.3f}", f"{v['test_nelbo_change_nats']:+.4f}")
+    out.print(table)
+    for warning in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
+    out.print(f"exported in {report['seconds']:.1f} s; report: {Path(out_dir or model_dir) / REPORT}")
+
+
+@app.command()
+@friendly
+def info(model_dir: ModelDir) -> None:
+    """Show what a model directory holds: config, training metrics, graphs and their metadata, evaluation."""
+    from .inspect import describe
+
+    describe(model_dir, out)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

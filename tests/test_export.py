@@ -1,0 +1,136 @@
+"""ONNX export: parity with PyTorch, metadata, int8 accuracy, and refusal of bad graphs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+
+from vae_engine import checkpoint, graphs
+from vae_engine.errors import ModelDirError
+from vae_engine.export import FP32_ATOL, INT8_ELBO_NATS, REPORT, export
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exported")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model / name, out / name)
+    report = export(out, optimize=True, quantize="int8")
+    return out, report
+
+
+@pytest.mark.parametrize("batch", [1, 37])
+def test_onnx_matches_pytorch(exported, batch):
+    out, _ = exported
+    model = checkpoint.load_model(out)
+    cfg = model.cfg
+    x = torch.rand(batch, 784, generator=torch.Generator().manual_seed(batch))
+    z = torch.randn(batch, cfg.latent_dim, generator=torch.Generator().manual_seed(batch))
+    enc = graphs.make_session(graphs.load_graph(graphs.graph_path(out, "encoder"), "encoder", cfg))
+    dec = graphs.make_session(graphs.load_graph(graphs.graph_path(out, "decoder"), "decoder", cfg))
+    mu, logvar = enc.run(None, {"x": x.numpy()})
+    (logits,) = dec.run(None, {"z": z.numpy()})
+    with torch.no_grad():
+        ref_mu, ref_logvar = model.encode(x)
+        ref_logits = model.decode(z)
+    # fp32 on both sides; the same products summed in different orders differ by ~1e-6 relative
+    np.testing.assert_allclose(mu, ref_mu.numpy(), atol=FP32_ATOL)
+    np.testing.assert_allclose(logvar, ref_logvar.numpy(), atol=FP32_ATOL)
+    np.testing.assert_allclose(logits, ref_logits.numpy(), atol=FP32_ATOL)
+
+
+def test_metadata_round_trip(exported):
+    out, _ = exported
+    cfg = checkpoint.model_config(out)
+    for role in graphs.ROLES:
+        for variant in ("fp32", "optimized", "int8"):
+            meta = graphs.metadata(graphs.load_graph(graphs.graph_path(out, role, variant), role, cfg))
+            assert meta["vae_engine.role"] == role and meta["vae_engine.variant"] == variant
+            assert meta["vae_engine.weights_sha256"] == checkpoint.weights_sha256(out)
+            assert json.loads(meta["vae_engine.model_config"])["latent_dim"] == cfg.latent_dim
+            assert [n for n, _ in json.loads(meta["vae_engine.inputs"])] == ["x" if role == "encoder" else "z"]
+    g = onnx.load(graphs.graph_path(out, "decoder"))
+    assert g.opset_import[0].version >= 18
+    assert g.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+
+
+def test_int8_within_stated_tolerance(exported):
+    out, report = exported
+    assert json.loads((out / REPORT).read_text()) == report
+    by_variant = {v["variant"]: v for v in report["variants"]}
+    assert by_variant["fp32"]["test_nelbo_change_nats"] == 0.0
+    assert abs(by_variant["optimized"]["test_nelbo_change_nats"]) < 1e-3
+    assert abs(by_variant["int8"]["test_nelbo_change_nats"]) <= INT8_ELBO_NATS
+    assert by_variant["int8"]["bytes"]["decoder"] < by_variant["fp32"]["bytes"]["decoder"]
+
+
+def _copy(out, tmp_path):
+    dst = tmp_path / "m"
+    shutil.copytree(out, dst)
+    return dst
+
+
+def test_corrupt_and_truncated_onnx_rejected(exported, tmp_path):
+    dst = _copy(exported[0], tmp_path)
+    cfg = checkpoint.model_config(dst)
+    path = graphs.graph_path(dst, "decoder")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ModelDirError, match="corrupt or truncated"):
+        graphs.load_graph(path, "decoder", cfg)
+    path.write_bytes(b"not an onnx file at all")
+    with pytest.raises(ModelDirError, match="corrupt or truncated"):
+        graphs.load_graph(path, "decoder", cfg)
+
+
+def test_wrong_input_shape_rejected(exported, tmp_path):
+    dst = _copy(exported[0], tmp_path)
+    path = graphs.graph_path(dst, "decoder")
+    g = onnx.load(path)
+    g.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 99
+    onnx.save(g, path)
+    with pytest.raises(ModelDirError, match=r"input 'z' has shape \['batch', 99\]|input 'z' has shape"):
+        graphs.load_graph(path, "decoder", checkpoint.model_config(dst))
+
+
+def test_external_data_refused(exported, tmp_path):
+    dst = _copy(exported[0], tmp_path)
+    path = graphs.graph_path(dst, "decoder")
+    g = onnx.load(path)
+    tensor = g.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="../../etc/weights.bin")  # a path-traversal attempt
+    path.write_bytes(g.SerializeToString())
+    with pytest.raises(ModelDirError, match="external data"):
+        graphs.load_graph(path, "decoder", checkpoint.model_config(dst))
+
+
+def test_failed_validation_leaves_no_files(tiny_model, tmp_path, monkeypatch):
+    import vae_engine.export as ex
+
+    dst = tmp_path / "m"
+    dst.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model / name, dst / name)
+
+    def broken(model, feed, threads=None):
+        return [o + 1.0 for o in graphs.make_session(model).run(None, {model.graph.input[0].name: feed})]
+
+    monkeypatch.setattr(ex, "_run", broken)
+    with pytest.raises(ex.ExportError, match="differs from PyTorch"):
+        export(dst)
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_missing_weights(tmp_path, tiny_model):
+    dst = tmp_path / "m"
+    dst.mkdir()
+    shutil.copy(tiny_model / "config.json", dst / "config.json")
+    with pytest.raises(ModelDirError, match="missing"):
+        export(dst)
