@@ -27,7 +27,8 @@ def write_idx_dataset(folder: Path, n_train: int = 256, n_test: int = 64, seed: 
             images[i, r : r + 8, c : c + 3] = 255
             images[i, r + 3 : r + 5, c : c + 8] = 180
         labels = rng.integers(0, 10, size=n).astype(np.uint8)
-        for name, arr, magic in ((f"{split}-images-idx3-ubyte", images, 2051), (f"{split}-labels-idx1-ubyte", labels, 2049)):
+        files = ((f"{split}-images-idx3-ubyte", images, 2051), (f"{split}-labels-idx1-ubyte", labels, 2049))
+        for name, arr, magic in files:
             raw = idx_bytes(arr, magic)
             if gz:
                 (folder / f"{name}.gz").write_bytes(gzip.compress(raw))

@@ -10,7 +10,6 @@ import onnx
 import pytest
 import torch
 
-
 from vae_engine import checkpoint, graphs
 from vae_engine.errors import ModelDirError
 from vae_engine.export import FP32_ATOL, INT8_ELBO_NATS, REPORT, export

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from vae_engine.config import ModelConfig
 from vae_engine.errors import VaeEngineError
 from vae_engine.model import (
-    VAE, bernoulli_log_prob, elbo, gaussian_kl, gaussian_log_prob, iwae_bound, log_weights,
+    VAE,
+    bernoulli_log_prob,
+    elbo,
+    gaussian_kl,
+    gaussian_log_prob,
+    iwae_bound,
+    log_weights,
     standard_normal_log_prob,
 )
 

@@ -27,6 +27,18 @@ EVALUATION = "evaluation.json"  # written by `vae-engine evaluate`
 PLOTS = "plots"
 
 
+def resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
+    """The model directory to use: the one given, else $VAE_ENGINE_MODEL, else the shipped models/mnist-vae."""
+    if model_dir is not None:
+        return Path(model_dir)
+    if os.environ.get("VAE_ENGINE_MODEL"):
+        return Path(os.environ["VAE_ENGINE_MODEL"])
+    shipped = Path(__file__).resolve().parent.parent / "models" / "mnist-vae"
+    if not (shipped / CONFIG).is_file():
+        raise ModelDirError("no model given and the shipped models/mnist-vae was not found; pass a model directory")
+    return shipped
+
+
 def versions() -> dict[str, str]:
     """Versions of Python and the libraries a model directory depends on."""
     import numba

@@ -9,9 +9,17 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
+from .config import INPUT_DIM
 from .errors import VaeEngineError
 
 app = typer.Typer(
@@ -44,7 +52,7 @@ def progress_bar(unit: str = "items") -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"), TextColumn(f"{{task.fields[rate]}} {unit}/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
     )
 
 
@@ -111,7 +119,8 @@ def train(
 ) -> None:
     """Train a VAE on an IDX dataset and write a model directory."""
     from .config import ModelConfig, TrainConfig
-    from .train import Callbacks, train as run_train
+    from .train import Callbacks
+    from .train import train as run_train
 
     model_cfg = ModelConfig(arch=arch, latent_dim=latent_dim, hidden=_parse_hidden(hidden), activation=activation)
     train_cfg = TrainConfig(
@@ -155,7 +164,7 @@ def evaluate(
     k: Annotated[int, typer.Option("--k", help="Importance samples per image for the NLL estimate (Burda et al. use 5000).")] = 5000,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N test images.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the binarization and eps streams (fixed, so runs are comparable).")] = 0,
-    backend: Annotated[str, typer.Option(help="torch (the PyTorch reference) or an engine backend name.")] = "torch",
+    backend: Annotated[str, typer.Option(help="torch (the PyTorch reference), or an engine backend: onnxruntime, torch-compile, auto.")] = "torch",
     threads: Annotated[int | None, typer.Option(help="Threads for torch / ONNX Runtime / Numba (default: all cores).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
 ) -> None:
@@ -221,7 +230,124 @@ def info(model_dir: ModelDir) -> None:
     describe(model_dir, out)
 
 
+# ---- batch jobs ----
+
+ModelOpt = Annotated[Path | None, typer.Argument(help="Model directory; default: the shipped models/mnist-vae.", show_default=False)]
+BackendOpt = Annotated[str, typer.Option(help="auto (ONNX Runtime if exported, else torch), torch, torch-compile or onnxruntime.")]
+VariantOpt = Annotated[str, typer.Option(help="ONNX graph variant for --backend onnxruntime: fp32, optimized, int8 or fp16.")]
+BatchOpt = Annotated[int, typer.Option(help="Items per chunk: memory stays bounded by this, whatever the input size.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="Threads for torch, ONNX Runtime and Numba (default: all cores).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of every random draw; results depend on it and the item index only.")]
+InputOpt = Annotated[Path, typer.Option("--input", "-i", help="Images: .npy (N,784)/(N,28,28) uint8 0..255 or float 0..1, IDX(.gz), or a folder of 28x28 PNGs.")]
+
+
+def _job(model_dir: Path | None, backend: str, variant: str, threads: int | None, source_fn, make_fn, output: Path,
+         item_shape_fn, batch_size: int, images: bool, label: str) -> None:
+    """Load the engine and the input, then stream the job with a progress bar (errors print before any bar)."""
+    from . import jobs
+    from .checkpoint import resolve_model_dir
+    from .engine import Engine
+
+    engine = Engine.load(resolve_model_dir(model_dir), backend=backend, threads=threads, variant=variant)
+    source = source_fn(engine)
+    with Meter(label, "items", info=f"{engine.backend.name}/{engine.backend.variant}") as meter:
+        meter.start(source.n)
+        jobs.run(source, make_fn(engine), output, item_shape_fn(engine), batch_size, meter.advance, images)
+    out.print(f"wrote {output} ({source.n} items)")
+
+
+@app.command()
+@friendly
+def encode(
+    model_dir: ModelOpt = None, input: InputOpt = ..., output: Annotated[Path, typer.Option("--output", "-o", help="Latents .npy: (N, D), or (N, 2, D) with --with-logvar.")] = ...,
+    sample: Annotated[bool, typer.Option(help="Write a posterior sample z ~ q(z|x) instead of the mean.")] = False,
+    with_logvar: Annotated[bool, typer.Option(help="Also write logvar: output (N, 2, D), [:, 0] = z, [:, 1] = logvar.")] = False,
+    backend: BackendOpt = "auto", variant: VariantOpt = "fp32", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Encode images to latents (posterior mean, or a sample with --sample)."""
+    from . import jobs
+
+    _job(model_dir, backend, variant, threads, lambda e: jobs.open_images(input),
+         lambda e: jobs.encode_fn(e, sample, with_logvar, seed), output,
+         lambda e: (2, e.latent_dim) if with_logvar else (e.latent_dim,), batch_size, False, "encode")
+
+
+@app.command()
+@friendly
+def decode(
+    model_dir: ModelOpt = None, input: Annotated[Path, typer.Option("--input", "-i", help="Latents .npy of shape (N, D), D the model's latent size.")] = ...,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = ...,
+    binary: Annotated[bool, typer.Option(help="Write Bernoulli pixel samples (0/1) instead of probabilities.")] = False,
+    backend: BackendOpt = "auto", variant: VariantOpt = "fp32", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Decode latents to images (pixel probabilities, or binary samples with --binary)."""
+    from . import jobs
+
+    _job(model_dir, backend, variant, threads, lambda e: jobs.open_latents(input, e.latent_dim),
+         lambda e: jobs.decode_fn(e, binary, seed), output, lambda e: (INPUT_DIM,), batch_size, True, "decode")
+
+
+@app.command()
+@friendly
+def sample(
+    model_dir: ModelOpt = None, n: Annotated[int, typer.Option("-n", help="Number of images to sample.")] = 64,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = Path("samples.png"),
+    backend: BackendOpt = "auto", variant: VariantOpt = "fp32", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Sample images from the prior: z ~ N(0, I), decoded. The same seed gives byte-identical output."""
+    from . import jobs
+
+    if n < 1:
+        raise VaeEngineError(f"-n must be at least 1, got {n}")
+    _job(model_dir, backend, variant, threads, lambda e: jobs.counter(n), lambda e: jobs.sample_fn(e, seed), output,
+         lambda e: (INPUT_DIM,), batch_size, True, "sample")
+
+
+@app.command()
+@friendly
+def reconstruct(
+    model_dir: ModelOpt = None, input: InputOpt = ...,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = ...,
+    backend: BackendOpt = "auto", variant: VariantOpt = "fp32", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Reconstruct images: decode the posterior mean of each input."""
+    from . import jobs
+
+    _job(model_dir, backend, variant, threads, lambda e: jobs.open_images(input), lambda e: jobs.reconstruct_fn(e),
+         output, lambda e: (INPUT_DIM,), batch_size, True, "reconstruct")
+
+
+@app.command()
+@friendly
+def score(
+    model_dir: ModelOpt = None, input: InputOpt = ...,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Scores .npy (N,): nats per input, higher = less likely.")] = ...,
+    k: Annotated[int, typer.Option("--k", help="1: -ELBO; more: IWAE negative log-likelihood with K importance samples.")] = 1,
+    binarize: Annotated[bool, typer.Option(help="Binarize inputs with the seeded stream first (as the model was trained).")] = True,
+    backend: BackendOpt = "auto", variant: VariantOpt = "fp32", batch_size: BatchOpt = 256, threads: ThreadsOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Score inputs by -ELBO or IWAE negative log-likelihood, e.g. as an anomaly score."""
+    from . import jobs
+
+    if k < 1:
+        raise VaeEngineError(f"--k must be at least 1, got {k}")
+    _job(model_dir, backend, variant, threads, lambda e: jobs.open_images(input),
+         lambda e: jobs.score_fn(e, k, seed, binarize), output, lambda e: (), batch_size, False, "score")
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # so `kill` cleans up temp files like Ctrl-C does
+
+
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     app()
 

@@ -155,7 +155,8 @@ def download(name: str, timeout: float = 60.0) -> Path:
             with urllib.request.urlopen(base + filename, timeout=timeout) as response:
                 payload = response.read()
         except OSError as exc:
-            raise DataError(f"downloading {base + filename} failed ({exc}); check the network or use --data-dir")
+            raise DataError(f"downloading {base + filename} failed ({exc}); check the network or use --data-dir") \
+                from None
         if hashlib.md5(payload).hexdigest() != md5:
             raise DataError(f"{base + filename}: checksum mismatch, the download is corrupt; try again")
         atomic.write_bytes(target, payload)
@@ -175,7 +176,8 @@ class Dataset:
 
     def describe(self) -> dict:
         """What config.json records about the data."""
-        return {"name": self.name, "source": self.source, "train": len(self.train_images), "test": len(self.test_images)}
+        return {"name": self.name, "source": self.source, "train": len(self.train_images),
+                "test": len(self.test_images)}
 
 
 def resolve_data_dir(dataset: str = "mnist", data_dir: str | os.PathLike | None = None, fetch: bool = False) -> Path:

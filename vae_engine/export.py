@@ -54,7 +54,8 @@ def _export_graph(net: torch.nn.Module, role: str, cfg: ModelConfig) -> onnx.Mod
     sp = graphs.spec(role, cfg)
     (name, features), = sp.inputs
     example = (torch.rand(2, features),)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with warnings.catch_warnings(), quiet[0], quiet[1]:
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.onnx.export(
@@ -95,7 +96,8 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         w = numpy_helper.to_array(inits[node.input[1]])
         w_name = node.input[1] + "_matmul"
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T if attrs.get("transB", 0) else w), w_name))
+        w = np.ascontiguousarray(w.T if attrs.get("transB", 0) else w)
+        model.graph.initializer.append(numpy_helper.from_array(w, w_name))
         mm_out = node.output[0] + "_matmul" if len(node.input) > 2 else node.output[0]
         nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=node.name + "_matmul"))
         if len(node.input) > 2:
@@ -188,7 +190,8 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, optimize: b
     test_images, _ = data.load_split(data.bundled_dir(), "test")
     x_test = data.to_unit(test_images).numpy()
     x_bin = rng.binarize(x_test, seed, 0)
-    inputs = {"encoder": x_test[:37], "decoder": np.random.default_rng(seed).standard_normal((37, cfg.latent_dim)).astype(np.float32)}
+    z_test = np.random.default_rng(seed).standard_normal((37, cfg.latent_dim)).astype(np.float32)
+    inputs = {"encoder": x_test[:37], "decoder": z_test}  # real test images; random latents
     step = progress or (lambda message: None)
 
     built: dict[tuple[str, str], onnx.ModelProto] = {}
@@ -211,9 +214,11 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, optimize: b
             if optimize:
                 variants.append(("optimized", _optimize(proto, scratch), FP32_ATOL))
             if quantize == "int8":
-                variants.append(("int8", _quantize_int8(onnx.ModelProto.FromString(proto.SerializeToString()), scratch), np.inf))
+                copy_ = onnx.ModelProto.FromString(proto.SerializeToString())
+                variants.append(("int8", _quantize_int8(copy_, scratch), np.inf))  # judged by the ELBO change
             if fp16:
-                variants.append(("fp16", _export_graph(_FP32IO(copy.deepcopy(net), torch.float16), role, cfg), FP16_ATOL))
+                half = _export_graph(_FP32IO(copy.deepcopy(net), torch.float16), role, cfg)
+                variants.append(("fp16", half, FP16_ATOL))
             for variant, vproto, atol in variants:
                 step(f"{variant} {role}")
                 _set_metadata(vproto, role, variant, cfg, sha)

@@ -59,7 +59,8 @@ def describe(model_dir: str | Path, console: Console) -> None:
     if report.is_file():
         for v in json.loads(report.read_text()).get("variants", []):
             console.print(f"export accuracy {v['variant']:>9}: test -ELBO {v['test_nelbo']:.3f} "
-                          f"({v['test_nelbo_change_nats']:+.4f} nats), max |logit err| {v['test_max_abs_logit_err']:.2e}")
+                          f"({v['test_nelbo_change_nats']:+.4f} nats), "
+                          f"max |logit err| {v['test_max_abs_logit_err']:.2e}")
     evaluation = model_dir / checkpoint.EVALUATION
     if evaluation.is_file():
         ev = json.loads(evaluation.read_text())

@@ -1,0 +1,160 @@
+"""The engine and batch jobs: backend parity, determinism, streaming, bad inputs, interrupted jobs."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vae_engine import checkpoint, data, jobs
+from vae_engine.cli import app
+from vae_engine.engine import Engine
+from vae_engine.evaluate import evaluate, reference_scores
+from vae_engine.export import export
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine") / "m"
+    out.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model / name, out / name)
+    export(out, quantize="int8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tiny_data):
+    imgs, _ = data.load_split(tiny_data, "test")
+    return imgs
+
+
+def _x(images, n=20):
+    return images[:n].reshape(n, -1).astype(np.float32) / 255.0
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_backends_agree_with_torch_reference(model, images, backend):
+    ref = Engine.load(model, backend="torch", threads=2)
+    eng = Engine.load(model, backend=backend, threads=2)
+    x = _x(images)
+    for a, b in zip(eng.encode(x), ref.encode(x), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)  # fp32 graphs: summation order differs only
+    np.testing.assert_allclose(eng.decode(ref.encode(x)[0]), ref.decode(ref.encode(x)[0]), atol=1e-5)
+
+
+def test_int8_backend_close(model, images):
+    x = _x(images)
+    a = Engine.load(model, backend="onnxruntime", variant="int8", threads=2).reconstruct(x)
+    b = Engine.load(model, backend="torch", threads=2).reconstruct(x)
+    assert np.abs(a - b).mean() < 0.01  # int8 weights: small pixel-probability changes on average
+
+
+def test_engine_scores_equal_pytorch_reference(model, images):
+    """The ONNX Runtime + Numba path reproduces the PyTorch evaluation within 1e-3 nats, same eps."""
+    torch_model = checkpoint.load_model(model)
+    eng = Engine.load(model, backend="onnxruntime", threads=2)
+    ref = evaluate(lambda x, s, k, seed: reference_scores(torch_model, x, s, k, seed), images[:30], 64, 0)
+    got = evaluate(eng.scores, images[:30], 64, 0)
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-3)
+    np.testing.assert_allclose(got[1], ref[1], atol=1e-3)
+
+
+def test_sampling_deterministic_and_thread_independent(model):
+    a = Engine.load(model, backend="onnxruntime", threads=1).sample(50, seed=4)
+    b = Engine.load(model, backend="onnxruntime", threads=2).sample(50, seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, Engine.load(model, backend="onnxruntime").sample(50, seed=5))
+    eng = Engine.load(model, backend="torch", threads=2)
+    mu, logvar = eng.encode(np.full((3, 784), 0.5, np.float32))
+    z1 = eng.sample_posterior(mu, logvar, k=8, seed=1)
+    assert z1.shape == (3, 8, eng.latent_dim)
+    np.testing.assert_array_equal(z1, eng.sample_posterior(mu, logvar, k=8, seed=1))
+
+
+def test_streamed_job_equals_one_shot(model, images, tmp_path):
+    np.save(tmp_path / "x.npy", images[:50])
+    eng = Engine.load(model, backend="onnxruntime", threads=2)
+    for fn, shape in ((jobs.score_fn(eng, 16, 0, True), ()), (jobs.encode_fn(eng, True, True, 3), (2, eng.latent_dim))):
+        src = jobs.open_images(tmp_path / "x.npy")
+        jobs.run(src, fn, tmp_path / "small.npy", shape, batch_size=7)
+        jobs.run(src, fn, tmp_path / "big.npy", shape, batch_size=64)
+        np.testing.assert_allclose(np.load(tmp_path / "small.npy"), np.load(tmp_path / "big.npy"), rtol=1e-6)
+
+
+def test_interrupted_job_leaves_nothing(model, images, tmp_path):
+    np.save(tmp_path / "x.npy", images[:50])
+    eng = Engine.load(model, backend="onnxruntime", threads=2)
+    recon = jobs.reconstruct_fn(eng)
+
+    def interrupted(start, x):
+        if start >= 20:
+            raise KeyboardInterrupt
+        return recon(start, x)
+
+    with pytest.raises(KeyboardInterrupt):
+        jobs.run(jobs.open_images(tmp_path / "x.npy"), interrupted, tmp_path / "out.npy", (784,), batch_size=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+
+
+def _cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_cli_jobs_end_to_end(model, images, tmp_path, tiny_data):
+    np.save(tmp_path / "x.npy", images[:40])
+    assert _cli("encode", model, "-i", tmp_path / "x.npy", "-o", tmp_path / "z.npy").exit_code == 0
+    z = np.load(tmp_path / "z.npy")
+    assert z.shape == (40, 4)
+    assert _cli("decode", model, "-i", tmp_path / "z.npy", "-o", tmp_path / "d.png").exit_code == 0
+    assert _cli("decode", model, "-i", tmp_path / "z.npy", "-o", tmp_path / "d.npy", "--binary").exit_code == 0
+    assert set(np.unique(np.load(tmp_path / "d.npy")).tolist()) <= {0.0, 1.0}
+    for i in (1, 2):
+        assert _cli("sample", model, "-n", 30, "--seed", 7, "-o", tmp_path / f"s{i}.npy").exit_code == 0
+    assert (tmp_path / "s1.npy").read_bytes() == (tmp_path / "s2.npy").read_bytes()
+    assert _cli("reconstruct", model, "-i", tmp_path / "x.npy", "-o", tmp_path / "r.png").exit_code == 0
+    src = tiny_data / "t10k-images-idx3-ubyte.gz"  # IDX input
+    assert _cli("score", model, "-i", src, "-o", tmp_path / "sc.npy", "--k", 8).exit_code == 0
+    scores = np.load(tmp_path / "sc.npy")
+    assert scores.ndim == 1 and np.all(np.isfinite(scores)) and np.all(scores > 0)
+
+
+def _one_line(result, fragment):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.output
+
+
+def test_cli_bad_inputs(model, tmp_path):
+    out = tmp_path / "o.npy"
+    cases = {
+        "nan.npy": (np.full((4, 784), np.nan, np.float32), "NaN"),
+        "range.npy": (np.full((4, 784), 3.0, np.float32), "[0, 1]"),
+        "shape.npy": (np.zeros((4, 100), np.float32), "shape"),
+        "empty.npy": (np.zeros((0, 784), np.uint8), "no images"),
+        "dtype.npy": (np.zeros((4, 784), np.int64), "dtype"),
+    }
+    for name, (arr, fragment) in cases.items():
+        np.save(tmp_path / name, arr)
+        _one_line(_cli("encode", model, "-i", tmp_path / name, "-o", out), fragment)
+    (tmp_path / "junk.npy").write_bytes(b"junk")
+    _one_line(_cli("encode", model, "-i", tmp_path / "junk.npy", "-o", out), "not a readable .npy")
+    np.save(tmp_path / "z.npy", np.zeros((3, 7), np.float32))
+    _one_line(_cli("decode", model, "-i", tmp_path / "z.npy", "-o", out), "(N, 4)")
+    _one_line(_cli("sample", tmp_path / "nomodel", "-o", out), "not found")
+    _one_line(_cli("sample", model, "-n", 5, "-o", tmp_path / "x.txt"), "must end in")
+    _one_line(_cli("encode", model, "-i", tmp_path / "missing.npy", "-o", out), "not found")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_thread_setting_does_not_leak_into_results(model):
+    torch.set_num_threads(1)
+    a = Engine.load(model, backend="torch", threads=1).sample(10, seed=1)
+    b = Engine.load(model, backend="torch", threads=2).sample(10, seed=1)
+    np.testing.assert_allclose(a, b, atol=1e-6)

@@ -1,0 +1,79 @@
+"""Numba kernels against their NumPy twins and the PyTorch reference, on seeded data with identical eps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vae_engine import kernels, rng
+from vae_engine.model import bernoulli_log_prob, gaussian_log_prob, iwae_bound, standard_normal_log_prob
+
+RTOL = 1e-4  # the kernels sum in float32 with a polynomial softplus; twins use float64 and libm
+
+
+@pytest.fixture
+def problem():
+    g = np.random.default_rng(0)
+    b, k, p, d = 9, 5, 784, 6
+    x = (g.random((b, p)) < 0.3).astype(np.float32)
+    logits = (g.standard_normal((b, k, p)) * 8).astype(np.float32)  # wide range: large |l| and near 0
+    logits[0, 0, :10] = [-200, -50, -17.5, -16.9, -1e-3, 0, 1e-3, 16.9, 50, 200]
+    mu = g.standard_normal((b, d)).astype(np.float32)
+    logvar = (g.standard_normal((b, d)) - 1).astype(np.float32)
+    eps = rng.normal_eps(11, 0, b, k, d)
+    return x, logits, mu, logvar, eps
+
+
+def test_rng_kernels_match_twins():
+    np.testing.assert_array_equal(rng.normal_eps(5, 100, 7, 3, 4), rng.normal_eps_numpy(5, 100, 7, 3, 4))
+    x = np.random.default_rng(1).random((40, 784)).astype(np.float32)
+    np.testing.assert_array_equal(rng.binarize(x, 9, 3), rng.binarize_numpy(x, 9, 3))
+    big = rng.normal_eps(1, 0, 200, 32, 20)  # large enough for the parallel kernel
+    np.testing.assert_array_equal(big[:3], rng.normal_eps_numpy(1, 0, 3, 32, 20))
+    assert abs(big.mean()) < 0.01 and abs(big.std() - 1) < 0.01
+
+
+def test_rng_streams_depend_on_item_index_only():
+    whole = rng.normal_eps(3, 0, 10, 2, 5)
+    np.testing.assert_array_equal(whole[4:7], rng.normal_eps(3, 4, 3, 2, 5))
+    assert not np.array_equal(whole, rng.normal_eps(4, 0, 10, 2, 5))
+
+
+def test_reparameterize(problem):
+    _, _, mu, logvar, eps = problem
+    np.testing.assert_allclose(kernels.reparameterize(mu, logvar, eps), kernels.reparameterize_numpy(mu, logvar, eps),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_log_weights_match_twin_and_torch(problem):
+    x, logits, mu, logvar, eps = problem
+    z = kernels.reparameterize(mu, logvar, eps)
+    got = kernels.log_weights(x, logits, z, mu, logvar)
+    np.testing.assert_allclose(got, kernels.log_weights_numpy(x, logits, z, mu, logvar), rtol=RTOL)
+    t = torch.from_numpy
+    ref = (bernoulli_log_prob(t(x)[:, None], t(logits)) + standard_normal_log_prob(t(z))
+           - gaussian_log_prob(t(z), t(mu)[:, None], t(logvar)[:, None])).numpy()
+    np.testing.assert_allclose(got, ref, rtol=RTOL)
+    np.testing.assert_allclose(kernels.bernoulli_log_prob(x, logits[:, 0]),
+                               kernels.bernoulli_log_prob_numpy(x, logits[:, 0]), rtol=RTOL)
+
+
+def test_log_weights_parallel_variant_agrees():
+    g = np.random.default_rng(2)
+    b, k, d = 16, 64, 4  # logits.size above PARALLEL_MIN: the parallel kernel runs
+    x = (g.random((b, 784)) < 0.5).astype(np.float32)
+    logits = g.standard_normal((b, k, 784)).astype(np.float32)
+    mu, logvar = g.standard_normal((b, d)).astype(np.float32), g.standard_normal((b, d)).astype(np.float32)
+    z = kernels.reparameterize(mu, logvar, rng.normal_eps(0, 0, b, k, d))
+    assert logits.size >= rng.PARALLEL_MIN
+    np.testing.assert_allclose(kernels.log_weights(x, logits, z, mu, logvar),
+                               kernels.log_weights_numpy(x, logits, z, mu, logvar), rtol=RTOL)
+
+
+def test_log_mean_exp_matches_twin_and_torch():
+    log_w = (np.random.default_rng(3).standard_normal((6, 50)) * 30 - 100).astype(np.float32)
+    got = kernels.log_mean_exp(log_w)
+    np.testing.assert_allclose(got, kernels.log_mean_exp_numpy(log_w), rtol=1e-10)
+    np.testing.assert_allclose(got, iwae_bound(torch.from_numpy(log_w).double().T).numpy(), rtol=1e-10)
+    assert kernels.log_mean_exp(np.array([[1000.0, 1000.0]], np.float32))[0] == pytest.approx(1000.0)

@@ -1,0 +1,200 @@
+"""Batch jobs: stream inputs in chunks through the engine and write outputs atomically.
+
+Inputs: .npy (N, 784) or (N, 28, 28), uint8 0..255 or float 0..1 (memory-mapped, so larger than RAM is fine),
+IDX/IDX.gz image files, or a folder of 28x28 PNGs. Outputs: .npy written through np.lib.format.open_memmap into
+a temp file beside the target and renamed when complete, or a PNG grid for image outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import atomic, data, rng
+from .config import IMAGE_SHAPE, INPUT_DIM
+from .engine import Engine
+from .errors import DataError, VaeEngineError
+
+MAX_PNG_IMAGES = 4096  # a PNG grid beyond this is unreadable; write .npy instead
+
+
+@dataclass
+class Source:
+    """A sized, chunkable input: `read(i, j)` returns rows i..j-1 as float32 (b, features), validated."""
+
+    name: str
+    n: int
+    features: int
+    read: Callable[[int, int], np.ndarray]
+
+    def chunks(self, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+        for i in range(0, self.n, batch_size):
+            yield i, self.read(i, min(self.n, i + batch_size))
+
+
+def _to_unit(chunk: np.ndarray, name: str, start: int) -> np.ndarray:
+    """uint8 0..255 or float 0..1 -> float32 (b, 784), rejecting NaN/Inf and out-of-range values."""
+    flat = chunk.reshape(len(chunk), -1)
+    if chunk.dtype == np.uint8:
+        return flat.astype(np.float32) / np.float32(255.0)
+    if not np.issubdtype(chunk.dtype, np.floating):
+        raise DataError(f"{name}: dtype {chunk.dtype} not supported; use uint8 (0..255) or float (0..1)")
+    flat = flat.astype(np.float32)
+    bad = ~np.isfinite(flat)
+    if bad.any():
+        row = start + int(np.argwhere(bad)[0][0])
+        raise DataError(f"{name}: NaN or Inf in row {row}; clean the input first")
+    if flat.min() < 0.0 or flat.max() > 1.0:
+        raise DataError(f"{name}: float values must lie in [0, 1], found {flat.min():g}..{flat.max():g} "
+                        f"near row {start}; scale 0..255 data by 1/255 or save it as uint8")
+    return flat
+
+
+def open_images(path: str | Path) -> Source:
+    """An image source from .npy, IDX(.gz) or a folder of PNGs."""
+    path = Path(path)
+    if path.is_dir():
+        return _png_folder(path)
+    if not path.is_file():
+        raise DataError(f"{path}: input not found")
+    if path.suffix == ".npy":
+        arr = _load_npy(path)
+    else:
+        arr = data.read_idx(path)
+    if arr.ndim not in (2, 3) or arr.shape[1:] not in ((INPUT_DIM,), IMAGE_SHAPE):
+        raise DataError(f"{path}: images must have shape (N, 784) or (N, 28, 28), got {arr.shape}")
+    if len(arr) == 0:
+        raise DataError(f"{path}: the input holds no images")
+    return Source(str(path), len(arr), INPUT_DIM, lambda i, j: _to_unit(np.asarray(arr[i:j]), str(path), i))
+
+
+def open_latents(path: str | Path, latent_dim: int) -> Source:
+    """A latent source: .npy (N, D) float."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: input not found")
+    arr = _load_npy(path)
+    if arr.ndim != 2 or arr.shape[1] != latent_dim:
+        raise DataError(f"{path}: latents must have shape (N, {latent_dim}) for this model, got {arr.shape}")
+    if len(arr) == 0:
+        raise DataError(f"{path}: the input holds no latents")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DataError(f"{path}: latents must be float, got {arr.dtype}")
+
+    def read(i: int, j: int) -> np.ndarray:
+        chunk = np.asarray(arr[i:j], dtype=np.float32)
+        if not np.isfinite(chunk).all():
+            raise DataError(f"{path}: NaN or Inf in rows {i}..{j - 1}")
+        return chunk
+
+    return Source(str(path), len(arr), latent_dim, read)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
+
+
+def _png_folder(folder: Path) -> Source:
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(folder.glob("*.png"))
+    if not files:
+        raise DataError(f"{folder}: no .png files in the folder")
+
+    def read(i: int, j: int) -> np.ndarray:
+        out = np.empty((j - i, *IMAGE_SHAPE), np.uint8)
+        for r, f in enumerate(files[i:j]):
+            try:
+                img = np.asarray(Image.open(f).convert("L"))
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"{f}: not a readable PNG ({exc})") from None
+            if img.shape != IMAGE_SHAPE:
+                raise DataError(f"{f}: images must be 28x28, got {img.shape[1]}x{img.shape[0]}")
+            out[r] = img
+        return _to_unit(out, str(folder), i)
+
+    return Source(str(folder), len(files), INPUT_DIM, read)
+
+
+def _check_output(path: Path, images: bool) -> None:
+    allowed = (".npy", ".png") if images else (".npy",)
+    if path.suffix not in allowed:
+        raise VaeEngineError(f"{path}: output must end in {' or '.join(allowed)}")
+    if path.is_dir():
+        raise VaeEngineError(f"{path}: output is a folder; give a file name")
+
+
+def run(source: Source, fn: Callable[[int, np.ndarray], np.ndarray], out_path: str | Path, item_shape: tuple,
+        batch_size: int, progress: Callable[[int], None] | None = None, images: bool = False) -> Path:
+    """Stream `source` through `fn(start, chunk) -> (b, *item_shape)` into out_path (.npy, or .png grid)."""
+    out_path = Path(out_path)
+    _check_output(out_path, images)
+    if batch_size < 1:
+        raise VaeEngineError(f"batch size must be at least 1, got {batch_size}")
+    if out_path.suffix == ".png" and source.n > MAX_PNG_IMAGES:
+        raise VaeEngineError(f"{source.n} images are too many for a PNG grid (max {MAX_PNG_IMAGES}); write .npy")
+    with atomic.atomic_path(out_path) as tmp:
+        if out_path.suffix == ".png":
+            grid = np.concatenate([fn(i, chunk) for i, chunk in source.chunks(batch_size)])
+            from .plots import save_grid_png
+
+            save_grid_png(tmp, grid)
+            if progress:
+                progress(source.n)
+        else:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(source.n, *item_shape))
+            for i, chunk in source.chunks(batch_size):
+                out[i : i + len(chunk)] = fn(i, chunk)
+                if progress:
+                    progress(len(chunk))
+            out.flush()
+            del out
+    return out_path
+
+
+def counter(n: int) -> Source:
+    """A source of n item indices (for `sample`, which has no input)."""
+    return Source("sample", n, 0, lambda i, j: np.empty((j - i, 0), np.float32))
+
+
+# ---- the jobs: each maps a chunk (start, rows) to output rows ----
+
+
+def encode_fn(engine: Engine, sample: bool, with_logvar: bool, seed: int):
+    """Posterior mean (or a posterior sample) per input; with_logvar: (N, 2, D) with [:, 0] z and [:, 1] logvar."""
+    def fn(start: int, x: np.ndarray) -> np.ndarray:
+        mu, logvar = engine.encode(x)
+        z = engine.sample_posterior(mu, logvar, 1, seed, start)[:, 0] if sample else mu
+        return np.stack([z, logvar], axis=1) if with_logvar else z
+    return fn
+
+
+def decode_fn(engine: Engine, binary: bool, seed: int):
+    """Pixel probabilities, or Bernoulli pixel samples with binary=True."""
+    def fn(start: int, z: np.ndarray) -> np.ndarray:
+        p = engine.decode(z)
+        return rng.binarize(p, seed, start) if binary else p
+    return fn
+
+
+def sample_fn(engine: Engine, seed: int):
+    return lambda start, rows: engine.sample(len(rows), seed, start)
+
+
+def reconstruct_fn(engine: Engine):
+    return lambda start, x: engine.reconstruct(x)
+
+
+def score_fn(engine: Engine, k: int, seed: int, binarize: bool):
+    """-ELBO (k=1) or the IWAE negative log-likelihood (k>1) per input, in nats."""
+    def fn(start: int, x: np.ndarray) -> np.ndarray:
+        x = rng.binarize(x, seed, start) if binarize else x
+        scores = -engine.elbo(x, seed, start) if k == 1 else -engine.log_likelihood(x, k, seed, start)
+        return scores.astype(np.float32)
+    return fn
