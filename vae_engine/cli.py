@@ -340,6 +340,73 @@ def score(
          lambda e: jobs.score_fn(e, k, seed, binarize), output, lambda e: (), batch_size, False, "score")
 
 
+@app.command()
+@friendly
+def bench(
+    model_dir: ModelOpt = None,
+    backends: Annotated[str | None, typer.Option(help="Comma-separated: torch, torch-compile, ort-fp32, ort-opt, ort-int8 (default: all; --quick: torch, ort-fp32, ort-int8).")] = None,
+    batches: Annotated[str | None, typer.Option(help="Comma-separated batch sizes (default 1,64,1024,8192; --quick: 1,1024).")] = None,
+    ops: Annotated[str, typer.Option(help="Comma-separated operations: encode, decode, reconstruct.")] = "encode,decode,reconstruct",
+    threads: ThreadsOpt = None,
+    spin: Annotated[bool, typer.Option(help="Let ONNX Runtime worker threads spin between runs (lower latency alone, slows other work).")] = False,
+    quick: Annotated[bool, typer.Option(help="A short run (under 30 s): fewer backends and batch sizes, shorter timing.")] = False,
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON report.")] = Path("bench.json"),
+    plot_path: Annotated[Path, typer.Option("--plot", help="Where to write the PNG chart (throughput vs batch, batch-1 latency).")] = Path("bench.png"),
+) -> None:
+    """Compare backends on one model in one run: latency p50/p90/p99, samples/s, GFLOP/s vs this machine's GEMM peak."""
+    from . import atomic
+    from . import bench as bench_mod
+    from .checkpoint import resolve_model_dir
+    from .plots import bench_chart
+
+    def split(text: str | None, cast=str):
+        try:
+            return tuple(cast(t.strip()) for t in text.split(",") if t.strip()) if text else None
+        except ValueError:
+            raise VaeEngineError(f"could not parse {text!r} as a comma-separated list") from None
+
+    op_list = split(ops)
+    for op in op_list:
+        if op not in bench_mod.OPS:
+            raise VaeEngineError(f"unknown op {op!r}: choose from {', '.join(bench_mod.OPS)}")
+    labels = split(backends)
+    known = [c[0] for c in bench_mod.CANDIDATES]
+    for label in labels or ():
+        if label not in known:
+            raise VaeEngineError(f"unknown backend {label!r}: choose from {', '.join(known)}")
+    batch_list = split(batches, int)
+    if batch_list and min(batch_list) < 1:
+        raise VaeEngineError("batch sizes must be at least 1")
+    with console.status("benchmarking") as status:
+        report = bench_mod.run(resolve_model_dir(model_dir), labels, batch_list, op_list, threads, quick, spin,
+                               progress=lambda message: status.update(f"benchmarking: {message}"))
+    peak = report["gemm_peak_gflops"]
+    m = report["machine"]
+    out.print(f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads; fp32 GEMM peak: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) + " GFLOP/s")
+    table = Table(title="backends (ratios vs PyTorch eager at the same op and batch)")
+    for col in ("op", "batch", "backend", "p50 us", "p90 us", "p99 us", "samples/s", "GFLOP/s", "% peak", "x torch"):
+        table.add_column(col, justify="right")
+    for r in report["results"]:
+        ratio = f"{r['speedup_vs_torch']:.2f}" if r["speedup_vs_torch"] else "-"
+        table.add_row(r["op"], str(r["batch"]), r["backend"], f"{r['p50_us']:.1f}", f"{r['p90_us']:.1f}",
+                      f"{r['p99_us']:.1f}", f"{r['samples_per_s']:,.0f}", f"{r['gflops']:.1f}",
+                      f"{100 * r['fraction_of_peak']:.0f}", ratio)
+    out.print(table)
+    post = Table(title="ELBO/IWAE math on decoder outputs (B=1024, K=64)")
+    for col in ("implementation", "p50 ms", "x numba", "max rel err vs NumPy"):
+        post.add_column(col, justify="right")
+    numba_p50 = next(r["p50_us"] for r in report["postprocess"] if r["backend"] == "numba")
+    for r in report["postprocess"]:
+        post.add_row(r["backend"], f"{r['p50_us'] / 1e3:.2f}", f"{r['p50_us'] / numba_p50:.1f}", f"{r['max_rel_err_vs_numpy']:.1e}")
+    out.print(post)
+    for note in report["notes"]:
+        out.print(f"note: {note}")
+    atomic.write_json(json_path, report)
+    bench_chart(report, plot_path)
+    out.print(f"wrote {json_path} and {plot_path}")
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt  # so `kill` cleans up temp files like Ctrl-C does
 

@@ -14,7 +14,7 @@ import math
 import numba
 import numpy as np
 
-from .rng import PARALLEL_MIN
+from .rng import PARALLEL_MIN, _jit
 
 _F = np.float32
 _HALF, _ONE, _TWO, _ZERO = _F(0.5), _F(1.0), _F(2.0), _F(0.0)
@@ -64,7 +64,6 @@ def _bernoulli_row(x, logits):
 
 
 def _make_log_weights(parallel: bool):
-    @numba.njit(parallel=parallel, fastmath=True, cache=True)
     def kernel(x, logits, z, mu, logvar, out):
         """out[b, k] = log p(x_b|z_bk) + log p(z_bk) - log q(z_bk|x_b), one fused pass, no temporaries."""
         n, k, d = z.shape
@@ -76,11 +75,10 @@ def _make_log_weights(parallel: bool):
                     diff = zi - mu[b, i]
                     lw += _HALF * (logvar[b, i] + diff * diff * math.exp(-logvar[b, i]) - zi * zi)
                 out[b, s] = lw
-    return kernel
+    return _jit(kernel, parallel, fastmath=True)
 
 
 def _make_reparameterize(parallel: bool):
-    @numba.njit(parallel=parallel, fastmath=True, cache=True)
     def kernel(mu, logvar, eps, out):
         """z[b, k] = mu[b] + exp(logvar[b] / 2) * eps[b, k]  (K&W 2013, eq. 4)."""
         n, k, d = eps.shape
@@ -89,7 +87,7 @@ def _make_reparameterize(parallel: bool):
                 sigma = math.exp(_HALF * logvar[b, i])
                 for s in range(k):
                     out[b, s, i] = mu[b, i] + sigma * eps[b, s, i]
-    return kernel
+    return _jit(kernel, parallel, fastmath=True)
 
 
 @numba.njit(cache=True)

@@ -135,7 +135,8 @@ def bench_chart(report: dict[str, Any], path: Path) -> None:
     for j, (key, name) in enumerate((("p50_us", "p50"), ("p90_us", "p90"), ("p99_us", "p99"))):
         ax2.bar(xs + (j - 1) * 0.27, [r[key] for r in lat], width=0.27, label=name)
     ax2.set_xticks(xs, labels, fontsize=6, rotation=60)
-    ax2.set_ylabel("latency at batch 1 (us)")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("latency at batch 1 (us, log scale)")
     ax2.set_title("Batch-1 latency percentiles")
     ax2.legend()
     ax2.grid(alpha=0.3, axis="y")

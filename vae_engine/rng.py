@@ -17,7 +17,7 @@ import numpy as np
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 EPS_STREAM, BINARIZE_STREAM = 0, 1
-PARALLEL_MIN = 1 << 16  # below this many numbers a parallel launch costs more than it saves on 2 cores
+PARALLEL_MIN = 1 << 20  # elements; a parallel launch costs 0.1-8 ms on 2 busy cores, so only big work pays
 
 
 def _mix_int(x: int) -> int:
@@ -33,6 +33,13 @@ def stream_key(seed: int, stream: int) -> np.uint64:
 
 # ---- Numba kernels ----
 
+
+def _jit(kernel, parallel: bool, fastmath: bool = False):
+    """Compile a serial or parallel variant of a kernel. Each variant gets its own qualified name, because
+    Numba's on-disk cache keys on it: two variants of one name would load each other's machine code."""
+    kernel.__qualname__ = f"{kernel.__qualname__.split('.')[0]}_{'parallel' if parallel else 'serial'}"
+    return numba.njit(parallel=parallel, fastmath=fastmath, cache=True)(kernel)
+
 _G, _M1, _M2 = np.uint64(_GOLDEN), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S11, _S27, _S30, _S31 = np.uint64(11), np.uint64(27), np.uint64(30), np.uint64(31)
 _INV53 = 1.0 / 9007199254740992.0  # 2**-53
@@ -47,38 +54,36 @@ def _uniform(key, counter):
     return (float(x >> _S11) + 0.5) * _INV53  # in (0, 1), never 0, so log() is finite
 
 
-@numba.njit(inline="always")
-def _normal(key, j):
-    pair = j >> np.uint64(1)
-    u1 = _uniform(key, pair * np.uint64(2))
-    u2 = _uniform(key, pair * np.uint64(2) + np.uint64(1))
-    r = math.sqrt(-2.0 * math.log(u1))
-    if j & np.uint64(1):
-        return r * math.sin(2.0 * math.pi * u2)
-    return r * math.cos(2.0 * math.pi * u2)
-
-
 def _make_normal_kernel(parallel: bool):
-    @numba.njit(parallel=parallel, cache=True)
     def kernel(key, start, out):  # out (N, K, D) float32
         n, k, d = out.shape
+        row = k * d
+        flat = out.reshape(n, row)
         for b in numba.prange(n):
-            base = np.uint64(start + b) * np.uint64(k * d)
-            for s in range(k):
-                for i in range(d):
-                    out[b, s, i] = _normal(key, base + np.uint64(s * d + i))
-    return kernel
+            base = np.int64(start + b) * row
+            # Box-Muller turns one pair of uniforms into two normals: walk the pairs covering this item's range
+            first, last = base >> 1, (base + row - 1) >> 1
+            for pair in range(first, last + 1):
+                p = np.uint64(pair)
+                u1 = _uniform(key, p * np.uint64(2))
+                u2 = _uniform(key, p * np.uint64(2) + np.uint64(1))
+                r = math.sqrt(-2.0 * math.log(u1))
+                j0 = 2 * pair - base
+                if j0 >= 0:
+                    flat[b, j0] = r * math.cos(2.0 * math.pi * u2)
+                if j0 + 1 < row:
+                    flat[b, j0 + 1] = r * math.sin(2.0 * math.pi * u2)
+    return _jit(kernel, parallel)
 
 
 def _make_binarize_kernel(parallel: bool):
-    @numba.njit(parallel=parallel, cache=True)
     def kernel(key, start, x, out):  # x, out (N, P) float32
         n, p = x.shape
         for b in numba.prange(n):
             base = np.uint64(start + b) * np.uint64(p)
             for i in range(p):
                 out[b, i] = 1.0 if _uniform(key, base + np.uint64(i)) < x[b, i] else 0.0
-    return kernel
+    return _jit(kernel, parallel)
 
 
 _normal_kernels = (_make_normal_kernel(False), _make_normal_kernel(True))

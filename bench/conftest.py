@@ -1,0 +1,57 @@
+"""Benchmark fixtures. A plain `pytest` runs every bench function once, untimed, so the suite cannot rot;
+`pytest bench/ --benchmark-only` times them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vae_engine import checkpoint
+
+THREADS = 2  # set explicitly: ORT, torch and Numba threads fight each other on 2 cores
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    if not config.getoption("benchmark_only", False) and not config.getoption("benchmark_enable", False):
+        config.option.benchmark_disable = True
+
+
+@pytest.fixture(scope="session")
+def bench_model(tmp_path_factory) -> Path:
+    """The shipped model when present (exported fp32 + int8); else the default architecture, randomly
+    initialized and exported (speed does not depend on the weights)."""
+    shipped = Path(__file__).resolve().parent.parent / "models" / "mnist-vae"
+    needed = ("encoder.onnx", "decoder.onnx", "encoder.int8.onnx", "decoder.int8.onnx")
+    if all((shipped / n).is_file() for n in needed):
+        return shipped
+    from vae_engine.config import ModelConfig, TrainConfig
+    from vae_engine.export import export
+    from vae_engine.model import VAE
+
+    out = tmp_path_factory.mktemp("bench") / "model"
+    out.mkdir()
+    torch.manual_seed(0)
+    model = VAE(ModelConfig())
+    checkpoint.write_config(out, model.cfg, TrainConfig(), {"name": "random-init"})
+    checkpoint.save_weights(out, model)
+    export(out, quantize="int8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def engines(bench_model):
+    """One engine per backend label, loaded once (torch.compile compiles on first use)."""
+    from vae_engine.bench import CANDIDATES
+    from vae_engine.engine import Engine
+
+    out = {}
+    for label, backend, variant in CANDIDATES:
+        if variant == "optimized":
+            continue  # needs `export --optimize`; `vae-engine bench` covers it when present
+        out[label] = Engine.load(bench_model, backend=backend, threads=THREADS, variant=variant)
+    return out
+
+

@@ -1,0 +1,80 @@
+"""Backends side by side: one group per (operation, batch size), backends as the parameter.
+
+Run: pytest bench/ --benchmark-only   (add --benchmark-json=FILE to keep the numbers)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vae_engine import bench, kernels, rng
+from vae_engine.checkpoint import versions
+from vae_engine.config import INPUT_DIM
+
+from .conftest import THREADS
+
+LABELS = ("torch", "torch-compile", "ort-fp32", "ort-int8")
+BATCHES = (1, 64, 1024, 8192)
+VERSIONS = versions()
+
+
+def _data(batch: int, latent_dim: int):
+    g = np.random.default_rng(batch)
+    return (g.random((batch, INPUT_DIM)) < 0.3).astype(np.float32), g.standard_normal((batch, latent_dim), np.float32)
+
+
+def _run(benchmark, fn, batch: int):
+    """Time fn; sub-100-us calls (batch 1) get many iterations per round so each round is measurable."""
+    if batch == 1:
+        return benchmark.pedantic(fn, rounds=200, iterations=50, warmup_rounds=5)
+    return benchmark(fn)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("label", LABELS)
+@pytest.mark.parametrize("op", bench.OPS)
+def test_backend(benchmark, engines, op, label, batch):
+    engine = engines[label]
+    x, z = _data(batch, engine.latent_dim)
+    be = engine.backend
+    fn = bench.op_call(engine, op, x, z)
+    benchmark.group = f"{op} batch={batch}"
+    benchmark.extra_info.update({"backend": be.name, "provider": be.provider, "variant": be.variant,
+                                 "threads": THREADS, "batch": batch, "dtype": "float32", **VERSIONS})
+    out = _run(benchmark, fn, batch)
+    assert (out[0] if op == "encode" else out).shape[0] == batch
+
+
+@pytest.fixture(scope="module")
+def post_problem():
+    b, k, d = 1024, 64, 20
+    g = np.random.default_rng(0)
+    x = (g.random((b, INPUT_DIM)) < 0.3).astype(np.float32)
+    logits = (g.standard_normal((b, k, INPUT_DIM)) * 4).astype(np.float32)
+    mu, logvar = g.standard_normal((b, d), np.float32), g.standard_normal((b, d), np.float32) - 1
+    return x, logits, mu, logvar, rng.normal_eps(0, 0, b, k, d)
+
+
+@pytest.mark.parametrize("impl", ["numba", "numpy", "torch"])
+def test_elbo_math(benchmark, post_problem, impl):
+    """log-weights + log-mean-exp over K=64 samples of 1024 inputs, the three implementations of the same math."""
+    x, logits, mu, logvar, eps = post_problem
+    fns = bench.postprocess_fns(x, logits, mu, logvar, eps)
+    benchmark.group = "elbo-math B=1024 K=64"
+    benchmark.extra_info.update({"impl": impl, "threads": THREADS, **VERSIONS})
+    got = benchmark(fns[impl])
+    np.testing.assert_allclose(np.asarray(got, np.float64), kernels.log_mean_exp_numpy(
+        kernels.log_weights_numpy(x, logits, kernels.reparameterize_numpy(mu, logvar, eps), mu, logvar)), rtol=1e-4)
+
+
+@pytest.mark.parametrize("label", ["torch", "ort-fp32", "ort-int8"])
+def test_score_batch(benchmark, engines, label):
+    """The full k-sample IWAE score of a batch: 64 inputs x K=64 samples (encode, sample, decode, Numba math)."""
+    engine = engines[label]
+    x, _ = _data(64, engine.latent_dim)
+    benchmark.group = "score B=64 K=64"
+    benchmark.extra_info.update({"backend": engine.backend.name, "variant": engine.backend.variant,
+                                 "threads": THREADS, **VERSIONS})
+    out = benchmark(lambda: engine.log_likelihood(x, k=64, seed=0))
+    assert out.shape == (64,) and np.isfinite(out).all()
