@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -90,6 +91,7 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
 
 
 ModelDir = Annotated[Path, typer.Argument(help="Model directory (config.json + model.safetensors, as written by train).")]
+ModelOpt = Annotated[Path | None, typer.Argument(help="Model directory; default: the shipped models/mnist-vae.", show_default=False)]
 
 
 @app.command()
@@ -154,7 +156,8 @@ def train(
     finally:
         if hasattr(bar, "bar"):
             bar.bar.stop()
-    out.print(f"model directory: {out_dir}")
+    if os.environ.get("RANK", "0") == "0":
+        out.print(f"model directory: {out_dir}")
 
 
 @app.command()
@@ -223,16 +226,16 @@ def export(
 
 @app.command()
 @friendly
-def info(model_dir: ModelDir) -> None:
+def info(model_dir: ModelOpt = None) -> None:
     """Show what a model directory holds: config, training metrics, graphs and their metadata, evaluation."""
+    from .checkpoint import resolve_model_dir
     from .inspect import describe
 
-    describe(model_dir, out)
+    describe(resolve_model_dir(model_dir), out)
 
 
 # ---- batch jobs ----
 
-ModelOpt = Annotated[Path | None, typer.Argument(help="Model directory; default: the shipped models/mnist-vae.", show_default=False)]
 BackendOpt = Annotated[str, typer.Option(help="auto (ONNX Runtime if exported, else torch), torch, torch-compile or onnxruntime.")]
 VariantOpt = Annotated[str, typer.Option(help="ONNX graph variant for --backend onnxruntime: fp32, optimized, int8 or fp16.")]
 BatchOpt = Annotated[int, typer.Option(help="Items per chunk: memory stays bounded by this, whatever the input size.")]

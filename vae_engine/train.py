@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, data
+from . import checkpoint, data, distributed
 from .config import ModelConfig, TrainConfig, from_dict
 from .errors import VaeEngineError
 from .model import VAE, elbo, iwae_bound, log_weights
@@ -46,12 +47,18 @@ def kl_weight_at(cfg: TrainConfig, epoch: int, step: int, steps: int) -> float:
     return min(1.0, (epoch + step / steps) / cfg.kl_warmup_epochs)
 
 
-def loss_fn(model: VAE, x: torch.Tensor, cfg: TrainConfig, g: torch.Generator, kl_weight: float) -> torch.Tensor:
-    """Mean negative objective over a batch."""
-    eps = torch.randn((cfg.k, x.shape[0], model.cfg.latent_dim), generator=g)  # (K, B, D)
-    if cfg.objective == "iwae":
-        return -iwae_bound(log_weights(model, x, eps)).mean()
-    return -elbo(model, x, eps, kl_weight).mean()
+class Objective(torch.nn.Module):
+    """The training loss as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: VAE, objective: str):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, kl_weight: float) -> torch.Tensor:
+        """Mean negative objective over a batch x (B, 784), eps (K, B, D)."""
+        if self.objective == "iwae":
+            return -iwae_bound(log_weights(self.model, x, eps)).mean()
+        return -elbo(self.model, x, eps, kl_weight).mean()
 
 
 @torch.no_grad()
@@ -83,7 +90,11 @@ def train(
     Returns the per-epoch metrics rows.
     """
     out_dir = Path(out_dir)
-    callbacks = callbacks or Callbacks()
+    world = distributed.from_env()
+    distributed.init(world)
+    callbacks = callbacks if callbacks and world.is_main else Callbacks()
+    if resume and not (out_dir / checkpoint.CONFIG).exists():
+        resume = False  # nothing to resume yet (e.g. the first launch of a torchrun job with --resume): start fresh
     if resume:
         saved = checkpoint.read_config(out_dir)
         if not (out_dir / checkpoint.STATE).is_file():
@@ -93,15 +104,17 @@ def train(
     elif (out_dir / checkpoint.CONFIG).exists():
         raise VaeEngineError(f"{out_dir} already holds a model: pass --resume to continue it, or choose another --out")
     assert model_cfg is not None
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
+    threads = train_cfg.threads or (max(1, (os.cpu_count() or 1) // world.local_size) if world.size > 1 else None)
+    if threads:
+        torch.set_num_threads(threads)
 
     dataset = data.load_dataset(train_cfg.dataset, train_cfg.data_dir, fetch=download)
     x_train = data.to_unit(dataset.train_images[: train_cfg.limit])  # (N, 784) float32, held in memory
     x_test = data.to_unit(dataset.test_images)
     n = len(x_train)
-    if train_cfg.batch_size > n:
-        raise VaeEngineError(f"batch size {train_cfg.batch_size} is larger than the training set ({n} images)")
+    b, global_batch = train_cfg.batch_size, train_cfg.batch_size * world.size  # --batch-size is per rank
+    if global_batch > n:
+        raise VaeEngineError(f"batch size {global_batch} is larger than the training set ({n} images)")
 
     torch.manual_seed(train_cfg.seed)  # parameter init
     model = VAE(model_cfg)
@@ -113,42 +126,53 @@ def train(
         rows = [r for r in checkpoint.read_metrics(out_dir) if r["epoch"] <= start_epoch]
         if start_epoch >= train_cfg.epochs:
             raise VaeEngineError(f"{out_dir} already finished {start_epoch} epochs; pass a larger --epochs to go on")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_config(out_dir, model_cfg, train_cfg, dataset.describe())
+    world.barrier()  # every rank has checked the directory before the main rank writes into it
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_config(out_dir, model_cfg, train_cfg, {**dataset.describe(), "world_size": world.size})
 
-    steps = n // train_cfg.batch_size  # the last partial batch is dropped; each epoch reshuffles
+    objective = Objective(model, train_cfg.objective)
+    if world.size > 1:  # averages gradients over ranks: one step on W x b inputs, as one process would take it
+        objective = torch.nn.parallel.DistributedDataParallel(objective)
+    mine = slice(world.rank * b, (world.rank + 1) * b)  # this rank's share of each global batch
+    steps = n // global_batch  # the last partial batch is dropped; each epoch reshuffles
     callbacks.on_train_start(train_cfg.epochs, start_epoch, steps)
     model.train()
     for epoch in range(start_epoch, train_cfg.epochs):
-        g = epoch_generator(train_cfg.seed, epoch)
+        g = epoch_generator(train_cfg.seed, epoch)  # identical on every rank: same permutation, same noise
         for group in optimizer.param_groups:
             group["lr"] = lr_at(train_cfg, epoch)
         t0, total = time.perf_counter(), 0.0
         perm = torch.randperm(n, generator=g)
         for step in range(steps):
-            x = data.binarize(x_train[perm[step * train_cfg.batch_size : (step + 1) * train_cfg.batch_size]],
-                              train_cfg.binarize, g)
-            loss = loss_fn(model, x, train_cfg, g, kl_weight_at(train_cfg, epoch, step, steps))
+            # every rank draws the whole global batch's noise and keeps its slice, so the result does not
+            # depend on the world size
+            x = data.binarize(x_train[perm[step * global_batch : (step + 1) * global_batch]], train_cfg.binarize, g)
+            eps = torch.randn((train_cfg.k, global_batch, model_cfg.latent_dim), generator=g)  # (K, W*b, D)
+            loss = objective(x[mine], eps[:, mine], kl_weight_at(train_cfg, epoch, step, steps))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             value = loss.item()
             total += value
-            callbacks.on_batch_end(epoch, step, value, train_cfg.batch_size)
+            callbacks.on_batch_end(epoch, step, value, b)
         seconds = time.perf_counter() - t0
         if not math.isfinite(total):
             raise VaeEngineError(f"training diverged at epoch {epoch + 1} (loss is not finite); lower --lr")
-        row = {"epoch": epoch + 1, "train_loss": total / steps, "test_nelbo": test_elbo(model, x_test, train_cfg),
-               "seconds": round(seconds, 3), "samples_per_s": round(steps * train_cfg.batch_size / seconds, 1),
-               "lr": lr_at(train_cfg, epoch)}
-        rows.append(row)
-        # weights, then resume state, then metrics; each atomic, so a kill leaves the last complete epoch
-        checkpoint.save_weights(out_dir, model)
-        checkpoint.save_state(out_dir, model, optimizer, epoch + 1)
-        checkpoint.write_metrics(out_dir, rows)
-        callbacks.on_epoch_end(row)
+        if world.is_main:
+            row = {"epoch": epoch + 1, "train_loss": total / steps, "test_nelbo": test_elbo(model, x_test, train_cfg),
+                   "seconds": round(seconds, 3), "samples_per_s": round(steps * global_batch / seconds, 1),
+                   "lr": lr_at(train_cfg, epoch)}
+            rows.append(row)
+            # weights, then resume state, then metrics; each atomic, so a kill leaves the last complete epoch
+            checkpoint.save_weights(out_dir, model)
+            checkpoint.save_state(out_dir, model, optimizer, epoch + 1)
+            checkpoint.write_metrics(out_dir, rows)
+            callbacks.on_epoch_end(row)
+    world.barrier()
+    distributed.shutdown(world)
     model.eval()
-    if plots:
+    if plots and world.is_main:
         from . import plots as plotting
 
         plotting.training_figures(model, out_dir, rows, x_test, train_cfg.seed)
