@@ -20,7 +20,6 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .config import INPUT_DIM
 from .errors import VaeEngineError
 
 app = typer.Typer(
@@ -170,6 +169,7 @@ def evaluate(
     backend: Annotated[str, typer.Option(help="torch (the PyTorch reference), or an engine backend: onnxruntime, torch-compile, auto.")] = "torch",
     threads: Annotated[int | None, typer.Option(help="Threads for torch / ONNX Runtime / Numba (default: all cores).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+    compare: Annotated[bool, typer.Option(help="Also run the PyTorch reference on the same images and eps: time ratio and largest difference.")] = False,
 ) -> None:
     """Test-set -ELBO and importance-weighted NLL on dynamically binarized test images."""
     from .evaluate import run as run_evaluation
@@ -180,13 +180,19 @@ def evaluate(
         raise VaeEngineError(f"--limit must be at least 1, got {limit}")
     with Meter("evaluate", "images", info=f"k={k}") as meter:
         result = run_evaluation(model_dir, k=k, limit=limit, seed=seed, backend=backend, threads=threads,
-                                start=meter.start, progress=meter.advance)
+                                start=meter.start, progress=meter.advance, compare=compare)
     table = Table(title=f"evaluation of {model_dir} ({result['n']} test images, seed {seed})")
     for col in ("backend", "-ELBO (nats)", f"NLL k={k} (nats)", "seconds"):
         table.add_column(col)
     table.add_row(result["backend"], f"{result['test_nelbo']:.3f} ± {result['test_nelbo_stderr']:.3f}",
                   f"{result['test_nll']:.3f} ± {result['test_nll_stderr']:.3f}", f"{result['seconds']:.1f}")
+    ref = result.get("reference")
+    if ref:
+        table.add_row("torch (reference)", f"{ref['test_nelbo']:.3f}", f"{ref['test_nll']:.3f}", f"{ref['seconds']:.1f}")
     out.print(table)
+    if ref:
+        out.print(f"{result['backend']} is {ref['speedup']:.2f}x the PyTorch reference; largest per-image difference: "
+                  f"-ELBO {ref['max_abs_diff_nelbo']:.2e}, NLL {ref['max_abs_diff_nll']:.2e} nats")
     if json_path:
         from . import atomic
 
@@ -244,18 +250,37 @@ SeedOpt = Annotated[int, typer.Option(help="Seed of every random draw; results d
 InputOpt = Annotated[Path, typer.Option("--input", "-i", help="Images: .npy (N,784)/(N,28,28) uint8 0..255 or float 0..1, IDX(.gz), or a folder of 28x28 PNGs.")]
 
 
-def _job(model_dir: Path | None, backend: str, variant: str, threads: int | None, source_fn, make_fn, output: Path,
-         item_shape_fn, batch_size: int, images: bool, label: str) -> None:
+RayOpt = Annotated[str | None, typer.Option("--ray", help="Run on Ray Data: 'local' starts a local Ray, or give a cluster address (ray://host:10001, auto). Needs the 'distributed' extra.")]
+ActorsOpt = Annotated[int, typer.Option(help="With --ray: number of engine actors (each loads the model once).")]
+CpusOpt = Annotated[int, typer.Option(help="With --ray: CPUs per actor; ONNX Runtime intra-op threads are matched to it.")]
+
+
+def _job(job: str, model_dir: Path | None, input: Path | None, output: Path, params: dict, backend: str, variant: str,
+         batch_size: int, threads: int | None, ray: str | None = None, actors: int = 1, cpus_per_actor: int = 1,
+         n: int = 0) -> None:
     """Load the engine and the input, then stream the job with a progress bar (errors print before any bar)."""
     from . import jobs
     from .checkpoint import resolve_model_dir
     from .engine import Engine
 
-    engine = Engine.load(resolve_model_dir(model_dir), backend=backend, threads=threads, variant=variant)
-    source = source_fn(engine)
-    with Meter(label, "items", info=f"{engine.backend.name}/{engine.backend.variant}") as meter:
+    model_dir = resolve_model_dir(model_dir)
+    if ray is not None:
+        from . import ray_jobs
+
+        if input is None:
+            raise VaeEngineError(f"{job} has no input to distribute; run it without --ray")
+        with Meter(job, "items", info=f"ray {actors} actor(s)") as meter:
+            meter.start(None)
+            ray_jobs.run(job, model_dir, input, output, address=ray, actors=actors, cpus_per_actor=cpus_per_actor,
+                         batch_size=batch_size, backend=backend, variant=variant, progress=meter.advance, **params)
+        out.print(f"wrote {output}")
+        return
+    engine = Engine.load(model_dir, backend=backend, threads=threads, variant=variant)
+    source = jobs.open_input(job, input, engine.latent_dim, n)
+    with Meter(job, "items", info=f"{engine.backend.name}/{engine.backend.variant}") as meter:
         meter.start(source.n)
-        jobs.run(source, make_fn(engine), output, item_shape_fn(engine), batch_size, meter.advance, images)
+        jobs.run(source, jobs.make_job_fn(job, engine, params), output, jobs.item_shape(job, engine.latent_dim, params),
+                 batch_size, meter.advance, images=job != "encode" and job != "score")
     out.print(f"wrote {output} ({source.n} items)")
 
 
@@ -266,14 +291,11 @@ def encode(
     sample: Annotated[bool, typer.Option(help="Write a posterior sample z ~ q(z|x) instead of the mean.")] = False,
     with_logvar: Annotated[bool, typer.Option(help="Also write logvar: output (N, 2, D), [:, 0] = z, [:, 1] = logvar.")] = False,
     backend: BackendOpt = "auto", variant: VariantOpt = "fp32", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Encode images to latents (posterior mean, or a sample with --sample)."""
-    from . import jobs
-
-    _job(model_dir, backend, variant, threads, lambda e: jobs.open_images(input),
-         lambda e: jobs.encode_fn(e, sample, with_logvar, seed), output,
-         lambda e: (2, e.latent_dim) if with_logvar else (e.latent_dim,), batch_size, False, "encode")
+    _job("encode", model_dir, input, output, {"sample": sample, "with_logvar": with_logvar, "seed": seed}, backend,
+         variant, batch_size, threads, ray, actors, cpus_per_actor)
 
 
 @app.command()
@@ -283,13 +305,11 @@ def decode(
     output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = ...,
     binary: Annotated[bool, typer.Option(help="Write Bernoulli pixel samples (0/1) instead of probabilities.")] = False,
     backend: BackendOpt = "auto", variant: VariantOpt = "fp32", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Decode latents to images (pixel probabilities, or binary samples with --binary)."""
-    from . import jobs
-
-    _job(model_dir, backend, variant, threads, lambda e: jobs.open_latents(input, e.latent_dim),
-         lambda e: jobs.decode_fn(e, binary, seed), output, lambda e: (INPUT_DIM,), batch_size, True, "decode")
+    _job("decode", model_dir, input, output, {"binary": binary, "seed": seed}, backend, variant, batch_size, threads,
+         ray, actors, cpus_per_actor)
 
 
 @app.command()
@@ -301,12 +321,9 @@ def sample(
     seed: SeedOpt = 0,
 ) -> None:
     """Sample images from the prior: z ~ N(0, I), decoded. The same seed gives byte-identical output."""
-    from . import jobs
-
     if n < 1:
         raise VaeEngineError(f"-n must be at least 1, got {n}")
-    _job(model_dir, backend, variant, threads, lambda e: jobs.counter(n), lambda e: jobs.sample_fn(e, seed), output,
-         lambda e: (INPUT_DIM,), batch_size, True, "sample")
+    _job("sample", model_dir, None, output, {"seed": seed}, backend, variant, batch_size, threads, n=n)
 
 
 @app.command()
@@ -315,13 +332,11 @@ def reconstruct(
     model_dir: ModelOpt = None, input: InputOpt = ...,
     output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = ...,
     backend: BackendOpt = "auto", variant: VariantOpt = "fp32", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Reconstruct images: decode the posterior mean of each input."""
-    from . import jobs
-
-    _job(model_dir, backend, variant, threads, lambda e: jobs.open_images(input), lambda e: jobs.reconstruct_fn(e),
-         output, lambda e: (INPUT_DIM,), batch_size, True, "reconstruct")
+    _job("reconstruct", model_dir, input, output, {"seed": seed}, backend, variant, batch_size, threads, ray, actors,
+         cpus_per_actor)
 
 
 @app.command()
@@ -332,15 +347,13 @@ def score(
     k: Annotated[int, typer.Option("--k", help="1: -ELBO; more: IWAE negative log-likelihood with K importance samples.")] = 1,
     binarize: Annotated[bool, typer.Option(help="Binarize inputs with the seeded stream first (as the model was trained).")] = True,
     backend: BackendOpt = "auto", variant: VariantOpt = "fp32", batch_size: BatchOpt = 256, threads: ThreadsOpt = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Score inputs by -ELBO or IWAE negative log-likelihood, e.g. as an anomaly score."""
-    from . import jobs
-
     if k < 1:
         raise VaeEngineError(f"--k must be at least 1, got {k}")
-    _job(model_dir, backend, variant, threads, lambda e: jobs.open_images(input),
-         lambda e: jobs.score_fn(e, k, seed, binarize), output, lambda e: (), batch_size, False, "score")
+    _job("score", model_dir, input, output, {"k": k, "seed": seed, "binarize": binarize}, backend, variant,
+         batch_size, threads, ray, actors, cpus_per_actor)
 
 
 @app.command()

@@ -69,26 +69,45 @@ def evaluate(score_fn, images: np.ndarray, k: int, seed: int, chunk: int = 100, 
 
 
 def run(model_dir, k: int = 5000, limit: int | None = None, seed: int = 0, backend: str = "torch",
-        threads: int | None = None, start=None, progress=None) -> dict:
-    """Evaluate a model directory on its dataset's test split; returns the summary record."""
+        threads: int | None = None, start=None, progress=None, compare: bool = False) -> dict:
+    """Evaluate a model directory on its dataset's test split; returns the summary record.
+
+    compare=True also runs the PyTorch reference on the same images and streams, and records its time, the
+    speed ratio and the largest per-image difference.
+    """
     import time
     from functools import partial
 
     from . import checkpoint, data
+    from .backends import set_threads
 
     train_cfg = checkpoint.train_config(model_dir)
     images, _ = data.load_split(data.resolve_data_dir(train_cfg.dataset, train_cfg.data_dir), "test")
     images = images[:limit]
+    threads = set_threads(threads)
+    reference = partial(reference_scores, checkpoint.load_model(model_dir))
     if backend == "torch":
-        if threads:
-            torch.set_num_threads(threads)
-        score_fn = partial(reference_scores, checkpoint.load_model(model_dir))
+        score_fn = reference
     else:
         from .engine import Engine
 
         score_fn = Engine.load(model_dir, backend=backend, threads=threads).scores
+        score_fn(rng.binarize(images[:2].reshape(2, -1) / 255.0, seed, 0), 0, 2, seed)  # compile/warm up
     if start:
-        start(len(images))
+        start(len(images) * (2 if compare and backend != "torch" else 1))
     t0 = time.perf_counter()
     nelbo, nll = evaluate(score_fn, images, k, seed, progress=progress)
-    return summarize(nelbo, nll, k, seed, time.perf_counter() - t0, backend)
+    result = summarize(nelbo, nll, k, seed, time.perf_counter() - t0, backend)
+    result["threads"] = threads
+    if compare and backend != "torch":
+        t0 = time.perf_counter()
+        ref_nelbo, ref_nll = evaluate(reference, images, k, seed, progress=progress)
+        ref_seconds = time.perf_counter() - t0
+        result["reference"] = {
+            "backend": "torch", "seconds": round(ref_seconds, 3), "test_nelbo": float(ref_nelbo.mean()),
+            "test_nll": float(ref_nll.mean()), "speedup": ref_seconds / result["seconds"],
+            "max_abs_diff_nelbo": float(np.max(np.abs(nelbo - ref_nelbo))),
+            "max_abs_diff_nll": float(np.max(np.abs(nll - ref_nll))),
+            "mean_diff_nll": float(np.mean(nll - ref_nll)),
+        }
+    return result

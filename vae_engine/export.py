@@ -111,8 +111,13 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _quantize_int8(model: onnx.ModelProto, tmp_dir: Path) -> onnx.ModelProto:
+def _quantize_int8(model: onnx.ModelProto, role: str, tmp_dir: Path) -> onnx.ModelProto:
     """Dynamic int8 quantization of the weights (activations quantized per batch at run time).
+
+    The layer that touches the latent (the encoder's last, the decoder's first) stays fp32: it holds ~4% of the
+    FLOPs but most of the error, because z's fine structure does not survive 8-bit per-tensor activation
+    quantization. On the shipped model this took the test -ELBO change from +0.158 to under 0.1 nats for ~7% of
+    int8 decoder time.
 
     Signed int8 weights, per-channel scales, QOperator (DynamicQuantizeLinear + MatMulInteger) format: the only
     format dynamic quantization has in onnxruntime.quantization. On this VNNI CPU (784-400-400-20 decoder,
@@ -122,8 +127,11 @@ def _quantize_int8(model: onnx.ModelProto, tmp_dir: Path) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = tmp_dir / "q_in.onnx", tmp_dir / "q_out.onnx"
-    onnx.save(gemm_to_matmul(model), src)
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True)
+    model = gemm_to_matmul(model)
+    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    onnx.save(model, src)
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
+                     nodes_to_exclude=matmuls[-1:] if role == "encoder" else matmuls[:1])
     out = onnx.load(dst)
     src.unlink()
     dst.unlink()
@@ -215,7 +223,7 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, optimize: b
                 variants.append(("optimized", _optimize(proto, scratch), FP32_ATOL))
             if quantize == "int8":
                 copy_ = onnx.ModelProto.FromString(proto.SerializeToString())
-                variants.append(("int8", _quantize_int8(copy_, scratch), np.inf))  # judged by the ELBO change
+                variants.append(("int8", _quantize_int8(copy_, role, scratch), np.inf))  # judged by the ELBO change
             if fp16:
                 half = _export_graph(_FP32IO(copy.deepcopy(net), torch.float16), role, cfg)
                 variants.append(("fp16", half, FP16_ATOL))

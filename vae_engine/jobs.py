@@ -198,3 +198,36 @@ def score_fn(engine: Engine, k: int, seed: int, binarize: bool):
         scores = -engine.elbo(x, seed, start) if k == 1 else -engine.log_likelihood(x, k, seed, start)
         return scores.astype(np.float32)
     return fn
+
+
+JOB_NAMES = ("encode", "decode", "sample", "reconstruct", "score")
+
+
+def make_job_fn(job: str, engine: Engine, params: dict) -> Callable[[int, np.ndarray], np.ndarray]:
+    """The chunk function of a named job with its parameters (the single-process and Ray paths share it)."""
+    seed = params.get("seed", 0)
+    if job == "encode":
+        return encode_fn(engine, params.get("sample", False), params.get("with_logvar", False), seed)
+    if job == "decode":
+        return decode_fn(engine, params.get("binary", False), seed)
+    if job == "sample":
+        return sample_fn(engine, seed)
+    if job == "reconstruct":
+        return reconstruct_fn(engine)
+    if job == "score":
+        return score_fn(engine, params.get("k", 1), seed, params.get("binarize", True))
+    raise VaeEngineError(f"unknown job {job!r}: choose one of {', '.join(JOB_NAMES)}")
+
+
+def item_shape(job: str, latent_dim: int, params: dict) -> tuple[int, ...]:
+    """The shape of one output row of a job."""
+    if job == "encode":
+        return (2, latent_dim) if params.get("with_logvar") else (latent_dim,)
+    return () if job == "score" else (INPUT_DIM,)
+
+
+def open_input(job: str, path: str | Path | None, latent_dim: int, n: int = 0) -> Source:
+    """The input of a job: latents for decode, a counter for sample, images otherwise."""
+    if job == "sample":
+        return counter(n)
+    return open_latents(path, latent_dim) if job == "decode" else open_images(path)

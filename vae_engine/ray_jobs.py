@@ -1,0 +1,153 @@
+"""Batch jobs on Ray Data: the same jobs as `jobs`, as a pipeline of shard readers and engine actors.
+
+Shards of the input are read inside the cluster; `map_batches` runs an actor class that loads the model (one
+ONNX Runtime session per actor, intra-op threads = the actor's CPUs); the driver writes the output atomically in
+input order. Every random draw is keyed by the global item index, so results equal the single-process job.
+Needs the optional extra: pip install "vae-engine[distributed]".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import atomic, jobs
+from .errors import VaeEngineError
+
+JOBS = ("encode", "decode", "reconstruct", "score")
+SHARD_ROWS = 8192  # rows per input shard read by one task
+
+
+def _require_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise VaeEngineError('Ray is not installed: pip install "vae-engine[distributed]"') from None
+    return ray
+
+
+def _open(job: str, path: str, latent_dim: int) -> jobs.Source:
+    """The input source of a job; Parquet files hold one list column of 784 (or D) values per row."""
+    if path.endswith(".parquet"):
+        return _parquet_source(Path(path), latent_dim if job == "decode" else None)
+    return jobs.open_input(job, path, latent_dim)
+
+
+def _parquet_source(path: Path, latent_dim: int | None) -> jobs.Source:
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        raise VaeEngineError(f"{path}: input not found")
+    table = pq.read_table(path)
+    column = table.column(0).to_pylist()
+    arr = np.asarray(column, dtype=np.float32 if latent_dim else None)
+    if latent_dim:
+        if arr.ndim != 2 or arr.shape[1] != latent_dim:
+            raise VaeEngineError(f"{path}: latents must have shape (N, {latent_dim}), got {arr.shape}")
+        return jobs.Source(str(path), len(arr), latent_dim, lambda i, j: arr[i:j])
+    if arr.ndim != 2 or arr.shape[1] != 784:
+        raise VaeEngineError(f"{path}: images must be rows of 784 values, got {arr.shape}")
+    return jobs.Source(str(path), len(arr), 784, lambda i, j: jobs._to_unit(arr[i:j], str(path), i))
+
+
+class JobActor:
+    """A Ray actor: loads the engine once, then maps batches {"index", "x"} -> {"index", "y"}."""
+
+    def __init__(self, job: str, model_dir: str, backend: str, variant: str, threads: int, params: dict):
+        from .engine import Engine
+
+        self.engine = Engine.load(model_dir, backend=backend, threads=threads, variant=variant)
+        self.fn = jobs.make_job_fn(job, self.engine, params)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        index = batch["index"]
+        x = np.stack(batch["x"]) if batch["x"].dtype == object else batch["x"]
+        out = []
+        # rows of a batch come in contiguous runs of global indices; the job keys its randomness on them
+        breaks = np.flatnonzero(np.diff(index) != 1) + 1
+        for run in np.split(np.arange(len(index)), breaks):
+            out.append(self.fn(int(index[run[0]]), x[run]))
+        return {"index": index, "y": np.concatenate(out)}
+
+
+def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: str | Path, address: str | None = None,
+        actors: int = 1, cpus_per_actor: int = 1, batch_size: int = 1024, backend: str = "onnxruntime",
+        variant: str = "fp32", progress: Callable[[int], None] | None = None, **params: Any) -> Path:
+    """Run a batch job as a Ray Data pipeline; output .npy (input order) or a .parquet folder of shards."""
+    from . import checkpoint
+
+    if job not in JOBS:
+        raise VaeEngineError(f"unknown job {job!r}: choose one of {', '.join(JOBS)}")
+    if actors < 1 or cpus_per_actor < 1:
+        raise VaeEngineError("--actors and --cpus-per-actor must be at least 1")
+    output_path = Path(output_path)
+    if output_path.suffix not in (".npy", ".parquet"):
+        raise VaeEngineError(f"{output_path}: Ray job output must end in .npy or .parquet")
+    model_dir = checkpoint.resolve_model_dir(model_dir)
+    cfg = checkpoint.model_config(model_dir)
+    source = _open(job, str(input_path), cfg.latent_dim)  # validates shape/dtype up front
+    item_shape = jobs.item_shape(job, cfg.latent_dim, params)
+
+    ray = _require_ray()
+    if not ray.is_initialized():
+        if address in (None, "", "local"):
+            ray.init(num_cpus=max(os.cpu_count() or 1, actors * cpus_per_actor), include_dashboard=False,
+                     log_to_driver=False, configure_logging=False, logging_level="ERROR")
+        else:
+            ray.init(address=address, log_to_driver=False)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    shards = [{"start": i, "stop": min(source.n, i + SHARD_ROWS)} for i in range(0, source.n, SHARD_ROWS)]
+    path, latent_dim = str(input_path), cfg.latent_dim
+
+    def read_shard(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        src = _open(job, path, latent_dim)  # memory-mapped: a task reads only its shard
+        xs, idx = [], []
+        for start, stop in zip(batch["start"], batch["stop"], strict=True):
+            xs.append(src.read(int(start), int(stop)))
+            idx.append(np.arange(start, stop))
+        return {"index": np.concatenate(idx), "x": np.concatenate(xs)}
+
+    ds = (ray.data.from_items(shards)
+          # reading is I/O: num_cpus=0, so readers never wait for CPUs the actors hold for their lifetime
+          .map_batches(read_shard, batch_size=1, num_cpus=0)
+          .map_batches(JobActor, fn_constructor_args=(job, str(model_dir), backend, variant, cpus_per_actor, params),
+                       batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                       num_cpus=cpus_per_actor))
+    if output_path.suffix == ".parquet":
+        return _write_parquet(ds, output_path)
+    with atomic.atomic_path(output_path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(source.n, *item_shape))
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            y = np.stack(batch["y"]) if batch["y"].dtype == object else batch["y"]
+            out[batch["index"]] = y
+            if progress:
+                progress(len(batch["index"]))
+        out.flush()
+        del out
+    return output_path
+
+
+def _write_parquet(ds, output_path: Path) -> Path:
+    """Ray writes the shards into a temp folder beside the target, renamed when all are written."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent or "."))
+    try:
+        ds.write_parquet(str(tmp))
+        if output_path.exists():
+            shutil.rmtree(output_path)
+        os.replace(tmp, output_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_path
+
