@@ -33,10 +33,11 @@ def resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
         return Path(model_dir)
     if os.environ.get("VAE_ENGINE_MODEL"):
         return Path(os.environ["VAE_ENGINE_MODEL"])
-    shipped = Path(__file__).resolve().parent.parent / "models" / "mnist-vae"
-    if not (shipped / CONFIG).is_file():
-        raise ModelDirError("no model given and the shipped models/mnist-vae was not found; pass a model directory")
-    return shipped
+    for shipped in (Path(__file__).resolve().parent.parent / "models" / "mnist-vae",  # a clone or editable install
+                    Path(__file__).resolve().parent / "shipped" / "mnist-vae"):  # `pip install .`
+        if (shipped / CONFIG).is_file():
+            return shipped
+    raise ModelDirError("no model given and the shipped models/mnist-vae was not found; pass a model directory")
 
 
 def versions() -> dict[str, str]:

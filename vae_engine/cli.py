@@ -170,6 +170,7 @@ def evaluate(
     threads: Annotated[int | None, typer.Option(help="Threads for torch / ONNX Runtime / Numba (default: all cores).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run the PyTorch reference on the same images and eps: time ratio and largest difference.")] = False,
+    variant: Annotated[str, typer.Option(help="Graph variant for --backend onnxruntime: fp32 (reproduces the reference), int8 (faster, approximate), optimized, fp16.")] = "fp32",
 ) -> None:
     """Test-set -ELBO and importance-weighted NLL on dynamically binarized test images."""
     from .evaluate import run as run_evaluation
@@ -180,7 +181,7 @@ def evaluate(
         raise VaeEngineError(f"--limit must be at least 1, got {limit}")
     with Meter("evaluate", "images", info=f"k={k}") as meter:
         result = run_evaluation(model_dir, k=k, limit=limit, seed=seed, backend=backend, threads=threads,
-                                start=meter.start, progress=meter.advance, compare=compare)
+                                start=meter.start, progress=meter.advance, compare=compare, variant=variant)
     table = Table(title=f"evaluation of {model_dir} ({result['n']} test images, seed {seed})")
     for col in ("backend", "-ELBO (nats)", f"NLL k={k} (nats)", "seconds"):
         table.add_column(col)

@@ -69,7 +69,7 @@ def evaluate(score_fn, images: np.ndarray, k: int, seed: int, chunk: int = 100, 
 
 
 def run(model_dir, k: int = 5000, limit: int | None = None, seed: int = 0, backend: str = "torch",
-        threads: int | None = None, start=None, progress=None, compare: bool = False) -> dict:
+        threads: int | None = None, start=None, progress=None, compare: bool = False, variant: str = "fp32") -> dict:
     """Evaluate a model directory on its dataset's test split; returns the summary record.
 
     compare=True also runs the PyTorch reference on the same images and streams, and records its time, the
@@ -91,14 +91,14 @@ def run(model_dir, k: int = 5000, limit: int | None = None, seed: int = 0, backe
     else:
         from .engine import Engine
 
-        score_fn = Engine.load(model_dir, backend=backend, threads=threads).scores
+        score_fn = Engine.load(model_dir, backend=backend, threads=threads, variant=variant).scores
         score_fn(rng.binarize(images[:2].reshape(2, -1) / 255.0, seed, 0), 0, 2, seed)  # compile/warm up
     if start:
         start(len(images) * (2 if compare and backend != "torch" else 1))
     t0 = time.perf_counter()
     nelbo, nll = evaluate(score_fn, images, k, seed, progress=progress)
     result = summarize(nelbo, nll, k, seed, time.perf_counter() - t0, backend)
-    result["threads"] = threads
+    result["threads"], result["variant"] = threads, variant
     if compare and backend != "torch":
         t0 = time.perf_counter()
         ref_nelbo, ref_nll = evaluate(reference, images, k, seed, progress=progress)

@@ -52,8 +52,9 @@ def training_curve(rows: list[dict[str, Any]], path: Path) -> None:
     """Train loss and test -ELBO per epoch."""
     epochs = [r["epoch"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train loss (-objective)")
-    ax.plot(epochs, [r["test_nelbo"] for r in rows], "s-", label="test -ELBO")
+    style = ("o-", "s-") if len(rows) <= 50 else ("-", "-")
+    ax.plot(epochs, [r["train_loss"] for r in rows], style[0], label="train loss (-objective)")
+    ax.plot(epochs, [r["test_nelbo"] for r in rows], style[1], label="test -ELBO")
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per image")
     ax.set_title("Training curve")
