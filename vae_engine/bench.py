@@ -251,3 +251,22 @@ def _add_ratios(results: list[dict]) -> None:
     for r in results:
         ref = base.get((r["op"], r["batch"]))
         r["speedup_vs_torch"] = r["samples_per_s"] / ref if ref else None
+
+
+def markdown(report: dict[str, Any], batches: tuple[int, ...] = (1, 1024)) -> str:
+    """A Markdown table of a report (for the README), rows at the given batch sizes."""
+    lines = ["| op | batch | backend | p50 / p90 / p99 us | samples/s | GFLOP/s | % of GEMM peak | x torch |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report["results"]:
+        if r["batch"] in batches:
+            ratio = f"{r['speedup_vs_torch']:.2f}" if r["speedup_vs_torch"] else "-"
+            lines.append(f"| {r['op']} | {r['batch']} | {r['backend']} | {r['p50_us']:.0f} / {r['p90_us']:.0f} / "
+                         f"{r['p99_us']:.0f} | {r['samples_per_s']:,.0f} | {r['gflops']:.0f} | "
+                         f"{100 * r['fraction_of_peak']:.0f} | {ratio} |")
+    lines += ["", "| ELBO/IWAE math, B=1024, K=64 | p50 ms | x Numba | max rel. error vs NumPy |",
+              "| --- | ---: | ---: | ---: |"]
+    numba_p50 = next(r["p50_us"] for r in report["postprocess"] if r["backend"] == "numba")
+    for r in report["postprocess"]:
+        lines.append(f"| {r['backend']} | {r['p50_us'] / 1e3:.1f} | {r['p50_us'] / numba_p50:.1f} | "
+                     f"{r['max_rel_err_vs_numpy']:.1e} |")
+    return "\n".join(lines)

@@ -401,14 +401,14 @@ def bench(
     m = report["machine"]
     out.print(f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads; fp32 GEMM peak: "
               + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) + " GFLOP/s")
-    table = Table(title="backends (ratios vs PyTorch eager at the same op and batch)")
-    for col in ("op", "batch", "backend", "p50 us", "p90 us", "p99 us", "samples/s", "GFLOP/s", "% peak", "x torch"):
-        table.add_column(col, justify="right")
+    table = Table(title="backends (x torch: throughput ratio to PyTorch eager at the same op and batch)")
+    for col in ("op", "B", "backend", "p50/p90/p99 us", "samples/s", "GFLOP/s", "%peak", "x torch"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in report["results"]:
         ratio = f"{r['speedup_vs_torch']:.2f}" if r["speedup_vs_torch"] else "-"
-        table.add_row(r["op"], str(r["batch"]), r["backend"], f"{r['p50_us']:.1f}", f"{r['p90_us']:.1f}",
-                      f"{r['p99_us']:.1f}", f"{r['samples_per_s']:,.0f}", f"{r['gflops']:.1f}",
-                      f"{100 * r['fraction_of_peak']:.0f}", ratio)
+        table.add_row(r["op"][:5], str(r["batch"]), r["backend"], f"{r['p50_us']:.0f}/{r['p90_us']:.0f}/{r['p99_us']:.0f}",
+                      f"{r['samples_per_s'] / 1e3:.1f}k", f"{r['gflops']:.0f}", f"{100 * r['fraction_of_peak']:.0f}",
+                      ratio)
     out.print(table)
     post = Table(title="ELBO/IWAE math on decoder outputs (B=1024, K=64)")
     for col in ("implementation", "p50 ms", "x numba", "max rel err vs NumPy"):
