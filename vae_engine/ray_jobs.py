@@ -104,7 +104,9 @@ def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: st
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    shards = [{"start": i, "stop": min(source.n, i + SHARD_ROWS)} for i in range(0, source.n, SHARD_ROWS)]
+    # at least two shards per actor (so every actor gets work), at most SHARD_ROWS rows each
+    rows = min(SHARD_ROWS, max(batch_size, -(-source.n // (2 * actors))))
+    shards = [{"start": i, "stop": min(source.n, i + rows)} for i in range(0, source.n, rows)]
     path, latent_dim = str(input_path), cfg.latent_dim
 
     def read_shard(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
