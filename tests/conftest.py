@@ -57,3 +57,18 @@ def tiny_model(tmp_path_factory, tiny_data) -> Path:
     train(ModelConfig(latent_dim=4, hidden=(32,)),
           TrainConfig(dataset="dir", data_dir=str(tiny_data), epochs=2, batch_size=32, seed=1), out, plots=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory, tiny_model) -> Path:
+    """A copy of the tiny model with its fp32 and int8 ONNX graphs."""
+    import shutil
+
+    from vae_engine.export import export
+
+    out = tmp_path_factory.mktemp("exported") / "m"
+    out.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model / name, out / name)
+    export(out, quantize="int8")
+    return out

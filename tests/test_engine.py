@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -13,19 +11,13 @@ from vae_engine import checkpoint, data, jobs
 from vae_engine.cli import app
 from vae_engine.engine import Engine
 from vae_engine.evaluate import evaluate, reference_scores
-from vae_engine.export import export
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engine") / "m"
-    out.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(tiny_model / name, out / name)
-    export(out, quantize="int8")
-    return out
+def model(exported_model):
+    return exported_model
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ pytest.importorskip("ray", reason="Ray is not installed (optional extra 'distrib
 
 from vae_engine import data, jobs, ray_jobs  # noqa: E402
 from vae_engine.engine import Engine  # noqa: E402
-from vae_engine.export import export  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +26,8 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ray") / "m"
-    out.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(tiny_model / name, out / name)
-    export(out)
-    return out
+def model(exported_model):
+    return exported_model
 
 
 def test_ray_jobs_equal_single_process(ray_cluster, model, tiny_data, tmp_path):
