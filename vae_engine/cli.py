@@ -204,7 +204,7 @@ def evaluate(
 @friendly
 def export(
     model_dir: ModelDir,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Write the graphs here instead of into MODEL_DIR.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Write a complete model directory here (config, weights, graphs) instead of adding the graphs to MODEL_DIR.")] = None,
     optimize: Annotated[bool, typer.Option(help="Also save ONNX Runtime's optimized graph (*.opt.onnx; may hold ORT-only fused ops).")] = False,
     quantize: Annotated[str | None, typer.Option(help="int8: also save dynamically quantized graphs (*.int8.onnx).")] = None,
     fp16: Annotated[bool, typer.Option(help="Also save half-precision graphs (*.fp16.onnx) for GPU providers; slower on CPU.")] = False,

@@ -257,7 +257,11 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, optimize: b
         if int8 and abs(int8[0]["test_nelbo_change_nats"]) > INT8_ELBO_NATS:
             report["warnings"] = [f"int8 changes the test -ELBO by {int8[0]['test_nelbo_change_nats']:+.3f} nats "
                                   f"(target |change| <= {INT8_ELBO_NATS})"]
-        # all graphs validated: write them, each atomically
+        # all graphs validated: write them, each atomically; a separate --out gets config and weights too,
+        # so it is a complete model directory
+        if out_dir.resolve() != model_dir.resolve():
+            for name in (checkpoint.CONFIG, checkpoint.WEIGHTS):
+                atomic.write_bytes(out_dir / name, (model_dir / name).read_bytes())
         for (role, variant), proto in built.items():
             atomic.write_bytes(graphs.graph_path(out_dir, role, variant), proto.SerializeToString())
         report["seconds"] = round(time.perf_counter() - t_start, 2)
