@@ -369,6 +369,7 @@ def bench(
     quick: Annotated[bool, typer.Option(help="A short run (under 30 s): fewer backends and batch sizes, shorter timing.")] = False,
     json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON report.")] = Path("bench.json"),
     plot_path: Annotated[Path, typer.Option("--plot", help="Where to write the PNG chart (throughput vs batch, batch-1 latency).")] = Path("bench.png"),
+    markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Also write the results as a Markdown table (as in the README).")] = None,
 ) -> None:
     """Compare backends on one model in one run: latency p50/p90/p99, samples/s, GFLOP/s vs this machine's GEMM peak."""
     from . import atomic
@@ -420,6 +421,8 @@ def bench(
     for note in report["notes"]:
         out.print(f"note: {note}")
     atomic.write_json(json_path, report)
+    if markdown_path:
+        atomic.write_text(markdown_path, bench_mod.markdown(report) + "\n")
     bench_chart(report, plot_path)
     out.print(f"wrote {json_path} and {plot_path}")
 

@@ -49,9 +49,6 @@ def summarize(nelbo: np.ndarray, nll: np.ndarray, k: int, seed: int, seconds: fl
     }
 
 
-
-
-
 def evaluate(score_fn, images: np.ndarray, k: int, seed: int, chunk: int = 100, progress=None) -> tuple:
     """Run `score_fn(x_bin, start, k, seed) -> (nelbo, nll)` over uint8 images (N, 28, 28) in chunks.
 
