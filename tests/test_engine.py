@@ -150,3 +150,23 @@ def test_thread_setting_does_not_leak_into_results(model):
     a = Engine.load(model, backend="torch", threads=1).sample(10, seed=1)
     b = Engine.load(model, backend="torch", threads=2).sample(10, seed=1)
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_cli_bench_and_info(model, tmp_path):
+    import json
+
+    result = _cli("bench", model, "--quick", "--backends", "torch,ort-fp32,ort-int8", "--batches", "1,8",
+                  "--ops", "decode", "--threads", 2, "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png",
+                  "--markdown", tmp_path / "b.md")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["schema"] == "vae-engine-bench/1" and report["gemm_peak_best_gflops"] > 0
+    assert {(r["backend"], r["batch"]) for r in report["results"]} == {
+        (b, n) for b in ("torch", "ort-fp32", "ort-int8") for n in (1, 8)}
+    for r in report["results"]:
+        assert r["p50_us"] <= r["p90_us"] <= r["p99_us"] and r["samples_per_s"] > 0
+    assert {r["backend"] for r in report["postprocess"]} == {"numba", "numpy", "torch"}
+    assert (tmp_path / "b.png").stat().st_size > 1000 and "| decode |" in (tmp_path / "b.md").read_text()
+    _one_line(_cli("bench", model, "--backends", "tensorflow"), "unknown backend")
+    info = _cli("info", model)
+    assert info.exit_code == 0 and "decoder.int8.onnx" in info.output and "match" in info.output
