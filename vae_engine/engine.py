@@ -94,10 +94,10 @@ class Engine:
         for i in range(0, len(x), per_item):
             j = min(len(x), i + per_item)
             log_w = np.empty((j - i, k), np.float32)
+            eps = rng.normal_eps(seed, start + i, j - i, k, self.latent_dim)  # (b, K, D), drawn once
             for s in range(0, k, MAX_ROWS):  # split K itself when one item's samples exceed MAX_ROWS
                 kk = min(k, s + MAX_ROWS) - s
-                eps = rng.normal_eps(seed, start + i, j - i, k, self.latent_dim)[:, s : s + kk]
-                z = kernels.reparameterize(mu[i:j], logvar[i:j], eps)  # (b, K', D)
+                z = kernels.reparameterize(mu[i:j], logvar[i:j], eps[:, s : s + kk])  # (b, K', D)
                 logits = self.backend.decode(z.reshape(-1, self.latent_dim)).reshape(j - i, kk, INPUT_DIM)
                 log_w[:, s : s + kk] = kernels.log_weights(x[i:j], logits, z, mu[i:j], logvar[i:j])
             out[i:j] = kernels.log_mean_exp(log_w)
