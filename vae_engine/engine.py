@@ -12,13 +12,8 @@ import numpy as np
 
 from . import checkpoint, kernels, rng
 from .backends import Backend, load_backend, set_threads
-from .config import INPUT_DIM, ModelConfig
+from .config import INPUT_DIM, SCORE_ROWS, ModelConfig
 from .errors import VaeEngineError
-
-# decoder rows per call when scoring with K samples (bounds memory at ~50 MB of logits). Smaller calls run the
-# GEMMs faster in isolation (784-500-500-50 decoder, 2 threads: ~204 GFLOP/s at 1024 rows, ~161 at 15000), but
-# the full k=5000 evaluation took 555 s with 2048 rows against 500 s with 16384: per-call overhead wins.
-MAX_ROWS = 16384
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -91,13 +86,13 @@ class Engine:
         x = self._check(x, INPUT_DIM, "x")
         mu, logvar = self.backend.encode(x)
         out = np.empty(len(x))
-        per_item = max(1, MAX_ROWS // k)
+        per_item = max(1, SCORE_ROWS // k)
         for i in range(0, len(x), per_item):
             j = min(len(x), i + per_item)
             log_w = np.empty((j - i, k), np.float32)
             eps = rng.normal_eps(seed, start + i, j - i, k, self.latent_dim)  # (b, K, D), drawn once
-            for s in range(0, k, MAX_ROWS):  # split K itself when one item's samples exceed MAX_ROWS
-                kk = min(k, s + MAX_ROWS) - s
+            for s in range(0, k, SCORE_ROWS):  # split K itself when one item's samples exceed SCORE_ROWS
+                kk = min(k, s + SCORE_ROWS) - s
                 z = kernels.reparameterize(mu[i:j], logvar[i:j], eps[:, s : s + kk])  # (b, K', D)
                 logits = self.backend.decode(z.reshape(-1, self.latent_dim)).reshape(j - i, kk, INPUT_DIM)
                 log_w[:, s : s + kk] = kernels.log_weights(x[i:j], logits, z, mu[i:j], logvar[i:j])

@@ -10,9 +10,8 @@ import numpy as np
 import torch
 
 from . import rng
+from .config import SCORE_ROWS
 from .model import VAE, elbo, iwae_bound, log_weights
-
-MAX_ROWS = 16384  # decoder rows per call: bounds memory at about 16384*784*4 B = 50 MB per temporary
 
 
 @torch.no_grad()
@@ -27,13 +26,13 @@ def reference_scores(model: VAE, x: np.ndarray, start: int, k: int, seed: int) -
     eps1 = torch.from_numpy(rng.normal_eps(seed, start, n, 1, d)).transpose(0, 1)  # (1, n, D)
     nelbo = -elbo(model, xt, eps1).double().numpy()
     nll = np.empty(n)
-    per_item = max(1, MAX_ROWS // k)
+    per_item = max(1, SCORE_ROWS // k)
     for i in range(0, n, per_item):
         j = min(n, i + per_item)
         eps = rng.normal_eps(seed, start + i, j - i, k, d)  # (b, K, D)
         parts = []
-        for s in range(0, k, MAX_ROWS):  # split K itself when one image's samples exceed MAX_ROWS
-            e = torch.from_numpy(eps[:, s : s + MAX_ROWS]).transpose(0, 1)  # (K', b, D)
+        for s in range(0, k, SCORE_ROWS):  # split K itself when one image's samples exceed SCORE_ROWS
+            e = torch.from_numpy(eps[:, s : s + SCORE_ROWS]).transpose(0, 1)  # (K', b, D)
             parts.append(log_weights(model, xt[i:j], e))
         nll[i:j] = -iwae_bound(torch.cat(parts).double()).numpy()
     return nelbo, nll

@@ -35,7 +35,7 @@ class Source:
             yield i, self.read(i, min(self.n, i + batch_size))
 
 
-def _to_unit(chunk: np.ndarray, name: str, start: int) -> np.ndarray:
+def images_to_unit(chunk: np.ndarray, name: str, start: int) -> np.ndarray:
     """uint8 0..255 or float 0..1 -> float32 (b, 784), rejecting NaN/Inf and out-of-range values."""
     flat = chunk.reshape(len(chunk), -1)
     if chunk.dtype == np.uint8:
@@ -68,7 +68,7 @@ def open_images(path: str | Path) -> Source:
         raise DataError(f"{path}: images must have shape (N, 784) or (N, 28, 28), got {arr.shape}")
     if len(arr) == 0:
         raise DataError(f"{path}: the input holds no images")
-    return Source(str(path), len(arr), INPUT_DIM, lambda i, j: _to_unit(np.asarray(arr[i:j]), str(path), i))
+    return Source(str(path), len(arr), INPUT_DIM, lambda i, j: images_to_unit(np.asarray(arr[i:j]), str(path), i))
 
 
 def open_latents(path: str | Path, latent_dim: int) -> Source:
@@ -117,7 +117,7 @@ def _png_folder(folder: Path) -> Source:
             if img.shape != IMAGE_SHAPE:
                 raise DataError(f"{f}: images must be 28x28, got {img.shape[1]}x{img.shape[0]}")
             out[r] = img
-        return _to_unit(out, str(folder), i)
+        return images_to_unit(out, str(folder), i)
 
     return Source(str(folder), len(files), INPUT_DIM, read)
 

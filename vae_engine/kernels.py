@@ -20,37 +20,31 @@ _F = np.float32
 _HALF, _ONE, _TWO, _ZERO = _F(0.5), _F(1.0), _F(2.0), _F(0.0)
 _EXP_MIN = _F(-17.0)  # log1p(exp(a)) < 4.2e-8 below this: far under float32 resolution of a ~100-nat sum
 _INV32 = _F(1.0 / 32.0)
-_C = tuple(_F(1.0 / math.factorial(i)) for i in range(8))  # Taylor coefficients of exp on [-0.54, 0]
-_S = tuple(_F(2.0 / (2 * i + 1)) for i in range(7))  # 2 atanh(s) = sum 2 s^(2i+1) / (2i+1)
+# polynomial coefficients, highest power first (the order _horner consumes them)
+_EXP_C = tuple(_F(1.0 / math.factorial(i)) for i in reversed(range(8)))  # Taylor series of exp on [-0.54, 0]
+_ATANH_C = tuple(_F(2.0 / (2 * i + 1)) for i in reversed(range(7)))  # 2 atanh(s) = sum 2 s^(2i+1) / (2i+1)
+
+
+@numba.njit(inline="always", fastmath=True)
+def _horner(coeffs, x):
+    """sum_i coeffs[i] x^(n-1-i); a constant-length tuple, so LLVM unrolls it into straight-line float32 code."""
+    acc = coeffs[0]
+    for i in range(1, len(coeffs)):
+        acc = acc * x + coeffs[i]
+    return acc
 
 
 @numba.njit(inline="always", fastmath=True)
 def _softplus_neg_abs(a):
     """log1p(exp(a)) for a <= 0, float32, branch-free and vectorizable; |error| < 5e-7 relative to exp(a)."""
-    a = max(a, _EXP_MIN) * _INV32
-    e = _C[7]
-    e = e * a + _C[6]
-    e = e * a + _C[5]
-    e = e * a + _C[4]
-    e = e * a + _C[3]
-    e = e * a + _C[2]
-    e = e * a + _C[1]
-    e = e * a + _C[0]
+    e = _horner(_EXP_C, max(a, _EXP_MIN) * _INV32)  # exp(a/32)
     e = e * e
     e = e * e
     e = e * e
     e = e * e
     t = e * e  # exp(a) = exp(a/32)^32
     s = t / (_TWO + t)  # log1p(t) = 2 atanh(t / (2 + t)), s in (0, 1/3]
-    s2 = s * s
-    p = _S[6]
-    p = p * s2 + _S[5]
-    p = p * s2 + _S[4]
-    p = p * s2 + _S[3]
-    p = p * s2 + _S[2]
-    p = p * s2 + _S[1]
-    p = p * s2 + _S[0]
-    return p * s
+    return _horner(_ATANH_C, s * s) * s
 
 
 @numba.njit(inline="always", fastmath=True)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import atomic, jobs
+from .config import INPUT_DIM
 from .errors import VaeEngineError
 
 JOBS = ("encode", "decode", "reconstruct", "score")
@@ -50,9 +51,9 @@ def _parquet_source(path: Path, latent_dim: int | None) -> jobs.Source:
         if arr.ndim != 2 or arr.shape[1] != latent_dim:
             raise VaeEngineError(f"{path}: latents must have shape (N, {latent_dim}), got {arr.shape}")
         return jobs.Source(str(path), len(arr), latent_dim, lambda i, j: arr[i:j])
-    if arr.ndim != 2 or arr.shape[1] != 784:
+    if arr.ndim != 2 or arr.shape[1] != INPUT_DIM:
         raise VaeEngineError(f"{path}: images must be rows of 784 values, got {arr.shape}")
-    return jobs.Source(str(path), len(arr), 784, lambda i, j: jobs._to_unit(arr[i:j], str(path), i))
+    return jobs.Source(str(path), len(arr), INPUT_DIM, lambda i, j: jobs.images_to_unit(arr[i:j], str(path), i))
 
 
 class JobActor:
