@@ -3,10 +3,20 @@
 __version__ = "0.1.0"
 
 from .config import ModelConfig, TrainConfig  # noqa: E402
-from .errors import DataError, ExportError, ModelDirError, VaeEngineError  # noqa: E402
-from .model import VAE  # noqa: E402
+from .errors import DataError, ExportError, ModelDirError, OutputError, VaeEngineError  # noqa: E402
+
+_LAZY = {"VAE": "model", "Engine": "engine"}  # heavy (torch, ONNX Runtime, Numba): imported on first use
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
-    "__version__", "ModelConfig", "TrainConfig", "VAE", "VaeEngineError", "DataError", "ModelDirError",
-    "ExportError",
+    "__version__", "ModelConfig", "TrainConfig", "VAE", "Engine", "VaeEngineError", "DataError", "ModelDirError",
+    "ExportError", "OutputError",
 ]

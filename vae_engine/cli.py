@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -20,29 +22,100 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .errors import VaeEngineError
+from . import __version__
+from .errors import Interrupted, VaeEngineError, os_error_reason
+
+DEBUG_ENV = "VAE_ENGINE_DEBUG"  # set to 1 to see tracebacks of unexpected errors
+
+
+class OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (unknown option, bad number, value out of range) as one `error:` line and exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                                **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            typer.echo(exc.ctx.get_help())
+            code = 0
+        except click.ClickException as exc:
+            where = getattr(getattr(exc, "ctx", None), "command_path", None) or "vae-engine"
+            typer.echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
+            code = 2
+        except click.exceptions.Abort:
+            typer.echo("interrupted", err=True)
+            code = 130
+        except BrokenPipeError:  # `vae-engine info | head`: the reader left; nothing to report
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush stays quiet
+            code = 1
+        if standalone_mode:
+            sys.exit(code or 0)
+        return code
+
 
 app = typer.Typer(
-    help="Train, export and run variational autoencoders fast (PyTorch, ONNX Runtime, Numba).",
+    cls=OneLineErrors, help="Train, export and run variational autoencoders fast (PyTorch, ONNX Runtime, Numba).",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
 out = Console()
 
 
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vae-engine {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Train, export and run variational autoencoders fast (PyTorch, ONNX Runtime, Numba)."""
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether an exception is, or was caused by, Ctrl-C/SIGTERM (libraries sometimes wrap KeyboardInterrupt)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def friendly(fn):
-    """Turn the project's errors into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+    """Every failure as one `error:` line on stderr and exit code 2 (never a traceback); Ctrl-C as exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except VaeEngineError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: no output was written", err=True)
+        except Interrupted as exc:
+            typer.echo(f"interrupted: {exc}", err=True)
             raise typer.Exit(130) from None
+        except VaeEngineError as exc:
+            message = str(exc)
+        except (typer.Exit, click.ClickException):
+            raise
+        except BaseException as exc:
+            if _interrupted(exc):
+                typer.echo("interrupted: no output was written", err=True)
+                raise typer.Exit(130) from None
+            if os.environ.get(DEBUG_ENV) or isinstance(exc, SystemExit):
+                raise
+            if isinstance(exc, MemoryError):
+                message = "out of memory; use a smaller --batch-size or --k, or a machine with more memory"
+            elif isinstance(exc, OSError):
+                where = f"{exc.filename}: " if exc.filename else ""
+                message = f"{where}{os_error_reason(exc)}"
+            else:
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                message = (f"unexpected {type(exc).__name__}: {first} (a bug or an input we do not check yet; "
+                           f"rerun with {DEBUG_ENV}=1 for the traceback and please report it)")
+        typer.echo(f"error: {' '.join(message.split())}", err=True)
+        raise typer.Exit(2) from None
 
     return wrapper
 
@@ -113,12 +186,14 @@ def train(
     k: Annotated[int, typer.Option("--k", help="Samples per input: IWAE importance samples, or eps samples averaged by the ELBO.")] = 1,
     kl_warmup: Annotated[int, typer.Option(help="Epochs of linear KL warm-up from 0 to 1 (ELBO objective).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for init, shuffling, binarization and eps; same seed, same weights on CPU.")] = 0,
-    threads: Annotated[int | None, typer.Option(help="Torch intra-op threads (default: all cores).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch intra-op threads (default: the CPUs this process may use: affinity mask and cgroup quota).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N training images (quick runs).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last complete epoch.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last complete epoch (a run killed before its first checkpoint starts again).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete the model already in --out (weights, graphs, plots, metrics) and train a new one there.")] = False,
     plots: Annotated[bool, typer.Option(help="Draw plots/ at the end (training curve, reconstructions, samples, traversals).")] = True,
 ) -> None:
     """Train a VAE on an IDX dataset and write a model directory."""
+    from .atomic import check_writable
     from .config import ModelConfig, TrainConfig
     from .train import Callbacks
     from .train import train as run_train
@@ -129,6 +204,7 @@ def train(
         epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, objective=objective, k=k,
         kl_warmup_epochs=kl_warmup, seed=seed, threads=threads, limit=limit,
     )
+    check_writable(out_dir, folder=True)
 
     class Bar(Callbacks):
         def on_train_start(self, epochs, start_epoch, steps_per_epoch):
@@ -144,6 +220,9 @@ def train(
                 self.bar.update(self.task, advance=step % 25 + 1, description=f"epoch {epoch + 1}",
                                 info=f"loss {loss:7.2f}", rate=f"{rate:,.0f}")
 
+        def on_message(self, text):
+            console.print(text)
+
         def on_epoch_end(self, row):
             self.bar.console.print(
                 f"epoch {row['epoch']:3d}  train {row['train_loss']:8.3f}  test -ELBO {row['test_nelbo']:8.3f}  "
@@ -151,7 +230,8 @@ def train(
 
     bar = Bar()
     try:
-        run_train(model_cfg, train_cfg, out_dir, resume=resume, callbacks=bar, plots=plots, download=download)
+        run_train(model_cfg, train_cfg, out_dir, resume=resume, callbacks=bar, plots=plots, download=download,
+                  overwrite=overwrite)
     finally:
         if hasattr(bar, "bar"):
             bar.bar.stop()
@@ -173,12 +253,16 @@ def evaluate(
     variant: Annotated[str, typer.Option(help="Graph variant for --backend onnxruntime: fp32 (reproduces the reference), int8 (faster, approximate), optimized, fp16.")] = "fp32",
 ) -> None:
     """Test-set -ELBO and importance-weighted NLL on dynamically binarized test images."""
+    from .atomic import check_writable
+    from .config import MAX_SCORE_K, SEED_MAX, check_int
     from .evaluate import run as run_evaluation
 
-    if k < 1:
-        raise VaeEngineError(f"--k must be at least 1, got {k}")
-    if limit is not None and limit < 1:
-        raise VaeEngineError(f"--limit must be at least 1, got {limit}")
+    check_int("--k", k, 1, MAX_SCORE_K)
+    check_int("--seed", seed, 0, SEED_MAX)
+    if limit is not None:
+        check_int("--limit", limit, 1)
+    if json_path:
+        check_writable(json_path)
     with Meter("evaluate", "images", info=f"k={k}") as meter:
         result = run_evaluation(model_dir, k=k, limit=limit, seed=seed, backend=backend, threads=threads,
                                 start=meter.start, progress=meter.advance, compare=compare, variant=variant)
@@ -211,8 +295,11 @@ def export(
     seed: Annotated[int, typer.Option(help="Seed of the test-set binarization and eps used for the accuracy report.")] = 0,
 ) -> None:
     """Export encoder.onnx and decoder.onnx, validate them against PyTorch, and report each variant's accuracy."""
+    from .atomic import check_writable
     from .export import REPORT
     from .export import export as run_export
+
+    check_writable(out_dir or model_dir, folder=True)
 
     with console.status("exporting") as status:
         report = run_export(model_dir, out_dir, optimize=optimize, quantize=quantize, fp16=fp16, seed=seed,
@@ -262,8 +349,20 @@ def _job(job: str, model_dir: Path | None, input: Path | None, output: Path, par
     """Load the engine and the input, then stream the job with a progress bar (errors print before any bar)."""
     from . import jobs
     from .checkpoint import resolve_model_dir
-    from .engine import Engine
+    from .config import MAX_BATCH, MAX_SCORE_K, MAX_THREADS, SEED_MAX, check_int
 
+    # everything that can be checked before loading a model or reading input, so a typo fails in milliseconds
+    check_int("--batch-size", batch_size, 1, MAX_BATCH)
+    check_int("--seed", params.get("seed", 0), 0, SEED_MAX)
+    check_int("--k", params.get("k", 1), 1, MAX_SCORE_K)
+    if threads is not None:
+        check_int("--threads", threads, 1, MAX_THREADS)
+    if output.suffix == ".parquet" and ray is not None:
+        from .atomic import check_writable
+
+        check_writable(output)
+    else:
+        jobs.check_output(output, images=job not in ("encode", "score"))
     model_dir = resolve_model_dir(model_dir)
     if ray is not None:
         from . import ray_jobs
@@ -276,6 +375,8 @@ def _job(job: str, model_dir: Path | None, input: Path | None, output: Path, par
                          batch_size=batch_size, backend=backend, variant=variant, progress=meter.advance, **params)
         out.print(f"wrote {output}")
         return
+    from .engine import Engine
+
     engine = Engine.load(model_dir, backend=backend, threads=threads, variant=variant)
     source = jobs.open_input(job, input, engine.latent_dim, n)
     with Meter(job, "items", info=f"{engine.backend.name}/{engine.backend.variant}") as meter:
@@ -322,8 +423,9 @@ def sample(
     seed: SeedOpt = 0,
 ) -> None:
     """Sample images from the prior: z ~ N(0, I), decoded. The same seed gives byte-identical output."""
-    if n < 1:
-        raise VaeEngineError(f"-n must be at least 1, got {n}")
+    from .config import check_int
+
+    check_int("-n", n, 1, 10**9)
     _job("sample", model_dir, None, output, {"seed": seed}, backend, variant, batch_size, threads, n=n)
 
 
@@ -351,8 +453,6 @@ def score(
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Score inputs by -ELBO or IWAE negative log-likelihood, e.g. as an anomaly score."""
-    if k < 1:
-        raise VaeEngineError(f"--k must be at least 1, got {k}")
     _job("score", model_dir, input, output, {"k": k, "seed": seed, "binarize": binarize}, backend, variant,
          batch_size, threads, ray, actors, cpus_per_actor)
 
@@ -376,6 +476,10 @@ def bench(
     from . import bench as bench_mod
     from .checkpoint import resolve_model_dir
     from .plots import bench_chart
+
+    for path in (json_path, plot_path, markdown_path):
+        if path is not None:
+            atomic.check_writable(path)
 
     def split(text: str | None, cast=str):
         try:
@@ -435,6 +539,10 @@ def main() -> None:
     """Console-script entry point."""
     import signal
 
+    # OpenMP workers that spin while waiting steal the CPU from any other busy process and slow down many
+    # times over when the machine is shared; passive waiting degrades gracefully (README: "Threads").
+    # Set before torch is imported; an explicit OMP_WAIT_POLICY in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     signal.signal(signal.SIGTERM, _terminate)
     app()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import math
 import os
 import urllib.request
 import zlib
@@ -16,7 +18,7 @@ import torch
 
 from . import atomic
 from .config import IMAGE_SHAPE
-from .errors import DataError
+from .errors import DataError, read_error
 
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # 0x00000803: 3-D uint8 images, 0x00000801: 1-D uint8 labels
 SPLITS = {
@@ -50,40 +52,71 @@ DOWNLOADS = {
 DATASETS = ("mnist", *DOWNLOADS)
 
 
+MAX_IDX_BYTES = 4 << 30  # 4 GiB of pixels: more than any IDX dataset; convert larger data to .npy (memory-mapped)
+
+
 def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.ndarray:
-    """Read one IDX file (raw or .gz) strictly: magic, header and exact size are all checked."""
+    """Read one IDX file (raw or .gz) strictly: magic, header and exact size are all checked.
+
+    The file is read as a stream and never past the size its header declares, so a small .gz that inflates to
+    gigabytes (a decompression bomb) costs no more memory than the header's honest size.
+    """
     path = Path(path)
     try:
-        raw = path.read_bytes()
-        if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            return _read_idx_stream(f, str(path), expect_magic)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (OSError, EOFError, zlib.error) as exc:
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DataError(f"{path}: not a readable gzip file ({exc})") from None
-    return parse_idx(raw, str(path), expect_magic)
+    except OSError as exc:
+        raise read_error(path, exc, "IDX file") from None
 
 
 def parse_idx(raw: bytes, name: str = "<bytes>", expect_magic: int | None = None) -> np.ndarray:
     """Parse the bytes of an uncompressed IDX file into a C-ordered array in native byte order."""
-    if len(raw) < 4:
-        raise DataError(f"{name}: truncated IDX file ({len(raw)} bytes, no header)")
-    zero, type_code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
-    magic = int.from_bytes(raw[:4], "big")
+    return _read_idx_stream(io.BytesIO(raw), name, expect_magic)
+
+
+def _read_exactly(f, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        step = f.readinto(view[got:])
+        if not step:
+            break
+        got += step
+    return bytes(buf[:got]) if got < n else buf
+
+
+def _read_idx_stream(f, name: str, expect_magic: int | None) -> np.ndarray:
+    head = _read_exactly(f, 4)
+    if len(head) < 4:
+        raise DataError(f"{name}: truncated IDX file ({len(head)} bytes, no header)")
+    zero, type_code, ndim = int.from_bytes(head[:2], "big"), head[2], head[3]
+    magic = int.from_bytes(head, "big")
     if zero != 0 or type_code not in _IDX_DTYPES or ndim == 0:
         raise DataError(f"{name}: bad magic number 0x{magic:08x}, not an IDX file")
     if expect_magic is not None and magic != expect_magic:
         raise DataError(f"{name}: bad magic number {magic}, expected {expect_magic}")
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{name}: truncated IDX header ({len(raw)} bytes, {ndim} dims need {header})")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    raw_dims = _read_exactly(f, 4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise DataError(f"{name}: truncated IDX header ({4 + len(raw_dims)} bytes, {ndim} dims need {header})")
+    dims = tuple(int.from_bytes(raw_dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[type_code])
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        kind = "truncated" if len(raw) < expected else "size mismatch"
-        raise DataError(f"{name}: {kind}: {len(raw)} bytes, header dims {dims} need exactly {expected}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+    body = math.prod(dims) * dtype.itemsize  # Python ints: dims of 2^32-1 cannot overflow
+    if body > MAX_IDX_BYTES:
+        raise DataError(f"{name}: header dims {dims} declare {body:,} bytes, over the {MAX_IDX_BYTES >> 30} GiB "
+                        "limit for IDX files; the file is corrupt, or convert it to .npy")
+    payload = _read_exactly(f, body)
+    if len(payload) < body:
+        raise DataError(f"{name}: truncated: {header + len(payload)} bytes, header dims {dims} need exactly "
+                        f"{header + body}")
+    if f.read(1):
+        raise DataError(f"{name}: size mismatch: more data than the header dims {dims} declare "
+                        f"({header + body} bytes)")
+    return np.frombuffer(payload, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
 def _find(folder: Path, stem: str) -> Path:
@@ -216,3 +249,25 @@ def binarize(x: torch.Tensor, mode: str, generator: torch.Generator | None) -> t
         return x
     # u < x is Bernoulli(x); 2.5x faster than torch.bernoulli on CPU
     return (torch.rand(x.shape, generator=generator) < x).to(x.dtype)
+
+
+def images_to_unit(chunk: np.ndarray, name: str = "x", start: int = 0) -> np.ndarray:
+    """The one input rule for images: uint8 0..255 or float 0..1 -> float32 (b, 784) in [0, 1].
+
+    Any other dtype, NaN/Inf, or float values outside [0, 1] are a DataError that names the row.
+    """
+    chunk = np.asarray(chunk)
+    flat = chunk.reshape(len(chunk), -1)
+    if chunk.dtype == np.uint8:
+        return flat.astype(np.float32) / np.float32(255.0)
+    if not np.issubdtype(chunk.dtype, np.floating):
+        raise DataError(f"{name}: dtype {chunk.dtype} not supported; use uint8 (0..255) or float (0..1)")
+    flat = flat.astype(np.float32)
+    bad = ~np.isfinite(flat)
+    if bad.any():
+        row = start + int(np.argwhere(bad)[0][0])
+        raise DataError(f"{name}: NaN or Inf in row {row}; clean the input first")
+    if flat.size and (flat.min() < 0.0 or flat.max() > 1.0):
+        raise DataError(f"{name}: float values must lie in [0, 1], found {flat.min():g}..{flat.max():g} "
+                        f"near row {start}; scale 0..255 data by 1/255 or save it as uint8")
+    return flat

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, kernels, rng
+from . import checkpoint, data, kernels, rng
 from .backends import Backend, load_backend, set_threads
-from .config import INPUT_DIM, SCORE_ROWS, ModelConfig
-from .errors import VaeEngineError
+from .config import INPUT_DIM, MAX_SCORE_K, SCORE_ROWS, SEED_MAX, ModelConfig, check_int
+from .errors import DataError
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -23,18 +23,22 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
 class Engine:
     """Encode, decode, sample, reconstruct and score with a trained VAE.
 
-    >>> engine = Engine.load("models/mnist-vae")          # doctest: +SKIP
-    >>> mu, logvar = engine.encode(x)                     # x (B, 784) float32 in [0, 1]
+    Images are (B, 784) or (B, 28, 28), uint8 0..255 or float 0..1: the same rule as the CLI's inputs
+    (`data.images_to_unit`); anything else raises DataError. Latents are float (B, D), finite.
+
+    >>> engine = Engine.load()                            # doctest: +SKIP  (the shipped model)
+    >>> mu, logvar = engine.encode(x)                     # x (B, 784) or (B, 28, 28), uint8 or [0, 1] floats
     """
 
     def __init__(self, backend: Backend, cfg: ModelConfig, model_dir: Path, threads: int):
         self.backend, self.cfg, self.model_dir, self.threads = backend, cfg, model_dir, threads
 
     @classmethod
-    def load(cls, model_dir: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None,
+    def load(cls, model_dir: str | Path | None = None, backend: str = "auto", device: str = "cpu",
+             threads: int | None = None,
              variant: str = "fp32", spin: bool = False) -> Engine:
-        """Load a model directory with the named backend (see `backends.BACKENDS`) and graph variant."""
-        model_dir = Path(model_dir)
+        """Load a model directory (default: the shipped model) with the named backend and graph variant."""
+        model_dir = checkpoint.resolve_model_dir(model_dir)
         cfg = checkpoint.model_config(model_dir)
         threads = set_threads(threads)
         return cls(load_backend(model_dir, backend, variant, threads, device, spin), cfg, model_dir, threads)
@@ -43,30 +47,43 @@ class Engine:
     def latent_dim(self) -> int:
         return self.cfg.latent_dim
 
-    def _check(self, a: np.ndarray, features: int, what: str) -> np.ndarray:
-        a = np.asarray(a)
-        if a.ndim != 2 or a.shape[1] != features:
-            raise VaeEngineError(f"{what} must have shape (N, {features}), got {a.shape}")
-        return np.ascontiguousarray(a, dtype=np.float32)
+    @staticmethod
+    def _images(x: np.ndarray) -> np.ndarray:
+        """Images by the one input rule -> contiguous float32 (B, 784) in [0, 1]."""
+        a = np.asarray(x)
+        if a.ndim < 2 or int(np.prod(a.shape[1:])) != INPUT_DIM:
+            raise DataError(f"x must have shape (N, 784) or (N, 28, 28), got {a.shape}")
+        return np.ascontiguousarray(data.images_to_unit(a, "x"))
+
+    def _latents(self, z: np.ndarray) -> np.ndarray:
+        a = np.asarray(z)
+        if a.ndim != 2 or a.shape[1] != self.latent_dim or not np.issubdtype(a.dtype, np.floating):
+            raise DataError(f"z must be float of shape (N, {self.latent_dim}), got {a.dtype} {a.shape}")
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise DataError("z holds NaN or Inf values")
+        return a
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """q(z|x) parameters (mu, logvar), each (B, D), for x (B, 784) in [0, 1]."""
-        return self.backend.encode(self._check(x, INPUT_DIM, "x"))
+        """q(z|x) parameters (mu, logvar), each (B, D)."""
+        return self.backend.encode(self._images(x))
 
     def decode(self, z: np.ndarray, logits: bool = False) -> np.ndarray:
         """Pixel probabilities (B, 784) of p(x|z), or the logits with logits=True."""
-        out = self.backend.decode(self._check(z, self.latent_dim, "z"))
+        out = self.backend.decode(self._latents(z))
         return out if logits else _sigmoid(out)
 
     def sample_posterior(self, mu: np.ndarray, logvar: np.ndarray, k: int = 1, seed: int = 0,
                          start: int = 0) -> np.ndarray:
         """z (B, K, D) ~ q(z|x) by reparameterization, eps from stream (seed, item start+b)."""
-        eps = rng.normal_eps(seed, start, len(mu), k, self.latent_dim)
+        _check_stream(seed, start)
+        eps = rng.normal_eps(seed, start, len(mu), check_int("k", k, 1, MAX_SCORE_K), self.latent_dim)
         return kernels.reparameterize(mu, logvar, eps)
 
     def sample(self, n: int, seed: int = 0, start: int = 0) -> np.ndarray:
         """n images (n, 784) as probabilities, decoded from z ~ N(0, I)."""
-        return self.decode(rng.normal_eps(seed, start, n, 1, self.latent_dim)[:, 0])
+        _check_stream(seed, start)
+        return self.decode(rng.normal_eps(seed, start, check_int("n", n, 0), 1, self.latent_dim)[:, 0])
 
     def reconstruct(self, x: np.ndarray, sample: bool = False, seed: int = 0, start: int = 0) -> np.ndarray:
         """Decode the posterior mean (or one posterior sample) of each input: probabilities (B, 784)."""
@@ -76,29 +93,43 @@ class Engine:
 
     def elbo(self, x: np.ndarray, seed: int = 0, start: int = 0) -> np.ndarray:
         """ELBO per input (B,): one posterior sample for log p(x|z), analytic KL (K&W 2013, eq. 10)."""
-        x = self._check(x, INPUT_DIM, "x")
+        x = self._images(x)
         mu, logvar = self.backend.encode(x)
         z = self.sample_posterior(mu, logvar, 1, seed, start)[:, 0]
         return kernels.bernoulli_log_prob(x, self.backend.decode(z)) - kernels.gaussian_kl(mu, logvar)
 
     def log_likelihood(self, x: np.ndarray, k: int = 5000, seed: int = 0, start: int = 0) -> np.ndarray:
-        """IWAE estimate of log p(x) per input (B,) with k importance samples (Burda et al. 2015, eq. 8)."""
-        x = self._check(x, INPUT_DIM, "x")
+        """IWAE estimate of log p(x) per input (B,) with k importance samples (Burda et al. 2015, eq. 8).
+
+        Streams over K in blocks of SCORE_ROWS decoder rows, combining blocks by log-sum-exp in float64: memory
+        stays bounded whatever k is, and every block draws its own slice of the item's eps stream.
+        """
+        x = self._images(x)
+        k = check_int("k", k, 1, MAX_SCORE_K)
+        _check_stream(seed, start)
         mu, logvar = self.backend.encode(x)
         out = np.empty(len(x))
         per_item = max(1, SCORE_ROWS // k)
         for i in range(0, len(x), per_item):
             j = min(len(x), i + per_item)
-            log_w = np.empty((j - i, k), np.float32)
-            eps = rng.normal_eps(seed, start + i, j - i, k, self.latent_dim)  # (b, K, D), drawn once
+            log_sum = None
             for s in range(0, k, SCORE_ROWS):  # split K itself when one item's samples exceed SCORE_ROWS
-                kk = min(k, s + SCORE_ROWS) - s
-                z = kernels.reparameterize(mu[i:j], logvar[i:j], eps[:, s : s + kk])  # (b, K', D)
-                logits = self.backend.decode(z.reshape(-1, self.latent_dim)).reshape(j - i, kk, INPUT_DIM)
-                log_w[:, s : s + kk] = kernels.log_weights(x[i:j], logits, z, mu[i:j], logvar[i:j])
-            out[i:j] = kernels.log_mean_exp(log_w)
+                s1 = min(k, s + SCORE_ROWS)
+                eps = rng.normal_eps(seed, start + i, j - i, k, self.latent_dim, s, s1)  # (b, K', D)
+                z = kernels.reparameterize(mu[i:j], logvar[i:j], eps)  # (b, K', D)
+                logits = self.backend.decode(z.reshape(-1, self.latent_dim)).reshape(j - i, s1 - s, INPUT_DIM)
+                log_w = kernels.log_weights(x[i:j], logits, z, mu[i:j], logvar[i:j])
+                block = kernels.log_mean_exp(log_w) + np.log(s1 - s)  # log sum_k w over this block
+                log_sum = block if log_sum is None else np.logaddexp(log_sum, block)
+            out[i:j] = log_sum - np.log(k)
         return out
 
     def scores(self, x: np.ndarray, start: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """(-ELBO, -log p(x) estimate) per input: the same quantities as `evaluate.reference_scores`."""
         return -self.elbo(x, seed, start), -self.log_likelihood(x, k, seed, start)
+
+
+def _check_stream(seed: int, start: int) -> None:
+    """Seeds and item indices key the counter-based streams: integers in range, or a clear error."""
+    check_int("seed", seed, 0, SEED_MAX)
+    check_int("start", start, 0, 2**48)

@@ -29,11 +29,10 @@ def reference_scores(model: VAE, x: np.ndarray, start: int, k: int, seed: int) -
     per_item = max(1, SCORE_ROWS // k)
     for i in range(0, n, per_item):
         j = min(n, i + per_item)
-        eps = rng.normal_eps(seed, start + i, j - i, k, d)  # (b, K, D)
         parts = []
         for s in range(0, k, SCORE_ROWS):  # split K itself when one image's samples exceed SCORE_ROWS
-            e = torch.from_numpy(eps[:, s : s + SCORE_ROWS]).transpose(0, 1)  # (K', b, D)
-            parts.append(log_weights(model, xt[i:j], e))
+            eps = rng.normal_eps(seed, start + i, j - i, k, d, s, min(k, s + SCORE_ROWS))  # (b, K', D)
+            parts.append(log_weights(model, xt[i:j], torch.from_numpy(eps).transpose(0, 1)))  # (K', b)
         nll[i:j] = -iwae_bound(torch.cat(parts).double()).numpy()
     return nelbo, nll
 

@@ -11,6 +11,7 @@ import copy
 import io
 import json
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -29,7 +30,7 @@ from .model import VAE, bernoulli_log_prob, gaussian_kl
 FP32_ATOL = 1e-4  # ORT vs PyTorch, fp32: both sum the same products in different orders; errors seen ~1e-5
 FP16_ATOL = 0.1  # fp16 keeps ~3 significant digits; logits of magnitude ~20 round to steps of ~0.01
 INT8_ELBO_NATS = 0.1  # the accuracy target for int8: |change of test -ELBO| in nats
-REPORT = "export_report.json"
+REPORT = checkpoint.EXPORT_REPORT
 
 
 class _FP32IO(torch.nn.Module):
@@ -55,14 +56,24 @@ def _export_graph(net: torch.nn.Module, role: str, cfg: ModelConfig) -> onnx.Mod
     (name, features), = sp.inputs
     example = (torch.rand(2, features),)
     quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
-    with warnings.catch_warnings(), quiet[0], quiet[1]:
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(
-            net, example, input_names=[name], output_names=[n for n, _ in sp.outputs], opset_version=graphs.OPSET,
-            dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
-            external_data=False, verbose=False,
-        )
+    try:
+        with warnings.catch_warnings(), quiet[0], quiet[1]:
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            program = torch.onnx.export(
+                net, example, input_names=[name], output_names=[n for n, _ in sp.outputs],
+                opset_version=graphs.OPSET, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                external_data=False, verbose=False,
+            )
+    except Exception as exc:
+        # the exporter wraps whatever stops it, Ctrl-C included, in its own error with a long report
+        cause = exc
+        while cause is not None:
+            if isinstance(cause, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            cause = cause.__cause__ or cause.__context__
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ExportError(f"{role}: torch.onnx.export failed ({first})") from None
     if program is None:
         raise ExportError(f"{role}: torch.onnx.export returned no program")
     return program.model_proto
@@ -202,72 +213,85 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, optimize: b
     inputs = {"encoder": x_test[:37], "decoder": z_test}  # real test images; random latents
     step = progress or (lambda message: None)
 
+    existed = out_dir.exists()
+    try:
+        with checkpoint.lock(out_dir), atomic.temp_dir(out_dir, "export") as scratch:
+            return _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir, out_dir, scratch, optimize, quantize,
+                               fp16, seed, step, t_start)
+    except BaseException:
+        if not existed:  # a failed export into a new --out leaves no folder behind
+            atomic.remove_empty([out_dir])
+        raise
+
+
+def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: Path, scratch: Path, optimize: bool,
+                quantize: str | None, fp16: bool, seed: int, step, t_start: float) -> dict[str, Any]:
+    """Build, validate and measure every graph, then write them all (the body of `export`)."""
     built: dict[tuple[str, str], onnx.ModelProto] = {}
     errors: dict[tuple[str, str], float] = {}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scratch = out_dir / f".export-{time.time_ns()}"
-    scratch.mkdir()
-    try:
-        for role, net in nets.items():
-            step(f"export {role}")
-            proto = _export_graph(net, role, cfg)
-            _set_metadata(proto, role, "fp32", cfg, sha)
-            try:
-                onnx.checker.check_model(proto, full_check=True)
-            except onnx.checker.ValidationError as exc:
-                raise ExportError(f"{role}: exported graph fails onnx.checker ({str(exc).splitlines()[0]})") from None
-            errors[role, "fp32"] = _validate(proto, net, inputs[role], FP32_ATOL, f"{role}.onnx")
-            built[role, "fp32"] = proto
-            variants: list[tuple[str, onnx.ModelProto, float]] = []
-            if optimize:
-                variants.append(("optimized", _optimize(proto, scratch), FP32_ATOL))
-            if quantize == "int8":
-                copy_ = onnx.ModelProto.FromString(proto.SerializeToString())
-                variants.append(("int8", _quantize_int8(copy_, role, scratch), np.inf))  # judged by the ELBO change
-            if fp16:
-                half = _export_graph(_FP32IO(copy.deepcopy(net), torch.float16), role, cfg)
-                variants.append(("fp16", half, FP16_ATOL))
-            for variant, vproto, atol in variants:
-                step(f"{variant} {role}")
-                _set_metadata(vproto, role, variant, cfg, sha)
-                errors[role, variant] = _validate(vproto, net, inputs[role], atol, f"{role}{graphs.VARIANTS[variant]}")
-                built[role, variant] = vproto
+    for role, net in nets.items():
+        step(f"export {role}")
+        proto = _export_graph(net, role, cfg)
+        _set_metadata(proto, role, "fp32", cfg, sha)
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"{role}: exported graph fails onnx.checker ({str(exc).splitlines()[0]})") from None
+        errors[role, "fp32"] = _validate(proto, net, inputs[role], FP32_ATOL, f"{role}.onnx")
+        built[role, "fp32"] = proto
+        variants: list[tuple[str, onnx.ModelProto, float]] = []
+        if optimize:
+            variants.append(("optimized", _optimize(proto, scratch), FP32_ATOL))
+        if quantize == "int8":
+            copy_ = onnx.ModelProto.FromString(proto.SerializeToString())
+            variants.append(("int8", _quantize_int8(copy_, role, scratch), np.inf))  # judged by the ELBO change
+        if fp16:
+            half = _export_graph(_FP32IO(copy.deepcopy(net), torch.float16), role, cfg)
+            variants.append(("fp16", half, FP16_ATOL))
+        for variant, vproto, atol in variants:
+            step(f"{variant} {role}")
+            _set_metadata(vproto, role, variant, cfg, sha)
+            errors[role, variant] = _validate(vproto, net, inputs[role], atol, f"{role}{graphs.VARIANTS[variant]}")
+            built[role, variant] = vproto
 
-        step("accuracy on the test set")
-        base, base_logits = _test_nelbo(built["encoder", "fp32"], built["decoder", "fp32"], x_bin, seed)
-        with torch.no_grad():
-            mu, logvar = model.encode(torch.from_numpy(x_bin))
-            eps = torch.from_numpy(rng.normal_eps(seed, 0, len(x_bin), 1, cfg.latent_dim)[:, 0])
-            torch_logits = model.decode(model.reparameterize(mu, logvar, eps)).numpy()
-        report: dict[str, Any] = {"model_dir": str(model_dir), "opset": graphs.OPSET, "weights_sha256": sha,
-                                  "test_images": len(x_bin), "seed": seed, "test_nelbo_fp32": base, "variants": []}
-        for variant in graphs.VARIANTS:
-            if ("encoder", variant) not in built:
-                continue
-            nelbo, logits = _test_nelbo(built["encoder", variant], built["decoder", variant], x_bin, seed)
-            report["variants"].append({
-                "variant": variant,
-                "files": {role: graphs.graph_path(out_dir, role, variant).name for role in nets},
-                "bytes": {role: built[role, variant].ByteSize() for role in nets},
-                "max_abs_err_vs_torch": {role: errors[role, variant] for role in nets},
-                "test_max_abs_logit_err": float(np.max(np.abs(logits - torch_logits))),
-                "test_nelbo": nelbo, "test_nelbo_change_nats": nelbo - base,
-            })
-        int8 = [v for v in report["variants"] if v["variant"] == "int8"]
-        if int8 and abs(int8[0]["test_nelbo_change_nats"]) > INT8_ELBO_NATS:
-            report["warnings"] = [f"int8 changes the test -ELBO by {int8[0]['test_nelbo_change_nats']:+.3f} nats "
-                                  f"(target |change| <= {INT8_ELBO_NATS})"]
-        # all graphs validated: write them, each atomically; a separate --out gets config and weights too,
-        # so it is a complete model directory
-        if out_dir.resolve() != model_dir.resolve():
-            for name in (checkpoint.CONFIG, checkpoint.WEIGHTS):
-                atomic.write_bytes(out_dir / name, (model_dir / name).read_bytes())
-        for (role, variant), proto in built.items():
-            atomic.write_bytes(graphs.graph_path(out_dir, role, variant), proto.SerializeToString())
-        report["seconds"] = round(time.perf_counter() - t_start, 2)
-        atomic.write_json(out_dir / REPORT, report)
-        return report
-    finally:
-        for leftover in scratch.iterdir():
-            leftover.unlink()
-        scratch.rmdir()
+    step("accuracy on the test set")
+    base, base_logits = _test_nelbo(built["encoder", "fp32"], built["decoder", "fp32"], x_bin, seed)
+    with torch.no_grad():
+        mu, logvar = model.encode(torch.from_numpy(x_bin))
+        eps = torch.from_numpy(rng.normal_eps(seed, 0, len(x_bin), 1, cfg.latent_dim)[:, 0])
+        torch_logits = model.decode(model.reparameterize(mu, logvar, eps)).numpy()
+    report: dict[str, Any] = {"model_dir": str(model_dir), "opset": graphs.OPSET, "weights_sha256": sha,
+                              "test_images": len(x_bin), "seed": seed, "test_nelbo_fp32": base, "variants": []}
+    for variant in graphs.VARIANTS:
+        if ("encoder", variant) not in built:
+            continue
+        nelbo, logits = _test_nelbo(built["encoder", variant], built["decoder", variant], x_bin, seed)
+        report["variants"].append({
+            "variant": variant,
+            "files": {role: graphs.graph_path(out_dir, role, variant).name for role in nets},
+            "bytes": {role: built[role, variant].ByteSize() for role in nets},
+            "max_abs_err_vs_torch": {role: errors[role, variant] for role in nets},
+            "test_max_abs_logit_err": float(np.max(np.abs(logits - torch_logits))),
+            "test_nelbo": nelbo, "test_nelbo_change_nats": nelbo - base,
+        })
+    int8 = [v for v in report["variants"] if v["variant"] == "int8"]
+    if int8 and abs(int8[0]["test_nelbo_change_nats"]) > INT8_ELBO_NATS:
+        report["warnings"] = [f"int8 changes the test -ELBO by {int8[0]['test_nelbo_change_nats']:+.3f} nats "
+                              f"(target |change| <= {INT8_ELBO_NATS})"]
+    # all graphs validated: write every file into the scratch folder first (a full disk fails here, with
+    # nothing replaced), then rename them into place one after another; a separate --out gets config and
+    # weights too, so it is a complete model directory
+    files: dict[str, bytes] = {}
+    if out_dir.resolve() != model_dir.resolve():
+        files.update({name: (model_dir / name).read_bytes() for name in (checkpoint.CONFIG, checkpoint.WEIGHTS)})
+    for (role, variant), proto in built.items():
+        files[graphs.graph_path(out_dir, role, variant).name] = proto.SerializeToString()
+    report["seconds"] = round(time.perf_counter() - t_start, 2)
+    files[REPORT] = (json.dumps(report, indent=2) + "\n").encode()
+    staged = scratch / "staged"
+    staged.mkdir()
+    for name, payload in files.items():
+        atomic.write_bytes(staged / name, payload)
+    for name in files:
+        os.replace(staged / name, out_dir / name)
+    return report

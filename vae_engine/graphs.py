@@ -13,7 +13,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .config import INPUT_DIM, ModelConfig
-from .errors import ModelDirError
+from .errors import ModelDirError, os_error_reason
 
 ROLES = ("encoder", "decoder")
 VARIANTS = {  # variant -> file suffix
@@ -49,11 +49,51 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value_info.type.tensor_type.shape.dim]
 
 
-def _uses_external_data(model: onnx.ModelProto) -> bool:
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        tensors += [a.t for a in node.attribute if a.HasField("t")]
-    return any(t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) for t in tensors)
+ALLOWED_DOMAINS = ("", "ai.onnx", "com.microsoft")  # what export, ORT's optimizer and its int8 quantizer emit
+
+
+def _tensors_of(attr: onnx.AttributeProto) -> list[onnx.TensorProto]:
+    sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+    sparse += list(attr.sparse_tensors)
+    return ([attr.t] if attr.HasField("t") else []) + list(attr.tensors) + \
+        [t for s in sparse for t in (s.values, s.indices)]
+
+
+def _subgraphs_of(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    return ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+
+
+def _check_nodes(nodes, local_functions: set[tuple[str, str]], path: Path) -> list[onnx.TensorProto]:
+    """Check every node's operator domain, recurse into subgraphs; return every tensor found on the way."""
+    tensors: list[onnx.TensorProto] = []
+    for node in nodes:
+        if node.domain not in ALLOWED_DOMAINS and (node.domain, node.op_type) not in local_functions:
+            raise ModelDirError(f"{path}: operator {node.domain}::{node.op_type} is from a domain this project "
+                                f"never exports ({', '.join(repr(d) for d in ALLOWED_DOMAINS)}); refusing to load it")
+        for attr in node.attribute:
+            tensors += _tensors_of(attr)
+            for sub in _subgraphs_of(attr):
+                tensors += _graph_tensors(sub, local_functions, path)
+    return tensors
+
+
+def _graph_tensors(graph: onnx.GraphProto, local_functions: set[tuple[str, str]], path: Path) -> list:
+    tensors = list(graph.initializer)
+    tensors += [t for s in graph.sparse_initializer for t in (s.values, s.indices)]
+    return tensors + _check_nodes(graph.node, local_functions, path)
+
+
+def check_contents(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse external data anywhere (every graph, subgraphs of If/Loop/Scan, functions, sparse and attribute
+    tensors) and operators from domains the project's own export never produces."""
+    local = {(f.domain, f.name) for f in model.functions}
+    tensors = _graph_tensors(model.graph, local, path)
+    for function in model.functions:
+        tensors += _check_nodes(function.node, local, path)
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data):
+            raise ModelDirError(f"{path}: tensor {t.name!r} refers to external data; refusing to load it "
+                                "(self-contained graphs only)")
 
 
 def load_graph(path: str | os.PathLike, role: str, cfg: ModelConfig) -> onnx.ModelProto:
@@ -66,13 +106,16 @@ def load_graph(path: str | os.PathLike, role: str, cfg: ModelConfig) -> onnx.Mod
     if not path.is_file():
         raise ModelDirError(f"{path}: missing; run `vae-engine export {path.parent}` first")
     try:
-        model = onnx.load_model_from_string(path.read_bytes())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ModelDirError(f"{path}: cannot read the ONNX file: {os_error_reason(exc)}") from None
+    try:
+        model = onnx.load_model_from_string(raw)
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise ModelDirError(f"{path}: corrupt or truncated ONNX file ({type(exc).__name__})") from None
     if not model.graph.node:
         raise ModelDirError(f"{path}: corrupt or truncated ONNX file (empty graph)")
-    if _uses_external_data(model):
-        raise ModelDirError(f"{path}: refers to external data files; refusing to load it (self-contained graphs only)")
+    check_contents(model, path)
     want = spec(role, cfg)
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -104,7 +147,7 @@ def providers_for(device: str) -> list[str]:
 
 
 def make_session(model: onnx.ModelProto | bytes, threads: int | None = None, device: str = "cpu",
-                 spin: bool = False, optimized_path: str | None = None):
+                 spin: bool = False, optimized_path: str | None = None, name: str | None = None):
     """An ONNX Runtime session from an in-memory graph (never a path, so no external data can be pulled in).
 
     intra-op threads = `threads`; one inter-op thread; spinning off by default, because spinning ORT workers
@@ -123,4 +166,9 @@ def make_session(model: onnx.ModelProto | bytes, threads: int | None = None, dev
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
     data = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(data, sess_options=opts, providers=providers_for(device))
+    try:
+        return ort.InferenceSession(data, sess_options=opts, providers=providers_for(device))
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented classes for bad graphs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelDirError(f"{name or 'graph'}: ONNX Runtime cannot load it ({first[:300]}); "
+                            "re-export the model") from None

@@ -1,8 +1,8 @@
 """Batch jobs: stream inputs in chunks through the engine and write outputs atomically.
 
 Inputs: .npy (N, 784) or (N, 28, 28), uint8 0..255 or float 0..1 (memory-mapped, so larger than RAM is fine),
-IDX/IDX.gz image files, or a folder of 28x28 PNGs. Outputs: .npy written through np.lib.format.open_memmap into
-a temp file beside the target and renamed when complete, or a PNG grid for image outputs.
+IDX/IDX.gz image files, or a folder of 28x28 PNGs. Outputs: .npy written in order with plain writes into a temp
+file beside the target (its space reserved first) and renamed when complete, or a PNG grid for image outputs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from . import atomic, data, rng
 from .config import IMAGE_SHAPE, INPUT_DIM
 from .engine import Engine
-from .errors import DataError, VaeEngineError
+from .errors import DataError, OutputError, VaeEngineError, read_error
 
 MAX_PNG_IMAGES = 4096  # a PNG grid beyond this is unreadable; write .npy instead
 
@@ -35,24 +35,6 @@ class Source:
             yield i, self.read(i, min(self.n, i + batch_size))
 
 
-def images_to_unit(chunk: np.ndarray, name: str, start: int) -> np.ndarray:
-    """uint8 0..255 or float 0..1 -> float32 (b, 784), rejecting NaN/Inf and out-of-range values."""
-    flat = chunk.reshape(len(chunk), -1)
-    if chunk.dtype == np.uint8:
-        return flat.astype(np.float32) / np.float32(255.0)
-    if not np.issubdtype(chunk.dtype, np.floating):
-        raise DataError(f"{name}: dtype {chunk.dtype} not supported; use uint8 (0..255) or float (0..1)")
-    flat = flat.astype(np.float32)
-    bad = ~np.isfinite(flat)
-    if bad.any():
-        row = start + int(np.argwhere(bad)[0][0])
-        raise DataError(f"{name}: NaN or Inf in row {row}; clean the input first")
-    if flat.min() < 0.0 or flat.max() > 1.0:
-        raise DataError(f"{name}: float values must lie in [0, 1], found {flat.min():g}..{flat.max():g} "
-                        f"near row {start}; scale 0..255 data by 1/255 or save it as uint8")
-    return flat
-
-
 def open_images(path: str | Path) -> Source:
     """An image source from .npy, IDX(.gz) or a folder of PNGs."""
     path = Path(path)
@@ -60,15 +42,12 @@ def open_images(path: str | Path) -> Source:
         return _png_folder(path)
     if not path.is_file():
         raise DataError(f"{path}: input not found")
-    if path.suffix == ".npy":
-        arr = _load_npy(path)
-    else:
-        arr = data.read_idx(path)
+    arr = load_npy(path) if path.suffix == ".npy" else data.read_idx(path)
     if arr.ndim not in (2, 3) or arr.shape[1:] not in ((INPUT_DIM,), IMAGE_SHAPE):
         raise DataError(f"{path}: images must have shape (N, 784) or (N, 28, 28), got {arr.shape}")
     if len(arr) == 0:
         raise DataError(f"{path}: the input holds no images")
-    return Source(str(path), len(arr), INPUT_DIM, lambda i, j: images_to_unit(np.asarray(arr[i:j]), str(path), i))
+    return Source(str(path), len(arr), INPUT_DIM, lambda i, j: data.images_to_unit(arr[i:j], str(path), i))
 
 
 def open_latents(path: str | Path, latent_dim: int) -> Source:
@@ -76,7 +55,7 @@ def open_latents(path: str | Path, latent_dim: int) -> Source:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: input not found")
-    arr = _load_npy(path)
+    arr = load_npy(path)
     if arr.ndim != 2 or arr.shape[1] != latent_dim:
         raise DataError(f"{path}: latents must have shape (N, {latent_dim}) for this model, got {arr.shape}")
     if len(arr) == 0:
@@ -93,17 +72,28 @@ def open_latents(path: str | Path, latent_dim: int) -> Source:
     return Source(str(path), len(arr), latent_dim, read)
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def load_npy(path: Path) -> np.ndarray:
+    """Memory-map a .npy array (never a pickle); a clear DataError for anything else."""
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except PermissionError as exc:
+        raise read_error(path, exc, ".npy file") from None
+    except (ValueError, OSError, EOFError, TypeError) as exc:
+        raise DataError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(arr, np.ndarray):  # np.load returns an NpzFile for a zip archive, whatever the name
+        if hasattr(arr, "close"):
+            arr.close()
+        raise DataError(f"{path}: is a .npz archive, not a .npy array; save one array with np.save")
+    return arr
 
 
 def _png_folder(folder: Path) -> Source:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    files = sorted(folder.glob("*.png"))
+    try:
+        files = sorted(f for f in folder.glob("*.png") if f.is_file())
+    except OSError as exc:
+        raise read_error(folder, exc, "folder") from None
     if not files:
         raise DataError(f"{folder}: no .png files in the folder")
 
@@ -111,50 +101,54 @@ def _png_folder(folder: Path) -> Source:
         out = np.empty((j - i, *IMAGE_SHAPE), np.uint8)
         for r, f in enumerate(files[i:j]):
             try:
-                img = np.asarray(Image.open(f).convert("L"))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"{f}: not a readable PNG ({exc})") from None
-            if img.shape != IMAGE_SHAPE:
-                raise DataError(f"{f}: images must be 28x28, got {img.shape[1]}x{img.shape[0]}")
-            out[r] = img
-        return images_to_unit(out, str(folder), i)
+                with Image.open(f) as img:
+                    # the header gives the size: check it before decoding, so a 12000x12000 PNG costs nothing
+                    if img.size != IMAGE_SHAPE[::-1]:
+                        raise DataError(f"{f}: images must be 28x28, got {img.size[0]}x{img.size[1]}")
+                    pixels = np.asarray(img.convert("L"))
+            except DataError:
+                raise
+            except PermissionError as exc:
+                raise read_error(f, exc, "PNG") from None
+            except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, bomb errors)
+                raise DataError(f"{f}: not a readable PNG ({type(exc).__name__}: {str(exc)[:150]})") from None
+            out[r] = pixels
+        return data.images_to_unit(out, str(folder), i)
 
     return Source(str(folder), len(files), INPUT_DIM, read)
 
 
-def _check_output(path: Path, images: bool) -> None:
+def check_output(path: str | Path, images: bool) -> None:
+    """Refuse an output path before any work: wrong suffix, a folder, or a parent that cannot be written."""
+    path = Path(path)
     allowed = (".npy", ".png") if images else (".npy",)
     if path.suffix not in allowed:
-        raise VaeEngineError(f"{path}: output must end in {' or '.join(allowed)}")
-    if path.is_dir():
-        raise VaeEngineError(f"{path}: output is a folder; give a file name")
+        raise OutputError(f"{path}: output must end in {' or '.join(allowed)}")
+    atomic.check_writable(path)
 
 
 def run(source: Source, fn: Callable[[int, np.ndarray], np.ndarray], out_path: str | Path, item_shape: tuple,
         batch_size: int, progress: Callable[[int], None] | None = None, images: bool = False) -> Path:
     """Stream `source` through `fn(start, chunk) -> (b, *item_shape)` into out_path (.npy, or .png grid)."""
     out_path = Path(out_path)
-    _check_output(out_path, images)
+    check_output(out_path, images)
     if batch_size < 1:
         raise VaeEngineError(f"batch size must be at least 1, got {batch_size}")
     if out_path.suffix == ".png" and source.n > MAX_PNG_IMAGES:
         raise VaeEngineError(f"{source.n} images are too many for a PNG grid (max {MAX_PNG_IMAGES}); write .npy")
-    with atomic.atomic_path(out_path) as tmp:
-        if out_path.suffix == ".png":
-            grid = np.concatenate([fn(i, chunk) for i, chunk in source.chunks(batch_size)])
-            from .plots import save_grid_png
+    if out_path.suffix == ".png":
+        from .plots import save_grid_png
 
-            save_grid_png(tmp, grid)
+        grid = np.concatenate([fn(i, chunk) for i, chunk in source.chunks(batch_size)])
+        save_grid_png(out_path, grid)
+        if progress:
+            progress(source.n)
+        return out_path
+    with atomic.npy_writer(out_path, (source.n, *item_shape)) as out:  # reserves the space before any work
+        for i, chunk in source.chunks(batch_size):
+            out.write(fn(i, chunk))
             if progress:
-                progress(source.n)
-        else:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(source.n, *item_shape))
-            for i, chunk in source.chunks(batch_size):
-                out[i : i + len(chunk)] = fn(i, chunk)
-                if progress:
-                    progress(len(chunk))
-            out.flush()
-            del out
+                progress(len(chunk))
     return out_path
 
 

@@ -64,9 +64,8 @@ def training_curve(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 @torch.no_grad()
-def training_figures(model: Any, out_dir: Path, rows: list[dict[str, Any]], x_test: torch.Tensor, seed: int) -> None:
-    """The figures of a model directory's plots/ folder."""
-    plots = out_dir / "plots"
+def training_figures(model: Any, plots: Path, rows: list[dict[str, Any]], x_test: torch.Tensor, seed: int) -> None:
+    """The figures of a model directory's plots/ folder, drawn into the folder `plots`."""
     training_curve(rows, plots / "training_curve.png")
     g = torch.Generator().manual_seed(seed)
     d = model.cfg.latent_dim

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from . import atomic, jobs
+from . import atomic, data, jobs
 from .config import INPUT_DIM
-from .errors import VaeEngineError
+from .errors import VaeEngineError, write_error
 
 JOBS = ("encode", "decode", "reconstruct", "score")
 SHARD_ROWS = 8192  # rows per input shard read by one task
@@ -53,7 +53,7 @@ def _parquet_source(path: Path, latent_dim: int | None) -> jobs.Source:
         return jobs.Source(str(path), len(arr), latent_dim, lambda i, j: arr[i:j])
     if arr.ndim != 2 or arr.shape[1] != INPUT_DIM:
         raise VaeEngineError(f"{path}: images must be rows of 784 values, got {arr.shape}")
-    return jobs.Source(str(path), len(arr), INPUT_DIM, lambda i, j: jobs.images_to_unit(arr[i:j], str(path), i))
+    return jobs.Source(str(path), len(arr), INPUT_DIM, lambda i, j: data.images_to_unit(arr[i:j], str(path), i))
 
 
 class JobActor:
@@ -126,31 +126,24 @@ def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: st
                        num_cpus=cpus_per_actor))
     if output_path.suffix == ".parquet":
         return _write_parquet(ds, output_path)
-    with atomic.atomic_path(output_path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(source.n, *item_shape))
+    with atomic.npy_writer(output_path, (source.n, *item_shape)) as out:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             y = np.stack(batch["y"]) if batch["y"].dtype == object else batch["y"]
-            out[batch["index"]] = y
+            index = batch["index"]
+            for run in np.split(np.arange(len(index)), np.flatnonzero(np.diff(index) != 1) + 1):
+                out.write_at(int(index[run[0]]), y[run])  # batches arrive in any order, rows in runs
             if progress:
-                progress(len(batch["index"]))
-        out.flush()
-        del out
+                progress(len(index))
     return output_path
 
 
 def _write_parquet(ds, output_path: Path) -> Path:
-    """Ray writes the shards into a temp folder beside the target, renamed when all are written."""
-    import shutil
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent or "."))
-    try:
-        ds.write_parquet(str(tmp))
-        if output_path.exists():
-            shutil.rmtree(output_path)
-        os.replace(tmp, output_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Ray writes the shards into a temp folder beside the target, swapped in when all are written."""
+    with atomic.temp_dir(output_path.parent, output_path.name) as tmp:
+        try:
+            ds.write_parquet(str(tmp / "parts"))
+        except OSError as exc:
+            raise write_error(output_path, exc) from None
+        atomic.replace_dir(tmp / "parts", output_path)
     return output_path
 

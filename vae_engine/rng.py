@@ -55,12 +55,12 @@ def _uniform(key, counter):
 
 
 def _make_normal_kernel(parallel: bool):
-    def kernel(key, start, out):  # out (N, K, D) float32
+    def kernel(key, start, k_total, s0, out):  # out (N, K', D) float32: samples s0..s0+K'-1 of k_total
         n, k, d = out.shape
         row = k * d
         flat = out.reshape(n, row)
         for b in numba.prange(n):
-            base = np.int64(start + b) * row
+            base = np.int64(start + b) * (k_total * d) + s0 * d
             # Box-Muller turns one pair of uniforms into two normals: walk the pairs covering this item's range
             first, last = base >> 1, (base + row - 1) >> 1
             for pair in range(first, last + 1):
@@ -90,10 +90,15 @@ _normal_kernels = (_make_normal_kernel(False), _make_normal_kernel(True))
 _binarize_kernels = (_make_binarize_kernel(False), _make_binarize_kernel(True))
 
 
-def normal_eps(seed: int, start: int, n: int, k: int, d: int) -> np.ndarray:
-    """eps (n, k, d) float32 ~ N(0, I) for items start..start+n-1, k samples each."""
-    out = np.empty((n, k, d), dtype=np.float32)
-    _normal_kernels[out.size >= PARALLEL_MIN](stream_key(seed, EPS_STREAM), np.int64(start), out)
+def normal_eps(seed: int, start: int, n: int, k: int, d: int, s0: int = 0, s1: int | None = None) -> np.ndarray:
+    """eps (n, s1-s0, d) float32 ~ N(0, I) for items start..start+n-1: their samples s0..s1-1 of k.
+
+    Any block of samples is the same numbers as that slice of all k, so long K streams in bounded memory.
+    """
+    s1 = k if s1 is None else s1
+    out = np.empty((n, s1 - s0, d), dtype=np.float32)
+    _normal_kernels[out.size >= PARALLEL_MIN](stream_key(seed, EPS_STREAM), np.int64(start), np.int64(k),
+                                              np.int64(s0), out)
     return out
 
 
@@ -116,15 +121,17 @@ def _uniform_numpy(key: np.uint64, counter: np.ndarray) -> np.ndarray:
     return ((x >> _S11).astype(np.float64) + 0.5) * _INV53
 
 
-def normal_eps_numpy(seed: int, start: int, n: int, k: int, d: int) -> np.ndarray:
+def normal_eps_numpy(seed: int, start: int, n: int, k: int, d: int, s0: int = 0, s1: int | None = None) -> np.ndarray:
     """NumPy twin of normal_eps."""
-    j = np.uint64(start) * np.uint64(k * d) + np.arange(n * k * d, dtype=np.uint64)
+    s1 = k if s1 is None else s1
+    item = np.uint64(start) + np.arange(n, dtype=np.uint64)[:, None]
+    j = (item * np.uint64(k * d) + np.uint64(s0 * d) + np.arange((s1 - s0) * d, dtype=np.uint64)).ravel()
     key = stream_key(seed, EPS_STREAM)
     pair = (j >> np.uint64(1)) * np.uint64(2)
     r = np.sqrt(-2.0 * np.log(_uniform_numpy(key, pair)))
     angle = 2.0 * np.pi * _uniform_numpy(key, pair + np.uint64(1))
     z = np.where(j & np.uint64(1), r * np.sin(angle), r * np.cos(angle))
-    return z.astype(np.float32).reshape(n, k, d)
+    return z.astype(np.float32).reshape(n, s1 - s0, d)
 
 
 def binarize_numpy(x: np.ndarray, seed: int, start: int) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,8 +13,9 @@ from typing import Any
 import torch
 
 from . import checkpoint, data, distributed
-from .config import ModelConfig, TrainConfig, from_dict
-from .errors import VaeEngineError
+from .backends import available_cpus
+from .config import ModelConfig, TrainConfig
+from .errors import Interrupted, VaeEngineError
 from .model import VAE, elbo, iwae_bound, log_weights
 
 TEST_SEED_OFFSET = 7919  # test -ELBO each epoch uses its own fixed stream, the same every epoch
@@ -25,6 +27,7 @@ class Callbacks:
     def on_train_start(self, epochs: int, start_epoch: int, steps_per_epoch: int) -> None: ...
     def on_batch_end(self, epoch: int, step: int, loss: float, samples: int) -> None: ...
     def on_epoch_end(self, row: dict[str, Any]) -> None: ...
+    def on_message(self, text: str) -> None: ...
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -83,30 +86,65 @@ def train(
     callbacks: Callbacks | None = None,
     plots: bool = True,
     download: bool = False,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Train a VAE into `out_dir` (a model directory); with resume=True continue from its last checkpoint.
 
     On resume the model and training config come from the directory; only `epochs` is taken from train_cfg.
-    Returns the per-epoch metrics rows.
+    Every state a killed run can leave is either resumable or restartable: a folder without a checkpoint
+    (killed in epoch 1, diverged, disk full) restarts from scratch, with its saved config under --resume.
+    `overwrite=True` deletes a previous model in the folder and starts again. Returns the per-epoch metrics rows.
     """
     out_dir = Path(out_dir)
     world = distributed.from_env()
     distributed.init(world)
+    existed = out_dir.exists()
+    try:
+        # only the main rank writes, so only it locks; the others read the folder under its lock
+        with checkpoint.lock(out_dir) if world.is_main else contextlib.nullcontext():
+            return _train(model_cfg, train_cfg, out_dir, resume, callbacks, plots, download, overwrite, world)
+    except BaseException:
+        if world.is_main and not existed and not (out_dir / checkpoint.STATE).exists():
+            _remove_run(out_dir)  # nothing worth keeping: leave no half-made folder behind
+        raise
+
+
+def _remove_run(out_dir: Path) -> None:
+    """Delete what a run writes into a model folder (and the folder itself if that leaves it empty)."""
+    for name in (checkpoint.CONFIG, checkpoint.WEIGHTS, checkpoint.STATE, checkpoint.METRICS, checkpoint.EVALUATION,
+                 checkpoint.EXPORT_REPORT, *(path.name for path in _graph_files(out_dir))):
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / checkpoint.PLOTS, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        out_dir.rmdir()
+
+
+def _graph_files(out_dir: Path) -> list[Path]:
+    from .graphs import ROLES, VARIANTS, graph_path
+
+    return [graph_path(out_dir, role, variant) for role in ROLES for variant in VARIANTS]
+
+
+def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, download, overwrite, world):
     callbacks = callbacks if callbacks and world.is_main else Callbacks()
-    if resume and not (out_dir / checkpoint.CONFIG).exists():
+    has_config, has_state = (out_dir / checkpoint.CONFIG).exists(), (out_dir / checkpoint.STATE).exists()
+    if resume and has_config:
+        model_cfg = checkpoint.model_config(out_dir)
+        train_cfg = replace(checkpoint.train_config(out_dir), epochs=train_cfg.epochs)
+        if not has_state:  # interrupted before its first checkpoint: start it again with the saved config
+            callbacks.on_message(f"{out_dir} has no checkpoint yet: starting its run again from epoch 1")
+            resume = False
+    elif resume:
         resume = False  # nothing to resume yet (e.g. the first launch of a torchrun job with --resume): start fresh
-    if resume:
-        saved = checkpoint.read_config(out_dir)
-        if not (out_dir / checkpoint.STATE).is_file():
-            raise VaeEngineError(f"{out_dir}: no training state to resume from ({checkpoint.STATE} missing)")
-        model_cfg = from_dict(ModelConfig, saved["model"])
-        train_cfg = replace(from_dict(TrainConfig, saved["train"]), epochs=train_cfg.epochs)
-    elif (out_dir / checkpoint.CONFIG).exists():
-        raise VaeEngineError(f"{out_dir} already holds a model: pass --resume to continue it, or choose another --out")
+    elif has_state and not overwrite:
+        raise VaeEngineError(f"{out_dir} already holds a model: pass --resume to continue it, --overwrite to "
+                             "start again, or choose another --out")
+    elif overwrite and world.is_main:
+        _remove_run(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
     assert model_cfg is not None
-    threads = train_cfg.threads or (max(1, (os.cpu_count() or 1) // world.local_size) if world.size > 1 else None)
-    if threads:
-        torch.set_num_threads(threads)
+    threads = train_cfg.threads or max(1, available_cpus() // world.local_size)
+    torch.set_num_threads(threads)
 
     dataset = data.load_dataset(train_cfg.dataset, train_cfg.data_dir, fetch=download)
     x_train = data.to_unit(dataset.train_images[: train_cfg.limit])  # (N, 784) float32, held in memory
@@ -122,14 +160,18 @@ def train(
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, fused=True)
     start_epoch, rows = 0, []
     if resume:
-        start_epoch = checkpoint.load_state(out_dir, model, optimizer)
-        rows = [r for r in checkpoint.read_metrics(out_dir) if r["epoch"] <= start_epoch]
+        start_epoch, rows = checkpoint.load_state(out_dir, model, optimizer)
         if start_epoch >= train_cfg.epochs:
+            if plots and world.is_main and not (out_dir / checkpoint.PLOTS).is_dir():
+                checkpoint.write_metrics(out_dir, rows)
+                _draw_plots(model.eval(), out_dir, rows, x_test, train_cfg.seed)  # the kill came during the plots
+                callbacks.on_message(f"{out_dir} had finished {start_epoch} epochs; drew its missing plots")
+                return rows
             raise VaeEngineError(f"{out_dir} already finished {start_epoch} epochs; pass a larger --epochs to go on")
     world.barrier()  # every rank has checked the directory before the main rank writes into it
     if world.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_config(out_dir, model_cfg, train_cfg, {**dataset.describe(), "world_size": world.size})
+        checkpoint.write_metrics(out_dir, rows)  # the checkpoint's rows: a kill may have cut the file short
 
     objective = Objective(model, train_cfg.objective)
     if world.size > 1:  # averages gradients over ranks: one step on W x b inputs, as one process would take it
@@ -138,42 +180,63 @@ def train(
     steps = n // global_batch  # the last partial batch is dropped; each epoch reshuffles
     callbacks.on_train_start(train_cfg.epochs, start_epoch, steps)
     model.train()
-    for epoch in range(start_epoch, train_cfg.epochs):
-        g = epoch_generator(train_cfg.seed, epoch)  # identical on every rank: same permutation, same noise
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(train_cfg, epoch)
-        t0, total = time.perf_counter(), 0.0
-        perm = torch.randperm(n, generator=g)
-        for step in range(steps):
-            # every rank draws the whole global batch's noise and keeps its slice, so the result does not
-            # depend on the world size
-            x = data.binarize(x_train[perm[step * global_batch : (step + 1) * global_batch]], train_cfg.binarize, g)
-            eps = torch.randn((train_cfg.k, global_batch, model_cfg.latent_dim), generator=g)  # (K, W*b, D)
-            loss = objective(x[mine], eps[:, mine], kl_weight_at(train_cfg, epoch, step, steps))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = loss.item()
-            total += value
-            callbacks.on_batch_end(epoch, step, value, b)
-        seconds = time.perf_counter() - t0
-        if not math.isfinite(total):
-            raise VaeEngineError(f"training diverged at epoch {epoch + 1} (loss is not finite); lower --lr")
-        if world.is_main:
-            row = {"epoch": epoch + 1, "train_loss": total / steps, "test_nelbo": test_elbo(model, x_test, train_cfg),
-                   "seconds": round(seconds, 3), "samples_per_s": round(steps * global_batch / seconds, 1),
-                   "lr": lr_at(train_cfg, epoch)}
-            rows.append(row)
-            # weights, then resume state, then metrics; each atomic, so a kill leaves the last complete epoch
-            checkpoint.save_weights(out_dir, model)
-            checkpoint.save_state(out_dir, model, optimizer, epoch + 1)
-            checkpoint.write_metrics(out_dir, rows)
-            callbacks.on_epoch_end(row)
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, train_cfg.epochs):
+            g = epoch_generator(train_cfg.seed, epoch)  # identical on every rank: same permutation, same noise
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(train_cfg, epoch)
+            t0, total = time.perf_counter(), 0.0
+            perm = torch.randperm(n, generator=g)
+            for step in range(steps):
+                # every rank draws the whole global batch's noise and keeps its slice, so the result does not
+                # depend on the world size
+                x = data.binarize(x_train[perm[step * global_batch : (step + 1) * global_batch]], train_cfg.binarize,
+                                  g)
+                eps = torch.randn((train_cfg.k, global_batch, model_cfg.latent_dim), generator=g)  # (K, W*b, D)
+                loss = objective(x[mine], eps[:, mine], kl_weight_at(train_cfg, epoch, step, steps))
+                value = loss.item()
+                if not math.isfinite(value):  # stop before a non-finite step reaches the weights
+                    kept = (f"the checkpoint after epoch {epoch} is kept; " if epoch else "")
+                    raise VaeEngineError(f"training diverged in epoch {epoch + 1} (loss is not finite); {kept}"
+                                         "start again with a lower --lr (add --overwrite to reuse this --out)")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += value
+                callbacks.on_batch_end(epoch, step, value, b)
+            seconds = time.perf_counter() - t0
+            if world.is_main:
+                row = {"epoch": epoch + 1, "train_loss": total / steps,
+                       "test_nelbo": test_elbo(model, x_test, train_cfg), "seconds": round(seconds, 3),
+                       "samples_per_s": round(steps * global_batch / seconds, 1), "lr": lr_at(train_cfg, epoch)}
+                rows.append(row)
+                # weights, then the resume state (which carries the metrics rows), then metrics.jsonl; each
+                # atomic, and a resume rewrites metrics.jsonl from the state, so a kill between them loses nothing
+                checkpoint.save_weights(out_dir, model)
+                checkpoint.save_state(out_dir, model, optimizer, epoch + 1, rows)
+                checkpoint.write_metrics(out_dir, rows)
+                callbacks.on_epoch_end(row)
+    except KeyboardInterrupt:
+        done = len(rows)
+        if done:
+            raise Interrupted(f"interrupted in epoch {epoch + 1}: the checkpoint after epoch {done} is kept in "
+                              f"{out_dir}; continue with `vae-engine train --out {out_dir} --resume "
+                              f"--epochs {train_cfg.epochs}`") from None
+        raise Interrupted(f"interrupted in epoch {epoch + 1}, before any checkpoint; nothing was kept") from None
     world.barrier()
     distributed.shutdown(world)
     model.eval()
     if plots and world.is_main:
-        from . import plots as plotting
-
-        plotting.training_figures(model, out_dir, rows, x_test, train_cfg.seed)
+        _draw_plots(model, out_dir, rows, x_test, train_cfg.seed)
     return rows
+
+
+def _draw_plots(model: VAE, out_dir: Path, rows: list[dict[str, Any]], x_test: torch.Tensor, seed: int) -> None:
+    """Draw plots/ into a scratch folder and swap it in whole: a kill mid-way leaves no partial plots/."""
+    from . import atomic
+    from . import plots as plotting
+
+    with atomic.temp_dir(out_dir, checkpoint.PLOTS) as staging:
+        plotting.training_figures(model, staging, rows, x_test, seed)
+        atomic.replace_dir(staging, out_dir / checkpoint.PLOTS)
