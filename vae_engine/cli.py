@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -25,6 +25,11 @@ from rich.table import Table
 from . import __version__
 from .errors import Interrupted, VaeEngineError, os_error_reason
 
+try:  # recent Typer releases carry their own copy of click; older ones use click itself
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exc
+
 DEBUG_ENV = "VAE_ENGINE_DEBUG"  # set to 1 to see tracebacks of unexpected errors
 
 
@@ -35,14 +40,14 @@ class OneLineErrors(typer.core.TyperGroup):
         try:
             code = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
                                 **extra)
-        except click.exceptions.NoArgsIsHelpError as exc:
+        except click_exc.NoArgsIsHelpError as exc:
             typer.echo(exc.ctx.get_help())
             code = 0
-        except click.ClickException as exc:
+        except click_exc.ClickException as exc:
             where = getattr(getattr(exc, "ctx", None), "command_path", None) or "vae-engine"
             typer.echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
             code = 2
-        except click.exceptions.Abort:
+        except click_exc.Abort:
             typer.echo("interrupted", err=True)
             code = 130
         except BrokenPipeError:  # `vae-engine info | head`: the reader left; nothing to report
@@ -97,7 +102,7 @@ def friendly(fn):
             raise typer.Exit(130) from None
         except VaeEngineError as exc:
             message = str(exc)
-        except (typer.Exit, click.ClickException):
+        except (typer.Exit, click_exc.ClickException):
             raise
         except BaseException as exc:
             if _interrupted(exc):
@@ -504,16 +509,18 @@ def bench(
                                progress=lambda message: status.update(f"benchmarking: {message}"))
     peak = report["gemm_peak_gflops"]
     m = report["machine"]
-    out.print(f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads; fp32 GEMM peak: "
-              + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) + " GFLOP/s")
-    table = Table(title="backends (x torch: throughput ratio to PyTorch eager at the same op and batch)")
-    for col in ("op", "B", "backend", "p50/p90/p99 us", "samples/s", "GFLOP/s", "%peak", "x torch"):
+    out.print(f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads")
+    out.print("fp32 GEMM peak (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
+    # fits 80 columns: p90 and full names are in the JSON and --markdown outputs
+    table = Table(title="backends", caption="recon = reconstruct; x torch = throughput / PyTorch eager's",
+                  box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True)
+    for col in ("op", "B", "backend", "p50 us", "p99 us", "items/s", "GFLOP/s", "%peak", "x torch"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in report["results"]:
         ratio = f"{r['speedup_vs_torch']:.2f}" if r["speedup_vs_torch"] else "-"
-        table.add_row(r["op"][:5], str(r["batch"]), r["backend"], f"{r['p50_us']:.0f}/{r['p90_us']:.0f}/{r['p99_us']:.0f}",
-                      f"{r['samples_per_s'] / 1e3:.1f}k", f"{r['gflops']:.0f}", f"{100 * r['fraction_of_peak']:.0f}",
-                      ratio)
+        table.add_row({"reconstruct": "recon"}.get(r["op"], r["op"]), str(r["batch"]), r["backend"],
+                      f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}", f"{r['samples_per_s'] / 1e3:.1f}k", f"{r['gflops']:.0f}",
+                      f"{100 * r['fraction_of_peak']:.0f}", ratio)
     out.print(table)
     post = Table(title="ELBO/IWAE math on decoder outputs (B=1024, K=64)")
     for col in ("implementation", "p50 ms", "x numba", "max rel err vs NumPy"):

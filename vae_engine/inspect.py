@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.table import Table
 
 from . import checkpoint, graphs
-from .config import ModelConfig, from_dict
 from .errors import ModelDirError
 
 
@@ -17,13 +16,13 @@ def describe(model_dir: str | Path, console: Console) -> None:
     """Print config, metrics, graphs (with metadata, sizes and whether they match the weights) and evaluation."""
     model_dir = Path(model_dir)
     cfg = checkpoint.read_config(model_dir)
-    model_cfg = from_dict(ModelConfig, cfg["model"])
+    model_cfg = checkpoint.model_config(model_dir)
     console.print(f"[bold]{model_dir}[/]  (format {cfg.get('format', '?')})")
     t = Table(title="configuration", show_header=False)
     for section in ("model", "train", "data"):
         for key, value in cfg.get(section, {}).items():
             if value is not None:
-                t.add_row(f"{section}.{key}", str(value))
+                t.add_row(f"{section}.{key}", str(value)[:200])
     console.print(t)
 
     weights = model_dir / checkpoint.WEIGHTS
@@ -55,14 +54,46 @@ def describe(model_dir: str | Path, console: Console) -> None:
             g.add_row(path.name, f"{path.stat().st_size / 1e6:.2f}", meta.get("vae_engine.variant", "?"), sig,
                       "match" if same else "[red]stale: re-export[/]")
     console.print(g if g.row_count else "ONNX graphs: none (run `vae-engine export`)")
-    report = model_dir / "export_report.json"
-    if report.is_file():
-        for v in json.loads(report.read_text()).get("variants", []):
-            console.print(f"export accuracy {v['variant']:>9}: test -ELBO {v['test_nelbo']:.3f} "
-                          f"({v['test_nelbo_change_nats']:+.4f} nats), "
-                          f"max |logit err| {v['test_max_abs_logit_err']:.2e}")
-    evaluation = model_dir / checkpoint.EVALUATION
-    if evaluation.is_file():
-        ev = json.loads(evaluation.read_text())
-        console.print(f"evaluation: test -ELBO {ev['test_nelbo']:.3f}, NLL {ev['test_nll']:.3f} (k={ev['k']}, "
-                      f"{ev['n']} images, seed {ev['seed']}, backend {ev['backend']})")
+    _export_accuracy(model_dir, console)
+    _evaluation(model_dir, console)
+
+
+def _report(path: Path, console: Console) -> dict | None:
+    """A JSON report of the folder, or None (with a note) when it is missing or malformed."""
+    if not path.is_file():
+        return None
+    try:
+        report = checkpoint.read_json(path, "report")
+    except ModelDirError as exc:
+        console.print(f"[yellow]note:[/] {exc}")
+        return None
+    if not isinstance(report, dict):
+        console.print(f"[yellow]note:[/] {path}: not a JSON object; ignored")
+        return None
+    return report
+
+
+def _num(value, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
+
+def _export_accuracy(model_dir: Path, console: Console) -> None:
+    report = _report(model_dir / checkpoint.EXPORT_REPORT, console)
+    variants = report.get("variants") if report else None
+    if not isinstance(variants, list) or not variants:
+        return
+    t = Table(title="export accuracy on the test set (vs fp32)")
+    for col in ("variant", "test -ELBO", "change (nats)", "max |logit err|"):
+        t.add_column(col, justify="right")
+    for v in (v for v in variants if isinstance(v, dict)):
+        t.add_row(str(v.get("variant", "?")), _num(v.get("test_nelbo"), ".3f"),
+                  _num(v.get("test_nelbo_change_nats"), "+.4f"), _num(v.get("test_max_abs_logit_err"), ".2e"))
+    console.print(t)
+
+
+def _evaluation(model_dir: Path, console: Console) -> None:
+    ev = _report(model_dir / checkpoint.EVALUATION, console)
+    if ev:
+        console.print(f"evaluation: test -ELBO {_num(ev.get('test_nelbo'), '.3f')}, "
+                      f"NLL {_num(ev.get('test_nll'), '.3f')} (k={ev.get('k', '?')})")
+        console.print(f"  {ev.get('n', '?')} test images, seed {ev.get('seed', '?')}, backend {ev.get('backend', '?')}")

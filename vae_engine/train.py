@@ -220,10 +220,10 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     except KeyboardInterrupt:
         done = len(rows)
         if done:
-            raise Interrupted(f"interrupted in epoch {epoch + 1}: the checkpoint after epoch {done} is kept in "
+            raise Interrupted(f"stopped in epoch {epoch + 1}: the checkpoint after epoch {done} is kept in "
                               f"{out_dir}; continue with `vae-engine train --out {out_dir} --resume "
                               f"--epochs {train_cfg.epochs}`") from None
-        raise Interrupted(f"interrupted in epoch {epoch + 1}, before any checkpoint; nothing was kept") from None
+        raise Interrupted(f"stopped in epoch {epoch + 1}, before any checkpoint; nothing was kept") from None
     world.barrier()
     distributed.shutdown(world)
     model.eval()
