@@ -46,7 +46,8 @@ def describe(model_dir: str | Path, console: Console) -> None:
             try:
                 meta = graphs.metadata(graphs.load_graph(path, role, model_cfg))
             except ModelDirError as exc:
-                g.add_row(path.name, f"{path.stat().st_size / 1e6:.2f}", variant, "-", f"[red]{exc}[/]")
+                reason = str(exc).removeprefix(f"{path}: ")
+                g.add_row(path.name, f"{path.stat().st_size / 1e6:.2f}", variant, "-", f"[red]{reason}[/]")
                 continue
             same = meta.get("vae_engine.weights_sha256") == sha
             sig = " -> ".join(", ".join(f"{n}[{f}]" for n, f in json.loads(meta.get(f"vae_engine.{k}", "[]")))
