@@ -566,3 +566,14 @@ def test_cli_start_imports_no_heavy_library():
 
 def test_interrupted_is_a_vae_engine_error():
     assert issubclass(Interrupted, VaeEngineError) and issubclass(OutputError, VaeEngineError)
+
+
+def test_malformed_checksum_file_and_mismatched_posterior(tmp_path, tiny_data, exported_model):
+    folder = tmp_path / "d"
+    shutil.copytree(tiny_data, folder)
+    (folder / "SHA256SUMS").write_text("not-a-digest\n")
+    one_line_error(invoke("train", "--data-dir", folder, "--out", tmp_path / "o"), "SHA256SUMS", "line 1")
+    assert not (tmp_path / "o").exists()
+    engine = Engine.load(exported_model, backend="onnxruntime", threads=1)
+    with pytest.raises(DataError, match="same shape"):  # the Numba kernel would read past mu's end
+        engine.sample_posterior(np.zeros((1, 4)), np.zeros((3, 4)))

@@ -205,7 +205,7 @@ def train(
 
     model_cfg = ModelConfig(arch=arch, latent_dim=latent_dim, hidden=_parse_hidden(hidden), activation=activation)
     train_cfg = TrainConfig(
-        dataset="dir" if data_dir else dataset, data_dir=str(data_dir) if data_dir else None, binarize=binarize,
+        dataset="dir" if data_dir else dataset, data_dir=str(data_dir.resolve()) if data_dir else None, binarize=binarize,
         epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, objective=objective, k=k,
         kl_warmup_epochs=kl_warmup, seed=seed, threads=threads, limit=limit,
     )
@@ -502,8 +502,10 @@ def bench(
         if label not in known:
             raise VaeEngineError(f"unknown backend {label!r}: choose from {', '.join(known)}")
     batch_list = split(batches, int)
-    if batch_list and min(batch_list) < 1:
-        raise VaeEngineError("batch sizes must be at least 1")
+    from .config import MAX_BATCH, check_int
+
+    for b in batch_list or ():
+        check_int("batch size", b, 1, MAX_BATCH)
     with console.status("benchmarking") as status:
         report = bench_mod.run(resolve_model_dir(model_dir), labels, batch_list, op_list, threads, quick, spin,
                                progress=lambda message: status.update(f"benchmarking: {message}"))

@@ -24,7 +24,7 @@ SEED_MAX = 2**32 - 1  # seeds are 0..2^32-1: every generator (torch, NumPy, the 
 # Limits checked before anything is allocated: a config.json is user input, and latent_dim 1e9 must be an
 # error line, not an out-of-memory kill.
 MAX_LATENT, MAX_WIDTH, MAX_LAYERS, MAX_PARAMS = 4096, 16384, 16, 200_000_000
-MAX_THREADS, MAX_BATCH, MAX_TRAIN_K, MAX_EPOCHS = 1024, 1 << 20, 10_000, 1_000_000
+MAX_THREADS, MAX_BATCH, MAX_TRAIN_K, MAX_EPOCHS = 1024, 1 << 18, 10_000, 1_000_000  # batch: ~1 GB of pixels
 
 ARCHS = ("mlp", "conv")
 ACTIVATIONS = ("relu", "tanh", "elu", "softplus")

@@ -127,10 +127,23 @@ def _find(folder: Path, stem: str) -> Path:
 
 
 def _checksums(folder: Path) -> dict[str, str]:
+    """The `sha256sum`-format SHA256SUMS of a dataset folder, if it has one."""
     sums = folder / "SHA256SUMS"
     if not sums.is_file():
         return {}
-    return {name: digest for digest, name in (line.split() for line in sums.read_text().splitlines() if line.strip())}
+    try:
+        lines = sums.read_bytes()[: 1 << 20].decode("utf-8", "replace").splitlines()
+    except OSError as exc:
+        raise read_error(sums, exc) from None
+    out = {}
+    for number, line in enumerate(lines, 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise DataError(f"{sums}: line {number} is not '<sha256> <file name>'; fix or delete the file")
+        out[parts[1].lstrip("*")] = parts[0].lower()
+    return out
 
 
 def load_split(folder: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -55,13 +55,14 @@ class Engine:
             raise DataError(f"x must have shape (N, 784) or (N, 28, 28), got {a.shape}")
         return np.ascontiguousarray(data.images_to_unit(a, "x"))
 
-    def _latents(self, z: np.ndarray) -> np.ndarray:
+    def _latents(self, z: np.ndarray, name: str = "z") -> np.ndarray:
+        """Latent-space arrays (z, mu, logvar): finite floats of shape (N, D) -> contiguous float32."""
         a = np.asarray(z)
         if a.ndim != 2 or a.shape[1] != self.latent_dim or not np.issubdtype(a.dtype, np.floating):
-            raise DataError(f"z must be float of shape (N, {self.latent_dim}), got {a.dtype} {a.shape}")
+            raise DataError(f"{name} must be float of shape (N, {self.latent_dim}), got {a.dtype} {a.shape}")
         a = np.ascontiguousarray(a, dtype=np.float32)
         if not np.isfinite(a).all():
-            raise DataError("z holds NaN or Inf values")
+            raise DataError(f"{name} holds NaN or Inf values")
         return a
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +78,9 @@ class Engine:
                          start: int = 0) -> np.ndarray:
         """z (B, K, D) ~ q(z|x) by reparameterization, eps from stream (seed, item start+b)."""
         _check_stream(seed, start)
+        mu, logvar = self._latents(mu, "mu"), self._latents(logvar, "logvar")
+        if mu.shape != logvar.shape:
+            raise DataError(f"mu {mu.shape} and logvar {logvar.shape} must have the same shape")
         eps = rng.normal_eps(seed, start, len(mu), check_int("k", k, 1, MAX_SCORE_K), self.latent_dim)
         return kernels.reparameterize(mu, logvar, eps)
 
