@@ -73,7 +73,7 @@ def test_streamed_job_equals_one_shot(model, images, tmp_path):
     np.save(tmp_path / "x.npy", images[:50])
     eng = Engine.load(model, backend="onnxruntime", threads=2)
     for fn, shape in ((jobs.score_fn(eng, 16, 0, True), ()), (jobs.encode_fn(eng, True, True, 3), (2, eng.latent_dim))):
-        src = jobs.open_images(tmp_path / "x.npy")
+        src = jobs.open_items(tmp_path / "x.npy", eng.cfg)
         jobs.run(src, fn, tmp_path / "small.npy", shape, batch_size=7)
         jobs.run(src, fn, tmp_path / "big.npy", shape, batch_size=64)
         np.testing.assert_allclose(np.load(tmp_path / "small.npy"), np.load(tmp_path / "big.npy"), rtol=1e-6)
@@ -90,7 +90,7 @@ def test_interrupted_job_leaves_nothing(model, images, tmp_path):
         return recon(start, x)
 
     with pytest.raises(KeyboardInterrupt):
-        jobs.run(jobs.open_images(tmp_path / "x.npy"), interrupted, tmp_path / "out.npy", (784,), batch_size=10)
+        jobs.run(jobs.open_items(tmp_path / "x.npy", eng.cfg), interrupted, tmp_path / "out.npy", (784,), batch_size=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
 
 
@@ -128,8 +128,8 @@ def test_cli_bad_inputs(model, tmp_path):
         "nan.npy": (np.full((4, 784), np.nan, np.float32), "NaN"),
         "range.npy": (np.full((4, 784), 3.0, np.float32), "[0, 1]"),
         "shape.npy": (np.zeros((4, 100), np.float32), "shape"),
-        "empty.npy": (np.zeros((0, 784), np.uint8), "no images"),
-        "dtype.npy": (np.zeros((4, 784), np.int64), "dtype"),
+        "empty.npy": (np.zeros((0, 784), np.uint8), "no items"),
+        "dtype.npy": (np.zeros((4, 784), np.complex64), "dtype"),
     }
     for name, (arr, fragment) in cases.items():
         np.save(tmp_path / name, arr)

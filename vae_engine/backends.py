@@ -26,10 +26,10 @@ class Backend(Protocol):
     provider: str
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """x (B, 784) float32 in [0, 1] -> (mu, logvar), each (B, D) float32."""
+        """x (B, D) float32 raw features -> (mu, logvar), each (B, L) float32."""
 
     def decode(self, z: np.ndarray) -> np.ndarray:
-        """z (B, D) float32 -> Bernoulli logits (B, 784) float32."""
+        """z (B, L) float32 -> the likelihood's parameters (B, P*D) float32."""
 
 
 class TorchBackend:
@@ -75,7 +75,7 @@ class OrtBackend:
             raise VaeEngineError(f"unknown graph variant {variant!r}: choose one of {', '.join(graphs.VARIANTS)}")
         self.name, self.variant = "onnxruntime", variant
         self.sessions, self.paths = {}, {}
-        self.latent_dim, self.input_dim = cfg.latent_dim, cfg.input_dim
+        self.latent_dim, self.out_dim = cfg.latent_dim, graphs.spec("decoder", cfg).outputs[0][1]
         for role in graphs.ROLES:
             path = graphs.graph_path(model_dir, role, variant)
             if not path.is_file():
@@ -105,7 +105,7 @@ class OrtBackend:
         return mu, logvar
 
     def decode(self, z):
-        return self._run("decoder", {"z": z}, (self.input_dim,))[0]
+        return self._run("decoder", {"z": z}, (self.out_dim,))[0]
 
 
 def available_cpus() -> int:

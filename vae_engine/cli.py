@@ -383,11 +383,11 @@ def _job(job: str, model_dir: Path | None, input: Path | None, output: Path, par
     from .engine import Engine
 
     engine = Engine.load(model_dir, backend=backend, threads=threads, variant=variant)
-    source = jobs.open_input(job, input, engine.latent_dim, n)
+    source = jobs.open_input(job, input, engine.cfg, n)
     with Meter(job, "items", info=f"{engine.backend.name}/{engine.backend.variant}") as meter:
         meter.start(source.n)
-        jobs.run(source, jobs.make_job_fn(job, engine, params), output, jobs.item_shape(job, engine.latent_dim, params),
-                 batch_size, meter.advance, images=job != "encode" and job != "score")
+        jobs.run(source, jobs.make_job_fn(job, engine, params), output, jobs.item_shape(job, engine.cfg, params),
+                 batch_size, meter.advance, image_shape=engine.cfg.image_shape if job not in ("encode", "score") else None)
     out.print(f"wrote {output} ({source.n} items)")
 
 

@@ -24,6 +24,8 @@ SEED_MAX = 2**32 - 1  # seeds are 0..2^32-1: every generator (torch, NumPy, the 
 # Limits checked before anything is allocated: a config.json is user input, and latent_dim 1e9 must be an
 # error line, not an out-of-memory kill.
 MAX_LATENT, MAX_WIDTH, MAX_LAYERS, MAX_PARAMS = 4096, 16384, 16, 200_000_000
+MAX_INPUT = 1 << 22  # values per item (e.g. 3x1024x1024 images are under it)
+LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "gaussian")  # defined in likelihoods/; names listed here
 MAX_THREADS, MAX_BATCH, MAX_TRAIN_K, MAX_EPOCHS = 1024, 1 << 18, 10_000, 1_000_000  # batch: ~1 GB of pixels
 
 ARCHS = ("mlp", "conv")
@@ -41,17 +43,29 @@ class ModelConfig:
     latent_dim: int = 20  # size of z
     hidden: tuple[int, ...] = (400, 400)  # encoder hidden sizes; the decoder mirrors them
     activation: str = "relu"  # nonlinearity between hidden layers
-    input_dim: int = INPUT_DIM  # flat pixels per image (28*28)
+    input_shape: tuple[int, ...] = (INPUT_DIM,)  # one item: (D,) features or (C, H, W) image; old folders: (784,)
+    likelihood: str = "bernoulli"  # p(x|z): bernoulli, continuous-bernoulli or gaussian (see likelihoods/)
+    standardize: bool = False  # inputs standardized per feature inside the model (mean/std stored as buffers)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.hidden, (list, tuple)):
-            raise VaeEngineError(f"hidden must be a list of layer sizes, got {self.hidden!r}")
-        object.__setattr__(self, "hidden", tuple(self.hidden))
+        for name in ("hidden", "input_shape"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise VaeEngineError(f"{name} must be a list of sizes, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.arch == "conv" and self.input_shape == (INPUT_DIM,):  # conv folders from before input_shape
+            object.__setattr__(self, "input_shape", (1, *IMAGE_SHAPE))
+        if len(self.input_shape) not in (1, 3):
+            raise VaeEngineError(f"input_shape must be (D,) or (C, H, W), got {list(self.input_shape)}")
         for name, value, lo, hi in (("latent dim", self.latent_dim, 1, MAX_LATENT),
-                                    ("input_dim", self.input_dim, 1, None),
+                                    *(("input size", s, 1, MAX_INPUT) for s in self.input_shape),
                                     *(("hidden size", h, 1, MAX_WIDTH) for h in self.hidden)):
             check_int(name, value, lo, hi)
-        for name, value in (("arch", self.arch), ("activation", self.activation)):
+        if self.input_dim > MAX_INPUT:
+            raise VaeEngineError(f"an item of shape {list(self.input_shape)} has {self.input_dim:,} values, over the "
+                                 f"limit of {MAX_INPUT:,}")
+        if not isinstance(self.standardize, bool):
+            raise VaeEngineError(f"standardize must be true or false, got {self.standardize!r}")
+        for name, value in (("arch", self.arch), ("activation", self.activation), ("likelihood", self.likelihood)):
             if not isinstance(value, str):
                 raise VaeEngineError(f"{name} must be a string, got {value!r}")
         if self.arch not in ARCHS:
@@ -60,13 +74,30 @@ class ModelConfig:
             raise VaeEngineError(f"unknown activation {self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
         if not self.hidden or len(self.hidden) > MAX_LAYERS:
             raise VaeEngineError(f"hidden must list 1 to {MAX_LAYERS} layer sizes, got {list(self.hidden)}")
-        if self.input_dim != INPUT_DIM:
-            raise VaeEngineError(f"input_dim must be {INPUT_DIM} (28x28 images), got {self.input_dim}")
+        if self.likelihood not in (*LIKELIHOODS, "auto"):  # auto: chosen from the data when training starts
+            raise VaeEngineError(f"unknown likelihood {self.likelihood!r}: choose auto or one of "
+                                 f"{', '.join(LIKELIHOODS)}")
+        if self.arch == "conv" and (len(self.input_shape) != 3 or min(self.input_shape[1:]) < 4):
+            raise VaeEngineError(f"the conv architecture needs (C, H, W) images of at least 4x4, got "
+                                 f"{list(self.input_shape)}; use --arch mlp")
         sizes = (self.input_dim, *self.hidden)
         params = 2 * sum(a * b for a, b in zip(sizes, sizes[1:], strict=False)) + 3 * self.hidden[-1] * self.latent_dim
+        params += self.input_dim * self.hidden[0]  # the decoder's extra parameters per feature (gaussian)
         if params > MAX_PARAMS:
             raise VaeEngineError(f"a model of hidden {list(self.hidden)} and latent dim {self.latent_dim} has about "
                                  f"{params:,} weights, over the limit of {MAX_PARAMS:,}; choose smaller layers")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) when items are images (flat 784-value models are 28x28 MNIST images), else None."""
+        if len(self.input_shape) == 3:
+            return tuple(self.input_shape)
+        return (1, *IMAGE_SHAPE) if self.input_shape == (INPUT_DIM,) else None
+
+    @property
+    def input_dim(self) -> int:
+        """Values per item, flattened: what the graphs take (the encoder reshapes for conv)."""
+        return math.prod(self.input_shape)
 
 
 @dataclass(frozen=True)
@@ -75,6 +106,11 @@ class TrainConfig:
 
     dataset: str = "mnist"  # bundled "mnist", a downloaded "fashion-mnist"/"kmnist", or "dir" for --data-dir
     data_dir: str | None = None  # folder holding the four IDX files, when not a named dataset
+    data: str | None = None  # the user's own data: .npy/.npz/.csv/.parquet/IDX file or image folder (absolute)
+    test_data: str | None = None  # its test split in a file of its own; else a seeded val_fraction split of data
+    val_fraction: float = 0.1  # share of `data` held out for testing when there is no test_data
+    columns: tuple[str, ...] | None = None  # .csv/.parquet: the columns to use (names or indices)
+    resize: tuple[int, int] | None = None  # image folders: resize every image to (H, W)
     binarize: str = "dynamic"  # "dynamic": Bernoulli re-sampling each use (Burda et al.); "none": grayscale
     epochs: int = 10  # passes over the training set
     batch_size: int = 100  # images per optimizer step
@@ -97,9 +133,22 @@ class TrainConfig:
             if value is not None:
                 check_int(name, value, 1, MAX_THREADS if name == "threads" else None)
         for name, value in (("dataset", self.dataset), ("binarize", self.binarize), ("objective", self.objective),
-                            ("lr_schedule", self.lr_schedule), ("data_dir", self.data_dir)):
-            if not isinstance(value, str) and not (name == "data_dir" and value is None):
+                            ("lr_schedule", self.lr_schedule), ("data_dir", self.data_dir), ("data", self.data),
+                            ("test_data", self.test_data)):
+            if not isinstance(value, str) and not (name in ("data_dir", "data", "test_data") and value is None):
                 raise VaeEngineError(f"{name} must be a string, got {value!r}")
+        for name in ("columns", "resize"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (list, tuple)) or not value:
+                    raise VaeEngineError(f"{name} must be a non-empty list, got {value!r}")
+                object.__setattr__(self, name, tuple(value))
+        if self.resize is not None and (len(self.resize) != 2 or not all(isinstance(v, int) and 0 < v <= 4096
+                                                                           for v in self.resize)):
+            raise VaeEngineError(f"resize must be (H, W) with sizes 1..4096, got {list(self.resize)}")
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
+                or not 0.0 < self.val_fraction < 1.0:
+            raise VaeEngineError(f"val fraction must be a number between 0 and 1, got {self.val_fraction!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)):
             raise VaeEngineError(f"learning rate must be a number, got {self.lr!r}")
         checks = [

@@ -211,19 +211,73 @@ def download(name: str, timeout: float = 60.0) -> Path:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A dataset held in memory: uint8 images (N, 28, 28) and labels for train and test."""
+    """A dataset held in memory: items (N, *item_shape), uint8 images or float32, and labels if known."""
 
     name: str
-    source: str  # the folder it was read from
-    train_images: np.ndarray
-    train_labels: np.ndarray
+    source: str  # the file or folder it was read from
+    train_images: np.ndarray  # (N, D) or (N, C, H, W); IDX datasets keep their (N, 28, 28)
+    train_labels: np.ndarray | None
     test_images: np.ndarray
-    test_labels: np.ndarray
+    test_labels: np.ndarray | None
+    split: dict | None = None  # how the test split was drawn from the training file, when it was
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """One item's shape as the model records it: (D,) or (C, H, W)."""
+        shape = self.train_images.shape[1:]
+        return (1, *shape) if len(shape) == 2 else tuple(shape)
 
     def describe(self) -> dict:
         """What config.json records about the data."""
-        return {"name": self.name, "source": self.source, "train": len(self.train_images),
-                "test": len(self.test_images)}
+        out = {"name": self.name, "source": self.source, "train": len(self.train_images),
+               "test": len(self.test_images), "item_shape": list(self.item_shape),
+               "dtype": str(self.train_images.dtype)}
+        return {**out, "split": self.split} if self.split else out
+
+
+def load_training_data(cfg, fetch: bool = False) -> Dataset:
+    """The train and test data a TrainConfig names: its --data file or folder (with --test, or the recorded
+    seeded --val-fraction split), else an IDX dataset (bundled MNIST by default)."""
+    if not cfg.data:
+        return load_dataset(cfg.dataset, cfg.data_dir, fetch)
+    from . import readers
+
+    resize = tuple(cfg.resize) if cfg.resize else None
+    items, labels = readers.read(cfg.data, cfg.columns, resize)
+    if cfg.test_data:
+        test, test_labels = readers.read(cfg.test_data, cfg.columns, resize)
+        if test.shape[1:] != items.shape[1:]:
+            raise DataError(f"{cfg.test_data}: items of shape {test.shape[1:]} do not match {cfg.data}'s "
+                            f"{items.shape[1:]}")
+        return Dataset("file", cfg.data, items, labels, test, test_labels)
+    test_idx = split_indices(len(items), cfg.val_fraction, cfg.seed)
+    train_idx = np.setdiff1d(np.arange(len(items)), test_idx)
+    if len(train_idx) == 0:
+        raise DataError(f"{cfg.data}: {len(items)} items leave none for training after --val-fraction "
+                        f"{cfg.val_fraction}")
+    split = {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "test_indices": test_idx.tolist()}
+    train_labels, test_labels = (None, None) if labels is None else (labels[train_idx], labels[test_idx])
+    return Dataset("file", cfg.data, items[train_idx], train_labels, items[test_idx], test_labels, split)
+
+
+def load_test_data(cfg) -> tuple[np.ndarray, np.ndarray | None]:
+    """The test items and labels of the data a model was trained on (as `load_training_data` split them)."""
+    if cfg.data:
+        ds = load_training_data(cfg)
+        return ds.test_images, ds.test_labels
+    return load_split(resolve_data_dir(cfg.dataset, cfg.data_dir), "test")
+
+
+def split_indices(n: int, fraction: float, seed: int) -> np.ndarray:
+    """The seeded test split of n items: sorted indices of round(n * fraction) items (at least 1)."""
+    count = min(n, max(1, round(n * fraction)))
+    return np.sort(np.random.default_rng(seed).permutation(n)[:count])
+
+
+def to_float(items: np.ndarray) -> np.ndarray:
+    """Items (N, ...) -> float32 (N, D) in model units: uint8 is intensity / 255, anything else as is."""
+    flat = items.reshape(len(items), -1)
+    return flat.astype(np.float32) / np.float32(255.0) if flat.dtype == np.uint8 else flat.astype(np.float32)
 
 
 def resolve_data_dir(dataset: str = "mnist", data_dir: str | os.PathLike | None = None, fetch: bool = False) -> Path:
@@ -252,8 +306,8 @@ def load_dataset(dataset: str = "mnist", data_dir: str | os.PathLike | None = No
 
 
 def to_unit(images: np.ndarray) -> torch.Tensor:
-    """uint8 images (N, 28, 28) -> float32 tensor (N, 784) in [0, 1]."""
-    return torch.from_numpy(images.reshape(len(images), -1)).float().div_(255.0)
+    """Items -> float32 tensor (N, D) in model units (uint8 / 255)."""
+    return torch.from_numpy(to_float(images))
 
 
 def binarize(x: torch.Tensor, mode: str, generator: torch.Generator | None) -> torch.Tensor:
@@ -264,23 +318,27 @@ def binarize(x: torch.Tensor, mode: str, generator: torch.Generator | None) -> t
     return (torch.rand(x.shape, generator=generator) < x).to(x.dtype)
 
 
-def images_to_unit(chunk: np.ndarray, name: str = "x", start: int = 0) -> np.ndarray:
-    """The one input rule for images: uint8 0..255 or float 0..1 -> float32 (b, 784) in [0, 1].
+def model_input(chunk: np.ndarray, unit_interval: bool = True, name: str = "x", start: int = 0) -> np.ndarray:
+    """The one input rule, for the CLI and the Python API alike: items -> float32 (b, D) in model units.
 
-    Any other dtype, NaN/Inf, or float values outside [0, 1] are a DataError that names the row.
+    uint8 is intensity / 255; other numbers are taken as they are; anything else, NaN/Inf, or (for the Bernoulli
+    likelihoods, `unit_interval`) values outside [0, 1] are a DataError that names the row.
     """
     chunk = np.asarray(chunk)
-    flat = chunk.reshape(len(chunk), -1)
-    if chunk.dtype == np.uint8:
-        return flat.astype(np.float32) / np.float32(255.0)
-    if not np.issubdtype(chunk.dtype, np.floating):
-        raise DataError(f"{name}: dtype {chunk.dtype} not supported; use uint8 (0..255) or float (0..1)")
-    flat = flat.astype(np.float32)
+    if chunk.dtype == object or not (np.issubdtype(chunk.dtype, np.number) or chunk.dtype == bool) \
+            or np.issubdtype(chunk.dtype, np.complexfloating):
+        raise DataError(f"{name}: dtype {chunk.dtype} not supported; use uint8 (0..255) or float numbers")
+    flat = to_float(chunk)
     bad = ~np.isfinite(flat)
     if bad.any():
         row = start + int(np.argwhere(bad)[0][0])
         raise DataError(f"{name}: NaN or Inf in row {row}; clean the input first")
-    if flat.size and (flat.min() < 0.0 or flat.max() > 1.0):
-        raise DataError(f"{name}: float values must lie in [0, 1], found {flat.min():g}..{flat.max():g} "
+    if unit_interval and flat.size and (flat.min() < 0.0 or flat.max() > 1.0):
+        raise DataError(f"{name}: values must lie in [0, 1] for this model, found {flat.min():g}..{flat.max():g} "
                         f"near row {start}; scale 0..255 data by 1/255 or save it as uint8")
     return flat
+
+
+def images_to_unit(chunk: np.ndarray, name: str = "x", start: int = 0) -> np.ndarray:
+    """The input rule of the Bernoulli models: uint8 0..255 or numbers in [0, 1] -> float32 (b, D)."""
+    return model_input(chunk, True, name, start)

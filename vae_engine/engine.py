@@ -10,21 +10,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, kernels, rng
+from . import checkpoint, data, kernels, likelihoods, rng
 from .backends import Backend, load_backend, set_threads
-from .config import INPUT_DIM, MAX_SCORE_K, SCORE_ROWS, SEED_MAX, ModelConfig, check_int
+from .config import IMAGE_SHAPE, INPUT_DIM, MAX_SCORE_K, SCORE_ROWS, SEED_MAX, ModelConfig, check_int
 from .errors import DataError
-
-
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    return (0.5 * (1.0 + np.tanh(0.5 * logits))).astype(np.float32)  # = 1 / (1 + exp(-l)), without overflow
 
 
 class Engine:
     """Encode, decode, sample, reconstruct and score with a trained VAE.
 
-    Images are (B, 784) or (B, 28, 28), uint8 0..255 or float 0..1: the same rule as the CLI's inputs
-    (`data.images_to_unit`); anything else raises DataError. Latents are float (B, D), finite.
+    Items are (B, *input_shape) or flattened (B, D), by the CLI's one input rule (`data.model_input`: uint8 is
+    intensity / 255, numbers as they are, [0, 1] for the Bernoulli likelihoods); anything else raises DataError.
+    Latents are finite floats (B, L). Decoding returns E[x|z] in raw units; `decode(z, params=True)` the
+    likelihood's parameters (Bernoulli logits, or [mean | logvar] for the Gaussian).
 
     >>> engine = Engine.load()                            # doctest: +SKIP  (the shipped model)
     >>> mu, logvar = engine.encode(x)                     # x (B, 784) or (B, 28, 28), uint8 or [0, 1] floats
@@ -32,6 +30,7 @@ class Engine:
 
     def __init__(self, backend: Backend, cfg: ModelConfig, model_dir: Path, threads: int):
         self.backend, self.cfg, self.model_dir, self.threads = backend, cfg, model_dir, threads
+        self.likelihood = likelihoods.get(cfg.likelihood)
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, backend: str = "auto", device: str = "cpu",
@@ -47,13 +46,15 @@ class Engine:
     def latent_dim(self) -> int:
         return self.cfg.latent_dim
 
-    @staticmethod
-    def _images(x: np.ndarray) -> np.ndarray:
-        """Images by the one input rule -> contiguous float32 (B, 784) in [0, 1]."""
+    def _images(self, x: np.ndarray, name: str = "x", start: int = 0) -> np.ndarray:
+        """Items by the one input rule -> contiguous float32 (B, D) in model units."""
         a = np.asarray(x)
-        if a.ndim < 2 or int(np.prod(a.shape[1:])) != INPUT_DIM:
-            raise DataError(f"x must have shape (N, 784) or (N, 28, 28), got {a.shape}")
-        return np.ascontiguousarray(data.images_to_unit(a, "x"))
+        shape, d = self.cfg.input_shape, self.cfg.input_dim
+        if a.ndim < 2 or (a.shape[1:] != shape and a.shape[1:] != (d,) and not (d == INPUT_DIM and a.shape[1:] in (
+                IMAGE_SHAPE, (1, *IMAGE_SHAPE)))):
+            raise DataError(f"{name} must have shape (N, {', '.join(map(str, shape))})"
+                            + (f" or (N, {d})" if len(shape) > 1 else "") + f" for this model, got {a.shape}")
+        return np.ascontiguousarray(data.model_input(a, self.likelihood.unit_interval, name, start))
 
     def _latents(self, z: np.ndarray, name: str = "z") -> np.ndarray:
         """Latent-space arrays (z, mu, logvar): finite floats of shape (N, D) -> contiguous float32."""
@@ -69,10 +70,10 @@ class Engine:
         """q(z|x) parameters (mu, logvar), each (B, D)."""
         return self.backend.encode(self._images(x))
 
-    def decode(self, z: np.ndarray, logits: bool = False) -> np.ndarray:
-        """Pixel probabilities (B, 784) of p(x|z), or the logits with logits=True."""
+    def decode(self, z: np.ndarray, params: bool = False) -> np.ndarray:
+        """E[x|z] (B, D) in raw units (pixel probabilities for Bernoulli), or the likelihood's parameters."""
         out = self.backend.decode(self._latents(z))
-        return out if logits else _sigmoid(out)
+        return out if params else self.likelihood.mean(out)
 
     def sample_posterior(self, mu: np.ndarray, logvar: np.ndarray, k: int = 1, seed: int = 0,
                          start: int = 0) -> np.ndarray:
@@ -85,12 +86,12 @@ class Engine:
         return kernels.reparameterize(mu, logvar, eps)
 
     def sample(self, n: int, seed: int = 0, start: int = 0) -> np.ndarray:
-        """n images (n, 784) as probabilities, decoded from z ~ N(0, I)."""
+        """n items (n, D) as E[x|z], decoded from z ~ N(0, I)."""
         _check_stream(seed, start)
         return self.decode(rng.normal_eps(seed, start, check_int("n", n, 0), 1, self.latent_dim)[:, 0])
 
     def reconstruct(self, x: np.ndarray, sample: bool = False, seed: int = 0, start: int = 0) -> np.ndarray:
-        """Decode the posterior mean (or one posterior sample) of each input: probabilities (B, 784)."""
+        """Decode the posterior mean (or one posterior sample) of each input: E[x|z] (B, D)."""
         mu, logvar = self.encode(x)
         z = self.sample_posterior(mu, logvar, 1, seed, start)[:, 0] if sample else mu
         return self.decode(z)
@@ -100,7 +101,8 @@ class Engine:
         x = self._images(x)
         mu, logvar = self.backend.encode(x)
         z = self.sample_posterior(mu, logvar, 1, seed, start)[:, 0]
-        return kernels.bernoulli_log_prob(x, self.backend.decode(z)) - kernels.gaussian_kl(mu, logvar)
+        log_px = kernels.log_prob_rows(x, self.backend.decode(z), self.likelihood)
+        return log_px - kernels.gaussian_kl(mu, logvar)
 
     def log_likelihood(self, x: np.ndarray, k: int = 5000, seed: int = 0, start: int = 0) -> np.ndarray:
         """IWAE estimate of log p(x) per input (B,) with k importance samples (Burda et al. 2015, eq. 8).
@@ -121,8 +123,8 @@ class Engine:
                 s1 = min(k, s + SCORE_ROWS)
                 eps = rng.normal_eps(seed, start + i, j - i, k, self.latent_dim, s, s1)  # (b, K', D)
                 z = kernels.reparameterize(mu[i:j], logvar[i:j], eps)  # (b, K', D)
-                logits = self.backend.decode(z.reshape(-1, self.latent_dim)).reshape(j - i, s1 - s, INPUT_DIM)
-                log_w = kernels.log_weights(x[i:j], logits, z, mu[i:j], logvar[i:j])
+                params = self.backend.decode(z.reshape(-1, self.latent_dim)).reshape(j - i, s1 - s, -1)
+                log_w = kernels.log_weights(x[i:j], params, z, mu[i:j], logvar[i:j], self.likelihood)
                 block = kernels.log_mean_exp(log_w) + np.log(s1 - s)  # log sum_k w over this block
                 log_sum = block if log_sum is None else np.logaddexp(log_sum, block)
             out[i:j] = log_sum - np.log(k)

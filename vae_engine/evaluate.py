@@ -16,7 +16,7 @@ from .model import VAE, elbo, iwae_bound, log_weights
 
 @torch.no_grad()
 def reference_scores(model: VAE, x: np.ndarray, start: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image (-ELBO, -log p(x) IWAE estimate with k samples), each (n,) float64, for binary x (n, 784).
+    """Per-item (-ELBO, -log p(x) IWAE estimate with k samples), each (n,) float64, for x (n, D) in model units.
 
     `start` is the global index of x[0]: it keys the eps streams, so results do not depend on chunking.
     -ELBO uses the analytic KL and the first eps of a k=1 stream; the IWAE estimate its own k-sample stream.
@@ -47,16 +47,19 @@ def summarize(nelbo: np.ndarray, nll: np.ndarray, k: int, seed: int, seconds: fl
     }
 
 
-def evaluate(score_fn, images: np.ndarray, k: int, seed: int, chunk: int = 100, progress=None) -> tuple:
-    """Run `score_fn(x_bin, start, k, seed) -> (nelbo, nll)` over uint8 images (N, 28, 28) in chunks.
+def evaluate(score_fn, images: np.ndarray, k: int, seed: int, chunk: int = 100, progress=None,
+             binarize: bool = True) -> tuple:
+    """Run `score_fn(x, start, k, seed) -> (nelbo, nll)` over test items (uint8 images or floats) in chunks.
 
-    Images are binarized with the counter-based stream (seed, index); returns per-image (nelbo, nll).
-    `progress(n)` is called after each chunk with the number of images done in it.
+    With `binarize` (Bernoulli models), items are binarized with the counter-based stream (seed, index);
+    returns per-item (nelbo, nll). `progress(n)` is called after each chunk with the number of items in it.
     """
-    x = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    from .data import to_float
+
+    x = to_float(images)
     nelbo, nll = np.empty(len(x)), np.empty(len(x))
     for i in range(0, len(x), chunk):
-        xb = rng.binarize(x[i : i + chunk], seed, i)
+        xb = rng.binarize(x[i : i + chunk], seed, i) if binarize else x[i : i + chunk]
         nelbo[i : i + len(xb)], nll[i : i + len(xb)] = score_fn(xb, i, k, seed)
         if progress:
             progress(len(xb))
@@ -77,26 +80,28 @@ def run(model_dir, k: int = 5000, limit: int | None = None, seed: int = 0, backe
     from .backends import set_threads
 
     train_cfg = checkpoint.train_config(model_dir)
-    images, _ = data.load_split(data.resolve_data_dir(train_cfg.dataset, train_cfg.data_dir), "test")
+    images, _ = data.load_test_data(train_cfg)
     images = images[:limit]
     threads = set_threads(threads)
-    reference = partial(reference_scores, checkpoint.load_model(model_dir))
+    model = checkpoint.load_model(model_dir)
+    binarize = model.likelihood.binarized and train_cfg.binarize == "dynamic"
+    reference = partial(reference_scores, model)
     if backend == "torch":
         score_fn = reference
     else:
         from .engine import Engine
 
         score_fn = Engine.load(model_dir, backend=backend, threads=threads, variant=variant).scores
-        score_fn(rng.binarize(images[:2].reshape(2, -1) / 255.0, seed, 0), 0, 2, seed)  # compile/warm up
+        score_fn(data.to_float(images[:2]), 0, 2, seed)  # compile/warm up
     if start:
         start(len(images) * (2 if compare and backend != "torch" else 1))
     t0 = time.perf_counter()
-    nelbo, nll = evaluate(score_fn, images, k, seed, progress=progress)
+    nelbo, nll = evaluate(score_fn, images, k, seed, progress=progress, binarize=binarize)
     result = summarize(nelbo, nll, k, seed, time.perf_counter() - t0, backend)
     result["threads"], result["variant"] = threads, variant
     if compare and backend != "torch":
         t0 = time.perf_counter()
-        ref_nelbo, ref_nll = evaluate(reference, images, k, seed, progress=progress)
+        ref_nelbo, ref_nll = evaluate(reference, images, k, seed, progress=progress, binarize=binarize)
         ref_seconds = time.perf_counter() - t0
         result["reference"] = {
             "backend": "torch", "seconds": round(ref_seconds, 3), "test_nelbo": float(ref_nelbo.mean()),

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from .config import INPUT_DIM, ModelConfig
+from .config import ModelConfig
 from .errors import ModelDirError, os_error_reason
 
 ROLES = ("encoder", "decoder")
@@ -34,10 +34,17 @@ class GraphSpec:
 
 
 def spec(role: str, cfg: ModelConfig) -> GraphSpec:
-    """The declared spec of the encoder (x -> mu, logvar) or decoder (z -> logits) graph."""
+    """The declared spec of the encoder (x -> mu, logvar) or decoder (z -> the likelihood's parameters) graph.
+
+    x is an item flattened to D values in raw units (preprocessing is inside the graph); the decoder returns
+    "logits" (D) for the Bernoulli likelihoods, "params" = [mean | logvar] (2D) for the Gaussian one.
+    """
+    from .likelihoods import get
+
     if role == "encoder":
-        return GraphSpec((("x", INPUT_DIM),), (("mu", cfg.latent_dim), ("logvar", cfg.latent_dim)))
-    return GraphSpec((("z", cfg.latent_dim),), (("logits", INPUT_DIM),))
+        return GraphSpec((("x", cfg.input_dim),), (("mu", cfg.latent_dim), ("logvar", cfg.latent_dim)))
+    lk = get(cfg.likelihood)
+    return GraphSpec((("z", cfg.latent_dim),), ((lk.output_name, lk.n_params * cfg.input_dim),))
 
 
 def graph_path(model_dir: str | os.PathLike, role: str, variant: str = "fp32") -> Path:

@@ -7,14 +7,15 @@ file beside the target (its space reserved first) and renamed when complete, or 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import atomic, data, rng
-from .config import IMAGE_SHAPE, INPUT_DIM
+from . import atomic, data, likelihoods, readers, rng
+from .config import IMAGE_SHAPE, INPUT_DIM, ModelConfig
 from .engine import Engine
 from .errors import DataError, OutputError, VaeEngineError, read_error
 
@@ -35,19 +36,40 @@ class Source:
             yield i, self.read(i, min(self.n, i + batch_size))
 
 
-def open_images(path: str | Path) -> Source:
-    """An image source from .npy, IDX(.gz) or a folder of PNGs."""
+def open_items(path: str | Path, cfg: ModelConfig) -> Source:
+    """The model's input items from .npy (memory-mapped), .npz, .csv, .parquet, IDX(.gz) or an image folder.
+
+    Items must have the model's shape (or be flattened to its D values); each chunk passes the one input rule
+    (`data.model_input`) with the file's name and row in any error.
+    """
     path = Path(path)
+    unit = likelihoods.get(cfg.likelihood).unit_interval
     if path.is_dir():
-        return _png_folder(path)
+        return _image_folder(path, cfg, unit)
     if not path.is_file():
         raise DataError(f"{path}: input not found")
-    arr = load_npy(path) if path.suffix == ".npy" else data.read_idx(path)
-    if arr.ndim not in (2, 3) or arr.shape[1:] not in ((INPUT_DIM,), IMAGE_SHAPE):
-        raise DataError(f"{path}: images must have shape (N, 784) or (N, 28, 28), got {arr.shape}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        arr = load_npy(path)
+    elif suffix in (".npz", ".csv", ".parquet"):
+        arr = readers.read(path)[0]
+    else:
+        arr = data.read_idx(path)
     if len(arr) == 0:
-        raise DataError(f"{path}: the input holds no images")
-    return Source(str(path), len(arr), INPUT_DIM, lambda i, j: data.images_to_unit(arr[i:j], str(path), i))
+        raise DataError(f"{path}: the input holds no items")
+    if not _fits(arr.shape[1:], cfg):
+        raise DataError(f"{path}: items of shape {arr.shape[1:]} do not fit this model, which takes "
+                        f"{tuple(cfg.input_shape)} (or {cfg.input_dim} values per row)")
+    return Source(str(path), len(arr), cfg.input_dim, lambda i, j: data.model_input(arr[i:j], unit, str(path), i))
+
+
+def _fits(shape: tuple[int, ...], cfg: ModelConfig) -> bool:
+    """An item shape the model accepts: its own, flattened, or for 784-value models a 28x28 image."""
+    if tuple(shape) in (tuple(cfg.input_shape), (cfg.input_dim,)):
+        return True
+    if cfg.input_dim == INPUT_DIM and tuple(shape) in (IMAGE_SHAPE, (1, *IMAGE_SHAPE)):
+        return True
+    return len(cfg.input_shape) == 3 and cfg.input_shape[0] == 1 and tuple(shape) == tuple(cfg.input_shape[1:])
 
 
 def open_latents(path: str | Path, latent_dim: int) -> Source:
@@ -87,35 +109,25 @@ def load_npy(path: Path) -> np.ndarray:
     return arr
 
 
-def _png_folder(folder: Path) -> Source:
-    from PIL import Image
-
+def _image_folder(folder: Path, cfg: ModelConfig, unit: bool) -> Source:
+    """PNG/JPEG files of a folder, sorted by name, decoded chunk by chunk; each must have the model's size."""
     try:
-        files = sorted(f for f in folder.glob("*.png") if f.is_file())
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in readers.IMAGE_SUFFIXES and f.is_file())
     except OSError as exc:
         raise read_error(folder, exc, "folder") from None
     if not files:
-        raise DataError(f"{folder}: no .png files in the folder")
+        raise DataError(f"{folder}: no .png or .jpg files in the folder")
+    shape = tuple(cfg.input_shape) if len(cfg.input_shape) == 3 else (1, *IMAGE_SHAPE)
+    if math.prod(shape) != cfg.input_dim:
+        raise DataError(f"{folder}: this model takes items of shape {tuple(cfg.input_shape)}, not images")
 
     def read(i: int, j: int) -> np.ndarray:
-        out = np.empty((j - i, *IMAGE_SHAPE), np.uint8)
-        for r, f in enumerate(files[i:j]):
-            try:
-                with Image.open(f) as img:
-                    # the header gives the size: check it before decoding, so a 12000x12000 PNG costs nothing
-                    if img.size != IMAGE_SHAPE[::-1]:
-                        raise DataError(f"{f}: images must be 28x28, got {img.size[0]}x{img.size[1]}")
-                    pixels = np.asarray(img.convert("L"))
-            except DataError:
-                raise
-            except PermissionError as exc:
-                raise read_error(f, exc, "PNG") from None
-            except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, bomb errors)
-                raise DataError(f"{f}: not a readable PNG ({type(exc).__name__}: {str(exc)[:150]})") from None
-            out[r] = pixels
-        return data.images_to_unit(out, str(folder), i)
+        out = np.stack([readers.read_image(f, expect=shape) for f in files[i:j]])
+        if out.shape[1:] != shape:
+            raise DataError(f"{folder}: images must have {shape[0]} channel(s) for this model")
+        return data.model_input(out, unit, str(folder), i)
 
-    return Source(str(folder), len(files), INPUT_DIM, read)
+    return Source(str(folder), len(files), cfg.input_dim, read)
 
 
 def check_output(path: str | Path, images: bool) -> None:
@@ -128,10 +140,12 @@ def check_output(path: str | Path, images: bool) -> None:
 
 
 def run(source: Source, fn: Callable[[int, np.ndarray], np.ndarray], out_path: str | Path, item_shape: tuple,
-        batch_size: int, progress: Callable[[int], None] | None = None, images: bool = False) -> Path:
-    """Stream `source` through `fn(start, chunk) -> (b, *item_shape)` into out_path (.npy, or .png grid)."""
+        batch_size: int, progress: Callable[[int], None] | None = None,
+        image_shape: tuple[int, ...] | None = None) -> Path:
+    """Stream `source` through `fn(start, chunk) -> (b, *item_shape)` into out_path (.npy, or a .png grid of
+    images of `image_shape` (C, H, W) when outputs are images)."""
     out_path = Path(out_path)
-    check_output(out_path, images)
+    check_output(out_path, image_shape is not None)
     if batch_size < 1:
         raise VaeEngineError(f"batch size must be at least 1, got {batch_size}")
     if out_path.suffix == ".png" and source.n > MAX_PNG_IMAGES:
@@ -140,7 +154,7 @@ def run(source: Source, fn: Callable[[int, np.ndarray], np.ndarray], out_path: s
         from .plots import save_grid_png
 
         grid = np.concatenate([fn(i, chunk) for i, chunk in source.chunks(batch_size)])
-        save_grid_png(out_path, grid)
+        save_grid_png(out_path, grid, image_shape)
         if progress:
             progress(source.n)
         return out_path
@@ -170,7 +184,10 @@ def encode_fn(engine: Engine, sample: bool, with_logvar: bool, seed: int):
 
 
 def decode_fn(engine: Engine, binary: bool, seed: int):
-    """Pixel probabilities, or Bernoulli pixel samples with binary=True."""
+    """E[x|z] (pixel probabilities for Bernoulli), or Bernoulli pixel samples with binary=True."""
+    if binary and engine.likelihood.name != "bernoulli":
+        raise VaeEngineError(f"--binary draws Bernoulli pixels; this model's likelihood is {engine.likelihood.name}")
+
     def fn(start: int, z: np.ndarray) -> np.ndarray:
         p = engine.decode(z)
         return rng.binarize(p, seed, start) if binary else p
@@ -187,6 +204,8 @@ def reconstruct_fn(engine: Engine):
 
 def score_fn(engine: Engine, k: int, seed: int, binarize: bool):
     """-ELBO (k=1) or the IWAE negative log-likelihood (k>1) per input, in nats."""
+    binarize = binarize and engine.likelihood.binarized  # only Bernoulli models see binarized inputs
+
     def fn(start: int, x: np.ndarray) -> np.ndarray:
         x = rng.binarize(x, seed, start) if binarize else x
         scores = -engine.elbo(x, seed, start) if k == 1 else -engine.log_likelihood(x, k, seed, start)
@@ -213,15 +232,15 @@ def make_job_fn(job: str, engine: Engine, params: dict) -> Callable[[int, np.nda
     raise VaeEngineError(f"unknown job {job!r}: choose one of {', '.join(JOB_NAMES)}")
 
 
-def item_shape(job: str, latent_dim: int, params: dict) -> tuple[int, ...]:
-    """The shape of one output row of a job."""
+def item_shape(job: str, cfg: ModelConfig, params: dict) -> tuple[int, ...]:
+    """The shape of one output row of a job: latents, a score, or an item flattened to D values."""
     if job == "encode":
-        return (2, latent_dim) if params.get("with_logvar") else (latent_dim,)
-    return () if job == "score" else (INPUT_DIM,)
+        return (2, cfg.latent_dim) if params.get("with_logvar") else (cfg.latent_dim,)
+    return () if job == "score" else (cfg.input_dim,)
 
 
-def open_input(job: str, path: str | Path | None, latent_dim: int, n: int = 0) -> Source:
-    """The input of a job: latents for decode, a counter for sample, images otherwise."""
+def open_input(job: str, path: str | Path | None, cfg: ModelConfig, n: int = 0) -> Source:
+    """The input of a job: latents for decode, a counter for sample, the model's items otherwise."""
     if job == "sample":
         return counter(n)
-    return open_latents(path, latent_dim) if job == "decode" else open_images(path)
+    return open_latents(path, cfg.latent_dim) if job == "decode" else open_items(path, cfg)

@@ -47,29 +47,50 @@ def _softplus_neg_abs(a):
     return _horner(_ATANH_C, s * s) * s
 
 
-@numba.njit(inline="always", fastmath=True)
-def _bernoulli_row(x, logits):
-    """sum_p x_p l_p - softplus(l_p) over one row (log p(x|z) with logits, stable)."""
-    acc = _ZERO
-    for p in range(x.shape[0]):
-        lp = logits[p]
-        acc += x[p] * lp - max(lp, _ZERO) - _softplus_neg_abs(-abs(lp))
-    return acc
+_LOG_WEIGHTS: dict = {}  # likelihood name -> (serial, parallel) compiled log-weights kernels
+_ROWS: dict = {}  # likelihood name -> compiled per-row log-probability kernel
 
 
-def _make_log_weights(parallel: bool):
-    def kernel(x, logits, z, mu, logvar, out):
+def _make_log_weights(row, name: str, parallel: bool):
+    def kernel(x, params, z, mu, logvar, out):
         """out[b, k] = log p(x_b|z_bk) + log p(z_bk) - log q(z_bk|x_b), one fused pass, no temporaries."""
         n, k, d = z.shape
         for b in numba.prange(n):
             for s in range(k):
-                lw = _bernoulli_row(x[b], logits[b, s])
+                lw = row(x[b], params[b, s])
                 for i in range(d):  # log N(z; 0, 1) - log N(z; mu, var): the log(2 pi) terms cancel
                     zi = z[b, s, i]
                     diff = zi - mu[b, i]
                     lw += _HALF * (logvar[b, i] + diff * diff * math.exp(-logvar[b, i]) - zi * zi)
                 out[b, s] = lw
+    kernel.__qualname__ = _cache_name("log_weights", row, name)
     return _jit(kernel, parallel, fastmath=True)
+
+
+def _make_rows(row, name: str):
+    def kernel(x, params, out):
+        for b in range(x.shape[0]):
+            out[b] = row(x[b], params[b])
+    kernel.__qualname__ = _cache_name("log_prob_rows", row, name)
+    return numba.njit(cache=True, fastmath=True)(kernel)
+
+
+def _cache_name(kind: str, row, name: str) -> str:
+    """A name per likelihood that changes with the row's source: Numba's disk cache only watches this file, so
+    an edited likelihood row must not load the machine code compiled from its old version."""
+    import hashlib
+    import inspect
+
+    digest = hashlib.sha256(inspect.getsource(row.py_func).encode()).hexdigest()[:10]
+    return f"{kind}_{name.replace('-', '_')}_{digest}"
+
+
+def _likelihood(likelihood):
+    if likelihood is None:
+        from .likelihoods import get
+
+        return get("bernoulli")
+    return likelihood
 
 
 def _make_reparameterize(parallel: bool):
@@ -98,13 +119,6 @@ def _logmeanexp(log_w, out):
         out[b] = m + math.log(acc) - math.log(k)
 
 
-@numba.njit(cache=True, fastmath=True)
-def _bernoulli_rows(x, logits, out):
-    for b in range(x.shape[0]):
-        out[b] = _bernoulli_row(x[b], logits[b])
-
-
-_LOG_WEIGHTS = (_make_log_weights(False), _make_log_weights(True))
 _REPARAM = (_make_reparameterize(False), _make_reparameterize(True))
 
 
@@ -123,11 +137,23 @@ def reparameterize(mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> np.nd
     return out
 
 
-def log_weights(x: np.ndarray, logits: np.ndarray, z: np.ndarray, mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
-    """Importance log-weights (B, K) float32 = log p(x|z) + log p(z) - log q(z|x)."""
+def log_weights(x: np.ndarray, params: np.ndarray, z: np.ndarray, mu: np.ndarray, logvar: np.ndarray,
+                likelihood=None) -> np.ndarray:
+    """Importance log-weights (B, K) float32 = log p(x|z) + log p(z) - log q(z|x); params (B, K, P*D) from the
+    decoder, likelihood from `likelihoods` (default Bernoulli)."""
+    lk = _likelihood(likelihood)
+    if lk.name not in _LOG_WEIGHTS:
+        _LOG_WEIGHTS[lk.name] = tuple(_make_log_weights(lk.row, lk.name, p) for p in (False, True))
     out = np.empty(z.shape[:2], np.float32)
-    _pick(_LOG_WEIGHTS, logits.size)(_f32(x), _f32(logits), _f32(z), _f32(mu), _f32(logvar), out)
+    _check_rows(x, params, z.shape[:2], lk)
+    _pick(_LOG_WEIGHTS[lk.name], params.size)(_f32(x), _f32(lk.prepare(params)), _f32(z), _f32(mu), _f32(logvar), out)
     return out
+
+
+def _check_rows(x: np.ndarray, params: np.ndarray, lead: tuple, lk) -> None:
+    """The kernels do not check bounds: shapes are checked here, once per call."""
+    if params.shape != (*lead, lk.n_params * x.shape[-1]) or x.shape[0] != lead[0]:
+        raise ValueError(f"x {x.shape} and params {params.shape} do not fit a {lk.name} likelihood")
 
 
 def log_mean_exp(log_w: np.ndarray) -> np.ndarray:
@@ -137,11 +163,20 @@ def log_mean_exp(log_w: np.ndarray) -> np.ndarray:
     return out
 
 
-def bernoulli_log_prob(x: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """log p(x|z) per row (B,) float32 from logits (B, P)."""
+def log_prob_rows(x: np.ndarray, params: np.ndarray, likelihood=None) -> np.ndarray:
+    """log p(x|z) per row (B,) float32 from decoder params (B, P*D)."""
+    lk = _likelihood(likelihood)
+    if lk.name not in _ROWS:
+        _ROWS[lk.name] = _make_rows(lk.row, lk.name)
+    _check_rows(x, params, params.shape[:1], lk)
     out = np.empty(x.shape[0], np.float32)
-    _bernoulli_rows(_f32(x), _f32(logits), out)
+    _ROWS[lk.name](_f32(x), _f32(lk.prepare(params)), out)
     return out
+
+
+def bernoulli_log_prob(x: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """log p(x|z) per row (B,) float32 from Bernoulli logits (B, P)."""
+    return log_prob_rows(x, logits)
 
 
 def gaussian_kl(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
@@ -162,10 +197,10 @@ def bernoulli_log_prob_numpy(x, logits):
     return np.sum(x * logits - np.logaddexp(0.0, logits), axis=-1)
 
 
-def log_weights_numpy(x, logits, z, mu, logvar):
-    x, logits, z = (np.asarray(a, np.float64) for a in (x, logits, z))
+def log_weights_numpy(x, params, z, mu, logvar, likelihood=None):
+    x, params, z = (np.asarray(a, np.float64) for a in (x, params, z))
     mu, logvar = np.asarray(mu, np.float64)[:, None], np.asarray(logvar, np.float64)[:, None]
-    log_px = np.sum(x[:, None, :] * logits - np.logaddexp(0.0, logits), axis=-1)
+    log_px = _likelihood(likelihood).log_prob_numpy(x[:, None, :], params)
     log_pz = -0.5 * np.sum(np.log(2 * np.pi) + z**2, axis=-1)
     log_qz = -0.5 * np.sum(np.log(2 * np.pi) + logvar + (z - mu) ** 2 * np.exp(-logvar), axis=-1)
     return log_px + log_pz - log_qz

@@ -5,13 +5,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .config import IMAGE_SHAPE, LOGVAR_MAX, LOGVAR_MIN, ModelConfig
+from . import likelihoods
+from .config import LOGVAR_MAX, LOGVAR_MIN, ModelConfig
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "softplus": nn.Softplus}
 LOG_2PI = math.log(2.0 * math.pi)
+DEC_LOGVAR_MIN, DEC_LOGVAR_MAX = -9.0, 3.0  # Gaussian decoder, standardized units: std between 0.011 and 4.5
+STD_FLOOR = 1e-3  # standardization: a feature's std is at least this fraction of the largest one
 
 
 def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
@@ -24,85 +26,131 @@ def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class _ConvEncoderTrunk(nn.Module):
-    """(B, 784) -> (B, 64*7*7): two stride-2 convolutions."""
+def _conv_sizes(cfg: ModelConfig) -> tuple[int, int, int, int, int]:
+    """(C, H, W, H/4, W/4) of a conv model: two stride-2 convolutions halve H and W twice (floor)."""
+    c, h, w = cfg.input_shape
+    return c, h, w, h // 2 // 2, w // 2 // 2
 
-    def __init__(self, activation: str):
+
+class _ConvEncoderTrunk(nn.Module):
+    """(B, C*H*W) -> (B, 64 * H/4 * W/4): two stride-2 convolutions."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        act = _ACTIVATIONS[activation]
+        act = _ACTIVATIONS[cfg.activation]
+        self.shape = cfg.input_shape
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 4, stride=2, padding=1), act(),  # (B, 32, 14, 14)
-            nn.Conv2d(32, 64, 4, stride=2, padding=1), act(),  # (B, 64, 7, 7)
+            nn.Conv2d(self.shape[0], 32, 4, stride=2, padding=1), act(),  # (B, 32, H/2, W/2)
+            nn.Conv2d(32, 64, 4, stride=2, padding=1), act(),  # (B, 64, H/4, W/4)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.view(-1, 1, *IMAGE_SHAPE)).flatten(1)
+        return self.net(x.view(-1, *self.shape)).flatten(1)
 
 
 class _ConvDecoderHead(nn.Module):
-    """(B, 64*7*7) -> (B, 784) logits: two stride-2 transposed convolutions."""
+    """(B, 64 * H/4 * W/4) -> (B, P*C*H*W), parameter-major: two stride-2 transposed convolutions whose
+    output_padding restores odd sizes exactly (out = 2 * in + output_padding)."""
 
-    def __init__(self, activation: str):
+    def __init__(self, cfg: ModelConfig, n_params: int):
         super().__init__()
+        c, h, w, h4, w4 = _conv_sizes(cfg)
+        self.start = (64, h4, w4)
+        h2, w2 = h // 2, w // 2
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), _ACTIVATIONS[activation](),  # (B, 32, 14, 14)
-            nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1),  # (B, 1, 28, 28)
+            nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1, output_padding=(h2 - 2 * h4, w2 - 2 * w4)),
+            _ACTIVATIONS[cfg.activation](),  # (B, 32, H/2, W/2)
+            nn.ConvTranspose2d(32, n_params * c, 4, stride=2, padding=1, output_padding=(h - 2 * h2, w - 2 * w2)),
         )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h.view(-1, 64, 7, 7)).flatten(1)
+        return self.net(h.view(-1, *self.start)).flatten(1)
 
 
 class Encoder(nn.Module):
-    """x (B, 784) in [0, 1] -> (mu, logvar), each (B, latent_dim)."""
+    """x (B, D) raw features -> (mu, logvar), each (B, latent_dim); standardizes inside when configured."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.latent_dim = cfg.latent_dim
+        if cfg.standardize:  # set from the training split by `VAE.set_standardization`
+            self.register_buffer("shift", torch.zeros(cfg.input_dim))
+            self.register_buffer("scale", torch.ones(cfg.input_dim))
+        self.standardize = cfg.standardize
         if cfg.arch == "mlp":
             self.net = _mlp([cfg.input_dim, *cfg.hidden, 2 * cfg.latent_dim], cfg.activation)
         else:
             act = _ACTIVATIONS[cfg.activation]
-            trunk = [_ConvEncoderTrunk(cfg.activation)]
-            sizes = [64 * 7 * 7, *cfg.hidden]
+            _, _, _, h4, w4 = _conv_sizes(cfg)
+            trunk = [_ConvEncoderTrunk(cfg)]
+            sizes = [64 * h4 * w4, *cfg.hidden]
             for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
                 trunk += [nn.Linear(n_in, n_out), act()]
             self.net = nn.Sequential(*trunk, nn.Linear(sizes[-1], 2 * cfg.latent_dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.standardize:
+            x = (x - self.shift) / self.scale
         mu, logvar = self.net(x).chunk(2, dim=-1)
         # bounded so exp(logvar) and exp(-logvar) stay finite in float32 for any input
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
 
 class Decoder(nn.Module):
-    """z (B, latent_dim) -> Bernoulli logits (B, 784)."""
+    """z (B, latent_dim) -> the likelihood's parameters (B, P*D) in raw units (see likelihoods/)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.likelihood = likelihoods.get(cfg.likelihood)
+        n_params = self.likelihood.n_params
         hidden = list(reversed(cfg.hidden))
+        self.standardize = cfg.standardize
+        if cfg.standardize:
+            self.register_buffer("shift", torch.zeros(cfg.input_dim))
+            self.register_buffer("scale", torch.ones(cfg.input_dim))
         if cfg.arch == "mlp":
-            self.net = _mlp([cfg.latent_dim, *hidden, cfg.input_dim], cfg.activation)
+            self.net = _mlp([cfg.latent_dim, *hidden, n_params * cfg.input_dim], cfg.activation)
         else:
             act = _ACTIVATIONS[cfg.activation]
-            sizes = [cfg.latent_dim, *hidden, 64 * 7 * 7]
+            _, _, _, h4, w4 = _conv_sizes(cfg)
+            sizes = [cfg.latent_dim, *hidden, 64 * h4 * w4]
             layers: list[nn.Module] = []
             for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
                 layers += [nn.Linear(n_in, n_out), act()]
-            self.net = nn.Sequential(*layers, _ConvDecoderHead(cfg.activation))
+            self.net = nn.Sequential(*layers, _ConvDecoderHead(cfg, n_params))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        out = self.net(z)
+        if self.likelihood.n_params == 1:
+            return out
+        mean, pre = out.chunk(2, dim=-1)
+        # Gaussian: a log-variance softly bounded in [DEC_LOGVAR_MIN, DEC_LOGVAR_MAX] (standardized units), so
+        # the density can neither collapse onto a constant feature nor explode; then raw units:
+        # mean * std + shift and logvar + 2 log std (the change of variables of the standardization)
+        logvar = DEC_LOGVAR_MIN + (DEC_LOGVAR_MAX - DEC_LOGVAR_MIN) * torch.sigmoid(pre)
+        if self.standardize:
+            mean = mean * self.scale + self.shift
+            logvar = logvar + 2.0 * torch.log(self.scale)
+        return torch.cat([mean, logvar], dim=-1)
 
 
 class VAE(nn.Module):
-    """Kingma & Welling (2013) VAE with a diagonal Gaussian posterior and a Bernoulli likelihood."""
+    """Kingma & Welling (2013) VAE: diagonal Gaussian posterior, N(0, I) prior, the configured likelihood."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.likelihood = likelihoods.get(cfg.likelihood)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+
+    @torch.no_grad()
+    def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-feature shift and scale measured on the training split (std floored so no feature divides by 0)."""
+        std = torch.clamp(std, min=STD_FLOOR * max(float(std.max()), 1e-12))
+        for part in (self.encoder, self.decoder):
+            part.shift.copy_(mean)
+            part.scale.copy_(std)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z|x) parameters: (mu, logvar), each (B, D)."""
@@ -114,7 +162,7 @@ class VAE(nn.Module):
         return mu + torch.exp(0.5 * logvar) * eps
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Bernoulli logits of p(x|z), shape (..., 784) for z (..., D)."""
+        """The likelihood's parameters of p(x|z), shape (..., P*D) for z (..., latent_dim)."""
         return self.decoder(z.reshape(-1, z.shape[-1])).view(*z.shape[:-1], -1)
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,7 +176,7 @@ class VAE(nn.Module):
 
 def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """log p(x|z) = sum_i x_i log s(l_i) + (1 - x_i) log(1 - s(l_i)) = -BCE-with-logits, summed over pixels."""
-    return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+    return likelihoods.get("bernoulli").log_prob(x, logits)
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -149,15 +197,16 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
 def elbo(model: VAE, x: torch.Tensor, eps: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
     """ELBO per input with the analytic KL: E_q[log p(x|z)] - KL(q||p), K&W 2013 eq. 10; eps (K, B, D) averaged."""
     mu, logvar = model.encode(x)
-    logits = model.decode(model.reparameterize(mu, logvar, eps))  # (K, B, 784)
-    return bernoulli_log_prob(x, logits).mean(0) - kl_weight * gaussian_kl(mu, logvar)
+    params = model.decode(model.reparameterize(mu, logvar, eps))  # (K, B, P*D)
+    return model.likelihood.log_prob(x, params).mean(0) - kl_weight * gaussian_kl(mu, logvar)
 
 
 def log_weights(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Importance log-weights log p(x|z_k) + log p(z_k) - log q(z_k|x), shape (K, B), for eps (K, B, D)."""
     mu, logvar = model.encode(x)
     z = model.reparameterize(mu, logvar, eps)
-    return bernoulli_log_prob(x, model.decode(z)) + standard_normal_log_prob(z) - gaussian_log_prob(z, mu, logvar)
+    log_px = model.likelihood.log_prob(x, model.decode(z))
+    return log_px + standard_normal_log_prob(z) - gaussian_log_prob(z, mu, logvar)
 
 
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:

@@ -16,24 +16,44 @@ from . import atomic  # noqa: E402
 from .config import IMAGE_SHAPE  # noqa: E402
 
 
-def image_grid(images: np.ndarray, ncols: int, pad: int = 1) -> np.ndarray:
-    """(N, 784) or (N, 28, 28) values in [0, 1] -> one (rows*29+1, ncols*29+1) image with 1-px separators."""
-    images = np.asarray(images, dtype=np.float32).reshape(-1, *IMAGE_SHAPE)
-    h, w = IMAGE_SHAPE
+def image_grid(images: np.ndarray, ncols: int, shape: tuple[int, ...] = (1, *IMAGE_SHAPE), pad: int = 1) -> np.ndarray:
+    """Items (N, C*H*W) of `shape` (C, H, W), values in [0, 1] -> one grid image with 1-px white separators:
+    (rows*(H+1)+1, ncols*(W+1)+1) for grey, with a trailing RGB axis for colour. Small images are upscaled
+    (to about 28 px) so a person can read them."""
+    c, h, w = shape
+    images = np.asarray(images, dtype=np.float32).reshape(-1, c, h, w).transpose(0, 2, 3, 1)  # (N, H, W, C)
+    scale = max(1, 28 // max(h, w))
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+        h, w = h * scale, w * scale
     nrows = max(1, -(-len(images) // ncols))
-    grid = np.ones((nrows * (h + pad) + pad, ncols * (w + pad) + pad), dtype=np.float32)
+    grid = np.ones((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), dtype=np.float32)
     for i, img in enumerate(images):
-        r, c = divmod(i, ncols)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
-    return grid
+        r, col = divmod(i, ncols)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
+    return grid[..., 0] if c == 1 else grid
 
 
-def save_grid_png(path: str | Path, images: np.ndarray, ncols: int | None = None) -> None:
-    """Write images as a PNG grid (pixel-exact, grayscale, no axes), atomically."""
+def displayable(values: np.ndarray) -> np.ndarray:
+    """Values for a picture: as they are when in [0, 1], else min-max scaled (real-valued image models)."""
+    values = np.asarray(values, np.float32)
+    lo, hi = float(values.min()), float(values.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return values
+    return (values - lo) / max(hi - lo, 1e-12)
+
+
+def save_grid_png(path: str | Path, images: np.ndarray, shape: tuple[int, ...] | None = None,
+                  ncols: int | None = None) -> None:
+    """Write images as a PNG grid (pixel-exact, grey or RGB, no axes), atomically."""
     ncols = ncols or max(1, int(np.ceil(np.sqrt(len(images)))))
-    grid = np.clip(image_grid(images, ncols), 0.0, 1.0)
+    grid = np.clip(image_grid(displayable(images), ncols, shape or (1, *IMAGE_SHAPE)), 0.0, 1.0)
+    pixels = (grid * 255).round().astype(np.uint8)
     with atomic.atomic_path(path, ".png") as tmp:
-        plt.imsave(tmp, (grid * 255).round().astype(np.uint8), cmap="gray", vmin=0, vmax=255, format="png")
+        if pixels.ndim == 2:
+            plt.imsave(tmp, pixels, cmap="gray", vmin=0, vmax=255, format="png")
+        else:
+            plt.imsave(tmp, pixels, format="png")
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -43,7 +63,8 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def _show_grid(ax: plt.Axes, grid: np.ndarray, title: str) -> None:
-    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(np.clip(grid, 0.0, 1.0), cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=1,
+              interpolation="nearest")
     ax.set_title(title)
     ax.axis("off")
 
@@ -64,52 +85,107 @@ def training_curve(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 @torch.no_grad()
-def training_figures(model: Any, plots: Path, rows: list[dict[str, Any]], x_test: torch.Tensor, seed: int) -> None:
-    """The figures of a model directory's plots/ folder, drawn into the folder `plots`."""
+def training_figures(model: Any, plots: Path, rows: list[dict[str, Any]], x_test: torch.Tensor, seed: int,
+                     labels: np.ndarray | None = None) -> None:
+    """The figures of a model directory's plots/ folder, drawn into the folder `plots`: the training curve, then
+    image figures for image models, feature and latent views for tabular ones."""
     training_curve(rows, plots / "training_curve.png")
+    if model.cfg.image_shape is not None:
+        _image_figures(model, plots, x_test, seed)
+    else:
+        _table_figures(model, plots, x_test, labels)
+
+
+def _image_figures(model: Any, plots: Path, x_test: torch.Tensor, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
-    d = model.cfg.latent_dim
+    d, shape = model.cfg.latent_dim, model.cfg.image_shape
+    mean = model.likelihood.mean_torch
+
+    def grid(values: torch.Tensor, ncols: int) -> np.ndarray:
+        return image_grid(displayable(values.numpy()), ncols, shape)
 
     # reconstructions: 16 test originals above, the decoded posterior means below
     x = x_test[:16]
     mu, _ = model.encode(x)
-    recon = torch.sigmoid(model.decode(mu))
     fig, ax = plt.subplots(figsize=(8, 1.4))
-    _show_grid(ax, image_grid(torch.cat([x, recon]).numpy(), 16), "test images (top) and reconstructions (bottom)")
+    _show_grid(ax, grid(torch.cat([x, mean(model.decode(mu))]), len(x)),
+               "test items (top) and reconstructions (bottom)")
     _save(fig, plots / "reconstructions.png")
 
     # samples from the prior
     z = torch.randn((64, d), generator=g)
     fig, ax = plt.subplots(figsize=(5, 5))
-    _show_grid(ax, image_grid(torch.sigmoid(model.decode(z)).numpy(), 8), "samples: z ~ N(0, I)")
+    _show_grid(ax, grid(mean(model.decode(z)), 8), "samples: z ~ N(0, I)")
     _save(fig, plots / "samples.png")
 
-    # latent traversal: vary each of the first 8 latent dims over [-3, 3] around a test image's posterior mean
+    # latent traversal: vary each of the first 8 latent dims over [-3, 3] around a test item's posterior mean
     steps = torch.linspace(-3, 3, 9)
     dims = min(d, 8)
     base = mu[:1].repeat(dims * len(steps), 1)
     for i in range(dims):
         base[i * len(steps) : (i + 1) * len(steps), i] = steps
     fig, ax = plt.subplots(figsize=(5, 0.6 * dims + 0.6))
-    _show_grid(ax, image_grid(torch.sigmoid(model.decode(base)).numpy(), len(steps)),
-               "latent traversal: row i sets z_i from -3 to 3")
+    _show_grid(ax, grid(mean(model.decode(base)), len(steps)), "latent traversal: z_i from -3 to 3")
+    ax.axis("on")
+    ax.set_xticks([])
+    cell = ax.get_ylim()[0] / dims
+    ax.set_yticks([cell * (i + 0.5) for i in range(dims)], [f"z_{i}" for i in range(dims)], fontsize=7)
     _save(fig, plots / "latent_traversal.png")
 
-    # interpolation between the posterior means of test images, pairs (0,1), (2,3), ...
-    t = torch.linspace(0, 1, 10)[:, None]
-    pairs = [(mu[2 * i], mu[2 * i + 1]) for i in range(4)]
-    z = torch.cat([(1 - t) * a + t * b for a, b in pairs])
-    fig, ax = plt.subplots(figsize=(5.5, 2.6))
-    _show_grid(ax, image_grid(torch.sigmoid(model.decode(z)).numpy(), 10), "interpolation between test images")
-    _save(fig, plots / "interpolation.png")
+    # interpolation between the posterior means of test items, pairs (0,1), (2,3), ...
+    pairs = [(mu[2 * i], mu[2 * i + 1]) for i in range(min(4, len(mu) // 2))]
+    if pairs:
+        t = torch.linspace(0, 1, 10)[:, None]
+        z = torch.cat([(1 - t) * a + t * b for a, b in pairs])
+        fig, ax = plt.subplots(figsize=(5.5, 2.6))
+        _show_grid(ax, grid(mean(model.decode(z)), 10), "interpolation between test items")
+        _save(fig, plots / "interpolation.png")
 
     if d == 2:  # the decoded manifold: a grid of z through the inverse normal CDF, as in K&W 2013 fig. 4
         n = 20
         q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.03, 0.97, n))
         zz = torch.stack(torch.meshgrid(q, q.flip(0), indexing="xy"), dim=-1).reshape(-1, 2)
         fig, ax = plt.subplots(figsize=(7, 7))
-        _show_grid(ax, image_grid(torch.sigmoid(model.decode(zz)).numpy(), n), "decoded 2-D latent manifold")
+        _show_grid(ax, grid(mean(model.decode(zz)), n), "decoded 2-D latent manifold")
         _save(fig, plots / "manifold.png")
+
+
+def _table_figures(model: Any, plots: Path, x_test: torch.Tensor, labels: np.ndarray | None) -> None:
+    """features.png: each feature's reconstruction against its value (up to 16 features, test set);
+    latent.png: the test set's posterior means on the first two latent dimensions, coloured by label if known."""
+    x = x_test[:2000]
+    mu, _ = model.encode(x)
+    recon = model.likelihood.mean_torch(model.decode(mu)).numpy()
+    xs = x.numpy()
+    n = min(16, xs.shape[1])
+    cols = min(4, n)
+    rows_ = -(-n // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(2.6 * cols, 2.4 * rows_), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.axis("off")
+            continue
+        ax.scatter(xs[:, i], recon[:, i], s=4, alpha=0.5)
+        lo, hi = float(min(xs[:, i].min(), recon[:, i].min())), float(max(xs[:, i].max(), recon[:, i].max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_title(f"feature {i}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    fig.suptitle("test set: reconstruction (y) against value (x), first features")
+    fig.tight_layout()
+    _save(fig, plots / "features.png")
+
+    m = mu.numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    second = m[:, 1] if m.shape[1] > 1 else np.zeros(len(m))
+    if labels is not None and len(labels) >= len(m):
+        points = ax.scatter(m[:, 0], second, c=np.asarray(labels[: len(m)], np.float64), s=5, cmap="tab10")
+        fig.colorbar(points, ax=ax, label="label")
+    else:
+        ax.scatter(m[:, 0], second, s=5)
+    ax.set_xlabel("z_0 (posterior mean)")
+    ax.set_ylabel("z_1 (posterior mean)")
+    ax.set_title("test set in latent space")
+    _save(fig, plots / "latent.png")
 
 
 def bench_chart(report: dict[str, Any], path: Path) -> None:

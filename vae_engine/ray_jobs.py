@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import atomic, data, jobs
-from .config import INPUT_DIM
+from . import atomic, jobs, readers
 from .errors import VaeEngineError, write_error
 
 JOBS = ("encode", "decode", "reconstruct", "score")
@@ -32,28 +31,14 @@ def _require_ray():
     return ray
 
 
-def _open(job: str, path: str, latent_dim: int) -> jobs.Source:
-    """The input source of a job; Parquet files hold one list column of 784 (or D) values per row."""
-    if path.endswith(".parquet"):
-        return _parquet_source(Path(path), latent_dim if job == "decode" else None)
-    return jobs.open_input(job, path, latent_dim)
-
-
-def _parquet_source(path: Path, latent_dim: int | None) -> jobs.Source:
-    import pyarrow.parquet as pq
-
-    if not path.exists():
-        raise VaeEngineError(f"{path}: input not found")
-    table = pq.read_table(path)
-    column = table.column(0).to_pylist()
-    arr = np.asarray(column, dtype=np.float32 if latent_dim else None)
-    if latent_dim:
-        if arr.ndim != 2 or arr.shape[1] != latent_dim:
-            raise VaeEngineError(f"{path}: latents must have shape (N, {latent_dim}), got {arr.shape}")
-        return jobs.Source(str(path), len(arr), latent_dim, lambda i, j: arr[i:j])
-    if arr.ndim != 2 or arr.shape[1] != INPUT_DIM:
-        raise VaeEngineError(f"{path}: images must be rows of 784 values, got {arr.shape}")
-    return jobs.Source(str(path), len(arr), INPUT_DIM, lambda i, j: data.images_to_unit(arr[i:j], str(path), i))
+def _open(job: str, path: str, cfg) -> jobs.Source:
+    """The input source of a job (Parquet: numeric columns, or one list column of D values per row)."""
+    if path.endswith(".parquet") and job == "decode":
+        arr = readers.read(path)[0]
+        if arr.shape[1:] != (cfg.latent_dim,):
+            raise VaeEngineError(f"{path}: latents must have shape (N, {cfg.latent_dim}), got {arr.shape}")
+        return jobs.Source(path, len(arr), cfg.latent_dim, lambda i, j: arr[i:j])
+    return jobs.open_input(job, path, cfg)
 
 
 class JobActor:
@@ -91,8 +76,8 @@ def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: st
         raise VaeEngineError(f"{output_path}: Ray job output must end in .npy or .parquet")
     model_dir = checkpoint.resolve_model_dir(model_dir)
     cfg = checkpoint.model_config(model_dir)
-    source = _open(job, str(input_path), cfg.latent_dim)  # validates shape/dtype up front
-    item_shape = jobs.item_shape(job, cfg.latent_dim, params)
+    source = _open(job, str(input_path), cfg)  # validates shape/dtype up front
+    item_shape = jobs.item_shape(job, cfg, params)
 
     ray = _require_ray()
     if not ray.is_initialized():
@@ -108,10 +93,10 @@ def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: st
     # at least two shards per actor (so every actor gets work), at most SHARD_ROWS rows each
     rows = min(SHARD_ROWS, max(batch_size, -(-source.n // (2 * actors))))
     shards = [{"start": i, "stop": min(source.n, i + rows)} for i in range(0, source.n, rows)]
-    path, latent_dim = str(input_path), cfg.latent_dim
+    path = str(input_path)
 
     def read_shard(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        src = _open(job, path, latent_dim)  # memory-mapped: a task reads only its shard
+        src = _open(job, path, cfg)  # memory-mapped .npy: a task reads only its shard
         xs, idx = [], []
         for start, stop in zip(batch["start"], batch["stop"], strict=True):
             xs.append(src.read(int(start), int(stop)))
