@@ -177,6 +177,12 @@ def train(
     out_dir: Annotated[Path, typer.Option("--out", help="Model directory to write (config, weights, metrics, plots).")] = Path("runs/mnist-vae"),
     dataset: Annotated[str, typer.Option(help="Named dataset: mnist (bundled), fashion-mnist or kmnist (need --download once).")] = "mnist",
     data_dir: Annotated[Path | None, typer.Option(help="Folder with the four IDX files of any MNIST-format dataset; overrides --dataset.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Your own data: .npy/.npz (N, D), (N, H, W) or (N, C, H, W); .csv/.parquet numeric columns; IDX(.gz); or a folder of PNG/JPEG images (grey or RGB). Overrides --dataset.")] = None,
+    test: Annotated[Path | None, typer.Option(help="Test data for --data, same format; default: a seeded --val-fraction split of --data (indices recorded in config.json).")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of --data held out as the test split when --test is not given.")] = 0.1,
+    columns: Annotated[str | None, typer.Option(help="CSV/Parquet: comma-separated column names (or indices) to use; default: all (all must be numeric).")] = None,
+    resize: Annotated[str | None, typer.Option(help="Image folders: resize every image to H,W (e.g. 32,32); default: all images must have one size.")] = None,
+    likelihood: Annotated[str, typer.Option(help="p(x|z): auto (uint8 or [0, 1] images -> bernoulli, other real data -> gaussian), bernoulli (binary; [0, 1] data dynamically binarized), continuous-bernoulli ([0, 1] intensities), gaussian (real values, standardized inside the model).")] = "auto",
     download: Annotated[bool, typer.Option(help="Fetch --dataset into the cache ($VAE_ENGINE_CACHE or ~/.cache/vae-engine) if missing. Off: no network.")] = False,
     binarize: Annotated[str, typer.Option(help="dynamic: re-sample Bernoulli pixels every use (Burda et al.). none: keep grayscale; BCE on grayscale is not a proper likelihood, so its numbers are not comparable NLLs.")] = "dynamic",
     arch: Annotated[str, typer.Option(help="Architecture: mlp or conv.")] = "mlp",
@@ -197,15 +203,20 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Delete the model already in --out (weights, graphs, plots, metrics) and train a new one there.")] = False,
     plots: Annotated[bool, typer.Option(help="Draw plots/ at the end (training curve, reconstructions, samples, traversals).")] = True,
 ) -> None:
-    """Train a VAE on an IDX dataset and write a model directory."""
+    """Train a VAE on the bundled MNIST, an IDX dataset or your own data (--data), and write a model directory."""
     from .atomic import check_writable
     from .config import ModelConfig, TrainConfig
+    from .readers import parse_shape
     from .train import Callbacks
     from .train import train as run_train
 
-    model_cfg = ModelConfig(arch=arch, latent_dim=latent_dim, hidden=_parse_hidden(hidden), activation=activation)
+    model_cfg = ModelConfig(arch=arch, latent_dim=latent_dim, hidden=_parse_hidden(hidden), activation=activation,
+                            likelihood=likelihood)
     train_cfg = TrainConfig(
-        dataset="dir" if data_dir else dataset, data_dir=str(data_dir.resolve()) if data_dir else None, binarize=binarize,
+        dataset="dir" if data_dir else dataset, data_dir=str(data_dir.resolve()) if data_dir else None,
+        data=str(data.resolve()) if data else None, test_data=str(test.resolve()) if test else None,
+        val_fraction=val_fraction, columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else None,
+        resize=parse_shape(resize), binarize=binarize,
         epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, objective=objective, k=k,
         kl_warmup_epochs=kl_warmup, seed=seed, threads=threads, limit=limit,
     )

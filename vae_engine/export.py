@@ -25,12 +25,13 @@ from onnx import helper, numpy_helper
 from . import atomic, checkpoint, data, graphs, rng
 from .config import ModelConfig, to_dict
 from .errors import ExportError, VaeEngineError
-from .model import VAE, bernoulli_log_prob, gaussian_kl
+from .model import VAE, gaussian_kl
 
 FP32_ATOL = 1e-4  # ORT vs PyTorch, fp32: both sum the same products in different orders; errors seen ~1e-5
 FP16_ATOL = 0.1  # fp16 keeps ~3 significant digits; logits of magnitude ~20 round to steps of ~0.01
 INT8_ELBO_NATS = 0.1  # the accuracy target for int8: |change of test -ELBO| in nats
 REPORT = checkpoint.EXPORT_REPORT
+MAX_REPORT_ITEMS = 10_000  # test items for the accuracy report (all of MNIST's test set)
 
 
 class _FP32IO(torch.nn.Module):
@@ -88,7 +89,9 @@ def _set_metadata(model: onnx.ModelProto, role: str, variant: str, cfg: ModelCon
         "vae_engine.model_config": json.dumps(to_dict(cfg)), "vae_engine.weights_sha256": weights_sha,
         "vae_engine.inputs": json.dumps([list(i) for i in sp.inputs]),
         "vae_engine.outputs": json.dumps([list(o) for o in sp.outputs]),
-        "vae_engine.input_shape": json.dumps([-1, cfg.input_dim]),
+        "vae_engine.input_shape": json.dumps([-1, cfg.input_dim]),  # the graph's input: items flattened
+        "vae_engine.item_shape": json.dumps(list(cfg.input_shape)),  # one item before flattening
+        "vae_engine.likelihood": cfg.likelihood,  # how to read the decoder's output (see likelihoods/)
     }
     del model.metadata_props[:]
     for key, value in props.items():
@@ -181,13 +184,14 @@ def _validate(model: onnx.ModelProto, net: torch.nn.Module, inputs: np.ndarray, 
     return worst
 
 
-def _test_nelbo(encoder: onnx.ModelProto, decoder: onnx.ModelProto, x_bin: np.ndarray, seed: int) -> tuple:
-    """(test -ELBO, logits) of a graph pair on binarized test images, eps from the counter-based stream."""
+def _test_nelbo(encoder: onnx.ModelProto, decoder: onnx.ModelProto, x_bin: np.ndarray, seed: int, lk) -> tuple:
+    """(test -ELBO, decoder params) of a graph pair on the model's test items, eps from the counter stream."""
     mu, logvar = _run(encoder, x_bin)
     eps = rng.normal_eps(seed, 0, len(x_bin), 1, mu.shape[1])[:, 0]
     logits = _run(decoder, (mu + np.exp(0.5 * logvar) * eps).astype(np.float32))[0]
     t = torch.from_numpy
-    nelbo = -(bernoulli_log_prob(t(x_bin), t(logits)) - gaussian_kl(t(mu), t(logvar))).double().mean().item()
+    nelbo = -(lk.log_prob(t(x_bin).double(), t(logits).double()) - gaussian_kl(t(mu).double(), t(logvar).double()))
+    nelbo = nelbo.mean().item()
     return nelbo, logits
 
 
@@ -206,11 +210,14 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, optimize: b
     model: VAE = checkpoint.load_model(model_dir)
     sha = checkpoint.weights_sha256(model_dir)
     nets = {"encoder": model.encoder, "decoder": model.decoder}
-    test_images, _ = data.load_split(data.bundled_dir(), "test")
-    x_test = data.to_unit(test_images).numpy()
-    x_bin = rng.binarize(x_test, seed, 0)
+    train_cfg = checkpoint.train_config(model_dir)
+    test_items, _ = data.load_test_data(train_cfg)  # the model's own test data, not always MNIST
+    x_test = data.to_float(test_items[:MAX_REPORT_ITEMS])
+    binarized = model.likelihood.binarized and train_cfg.binarize == "dynamic"
+    x_bin = rng.binarize(x_test, seed, 0) if binarized else x_test
     z_test = np.random.default_rng(seed).standard_normal((37, cfg.latent_dim)).astype(np.float32)
-    inputs = {"encoder": x_test[:37], "decoder": z_test}  # real test images; random latents
+    x_check = np.concatenate([x_test] * -(-37 // len(x_test)))[:37]  # batch 37 even from a tiny test split
+    inputs = {"encoder": x_check, "decoder": z_test}  # real test items; random latents
     step = progress or (lambda message: None)
 
     existed = out_dir.exists()
@@ -255,7 +262,8 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
             built[role, variant] = vproto
 
     step("accuracy on the test set")
-    base, base_logits = _test_nelbo(built["encoder", "fp32"], built["decoder", "fp32"], x_bin, seed)
+    lk = model.likelihood
+    base, base_logits = _test_nelbo(built["encoder", "fp32"], built["decoder", "fp32"], x_bin, seed, lk)
     with torch.no_grad():
         mu, logvar = model.encode(torch.from_numpy(x_bin))
         eps = torch.from_numpy(rng.normal_eps(seed, 0, len(x_bin), 1, cfg.latent_dim)[:, 0])
@@ -265,7 +273,7 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
     for variant in graphs.VARIANTS:
         if ("encoder", variant) not in built:
             continue
-        nelbo, logits = _test_nelbo(built["encoder", variant], built["decoder", variant], x_bin, seed)
+        nelbo, logits = _test_nelbo(built["encoder", variant], built["decoder", variant], x_bin, seed, lk)
         report["variants"].append({
             "variant": variant,
             "files": {role: graphs.graph_path(out_dir, role, variant).name for role in nets},
