@@ -165,7 +165,7 @@ def test_cli_bench_and_info(model, tmp_path):
         (b, n) for b in ("torch", "ort-fp32", "ort-int8") for n in (1, 8)}
     for r in report["results"]:
         assert r["p50_us"] <= r["p90_us"] <= r["p99_us"] and r["samples_per_s"] > 0
-    assert {r["backend"] for r in report["postprocess"]} == {"numba", "numpy", "torch"}
+    assert {r["backend"] for r in report["postprocess"]} == {"numba", "numpy", "torch", "numba-gaussian"}
     assert (tmp_path / "b.png").stat().st_size > 1000 and "| decode |" in (tmp_path / "b.md").read_text()
     _one_line(_cli("bench", model, "--backends", "tensorflow"), "unknown backend")
     info = _cli("info", model)

@@ -87,6 +87,16 @@ class ModelConfig:
             raise VaeEngineError(f"a model of hidden {list(self.hidden)} and latent dim {self.latent_dim} has about "
                                  f"{params:,} weights, over the limit of {MAX_PARAMS:,}; choose smaller layers")
 
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        """Whether items of `shape` fit the model: its own shape, flattened to D, a grey image without its channel
+        axis, or for 784-value models a 28x28 image."""
+        shape = tuple(shape)
+        if shape in (self.input_shape, (self.input_dim,)):
+            return True
+        if self.input_dim == INPUT_DIM and shape in (IMAGE_SHAPE, (1, *IMAGE_SHAPE)):
+            return True
+        return len(self.input_shape) == 3 and self.input_shape[0] == 1 and shape == self.input_shape[1:]
+
     @property
     def image_shape(self) -> tuple[int, int, int] | None:
         """(C, H, W) when items are images (flat 784-value models are 28x28 MNIST images), else None."""

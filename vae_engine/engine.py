@@ -12,7 +12,7 @@ import numpy as np
 
 from . import checkpoint, data, kernels, likelihoods, rng
 from .backends import Backend, load_backend, set_threads
-from .config import IMAGE_SHAPE, INPUT_DIM, MAX_SCORE_K, SCORE_ROWS, SEED_MAX, ModelConfig, check_int
+from .config import MAX_SCORE_K, SCORE_ROWS, SEED_MAX, ModelConfig, check_int
 from .errors import DataError
 
 
@@ -50,8 +50,7 @@ class Engine:
         """Items by the one input rule -> contiguous float32 (B, D) in model units."""
         a = np.asarray(x)
         shape, d = self.cfg.input_shape, self.cfg.input_dim
-        if a.ndim < 2 or (a.shape[1:] != shape and a.shape[1:] != (d,) and not (d == INPUT_DIM and a.shape[1:] in (
-                IMAGE_SHAPE, (1, *IMAGE_SHAPE)))):
+        if a.ndim < 2 or not self.cfg.accepts(a.shape[1:]):
             raise DataError(f"{name} must have shape (N, {', '.join(map(str, shape))})"
                             + (f" or (N, {d})" if len(shape) > 1 else "") + f" for this model, got {a.shape}")
         return np.ascontiguousarray(data.model_input(a, self.likelihood.unit_interval, name, start))

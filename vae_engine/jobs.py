@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import atomic, data, likelihoods, readers, rng
-from .config import IMAGE_SHAPE, INPUT_DIM, ModelConfig
+from .config import IMAGE_SHAPE, ModelConfig
 from .engine import Engine
 from .errors import DataError, OutputError, VaeEngineError, read_error
 
@@ -57,19 +57,10 @@ def open_items(path: str | Path, cfg: ModelConfig) -> Source:
         arr = data.read_idx(path)
     if len(arr) == 0:
         raise DataError(f"{path}: the input holds no items")
-    if not _fits(arr.shape[1:], cfg):
+    if not cfg.accepts(arr.shape[1:]):
         raise DataError(f"{path}: items of shape {arr.shape[1:]} do not fit this model, which takes "
                         f"{tuple(cfg.input_shape)} (or {cfg.input_dim} values per row)")
     return Source(str(path), len(arr), cfg.input_dim, lambda i, j: data.model_input(arr[i:j], unit, str(path), i))
-
-
-def _fits(shape: tuple[int, ...], cfg: ModelConfig) -> bool:
-    """An item shape the model accepts: its own, flattened, or for 784-value models a 28x28 image."""
-    if tuple(shape) in (tuple(cfg.input_shape), (cfg.input_dim,)):
-        return True
-    if cfg.input_dim == INPUT_DIM and tuple(shape) in (IMAGE_SHAPE, (1, *IMAGE_SHAPE)):
-        return True
-    return len(cfg.input_shape) == 3 and cfg.input_shape[0] == 1 and tuple(shape) == tuple(cfg.input_shape[1:])
 
 
 def open_latents(path: str | Path, latent_dim: int) -> Source:
