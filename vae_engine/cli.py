@@ -321,7 +321,7 @@ def export(
         report = run_export(model_dir, out_dir, optimize=optimize, quantize=quantize, fp16=fp16, seed=seed,
                             progress=lambda message: status.update(message))
     table = Table(title=f"export of {model_dir} (opset {report['opset']}, {report['test_images']} test images)")
-    for col in ("variant", "MB enc+dec", "max|err| enc", "max|err| dec", "test logits", "test -ELBO", "Δ nats"):
+    for col in ("variant", "MB enc+dec", "max|err| enc", "max|err| dec", "max|err| test", "test -ELBO", "Δ nats"):
         table.add_column(col)
     for v in report["variants"]:
         err = v["max_abs_err_vs_torch"]

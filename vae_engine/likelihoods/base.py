@@ -32,7 +32,3 @@ class Likelihood:
     def mean(self, params: np.ndarray) -> np.ndarray:
         """NumPy: E[x|z] (..., D) float32."""
         raise NotImplementedError
-
-    def prepare(self, params: np.ndarray) -> np.ndarray:
-        """The array the Numba row reads (a likelihood may add vectorized precomputations); default: as is."""
-        return params

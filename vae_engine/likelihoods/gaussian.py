@@ -13,6 +13,7 @@ import math
 import numba
 import numpy as np
 
+from ..kernels import _exp
 from .base import Likelihood
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -22,12 +23,13 @@ _HALF = np.float32(0.5)
 
 @numba.njit(inline="always", fastmath=True)
 def gaussian_row(x, params):
-    """Row of log N(x; m, exp(lv)) from prepared params [m | lv | exp(-lv)] (D each): +, *, only: vectorizes."""
+    """Row of log N(x; m, exp(lv)) from params [m | lv] (D each), with the vectorizable exp of kernels.py."""
     d = x.shape[0]
     acc = np.float32(0.0)
     for p in range(d):
         r = x[p] - params[p]
-        acc -= _HALF_LOG_2PI + _HALF * (params[d + p] + r * r * params[2 * d + p])
+        lv = params[d + p]
+        acc -= _HALF_LOG_2PI + _HALF * (lv + r * r * _exp(-lv))
     return acc
 
 
@@ -52,11 +54,3 @@ class Gaussian(Likelihood):
 
     def mean(self, params):
         return np.ascontiguousarray(np.split(np.asarray(params, np.float32), 2, axis=-1)[0])
-
-    def prepare(self, params):
-        """[m | lv] -> [m | lv | exp(-lv)]: NumPy's SIMD exp once, so the Numba row needs no scalar exp."""
-        d = params.shape[-1] // 2
-        out = np.empty((*params.shape[:-1], 3 * d), np.float32)
-        out[..., : 2 * d] = params
-        np.exp(-params[..., d:], out=out[..., 2 * d :])
-        return out
