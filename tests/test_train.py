@@ -95,3 +95,11 @@ def test_reference_evaluation_is_chunk_independent(tiny_model, tiny_data):
     np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
     np.testing.assert_allclose(a[1], b[1], rtol=1e-5)
     assert np.mean(a[1]) < np.mean(a[0])  # on average the k=8 IWAE estimate is tighter than the ELBO
+
+
+def test_metrics_test_elbo_is_evaluates_estimate(tiny_model):
+    """One estimator of the test -ELBO: the per-epoch metric equals `evaluate` at its default seed."""
+    from vae_engine.evaluate import run
+
+    result = run(tiny_model, k=2, seed=0, backend="torch", threads=1)
+    assert checkpoint.read_metrics(tiny_model)[-1]["test_nelbo"] == pytest.approx(result["test_nelbo"], abs=1e-3)

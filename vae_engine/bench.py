@@ -137,29 +137,28 @@ def machine(threads: int) -> dict[str, Any]:
     return info
 
 
-def postprocess_fns(x, logits, mu, logvar, eps) -> dict[str, Callable[[], Any]]:
-    """The ELBO/IWAE math on decoder outputs (reparameterize, log-weights, log-mean-exp over K) three ways."""
-    import torch.nn.functional as F
+def postprocess_fns(x, params, mu, logvar, eps, likelihood=None) -> dict[str, Callable[[], Any]]:
+    """The ELBO/IWAE math on decoder outputs (reparameterize, log-weights, log-mean-exp over K) three ways:
+    the Numba kernels, their NumPy twins (float64), and PyTorch with the likelihood's own torch form."""
+    from .likelihoods import get
 
+    lk = likelihood or get("bernoulli")
     k = eps.shape[1]
 
     def numba_path():
         z = kernels.reparameterize(mu, logvar, eps)
-        return kernels.log_mean_exp(kernels.log_weights(x, logits, z, mu, logvar))
+        return kernels.log_mean_exp(kernels.log_weights(x, params, z, mu, logvar, lk))
 
     def numpy_path():
-        z = mu[:, None] + np.exp(0.5 * logvar)[:, None] * eps
-        log_px = np.sum(x[:, None] * logits - np.logaddexp(np.float32(0), logits), axis=-1)
-        lw = log_px - 0.5 * np.sum(z**2 - logvar[:, None] - (z - mu[:, None]) ** 2 * np.exp(-logvar)[:, None], -1)
-        m = lw.max(-1, keepdims=True)
-        return (m + np.log(np.mean(np.exp(lw - m), -1, keepdims=True)))[:, 0]
+        z = kernels.reparameterize_numpy(mu, logvar, eps)
+        return kernels.log_mean_exp_numpy(kernels.log_weights_numpy(x, params, z, mu, logvar, lk))
 
-    tx, tl, tmu, tlv, te = (torch.from_numpy(a) for a in (x, logits, mu, logvar, eps))
+    tx, tp, tmu, tlv, te = (torch.from_numpy(a) for a in (x, params, mu, logvar, eps))
 
     def torch_path():
         with torch.inference_mode():
             z = tmu[:, None] + torch.exp(0.5 * tlv)[:, None] * te
-            log_px = -F.binary_cross_entropy_with_logits(tl, tx[:, None].expand_as(tl), reduction="none").sum(-1)
+            log_px = lk.log_prob(tx[:, None], tp)
             lw = log_px - 0.5 * torch.sum(z**2 - tlv[:, None] - (z - tmu[:, None]) ** 2 * torch.exp(-tlv)[:, None], -1)
             return (torch.logsumexp(lw, -1) - np.log(k)).numpy()
 
@@ -183,16 +182,10 @@ def postprocess_bench(b: int = 1024, k: int = 64, d: int = 20, min_time: float =
     # the same fused log-weights for a Gaussian likelihood ([mean | logvar] per feature), against its twin
     from .likelihoods import get
 
-    gauss = get("gaussian")
     params = np.concatenate([logits * 0.25, np.clip(logits, -3, 3) * 0.5], axis=-1).astype(np.float32)
-    eps = rng.normal_eps(0, 0, b, k, d)
-
-    def gaussian_path():
-        z = kernels.reparameterize(mu, logvar, eps)
-        return kernels.log_mean_exp(kernels.log_weights(x, params, z, mu, logvar, gauss))
-
-    z = kernels.reparameterize_numpy(mu, logvar, eps)
-    ref = kernels.log_mean_exp_numpy(kernels.log_weights_numpy(x, params, z, mu, logvar, gauss))
+    gauss = postprocess_fns(x, params, mu, logvar, rng.normal_eps(0, 0, b, k, d), get("gaussian"))
+    ref = gauss["numpy"]()
+    gaussian_path = gauss["numba"]
     err = float(np.max(np.abs(np.asarray(gaussian_path(), np.float64) - ref) / np.abs(ref)))
     t = measure(gaussian_path, min_time=min_time, warmup=1, min_repeats=3)
     rows.append({"op": f"elbo-math K={k}", "backend": "numba-gaussian", "batch": b, **t.summary(b),

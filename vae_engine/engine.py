@@ -113,21 +113,14 @@ class Engine:
         k = check_int("k", k, 1, MAX_SCORE_K)
         _check_stream(seed, start)
         mu, logvar = self.backend.encode(x)
-        out = np.empty(len(x))
-        per_item = max(1, SCORE_ROWS // k)
-        for i in range(0, len(x), per_item):
-            j = min(len(x), i + per_item)
-            log_sum = None
-            for s in range(0, k, SCORE_ROWS):  # split K itself when one item's samples exceed SCORE_ROWS
-                s1 = min(k, s + SCORE_ROWS)
-                eps = rng.normal_eps(seed, start + i, j - i, k, self.latent_dim, s, s1)  # (b, K', D)
-                z = kernels.reparameterize(mu[i:j], logvar[i:j], eps)  # (b, K', D)
-                params = self.backend.decode(z.reshape(-1, self.latent_dim)).reshape(j - i, s1 - s, -1)
-                log_w = kernels.log_weights(x[i:j], params, z, mu[i:j], logvar[i:j], self.likelihood)
-                block = kernels.log_mean_exp(log_w) + np.log(s1 - s)  # log sum_k w over this block
-                log_sum = block if log_sum is None else np.logaddexp(log_sum, block)
-            out[i:j] = log_sum - np.log(k)
-        return out
+        log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks
+        for i, j, s, eps in rng.iwae_blocks(seed, start, len(x), k, self.latent_dim, SCORE_ROWS):
+            z = kernels.reparameterize(mu[i:j], logvar[i:j], eps)  # (b, K', D)
+            params = self.backend.decode(z.reshape(-1, self.latent_dim)).reshape(j - i, eps.shape[1], -1)
+            log_w = kernels.log_weights(x[i:j], params, z, mu[i:j], logvar[i:j], self.likelihood)
+            block = kernels.log_mean_exp(log_w) + np.log(eps.shape[1])  # log sum_k w over this block
+            log_sum[i:j] = block if s == 0 else np.logaddexp(log_sum[i:j], block)
+        return log_sum - np.log(k)
 
     def scores(self, x: np.ndarray, start: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """(-ELBO, -log p(x) estimate) per input: the same quantities as `evaluate.reference_scores`."""

@@ -11,7 +11,7 @@ import torch
 
 from . import rng
 from .config import SCORE_ROWS
-from .model import VAE, elbo, iwae_bound, log_weights
+from .model import VAE, elbo, log_weights
 
 
 @torch.no_grad()
@@ -22,19 +22,22 @@ def reference_scores(model: VAE, x: np.ndarray, start: int, k: int, seed: int) -
     -ELBO uses the analytic KL and the first eps of a k=1 stream; the IWAE estimate its own k-sample stream.
     """
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    n, d = len(x), model.cfg.latent_dim
-    eps1 = torch.from_numpy(rng.normal_eps(seed, start, n, 1, d)).transpose(0, 1)  # (1, n, D)
-    nelbo = -elbo(model, xt, eps1).double().numpy()
-    nll = np.empty(n)
-    per_item = max(1, SCORE_ROWS // k)
-    for i in range(0, n, per_item):
-        j = min(n, i + per_item)
-        parts = []
-        for s in range(0, k, SCORE_ROWS):  # split K itself when one image's samples exceed SCORE_ROWS
-            eps = rng.normal_eps(seed, start + i, j - i, k, d, s, min(k, s + SCORE_ROWS))  # (b, K', D)
-            parts.append(log_weights(model, xt[i:j], torch.from_numpy(eps).transpose(0, 1)))  # (K', b)
-        nll[i:j] = -iwae_bound(torch.cat(parts).double()).numpy()
-    return nelbo, nll
+    log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks (the engine's blocking, same streams)
+    for i, j, s, eps in rng.iwae_blocks(seed, start, len(x), k, model.cfg.latent_dim, SCORE_ROWS):
+        log_w = log_weights(model, xt[i:j], torch.from_numpy(eps).transpose(0, 1)).double()  # (K', b)
+        block = torch.logsumexp(log_w, dim=0).numpy()
+        log_sum[i:j] = block if s == 0 else np.logaddexp(log_sum[i:j], block)
+    return reference_nelbo(model, x, start, seed), -(log_sum - np.log(k))
+
+
+@torch.no_grad()
+def reference_nelbo(model: VAE, x: np.ndarray, start: int, seed: int) -> np.ndarray:
+    """Per-item -ELBO (n,) float64: the analytic KL and one eps per item from the k=1 stream (seed, index).
+
+    The one estimator of the test -ELBO: `evaluate`, `export` and the per-epoch metrics all use it."""
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    eps1 = torch.from_numpy(rng.normal_eps(seed, start, len(x), 1, model.cfg.latent_dim)).transpose(0, 1)  # (1, n, D)
+    return -elbo(model, xt, eps1).double().numpy()
 
 
 def summarize(nelbo: np.ndarray, nll: np.ndarray, k: int, seed: int, seconds: float, backend: str) -> dict:
