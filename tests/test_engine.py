@@ -82,8 +82,8 @@ def test_streamed_job_equals_one_shot(model, images, tmp_path):
     eng = Engine.load(model, backend="onnxruntime", threads=2)
     for fn, shape in ((jobs.score_fn(eng, 16, 0, True), ()), (jobs.encode_fn(eng, True, True, 3), (2, eng.latent_dim))):
         src = jobs.open_items(tmp_path / "x.npy", eng.cfg)
-        jobs.run(src, fn, tmp_path / "small.npy", shape, batch_size=7)
-        jobs.run(src, fn, tmp_path / "big.npy", shape, batch_size=64)
+        jobs.stream(src, fn, tmp_path / "small.npy", shape, batch_size=7)
+        jobs.stream(src, fn, tmp_path / "big.npy", shape, batch_size=64)
         np.testing.assert_allclose(np.load(tmp_path / "small.npy"), np.load(tmp_path / "big.npy"), rtol=1e-6)
 
 
@@ -98,7 +98,8 @@ def test_interrupted_job_leaves_nothing(model, images, tmp_path):
         return recon(start, x)
 
     with pytest.raises(KeyboardInterrupt):
-        jobs.run(jobs.open_items(tmp_path / "x.npy", eng.cfg), interrupted, tmp_path / "out.npy", (784,), batch_size=10)
+        jobs.stream(jobs.open_items(tmp_path / "x.npy", eng.cfg), interrupted, tmp_path / "out.npy", (784,),
+                    batch_size=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
 
 

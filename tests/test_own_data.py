@@ -250,3 +250,14 @@ def test_old_model_folders_load_unchanged():
     assert from_dict(ModelConfig, {**old_mlp, "arch": "conv"}).input_shape == (1, 28, 28)
     with pytest.raises(VaeEngineError, match="conv architecture needs"):
         ModelConfig(arch="conv", input_shape=(20,))
+
+
+def test_evaluate_on_other_data(own_models, tmp_path):
+    folder, data_path = own_models["gaussian"]
+    result = runner.invoke(app, ["evaluate", str(folder), "--data", str(data_path), "--k", "4", "--json",
+                                 str(tmp_path / "ev.json")])
+    assert result.exit_code == 0, result.output
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["n"] == 160 and ev["data"] == str(data_path)
+    np.save(tmp_path / "wrong.npy", np.zeros((4, 5), np.float32))
+    _one_line(runner.invoke(app, ["evaluate", str(folder), "--data", str(tmp_path / "wrong.npy")]), "do not fit")

@@ -36,7 +36,7 @@ def test_ray_jobs_equal_single_process(ray_cluster, model, tiny_data, tmp_path):
     engine = Engine.load(model, backend="onnxruntime", threads=1)
     for job, params in (("score", {"k": 8, "seed": 3}), ("encode", {"sample": True, "with_logvar": True, "seed": 1})):
         ray_jobs.run(job, model, tmp_path / "x.npy", tmp_path / f"{job}_ray.npy", actors=2, batch_size=50, **params)
-        jobs.run(jobs.open_items(tmp_path / "x.npy", engine.cfg), jobs.make_job_fn(job, engine, params),
+        jobs.stream(jobs.open_items(tmp_path / "x.npy", engine.cfg), jobs.make_job_fn(job, engine, params),
                  tmp_path / f"{job}.npy", jobs.item_shape(job, engine.cfg, params), batch_size=64)
         np.testing.assert_allclose(np.load(tmp_path / f"{job}_ray.npy"), np.load(tmp_path / f"{job}.npy"), rtol=1e-6)
 

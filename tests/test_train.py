@@ -99,7 +99,7 @@ def test_reference_evaluation_is_chunk_independent(tiny_model, tiny_data):
 
 def test_metrics_test_elbo_is_evaluates_estimate(tiny_model):
     """One estimator of the test -ELBO: the per-epoch metric equals `evaluate` at its default seed."""
-    from vae_engine.evaluate import run
+    from vae_engine.evaluate import evaluate_model as run
 
     result = run(tiny_model, k=2, seed=0, backend="torch", threads=1)
     assert checkpoint.read_metrics(tiny_model)[-1]["test_nelbo"] == pytest.approx(result["test_nelbo"], abs=1e-3)

@@ -193,7 +193,7 @@ def postprocess_bench(b: int = 1024, k: int = 64, d: int = 20, min_time: float =
     return rows
 
 
-def run(model_dir: str | Path, labels: tuple[str, ...] | None = None, batches: tuple[int, ...] | None = None,
+def benchmark(model_dir: str | Path, labels: tuple[str, ...] | None = None, batches: tuple[int, ...] | None = None,
         ops: tuple[str, ...] = OPS, threads: int | None = None, quick: bool = False, spin: bool = False,
         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Benchmark every (backend, op, batch) in one process with one recipe; returns the report (fixed schema)."""
@@ -280,3 +280,38 @@ def markdown(report: dict[str, Any], batches: tuple[int, ...] = (1, 1024)) -> st
         lines.append(f"| {r['backend']} | {r['p50_us'] / 1e3:.1f} | {r['p50_us'] / numba_p50:.1f} | "
                      f"{r['max_rel_err_vs_numpy']:.1e} |")
     return "\n".join(lines)
+
+
+def render(report: dict[str, Any]) -> list:
+    """The report as rich renderables for a terminal of 80 columns (p90 and full names are in the JSON and
+    markdown outputs)."""
+    from rich import box
+    from rich.table import Table
+
+    parts: list = []
+    peak = report["gemm_peak_gflops"]
+    m = report["machine"]
+    parts.append(f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads")
+    parts.append("fp32 GEMM peak (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
+    # fits 80 columns: p90 and full names are in the JSON and --markdown outputs
+    table = Table(title="backends", caption="recon = reconstruct; x torch = throughput / PyTorch eager's",
+                  box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True)
+    for col in ("op", "B", "backend", "p50 us", "p99 us", "items/s", "GFLOP/s", "%peak", "x torch"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in report["results"]:
+        ratio = f"{r['speedup_vs_torch']:.2f}" if r["speedup_vs_torch"] else "-"
+        table.add_row({"reconstruct": "recon"}.get(r["op"], r["op"]), str(r["batch"]), r["backend"],
+                      f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}", f"{r['samples_per_s'] / 1e3:.1f}k",
+                      f"{r['gflops']:.0f}", f"{100 * r['fraction_of_peak']:.0f}", ratio)
+    parts.append(table)
+    post = Table(title="ELBO/IWAE math on decoder outputs (B=1024, K=64)")
+    for col in ("implementation", "p50 ms", "x numba", "max rel err vs NumPy"):
+        post.add_column(col, justify="right")
+    numba_p50 = next(r["p50_us"] for r in report["postprocess"] if r["backend"] == "numba")
+    for r in report["postprocess"]:
+        post.add_row(r["backend"], f"{r['p50_us'] / 1e3:.2f}", f"{r['p50_us'] / numba_p50:.1f}",
+                     f"{r['max_rel_err_vs_numpy']:.1e}")
+    parts.append(post)
+    for note in report["notes"]:
+        parts.append(f"note: {note}")
+    return parts

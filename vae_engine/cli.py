@@ -10,20 +10,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich import box
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from . import __version__
 from .errors import Interrupted, VaeEngineError, os_error_reason
+from .progress import CONSOLE, Meter, progress_bar
 
 try:  # recent Typer releases carry their own copy of click; older ones use click itself
     from typer._click import exceptions as click_exc
@@ -62,7 +54,7 @@ app = typer.Typer(
     cls=OneLineErrors, help="Train, export and run variational autoencoders fast (PyTorch, ONNX Runtime, Numba).",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = CONSOLE  # progress, status and warnings: stderr
 out = Console()
 
 
@@ -123,41 +115,6 @@ def friendly(fn):
         raise typer.Exit(2) from None
 
     return wrapper
-
-
-def progress_bar(unit: str = "items") -> Progress:
-    """A rich progress bar with count, rate and time left."""
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TextColumn(f"{{task.fields[rate]}} {unit}/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-    )
-
-
-class Meter:
-    """A progress bar that appears only once work starts, so errors found while loading print alone."""
-
-    def __init__(self, description: str, unit: str = "items", info: str = ""):
-        self.description, self.unit, self.info = description, unit, info
-        self.bar: Progress | None = None
-
-    def start(self, total: int | None) -> None:
-        self.bar = progress_bar(self.unit)
-        self.bar.start()
-        self.task = self.bar.add_task(self.description, total=total, info=self.info, rate="")
-        self.t0, self.done = time.perf_counter(), 0
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.update(self.task, advance=n, rate=f"{rate:,.1f}")
-
-    def __enter__(self) -> Meter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _parse_hidden(text: str) -> tuple[int, ...]:
@@ -267,11 +224,13 @@ def evaluate(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run the PyTorch reference on the same images and eps: time ratio and largest difference.")] = False,
     variant: Annotated[str, typer.Option(help="Graph variant for --backend onnxruntime: fp32 (reproduces the reference), int8 (faster, approximate), optimized, fp16.")] = "fp32",
+    data: Annotated[Path | None, typer.Option(help="Evaluate on this file or folder instead of the model's own test split (any format train --data reads).")] = None,
+    columns: Annotated[str | None, typer.Option(help="With --data as CSV/Parquet: the columns to use, comma-separated.")] = None,
 ) -> None:
-    """Test-set -ELBO and importance-weighted NLL on dynamically binarized test images."""
+    """-ELBO and importance-weighted NLL on the model's test split (Bernoulli models: dynamically binarized)."""
     from .atomic import check_writable
     from .config import MAX_SCORE_K, SEED_MAX, check_int
-    from .evaluate import run as run_evaluation
+    from .evaluate import evaluate_model
 
     check_int("--k", k, 1, MAX_SCORE_K)
     check_int("--seed", seed, 0, SEED_MAX)
@@ -280,8 +239,10 @@ def evaluate(
     if json_path:
         check_writable(json_path)
     with Meter("evaluate", "images", info=f"k={k}") as meter:
-        result = run_evaluation(model_dir, k=k, limit=limit, seed=seed, backend=backend, threads=threads,
-                                start=meter.start, progress=meter.advance, compare=compare, variant=variant)
+        result = evaluate_model(model_dir, k=k, limit=limit, seed=seed, backend=backend, threads=threads,
+                                start=meter.start, progress=meter.advance, compare=compare, variant=variant,
+                                data_path=str(data) if data else None,
+                                columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else None)
     table = Table(title=f"evaluation of {model_dir} ({result['n']} test images, seed {seed})")
     for col in ("backend", "-ELBO (nats)", f"NLL k={k} (nats)", "seconds"):
         table.add_column(col)
@@ -397,7 +358,7 @@ def _job(job: str, model_dir: Path | None, input: Path | None, output: Path, par
     source = jobs.open_input(job, input, engine.cfg, n)
     with Meter(job, "items", info=f"{engine.backend.name}/{engine.backend.variant}") as meter:
         meter.start(source.n)
-        jobs.run(source, jobs.make_job_fn(job, engine, params), output, jobs.item_shape(job, engine.cfg, params),
+        jobs.stream(source, jobs.make_job_fn(job, engine, params), output, jobs.item_shape(job, engine.cfg, params),
                  batch_size, meter.advance, image_shape=engine.cfg.image_shape if job not in ("encode", "score") else None)
     out.print(f"wrote {output} ({source.n} items)")
 
@@ -518,32 +479,10 @@ def bench(
     for b in batch_list or ():
         check_int("batch size", b, 1, MAX_BATCH)
     with console.status("benchmarking") as status:
-        report = bench_mod.run(resolve_model_dir(model_dir), labels, batch_list, op_list, threads, quick, spin,
+        report = bench_mod.benchmark(resolve_model_dir(model_dir), labels, batch_list, op_list, threads, quick, spin,
                                progress=lambda message: status.update(f"benchmarking: {message}"))
-    peak = report["gemm_peak_gflops"]
-    m = report["machine"]
-    out.print(f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads")
-    out.print("fp32 GEMM peak (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
-    # fits 80 columns: p90 and full names are in the JSON and --markdown outputs
-    table = Table(title="backends", caption="recon = reconstruct; x torch = throughput / PyTorch eager's",
-                  box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True)
-    for col in ("op", "B", "backend", "p50 us", "p99 us", "items/s", "GFLOP/s", "%peak", "x torch"):
-        table.add_column(col, justify="right", no_wrap=True)
-    for r in report["results"]:
-        ratio = f"{r['speedup_vs_torch']:.2f}" if r["speedup_vs_torch"] else "-"
-        table.add_row({"reconstruct": "recon"}.get(r["op"], r["op"]), str(r["batch"]), r["backend"],
-                      f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}", f"{r['samples_per_s'] / 1e3:.1f}k", f"{r['gflops']:.0f}",
-                      f"{100 * r['fraction_of_peak']:.0f}", ratio)
-    out.print(table)
-    post = Table(title="ELBO/IWAE math on decoder outputs (B=1024, K=64)")
-    for col in ("implementation", "p50 ms", "x numba", "max rel err vs NumPy"):
-        post.add_column(col, justify="right")
-    numba_p50 = next(r["p50_us"] for r in report["postprocess"] if r["backend"] == "numba")
-    for r in report["postprocess"]:
-        post.add_row(r["backend"], f"{r['p50_us'] / 1e3:.2f}", f"{r['p50_us'] / numba_p50:.1f}", f"{r['max_rel_err_vs_numpy']:.1e}")
-    out.print(post)
-    for note in report["notes"]:
-        out.print(f"note: {note}")
+    for renderable in bench_mod.render(report):
+        out.print(renderable)
     atomic.write_json(json_path, report)
     if markdown_path:
         atomic.write_text(markdown_path, bench_mod.markdown(report) + "\n")

@@ -11,6 +11,7 @@ import torch
 
 from . import rng
 from .config import SCORE_ROWS
+from .errors import DataError
 from .model import VAE, elbo, log_weights
 
 
@@ -69,9 +70,10 @@ def evaluate(score_fn, images: np.ndarray, k: int, seed: int, chunk: int = 100, 
     return nelbo, nll
 
 
-def run(model_dir, k: int = 5000, limit: int | None = None, seed: int = 0, backend: str = "torch",
-        threads: int | None = None, start=None, progress=None, compare: bool = False, variant: str = "fp32") -> dict:
-    """Evaluate a model directory on its dataset's test split; returns the summary record.
+def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int = 0, backend: str = "torch",
+        threads: int | None = None, start=None, progress=None, compare: bool = False, variant: str = "fp32",
+        data_path: str | None = None, columns: tuple[str, ...] | None = None) -> dict:
+    """Evaluate a model directory on its own test split (or on `data_path`); returns the summary record.
 
     compare=True also runs the PyTorch reference on the same images and streams, and records its time, the
     speed ratio and the largest per-image difference.
@@ -83,7 +85,16 @@ def run(model_dir, k: int = 5000, limit: int | None = None, seed: int = 0, backe
     from .backends import set_threads
 
     train_cfg = checkpoint.train_config(model_dir)
-    images, _ = data.load_test_data(train_cfg)
+    if data_path is not None:  # other data: any readable file or folder whose items fit the model
+        from . import readers
+
+        images = readers.read(data_path, columns)[0]
+        cfg = checkpoint.model_config(model_dir)
+        if not cfg.accepts(images.shape[1:]):
+            raise DataError(f"{data_path}: items of shape {images.shape[1:]} do not fit this model, which takes "
+                            f"{tuple(cfg.input_shape)}")
+    else:
+        images, _ = data.load_test_data(train_cfg)
     images = images[:limit]
     threads = set_threads(threads)
     model = checkpoint.load_model(model_dir)
@@ -102,6 +113,7 @@ def run(model_dir, k: int = 5000, limit: int | None = None, seed: int = 0, backe
     nelbo, nll = evaluate(score_fn, images, k, seed, progress=progress, binarize=binarize)
     result = summarize(nelbo, nll, k, seed, time.perf_counter() - t0, backend)
     result["threads"], result["variant"] = threads, variant
+    result["data"] = str(data_path) if data_path is not None else "test split"
     if compare and backend != "torch":
         t0 = time.perf_counter()
         ref_nelbo, ref_nll = evaluate(reference, images, k, seed, progress=progress, binarize=binarize)

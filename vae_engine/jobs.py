@@ -130,7 +130,7 @@ def check_output(path: str | Path, images: bool) -> None:
     atomic.check_writable(path)
 
 
-def run(source: Source, fn: Callable[[int, np.ndarray], np.ndarray], out_path: str | Path, item_shape: tuple,
+def stream(source: Source, fn: Callable[[int, np.ndarray], np.ndarray], out_path: str | Path, item_shape: tuple,
         batch_size: int, progress: Callable[[int], None] | None = None,
         image_shape: tuple[int, ...] | None = None) -> Path:
     """Stream `source` through `fn(start, chunk) -> (b, *item_shape)` into out_path (.npy, or a .png grid of
