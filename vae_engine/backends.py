@@ -93,7 +93,7 @@ class OrtBackend:
         except Exception as exc:  # a graph that loaded but cannot run (crafted shapes, unsupported ops)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelDirError(f"{self.paths[role]}: ONNX Runtime failed to run it ({first[:300]})") from None
-        batch = len(next(iter(feed.values())))
+        batch = next(iter(feed.values())).shape[0]
         for out, width in zip(outs, features, strict=True):
             if out.shape != (batch, width) or out.dtype != np.float32:
                 raise ModelDirError(f"{self.paths[role]}: returned {out.dtype} {out.shape} where the model needs "

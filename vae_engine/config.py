@@ -176,9 +176,10 @@ class TrainConfig:
 
 def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     """`value` if it is an int in [lo, hi]; else a VaeEngineError naming the field and the range."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise VaeEngineError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
+    if type(value) is not int:  # the common case skips the (slow) ABC check
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise VaeEngineError(f"{name} must be an integer, got {value!r}")
+        value = int(value)
     if value < lo or (hi is not None and value > hi):
         bound = f"between {lo} and {hi:,}" if hi is not None else f"at least {lo}"
         raise VaeEngineError(f"{name} must be {bound}, got {value:,}")

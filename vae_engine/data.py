@@ -277,7 +277,9 @@ def split_indices(n: int, fraction: float, seed: int) -> np.ndarray:
 def to_float(items: np.ndarray) -> np.ndarray:
     """Items (N, ...) -> float32 (N, D) in model units: uint8 is intensity / 255, anything else as is."""
     flat = items.reshape(len(items), -1)
-    return flat.astype(np.float32) / np.float32(255.0) if flat.dtype == np.uint8 else flat.astype(np.float32)
+    if flat.dtype == np.uint8:
+        return flat.astype(np.float32) / np.float32(255.0)
+    return flat.astype(np.float32, copy=False)
 
 
 def resolve_data_dir(dataset: str = "mnist", data_dir: str | os.PathLike | None = None, fetch: bool = False) -> Path:
@@ -325,15 +327,19 @@ def model_input(chunk: np.ndarray, unit_interval: bool = True, name: str = "x", 
     likelihoods, `unit_interval`) values outside [0, 1] are a DataError that names the row.
     """
     chunk = np.asarray(chunk)
-    if chunk.dtype == object or not (np.issubdtype(chunk.dtype, np.number) or chunk.dtype == bool) \
-            or np.issubdtype(chunk.dtype, np.complexfloating):
+    if chunk.dtype.kind not in "biuf":  # bool, int, uint, float: no objects, strings or complex numbers
         raise DataError(f"{name}: dtype {chunk.dtype} not supported; use uint8 (0..255) or float numbers")
     flat = to_float(chunk)
+    if flat.size == 0:
+        return flat
+    lo, hi = float(flat.min()), float(flat.max())  # NaN propagates into both: one pass each when all is well
+    if math.isfinite(lo) and math.isfinite(hi) and (not unit_interval or (lo >= 0.0 and hi <= 1.0)):
+        return flat
     bad = ~np.isfinite(flat)
     if bad.any():
         row = start + int(np.argwhere(bad)[0][0])
         raise DataError(f"{name}: NaN or Inf in row {row}; clean the input first")
-    if unit_interval and flat.size and (flat.min() < 0.0 or flat.max() > 1.0):
+    if unit_interval and (flat.min() < 0.0 or flat.max() > 1.0):
         raise DataError(f"{name}: values must lie in [0, 1] for this model, found {flat.min():g}..{flat.max():g} "
                         f"near row {start}; scale 0..255 data by 1/255 or save it as uint8")
     return flat

@@ -53,17 +53,21 @@ class Engine:
         if a.ndim < 2 or not self.cfg.accepts(a.shape[1:]):
             raise DataError(f"{name} must have shape (N, {', '.join(map(str, shape))})"
                             + (f" or (N, {d})" if len(shape) > 1 else "") + f" for this model, got {a.shape}")
-        return np.ascontiguousarray(data.model_input(a, self.likelihood.unit_interval, name, start))
+        return np.ascontiguousarray(data.model_input(a, self.likelihood.unit_interval, name, start))  # no copy if so
 
     def _latents(self, z: np.ndarray, name: str = "z") -> np.ndarray:
         """Latent-space arrays (z, mu, logvar): finite floats of shape (N, D) -> contiguous float32."""
         a = np.asarray(z)
-        if a.ndim != 2 or a.shape[1] != self.latent_dim or not np.issubdtype(a.dtype, np.floating):
+        if a.ndim != 2 or a.shape[1] != self.latent_dim or a.dtype.kind != "f":
             raise DataError(f"{name} must be float of shape (N, {self.latent_dim}), got {a.dtype} {a.shape}")
         a = np.ascontiguousarray(a, dtype=np.float32)
-        if not np.isfinite(a).all():
+        if not np.isfinite(a.sum(dtype=np.float64)) and not np.isfinite(a).all():  # one reduction when all is well
             raise DataError(f"{name} holds NaN or Inf values")
         return a
+
+    def _sample(self, mu: np.ndarray, logvar: np.ndarray, k: int, seed: int, start: int) -> np.ndarray:
+        """z (B, K, D) from checked float32 (mu, logvar), e.g. straight from the backend (which checks them)."""
+        return kernels.reparameterize(mu, logvar, rng.normal_eps(seed, start, len(mu), k, self.latent_dim))
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """q(z|x) parameters (mu, logvar), each (B, D)."""
@@ -81,8 +85,7 @@ class Engine:
         mu, logvar = self._latents(mu, "mu"), self._latents(logvar, "logvar")
         if mu.shape != logvar.shape:
             raise DataError(f"mu {mu.shape} and logvar {logvar.shape} must have the same shape")
-        eps = rng.normal_eps(seed, start, len(mu), check_int("k", k, 1, MAX_SCORE_K), self.latent_dim)
-        return kernels.reparameterize(mu, logvar, eps)
+        return self._sample(mu, logvar, check_int("k", k, 1, MAX_SCORE_K), seed, start)
 
     def sample(self, n: int, seed: int = 0, start: int = 0) -> np.ndarray:
         """n items (n, D) as E[x|z], decoded from z ~ N(0, I)."""
@@ -91,15 +94,17 @@ class Engine:
 
     def reconstruct(self, x: np.ndarray, sample: bool = False, seed: int = 0, start: int = 0) -> np.ndarray:
         """Decode the posterior mean (or one posterior sample) of each input: E[x|z] (B, D)."""
-        mu, logvar = self.encode(x)
-        z = self.sample_posterior(mu, logvar, 1, seed, start)[:, 0] if sample else mu
-        return self.decode(z)
+        _check_stream(seed, start)
+        mu, logvar = self.encode(x)  # checked by the backend: no second validation on the way to the decoder
+        z = self._sample(mu, logvar, 1, seed, start)[:, 0] if sample else mu
+        return self.likelihood.mean(self.backend.decode(z))
 
     def elbo(self, x: np.ndarray, seed: int = 0, start: int = 0) -> np.ndarray:
         """ELBO per input (B,): one posterior sample for log p(x|z), analytic KL (K&W 2013, eq. 10)."""
         x = self._images(x)
+        _check_stream(seed, start)
         mu, logvar = self.backend.encode(x)
-        z = self.sample_posterior(mu, logvar, 1, seed, start)[:, 0]
+        z = self._sample(mu, logvar, 1, seed, start)[:, 0]
         log_px = kernels.log_prob_rows(x, self.backend.decode(z), self.likelihood)
         return log_px - kernels.gaussian_kl(mu, logvar)
 
