@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vae_engine import kernels, rng
+from vae_engine import kernels, likelihoods, rng
 from vae_engine.model import bernoulli_log_prob, gaussian_log_prob, iwae_bound, standard_normal_log_prob
 
 RTOL = 1e-4  # the kernels sum in float32 with a polynomial softplus; twins use float64 and libm
@@ -55,8 +55,8 @@ def test_log_weights_match_twin_and_torch(problem):
     ref = (bernoulli_log_prob(t(x)[:, None], t(logits)) + standard_normal_log_prob(t(z))
            - gaussian_log_prob(t(z), t(mu)[:, None], t(logvar)[:, None])).numpy()
     np.testing.assert_allclose(got, ref, rtol=RTOL)
-    np.testing.assert_allclose(kernels.bernoulli_log_prob(x, logits[:, 0]),
-                               kernels.bernoulli_log_prob_numpy(x, logits[:, 0]), rtol=RTOL)
+    np.testing.assert_allclose(kernels.log_prob_rows(x, logits[:, 0]),
+                               likelihoods.get("bernoulli").log_prob_numpy(x, logits[:, 0]), rtol=RTOL)
 
 
 def test_log_weights_parallel_variant_agrees():

@@ -343,8 +343,3 @@ def model_input(chunk: np.ndarray, unit_interval: bool = True, name: str = "x", 
         raise DataError(f"{name}: values must lie in [0, 1] for this model, found {flat.min():g}..{flat.max():g} "
                         f"near row {start}; scale 0..255 data by 1/255 or save it as uint8")
     return flat
-
-
-def images_to_unit(chunk: np.ndarray, name: str = "x", start: int = 0) -> np.ndarray:
-    """The input rule of the Bernoulli models: uint8 0..255 or numbers in [0, 1] -> float32 (b, D)."""
-    return model_input(chunk, True, name, start)

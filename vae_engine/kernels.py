@@ -192,11 +192,6 @@ def log_prob_rows(x: np.ndarray, params: np.ndarray, likelihood=None) -> np.ndar
     return out
 
 
-def bernoulli_log_prob(x: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """log p(x|z) per row (B,) float32 from Bernoulli logits (B, P)."""
-    return log_prob_rows(x, logits)
-
-
 def gaussian_kl(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
     """KL(q || N(0, I)) per row (B,), K&W 2013 appendix B (tiny: NumPy is as fast as a kernel here)."""
     mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
@@ -208,11 +203,6 @@ def gaussian_kl(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
 
 def reparameterize_numpy(mu, logvar, eps):
     return (mu[:, None, :] + np.exp(0.5 * logvar)[:, None, :] * eps).astype(np.float32)
-
-
-def bernoulli_log_prob_numpy(x, logits):
-    x, logits = np.asarray(x, np.float64), np.asarray(logits, np.float64)
-    return np.sum(x * logits - np.logaddexp(0.0, logits), axis=-1)
 
 
 def log_weights_numpy(x, params, z, mu, logvar, likelihood=None):
