@@ -50,7 +50,7 @@ def open_items(path: str | Path, cfg: ModelConfig) -> Source:
         raise DataError(f"{path}: input not found")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        arr = load_npy(path)
+        arr = readers.load_npy(path)
     elif suffix in (".npz", ".csv", ".parquet"):
         arr = readers.read(path)[0]
     else:
@@ -68,7 +68,7 @@ def open_latents(path: str | Path, latent_dim: int) -> Source:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: input not found")
-    arr = load_npy(path)
+    arr = readers.load_npy(path)
     if arr.ndim != 2 or arr.shape[1] != latent_dim:
         raise DataError(f"{path}: latents must have shape (N, {latent_dim}) for this model, got {arr.shape}")
     if len(arr) == 0:
@@ -83,21 +83,6 @@ def open_latents(path: str | Path, latent_dim: int) -> Source:
         return chunk
 
     return Source(str(path), len(arr), latent_dim, read)
-
-
-def load_npy(path: Path) -> np.ndarray:
-    """Memory-map a .npy array (never a pickle); a clear DataError for anything else."""
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except PermissionError as exc:
-        raise read_error(path, exc, ".npy file") from None
-    except (ValueError, OSError, EOFError, TypeError) as exc:
-        raise DataError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0][:200]})") from None
-    if not isinstance(arr, np.ndarray):  # np.load returns an NpzFile for a zip archive, whatever the name
-        if hasattr(arr, "close"):
-            arr.close()
-        raise DataError(f"{path}: is a .npz archive, not a .npy array; save one array with np.save")
-    return arr
 
 
 def _image_folder(folder: Path, cfg: ModelConfig, unit: bool) -> Source:

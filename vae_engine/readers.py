@@ -34,8 +34,6 @@ def read(path: str | Path, columns: Sequence[str] | None = None,
     if columns and suffix not in (".csv", ".parquet"):
         raise DataError(f"{path}: --columns applies to .csv and .parquet files only")
     if suffix == ".npy":
-        from .jobs import load_npy
-
         items = np.asarray(load_npy(path))
         labels = None
     elif suffix == ".npz":
@@ -49,6 +47,21 @@ def read(path: str | Path, columns: Sequence[str] | None = None,
 
         items, labels = read_idx(path), None
     return as_items(items, str(path)), labels
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """Memory-map a .npy array (never a pickle); a clear DataError for anything else."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except PermissionError as exc:
+        raise read_error(path, exc, ".npy file") from None
+    except (ValueError, OSError, EOFError, TypeError) as exc:
+        raise DataError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(arr, np.ndarray):  # np.load returns an NpzFile for a zip archive, whatever the name
+        if hasattr(arr, "close"):
+            arr.close()
+        raise DataError(f"{path}: is a .npz archive, not a .npy array; save one array with np.save")
+    return arr
 
 
 def as_items(arr: np.ndarray, name: str) -> np.ndarray:
