@@ -44,14 +44,9 @@ def bench_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def engines(bench_model):
     """One engine per backend label, loaded once (torch.compile compiles on first use)."""
-    from vae_engine.bench import CANDIDATES
-    from vae_engine.engine import Engine
+    from vae_engine.bench import BY_LABEL, load_candidate
 
-    out = {}
-    for label, backend, variant in CANDIDATES:
-        if variant == "optimized":
-            continue  # needs `export --optimize`; `vae-engine bench` covers it when present
-        out[label] = Engine.load(bench_model, backend=backend, threads=THREADS, variant=variant)
-    return out
+    return {label: load_candidate(bench_model, BY_LABEL[label], THREADS)
+            for label in ("torch", "torch-compile", "ort-fp32", "ort-int8")}
 
 

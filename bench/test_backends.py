@@ -40,7 +40,7 @@ def test_backend(benchmark, engines, op, label, batch):
     be = engine.backend
     fn = bench.op_call(engine, op, x, z)
     benchmark.group = f"{op} batch={batch}"
-    benchmark.extra_info.update({"backend": be.name, "provider": be.provider, "variant": be.variant,
+    benchmark.extra_info.update({"backend": be.name, "provider": be.provider, "precision": be.precision,
                                  "threads": THREADS, "batch": batch, "dtype": "float32", **VERSIONS})
     out = _run(benchmark, fn, batch)
     assert (out[0] if op == "encode" else out).shape[0] == batch
@@ -74,7 +74,7 @@ def test_score_batch(benchmark, engines, label):
     engine = engines[label]
     x, _ = _data(64, engine.latent_dim)
     benchmark.group = "score B=64 K=64"
-    benchmark.extra_info.update({"backend": engine.backend.name, "variant": engine.backend.variant,
+    benchmark.extra_info.update({"backend": engine.backend.name, "precision": engine.backend.precision,
                                  "threads": THREADS, **VERSIONS})
     out = benchmark(lambda: engine.log_likelihood(x, k=64, seed=0))
     assert out.shape == (64,) and np.isfinite(out).all()

@@ -50,7 +50,7 @@ def test_backends_agree_with_torch_reference(model, images, backend):
 
 def test_int8_backend_close(model, images):
     x = _x(images)
-    a = Engine.load(model, backend="onnxruntime", variant="int8", threads=2).reconstruct(x)
+    a = Engine.load(model, backend="onnxruntime", precision="int8", threads=2).reconstruct(x)
     b = Engine.load(model, backend="torch", threads=2).reconstruct(x)
     assert np.abs(a - b).mean() < 0.01  # int8 weights: small pixel-probability changes on average
 
@@ -169,11 +169,14 @@ def test_cli_bench_and_info(model, tmp_path):
                   "--markdown", tmp_path / "b.md")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "b.json").read_text())
-    assert report["schema"] == "vae-engine-bench/1" and report["gemm_peak_best_gflops"] > 0
+    assert report["schema"] == "vae-engine-bench/2"
+    assert all(report["gemm_peak_best_gflops"][p] > 0 for p in ("fp32", "bf16", "int8"))
     assert {(r["backend"], r["batch"]) for r in report["results"]} == {
         (b, n) for b in ("torch", "ort-fp32", "ort-int8") for n in (1, 8)}
     for r in report["results"]:
         assert r["p50_us"] <= r["p90_us"] <= r["p99_us"] and r["samples_per_s"] > 0
+        # each row is held against the peak of its own precision
+        assert r["peak_gflops"] == report["gemm_peak_best_gflops"][r["precision"]]
     assert {r["backend"] for r in report["postprocess"]} == {"numba", "numpy", "torch", "numba-gaussian"}
     assert (tmp_path / "b.png").stat().st_size > 1000 and "| decode |" in (tmp_path / "b.md").read_text()
     _one_line(_cli("bench", model, "--backends", "tensorflow"), "unknown backend")

@@ -492,7 +492,7 @@ def test_npz_pickles_and_bad_arrays(tmp_path):
     (("sample", "-n", "two"), "Invalid value for '-n'"),
     (("sample", "--no-such-option"), "No such option"),
     (("score", "-i", "x.npy", "-o", "s.npy", "--k", 0), "--k"),
-    (("sample", "-n", 2, "--variant", "int8", "--backend", "auto"), "--quantize int8"),
+    (("sample", "-n", 2, "--precision", "int8", "--backend", "auto"), "--quantize int8"),
 ])
 def test_bad_options_are_one_line(tiny_model, tmp_path, args, fragment):
     cmd, *rest = args

@@ -1,28 +1,31 @@
-"""Backends behind one small interface: `encode(x) -> (mu, logvar)` and `decode(z) -> logits`, NumPy float32
-in and out. Chosen by name in `load_backend`; everything else (sampling, ELBO/IWAE math) lives in the engine.
+"""Backends behind one small interface: `encode(x) -> (mu, logvar)` and `decode(z) -> params`, NumPy float32
+in and out, at a named precision. Chosen by name in `load_backend`; everything else (sampling, ELBO/IWAE math)
+lives in the engine, and which (backend, precision) is fastest here under an accuracy budget in `tuning`.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from . import checkpoint, graphs
+from . import checkpoint, graphs, hardware
 from .config import ModelConfig
 from .errors import ModelDirError, VaeEngineError
 
-BACKENDS = ("auto", "torch", "torch-compile", "onnxruntime")
+BACKENDS = ("auto", "torch", "torch-compile", "onnxruntime", "openvino")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # what the numbers inside the networks are; I/O is always fp32
+ORT_GRAPHS = {"fp32": "fp32", "int8": "int8", "fp16": "fp16"}  # precision -> ONNX graph variant ONNX Runtime runs
+EXPORT_FLAG = {"fp32": "", "optimized": " --optimize", "int8": " --quantize int8", "fp16": " --fp16"}
 
 
 class Backend(Protocol):
     """What every backend provides."""
 
     name: str
-    variant: str
+    precision: str
     provider: str
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -32,18 +35,28 @@ class Backend(Protocol):
         """z (B, L) float32 -> the likelihood's parameters (B, P*D) float32."""
 
 
-class TorchBackend:
-    """PyTorch eager (the reference), or torch.compile'd encoder and decoder."""
+def _unsupported(backend: str, precision: str, why: str) -> VaeEngineError:
+    return VaeEngineError(f"--backend {backend} cannot run --precision {precision}: {why}")
 
-    def __init__(self, model_dir: Path, compile: bool = False, device: str = "cpu", threads: int | None = None):
+
+class TorchBackend:
+    """PyTorch eager (the reference), or torch.compile'd encoder and decoder; fp32, bf16 (CPUs with AVX512_BF16 or
+    AMX and GPUs; emulated, slowly, elsewhere) or fp16 (GPU). Inputs and outputs stay float32."""
+
+    def __init__(self, model_dir: Path, compile: bool = False, device: str = "cpu", threads: int | None = None,
+                 precision: str = "fp32"):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
-        self.name, self.variant = ("torch-compile" if compile else "torch"), "fp32"
+        self.name = "torch-compile" if compile else "torch"
         self.device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
-        self.provider = self.device.type
-        model = checkpoint.load_model(model_dir).to(self.device)
+        if precision not in ("fp32", "bf16", "fp16") or (precision == "fp16" and self.device.type != "cuda"):
+            raise _unsupported(self.name, precision, "torch runs fp32 and bf16 (and fp16 on a GPU); int8 is "
+                               "--backend onnxruntime's (export --quantize int8)")
+        self.precision, self.provider = precision, self.device.type
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        model = checkpoint.load_model(model_dir).to(self.device, self.dtype)
         self.encoder, self.decoder = model.encoder, model.decoder
         if compile:  # dynamic batch axis, so a new batch size does not recompile
             self.encoder = torch.compile(self.encoder, dynamic=True)
@@ -53,7 +66,8 @@ class TorchBackend:
         import torch
 
         with torch.inference_mode():
-            out = net(torch.from_numpy(a).to(self.device))
+            out = net(torch.from_numpy(a).to(self.device, self.dtype))
+            out = tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
         return out
@@ -66,65 +80,115 @@ class TorchBackend:
         return self._run(self.decoder, z).cpu().numpy()
 
 
-class OrtBackend:
-    """ONNX Runtime sessions over the exported graphs, created once per backend."""
+class _GraphBackend:
+    """What the ONNX-graph backends share: the specs, and checking every output before the kernels see it."""
 
-    def __init__(self, model_dir: Path, cfg: ModelConfig, variant: str = "fp32", threads: int | None = None,
-                 device: str = "cpu", spin: bool = False):
-        if variant not in graphs.VARIANTS:
-            raise VaeEngineError(f"unknown graph variant {variant!r}: choose one of {', '.join(graphs.VARIANTS)}")
-        self.name, self.variant = "onnxruntime", variant
-        self.sessions, self.paths = {}, {}
+    name = "graph"
+
+    def __init__(self, cfg: ModelConfig):
         self.latent_dim, self.out_dim = cfg.latent_dim, graphs.spec("decoder", cfg).outputs[0][1]
-        for role in graphs.ROLES:
-            path = graphs.graph_path(model_dir, role, variant)
-            if not path.is_file():
-                flag = {"fp32": "", "optimized": " --optimize", "int8": " --quantize int8", "fp16": " --fp16"}[variant]
-                raise VaeEngineError(f"{path} not found: run `vae-engine export {model_dir}{flag}` first")
-            self.sessions[role] = graphs.make_session(graphs.load_graph(path, role, cfg), threads, device, spin,
-                                                      name=str(path))
-            self.paths[role] = path
-        self.provider = self.sessions["decoder"].get_providers()[0]
+        self.paths: dict[str, Path] = {}
 
-    def _run(self, role: str, feed: dict[str, np.ndarray], features: tuple[int, ...]) -> list[np.ndarray]:
+    @staticmethod
+    def _graph(model_dir: Path, role: str, variant: str) -> Path:
+        path = graphs.graph_path(model_dir, role, variant)
+        if not path.is_file():
+            raise VaeEngineError(f"{path} not found: run `vae-engine export {model_dir}{EXPORT_FLAG[variant]}` first")
+        return path
+
+    def _infer(self, role: str, a: np.ndarray) -> list[np.ndarray]:
+        """The graph's outputs for one input array (raises whatever the runtime raises)."""
+        raise NotImplementedError
+
+    def _run(self, role: str, a: np.ndarray, features: tuple[int, ...]) -> list[np.ndarray]:
         """Run one graph and check what it returns: the Numba kernels downstream trust these shapes."""
         try:
-            outs = self.sessions[role].run(None, feed)
+            outs = self._infer(role, a)
         except Exception as exc:  # a graph that loaded but cannot run (crafted shapes, unsupported ops)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ModelDirError(f"{self.paths[role]}: ONNX Runtime failed to run it ({first[:300]})") from None
-        batch = next(iter(feed.values())).shape[0]
+            raise ModelDirError(f"{self.paths[role]}: {self.name} failed to run it ({first[:300]})") from None
         for out, width in zip(outs, features, strict=True):
-            if out.shape != (batch, width) or out.dtype != np.float32:
+            if out.shape != (a.shape[0], width) or out.dtype != np.float32:
                 raise ModelDirError(f"{self.paths[role]}: returned {out.dtype} {out.shape} where the model needs "
-                                    f"float32 ({batch}, {width}); re-export the model")
+                                    f"float32 ({a.shape[0]}, {width}); re-export the model")
         return outs
 
     def encode(self, x):
-        mu, logvar = self._run("encoder", {"x": x}, (self.latent_dim, self.latent_dim))
+        mu, logvar = self._run("encoder", x, (self.latent_dim, self.latent_dim))
         return mu, logvar
 
     def decode(self, z):
-        return self._run("decoder", {"z": z}, (self.out_dim,))[0]
+        return self._run("decoder", z, (self.out_dim,))[0]
 
 
-def available_cpus() -> int:
-    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota (containers).
+class OrtBackend(_GraphBackend):
+    """ONNX Runtime sessions over the exported graphs (fp32, int8 or fp16 files), created once per backend."""
 
-    os.cpu_count() counts the machine's CPUs; a process pinned to fewer, or a container with a quota, that
-    starts one OpenMP worker per machine CPU oversubscribes its share and slows down many times over.
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    try:  # cgroup v2: "max 100000" or "200000 100000" (quota and period, in microseconds)
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
+    name = "onnxruntime"
+
+    def __init__(self, model_dir: Path, cfg: ModelConfig, precision: str = "fp32", threads: int | None = None,
+                 device: str = "cpu", spin: bool = False, variant: str | None = None):
+        super().__init__(cfg)
+        if variant is None and precision not in ORT_GRAPHS:
+            raise _unsupported("onnxruntime", precision, "its CPU provider has no bf16 kernels (onnxruntime #20630); "
+                               "use --backend openvino or torch")
+        self.precision, self.variant = precision, variant or ORT_GRAPHS[precision]
+        self.sessions, self.inputs = {}, {"encoder": "x", "decoder": "z"}
+        for role in graphs.ROLES:
+            path = self.paths[role] = self._graph(model_dir, role, self.variant)
+            self.sessions[role] = graphs.make_session(graphs.load_graph(path, role, cfg), threads, device, spin,
+                                                      name=str(path))
+        self.provider = self.sessions["decoder"].get_providers()[0]
+
+    def _infer(self, role, a):
+        return self.sessions[role].run(None, {self.inputs[role]: a})
+
+
+class OpenVinoBackend(_GraphBackend):
+    """OpenVINO over the same fp32 ONNX graphs (checked, then handed over as bytes, so no external data can come
+    in): one compiled model and one infer request per graph, latency hint, one stream, explicit threads; bf16 by
+    the inference-precision hint, only where the CPU has native bf16 (elsewhere OpenVINO silently runs fp32)."""
+
+    name = "openvino"
+
+    def __init__(self, model_dir: Path, cfg: ModelConfig, precision: str = "fp32", threads: int | None = None,
+                 device: str = "cpu"):
+        super().__init__(cfg)
+        try:
+            import openvino as ov
+        except ImportError:
+            raise VaeEngineError("--backend openvino needs OpenVINO: pip install 'vae-engine[openvino]'") from None
+        if precision not in ("fp32", "bf16"):
+            raise _unsupported("openvino", precision, "it runs the fp32 graphs in fp32 or bf16; int8 is "
+                               "--backend onnxruntime's")
+        if precision == "bf16" and not hardware.native_bf16():
+            raise _unsupported("openvino", precision, "this CPU has no native bf16 (AVX512_BF16 or AMX), where "
+                               "OpenVINO would quietly run fp32; use --precision fp32")
+        if device != "cpu":
+            raise VaeEngineError("--backend openvino runs on the CPU here; use torch or onnxruntime for a GPU")
+        self.precision, self.provider, self.ov = precision, "CPU", ov
+        core = ov.Core()
+        props = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+                 "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]}
+        if threads:
+            props["INFERENCE_NUM_THREADS"] = threads
+        self.requests = {}
+        for role in graphs.ROLES:
+            path = self.paths[role] = self._graph(model_dir, role, "fp32")
+            raw = graphs.load_graph(path, role, cfg).SerializeToString()
+            try:
+                compiled = core.compile_model(core.read_model(raw, ov.Tensor(np.empty(0, np.uint8))), "CPU", props)
+            except Exception as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ModelDirError(f"{path}: OpenVINO cannot load it ({first[:300]}); re-export the model") from None
+            self.requests[role] = compiled.create_infer_request()
+
+    def _infer(self, role, a):
+        req = self.requests[role]
+        req.set_input_tensor(self.ov.Tensor(a, shared_memory=True))  # zero-copy in
+        req.infer()
+        # the request reuses its output buffers on the next call: hand out copies
+        return [np.array(t.data, copy=True) for t in req.output_tensors]
 
 
 def set_threads(threads: int | None) -> int:
@@ -133,25 +197,44 @@ def set_threads(threads: int | None) -> int:
 
     from .config import MAX_THREADS, check_int
 
-    threads = available_cpus() if threads is None else check_int("threads", threads, 1, MAX_THREADS)
+    threads = hardware.available_cpus() if threads is None else check_int("threads", threads, 1, MAX_THREADS)
     if "torch" in sys.modules:  # torch backends set it too; a pure ONNX Runtime job never imports torch
         sys.modules["torch"].set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     return threads
 
 
-def load_backend(model_dir: str | Path, backend: str = "auto", variant: str = "fp32", threads: int | None = None,
+def default_backend(model_dir: Path, precision: str, device: str = "cpu") -> str:
+    """The backend that runs a precision when none is named: ONNX Runtime for exported fp32/int8/fp16 graphs,
+    torch otherwise (bf16 on torch, or OpenVINO when it is installed and the CPU has native bf16)."""
+    if precision == "bf16":
+        return "openvino" if device == "cpu" and hardware.native_bf16() and openvino_installed() else "torch"
+    if precision != "fp32":  # int8/fp16 exist only as ONNX: onnxruntime asks for their export if missing
+        return "onnxruntime"
+    return "onnxruntime" if graphs.graph_path(model_dir, "encoder", "fp32").is_file() else "torch"
+
+
+def openvino_installed() -> bool:
+    """Is OpenVINO importable (without importing it)?"""
+    import importlib.util
+
+    return "openvino" in sys.modules or importlib.util.find_spec("openvino") is not None
+
+
+def load_backend(model_dir: str | Path, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
                  device: str = "cpu", spin: bool = False) -> Backend:
-    """The backend of that name. `auto`: ONNX Runtime when the model is exported (fastest here), else torch."""
+    """The backend of that name at that precision (`auto`: `default_backend`)."""
     model_dir = Path(model_dir)
     cfg = checkpoint.model_config(model_dir)
     if backend not in BACKENDS:
         raise VaeEngineError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":  # a graph variant other than fp32 exists only as ONNX: ask for its export if missing
-        exported = graphs.graph_path(model_dir, "encoder", variant).is_file()
-        backend = "onnxruntime" if exported or variant != "fp32" else "torch"
+    if precision not in PRECISIONS:
+        raise VaeEngineError(f"unknown precision {precision!r}: choose one of auto, {', '.join(PRECISIONS)}")
+    if backend == "auto":
+        backend = default_backend(model_dir, precision, device)
     if backend == "onnxruntime":
-        return OrtBackend(model_dir, cfg, variant, threads, device, spin)
-    if variant != "fp32":
-        raise VaeEngineError(f"graph variant {variant!r} needs --backend onnxruntime")
-    return TorchBackend(model_dir, compile=backend == "torch-compile", device=device, threads=threads)
+        return OrtBackend(model_dir, cfg, precision, threads, device, spin)
+    if backend == "openvino":
+        return OpenVinoBackend(model_dir, cfg, precision, threads, device)
+    return TorchBackend(model_dir, compile=backend == "torch-compile", device=device, threads=threads,
+                        precision=precision)

@@ -1,5 +1,5 @@
 """One timing recipe for every backend: warm up, then repeat; latency percentiles, throughput, GFLOP/s against
-the machine's own fp32 GEMM peak measured in the same run."""
+the machine's own GEMM peak for that precision (fp32, bf16, int8; CPU and GPU), measured in the same run."""
 
 from __future__ import annotations
 
@@ -14,22 +14,65 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, graphs, kernels, rng
+from . import checkpoint, graphs, hardware, kernels, rng
 from .config import INPUT_DIM, ModelConfig
 from .engine import Engine
 
 OPS = ("encode", "decode", "reconstruct")
 BATCHES = (1, 64, 1024, 8192)
 QUICK_BATCHES = (1, 1024)
-# (label, backend, variant); the label is what tables, JSON and charts show
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One benchmarked path; the label is what tables, JSON and charts show."""
+
+    label: str
+    backend: str
+    precision: str = "fp32"
+    device: str = "cpu"
+    variant: str | None = None  # an ONNX graph file other than the precision's own (ort-opt)
+
+
 CANDIDATES = (
-    ("torch", "torch", "fp32"),
-    ("torch-compile", "torch-compile", "fp32"),
-    ("ort-fp32", "onnxruntime", "fp32"),
-    ("ort-opt", "onnxruntime", "optimized"),
-    ("ort-int8", "onnxruntime", "int8"),
+    Candidate("torch", "torch"),
+    Candidate("torch-bf16", "torch", "bf16"),
+    Candidate("torch-compile", "torch-compile"),
+    Candidate("ort-fp32", "onnxruntime"),
+    Candidate("ort-opt", "onnxruntime", variant="optimized"),
+    Candidate("ort-int8", "onnxruntime", "int8"),
+    Candidate("ov-fp32", "openvino"),
+    Candidate("ov-bf16", "openvino", "bf16"),
+    Candidate("torch-cuda", "torch", device="cuda"),
+    Candidate("torch-cuda-bf16", "torch", "bf16", device="cuda"),
+    Candidate("torch-cuda-fp16", "torch", "fp16", device="cuda"),
+    Candidate("ort-cuda", "onnxruntime", device="cuda"),
+    Candidate("ort-cuda-fp16", "onnxruntime", "fp16", device="cuda"),
 )
+BY_LABEL = {c.label: c for c in CANDIDATES}
 QUICK = ("torch", "ort-fp32", "ort-int8")  # torch.compile alone takes ~20 s to compile here
+
+
+def load_candidate(model_dir: Path, c: Candidate, threads: int, spin: bool = False) -> Engine:
+    """An engine on the candidate's path; VaeEngineError says why it cannot run here (not exported, no GPU...)."""
+    from .backends import OrtBackend, load_backend
+    from .errors import VaeEngineError
+
+    if c.device == "cuda":
+        import onnxruntime
+
+        if not torch.cuda.is_available():
+            raise VaeEngineError("no CUDA GPU here")
+        if c.backend == "onnxruntime" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise VaeEngineError("onnxruntime has no CUDA provider here (pip install onnxruntime-gpu)")
+    if c.precision == "bf16" and c.device == "cpu" and c.backend == "torch" and not hardware.native_bf16():
+        raise VaeEngineError("no native bf16 on this CPU (torch would emulate it, far slower than fp32)")
+    cfg = checkpoint.model_config(model_dir)
+    if c.variant:
+        backend = OrtBackend(model_dir, cfg, c.precision, threads, c.device, spin, variant=c.variant)
+    else:
+        backend = load_backend(model_dir, c.backend, c.precision, threads, c.device, spin)
+    return Engine(backend, cfg, model_dir, threads)
 
 
 @dataclass
@@ -96,45 +139,73 @@ def model_flops(cfg: ModelConfig) -> dict[str, float]:
     return {"encode": enc, "decode": dec, "reconstruct": enc + dec}
 
 
-def gemm_peak(threads: int, n: int = 2048, min_time: float = 0.5) -> dict[str, float]:
-    """Best fp32 GEMM rate (GFLOP/s) of NumPy, PyTorch and ONNX Runtime on an n x n x n product."""
+def _onnx_gemm(n: int, a_type: int, b_type: int, op: str = "MatMul"):
+    """An n x n x n product as a one-node ONNX graph."""
     import onnx
     from onnx import TensorProto, helper
 
-    g = np.random.default_rng(0)
-    a, b = g.standard_normal((n, n), np.float32), g.standard_normal((n, n), np.float32)
-    flops = 2.0 * n**3
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    out_type = TensorProto.INT32 if op == "MatMulInteger" else TensorProto.FLOAT
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
-         helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+        [helper.make_node(op, ["a", "b"], ["c"])], "gemm",
+        [helper.make_tensor_value_info("a", a_type, [n, n]), helper.make_tensor_value_info("b", b_type, [n, n])],
+        [helper.make_tensor_value_info("c", out_type, [n, n])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", graphs.OPSET)])
     onnx.checker.check_model(model)
-    sess = graphs.make_session(model, threads)
-    fns = {"numpy": lambda: a @ b, "torch": lambda: ta @ tb, "onnxruntime": lambda: sess.run(None, {"a": a, "b": b})}
-    out = {}
-    for name, fn in fns.items():
-        t = measure(fn, min_time=min_time, warmup=2, min_repeats=3)
-        out[name] = flops / float(np.min(t.seconds)) / 1e9  # peak: best call
-    return out
+    return model
+
+
+def _best_rate(fn: Callable[[], Any], flops: float, min_time: float) -> float:
+    t = measure(fn, min_time=min_time, warmup=2, min_repeats=3)
+    return flops / float(np.min(t.seconds)) / 1e9  # peak: the best call
+
+
+def gemm_peak(threads: int, n: int = 2048, min_time: float = 0.5) -> dict[str, dict[str, float]]:
+    """Best GEMM rate (GFLOP/s) of each library on an n x n x n product, per precision: {precision: {lib: rate}}.
+
+    fp32: NumPy, PyTorch, ONNX Runtime. bf16: PyTorch (a smaller product where bf16 is emulated, which is
+    slow). int8: ONNX Runtime's MatMulInteger (u8 x s8 -> s32, what its dynamic-quantized graphs run), counted
+    as 2 ops per multiply-add like the rest. On a GPU: PyTorch fp32 (TF32 off) and bf16, as cuda-fp32/cuda-bf16.
+    """
+    from onnx import TensorProto
+
+    g = np.random.default_rng(0)
+    a, b = g.standard_normal((n, n), np.float32), g.standard_normal((n, n), np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    sess = graphs.make_session(_onnx_gemm(n, TensorProto.FLOAT, TensorProto.FLOAT), threads)
+    peaks = {"fp32": {
+        "numpy": _best_rate(lambda: a @ b, 2.0 * n**3, min_time), "torch": _best_rate(lambda: ta @ tb, 2.0 * n**3,
+                                                                                       min_time),
+        "onnxruntime": _best_rate(lambda: sess.run(None, {"a": a, "b": b}), 2.0 * n**3, min_time)}}
+    nb = n if hardware.native_bf16() else 512
+    ha, hb = ta[:nb, :nb].bfloat16(), tb[:nb, :nb].bfloat16()
+    peaks["bf16"] = {"torch": _best_rate(lambda: ha @ hb, 2.0 * nb**3, min_time)}
+    qa, qb = g.integers(0, 255, (n, n), dtype=np.uint8), g.integers(-127, 127, (n, n), dtype=np.int8)
+    qsess = graphs.make_session(_onnx_gemm(n, TensorProto.UINT8, TensorProto.INT8, "MatMulInteger"), threads)
+    peaks["int8"] = {"onnxruntime": _best_rate(lambda: qsess.run(None, {"a": qa, "b": qb}), 2.0 * n**3, min_time)}
+    if torch.cuda.is_available():
+        m = 8192
+        ca = torch.randn(m, m, device="cuda")
+        cb = torch.randn(m, m, device="cuda")
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+        def cuda(x, y):
+            return lambda: (x @ y, torch.cuda.synchronize())
+
+        peaks["cuda-fp32"] = {"torch": _best_rate(cuda(ca, cb), 2.0 * m**3, min_time)}
+        peaks["cuda-bf16"] = {"torch": _best_rate(cuda(ca.bfloat16(), cb.bfloat16()), 2.0 * m**3, min_time)}
+        peaks["cuda-fp16"] = {"torch": _best_rate(cuda(ca.half(), cb.half()), 2.0 * m**3, min_time)}
+        del ca, cb
+    return peaks
+
+
+def peak_key(c: Candidate) -> str:
+    """Which measured peak a candidate's GFLOP/s is compared with."""
+    return c.precision if c.device == "cpu" else f"cuda-{c.precision}"
 
 
 def machine(threads: int) -> dict[str, Any]:
-    """CPU model, cores and threads used."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "platform": platform.platform()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+    """CPU model and flags, cores, threads used, GPU."""
+    return hardware.describe(threads)
 
 
 def postprocess_fns(x, params, mu, logvar, eps, likelihood=None) -> dict[str, Callable[[], Any]]:
@@ -204,7 +275,7 @@ def benchmark(model_dir: str | Path, labels: tuple[str, ...] | None = None, batc
     model_dir = Path(model_dir)
     cfg = checkpoint.model_config(model_dir)
     threads = threads or os.cpu_count() or 1
-    labels = labels or (QUICK if quick else tuple(c[0] for c in CANDIDATES))
+    labels = labels or (QUICK if quick else tuple(c.label for c in CANDIDATES))
     batches = batches or (QUICK_BATCHES if quick else BATCHES)
     min_time = 0.1 if quick else 0.6
     flops = model_flops(cfg)
@@ -212,44 +283,46 @@ def benchmark(model_dir: str | Path, labels: tuple[str, ...] | None = None, batc
     x_all = (g.random((max(batches), cfg.input_dim)) < 0.3).astype(np.float32)
     z_all = g.standard_normal((max(batches), cfg.latent_dim)).astype(np.float32)
 
-    step("GEMM peak")
+    step("GEMM peaks")
     from .backends import set_threads
+    from .errors import VaeEngineError
 
     set_threads(threads)
-    peak = gemm_peak(threads, min_time=0.3 if quick else 1.0)
-    best_peak = max(peak.values())
+    peaks = gemm_peak(threads, min_time=0.3 if quick else 1.0)
+    best_peak = {precision: max(rates.values()) for precision, rates in peaks.items()}
     results, notes = [], []
     for label in labels:
-        spec = {c[0]: c for c in CANDIDATES}.get(label)
-        if spec is None:
-            raise ValueError(f"unknown bench backend {label!r}: choose from {', '.join(c[0] for c in CANDIDATES)}")
-        _, backend, variant = spec
-        if backend == "onnxruntime" and not graphs.graph_path(model_dir, "encoder", variant).is_file():
-            notes.append(f"{label}: skipped, {graphs.graph_path(model_dir, 'encoder', variant).name} not exported")
-            continue
+        c = BY_LABEL.get(label)
+        if c is None:
+            raise VaeEngineError(f"unknown bench backend {label!r}: choose from {', '.join(BY_LABEL)}")
         step(f"load {label}")
-        engine = Engine.load(model_dir, backend=backend, threads=threads, variant=variant, spin=spin)
+        try:
+            engine = load_candidate(model_dir, c, threads, spin)
+        except VaeEngineError as exc:
+            notes.append(f"{label}: skipped, {exc}")
+            continue
         be = engine.backend
         for op in ops:
             for n in batches:
                 step(f"{label} {op} batch {n}")
                 fn = op_call(engine, op, x_all[:n], z_all[:n])
-                t = measure(fn, min_time=min_time, warmup=5 if backend != "torch-compile" else 10)
-                row = {"op": op, "backend": label, "engine_backend": backend, "variant": variant,
-                       "provider": be.provider, "batch": n, "threads": threads, "dtype": "float32",
+                t = measure(fn, min_time=min_time, warmup=5 if c.backend != "torch-compile" else 10)
+                row = {"op": op, "backend": label, "engine_backend": c.backend, "precision": c.precision,
+                       "device": c.device, "provider": be.provider, "batch": n, "threads": threads,
                        **t.summary(n, flops[op])}
-                row["fraction_of_peak"] = row["gflops"] / best_peak
+                row["peak_gflops"] = best_peak.get(peak_key(c))
+                row["fraction_of_peak"] = row["gflops"] / row["peak_gflops"] if row["peak_gflops"] else None
                 results.append(row)
     if not torch.cuda.is_available():
-        notes.append("torch-cuda / onnxruntime CUDA / TensorRT rows skipped: no CUDA GPU on this machine")
+        notes.append("GPU rows (torch-cuda*, ort-cuda*) skipped: no CUDA GPU on this machine")
     step("ELBO/IWAE post-processing")
     post = postprocess_bench(min_time=min_time)
     _add_ratios(results)
     return {
-        "schema": "vae-engine-bench/1", "model_dir": str(model_dir), "model": {"arch": cfg.arch,
+        "schema": "vae-engine-bench/2", "model_dir": str(model_dir), "model": {"arch": cfg.arch,
         "latent_dim": cfg.latent_dim, "hidden": list(cfg.hidden)}, "flops_per_sample": flops,
         "machine": machine(threads), "versions": {**checkpoint.versions(), "numba_threads": numba.get_num_threads(),
-        "ort_providers": onnxruntime.get_available_providers()}, "gemm_peak_gflops": peak,
+        "ort_providers": onnxruntime.get_available_providers()}, "gemm_peak_gflops": peaks,
         "gemm_peak_best_gflops": best_peak, "quick": quick, "spin": spin, "results": results,
         "postprocess": post, "notes": notes,
     }
@@ -263,16 +336,28 @@ def _add_ratios(results: list[dict]) -> None:
         r["speedup_vs_torch"] = r["samples_per_s"] / ref if ref else None
 
 
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}"
+
+
+def peaks_line(peaks: dict[str, dict[str, float]]) -> str:
+    """'GEMM peaks (GFLOP/s): fp32 numpy 190 torch 201 ...; bf16 torch 90; int8 onnxruntime 410'."""
+    return "GEMM peaks (GFLOP/s): " + "; ".join(
+        f"{precision} " + " ".join(f"{lib} {rate:.0f}" for lib, rate in rates.items())
+        for precision, rates in peaks.items())
+
+
 def markdown(report: dict[str, Any], batches: tuple[int, ...] = (1, 1024)) -> str:
     """A Markdown table of a report (for the README), rows at the given batch sizes."""
-    lines = ["| op | batch | backend | p50 / p90 / p99 us | samples/s | GFLOP/s | % of GEMM peak | x torch |",
+    lines = ["| op | batch | backend | p50 / p90 / p99 us | samples/s | GFLOP/s | % of its precision's GEMM peak | x torch |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
         if r["batch"] in batches:
             ratio = f"{r['speedup_vs_torch']:.2f}" if r["speedup_vs_torch"] else "-"
             lines.append(f"| {r['op']} | {r['batch']} | {r['backend']} | {r['p50_us']:.0f} / {r['p90_us']:.0f} / "
                          f"{r['p99_us']:.0f} | {r['samples_per_s']:,.0f} | {r['gflops']:.0f} | "
-                         f"{100 * r['fraction_of_peak']:.0f} | {ratio} |")
+                         f"{_percent(r['fraction_of_peak'])} | {ratio} |")
+    lines += ["", peaks_line(report["gemm_peak_gflops"])]
     lines += ["", "| ELBO/IWAE math, B=1024, K=64 | p50 ms | x Numba | max rel. error vs NumPy |",
               "| --- | ---: | ---: | ---: |"]
     numba_p50 = next(r["p50_us"] for r in report["postprocess"] if r["backend"] == "numba")
@@ -291,8 +376,9 @@ def render(report: dict[str, Any]) -> list:
     parts: list = []
     peak = report["gemm_peak_gflops"]
     m = report["machine"]
-    parts.append(f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads")
-    parts.append("fp32 GEMM peak (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
+    parts.append(f"{m['cpu']} ({' '.join(m['flags']) or 'no AVX2'}), {m['cores']} cores, {m['threads']} threads"
+                 + (f"; GPU {m['gpu']}" if m.get("gpu") else ""))
+    parts.append(peaks_line(peak))
     # fits 80 columns: p90 and full names are in the JSON and --markdown outputs
     table = Table(title="backends", caption="recon = reconstruct; x torch = throughput / PyTorch eager's",
                   box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True)
@@ -302,7 +388,7 @@ def render(report: dict[str, Any]) -> list:
         ratio = f"{r['speedup_vs_torch']:.2f}" if r["speedup_vs_torch"] else "-"
         table.add_row({"reconstruct": "recon"}.get(r["op"], r["op"]), str(r["batch"]), r["backend"],
                       f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}", f"{r['samples_per_s'] / 1e3:.1f}k",
-                      f"{r['gflops']:.0f}", f"{100 * r['fraction_of_peak']:.0f}", ratio)
+                      f"{r['gflops']:.0f}", _percent(r["fraction_of_peak"]), ratio)
     parts.append(table)
     post = Table(title="ELBO/IWAE math on decoder outputs (B=1024, K=64)")
     for col in ("implementation", "p50 ms", "x numba", "max rel err vs NumPy"):

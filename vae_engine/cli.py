@@ -117,6 +117,9 @@ def friendly(fn):
     return wrapper
 
 
+BudgetOpt = Annotated[float, typer.Option(help="With --precision auto: the largest change of the mean NLL and mean -ELBO (nats, against fp32 on the model's validation items) a faster path may cost.")]
+
+
 def _parse_hidden(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(h) for h in text.replace("x", ",").split(",") if h.strip())
@@ -219,11 +222,12 @@ def evaluate(
     k: Annotated[int, typer.Option("--k", help="Importance samples per image for the NLL estimate (Burda et al. use 5000).")] = 5000,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N test images.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the binarization and eps streams (fixed, so runs are comparable).")] = 0,
-    backend: Annotated[str, typer.Option(help="torch (the PyTorch reference), or an engine backend: onnxruntime, torch-compile, auto.")] = "torch",
+    backend: Annotated[str, typer.Option(help="torch (the PyTorch reference, unless --precision is not fp32), or an engine backend: onnxruntime, openvino, torch-compile, auto.")] = "torch",
     threads: Annotated[int | None, typer.Option(help="Threads for torch / ONNX Runtime / Numba (default: all cores).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run the PyTorch reference on the same images and eps: time ratio and largest difference.")] = False,
-    variant: Annotated[str, typer.Option(help="Graph variant for --backend onnxruntime: fp32 (reproduces the reference), int8 (faster, approximate), optimized, fp16.")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32 (reproduces the reference), bf16, int8, fp16, or auto (the fastest path within --max-nll-change); with --compare the report gives its measured bias.")] = "fp32",
+    max_nll_change: BudgetOpt = 0.01,
     data: Annotated[Path | None, typer.Option(help="Evaluate on this file or folder instead of the model's own test split (any format train --data reads).")] = None,
     columns: Annotated[str | None, typer.Option(help="With --data as CSV/Parquet: the columns to use, comma-separated.")] = None,
 ) -> None:
@@ -240,21 +244,23 @@ def evaluate(
         check_writable(json_path)
     with Meter("evaluate", "images", info=f"k={k}") as meter:
         result = evaluate_model(model_dir, k=k, limit=limit, seed=seed, backend=backend, threads=threads,
-                                start=meter.start, progress=meter.advance, compare=compare, variant=variant,
+                                start=meter.start, progress=meter.advance, compare=compare, precision=precision,
+                                max_nll_change=max_nll_change,
                                 data_path=str(data) if data else None,
                                 columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else None)
     table = Table(title=f"evaluation of {model_dir} ({result['n']} test images, seed {seed})")
-    for col in ("backend", "-ELBO (nats)", f"NLL k={k} (nats)", "seconds"):
+    for col in ("path", "-ELBO (nats)", f"NLL k={k} (nats)", "seconds"):
         table.add_column(col)
-    table.add_row(result["backend"], f"{result['test_nelbo']:.3f} ± {result['test_nelbo_stderr']:.3f}",
+    table.add_row(result["path"], f"{result['test_nelbo']:.3f} ± {result['test_nelbo_stderr']:.3f}",
                   f"{result['test_nll']:.3f} ± {result['test_nll_stderr']:.3f}", f"{result['seconds']:.1f}")
     ref = result.get("reference")
     if ref:
         table.add_row("torch (reference)", f"{ref['test_nelbo']:.3f}", f"{ref['test_nll']:.3f}", f"{ref['seconds']:.1f}")
     out.print(table)
     if ref:
-        out.print(f"{result['backend']} is {ref['speedup']:.2f}x the PyTorch reference; largest per-image difference: "
-                  f"-ELBO {ref['max_abs_diff_nelbo']:.2e}, NLL {ref['max_abs_diff_nll']:.2e} nats")
+        out.print(f"{result['path']} is {ref['speedup']:.2f}x the PyTorch reference; mean NLL change "
+                  f"{ref['mean_diff_nll']:+.4f} nats; largest per-image difference: -ELBO "
+                  f"{ref['max_abs_diff_nelbo']:.2e}, NLL {ref['max_abs_diff_nll']:.2e} nats")
     if json_path:
         from . import atomic
 
@@ -307,8 +313,8 @@ def info(model_dir: ModelOpt = None) -> None:
 
 # ---- batch jobs ----
 
-BackendOpt = Annotated[str, typer.Option(help="auto (ONNX Runtime if exported, else torch), torch, torch-compile or onnxruntime.")]
-VariantOpt = Annotated[str, typer.Option(help="ONNX graph variant for --backend onnxruntime: fp32, optimized, int8 or fp16.")]
+BackendOpt = Annotated[str, typer.Option(help="auto, torch, torch-compile, onnxruntime or openvino (pip install 'vae-engine[openvino]'). auto with --precision auto: the fastest measured path; with a fixed precision: ONNX Runtime if exported, else torch.")]
+PrecisionOpt = Annotated[str, typer.Option(help="auto: the fastest path measured here within --max-nll-change of fp32 (decided once per machine and batch size, saved in MODEL/tuning.json, shown by info); fp32; bf16 (torch, or openvino on CPUs with AVX512_BF16/AMX); int8 (onnxruntime; export --quantize int8); fp16 (GPU).")]
 BatchOpt = Annotated[int, typer.Option(help="Items per chunk: memory stays bounded by this, whatever the input size.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="Threads for torch, ONNX Runtime and Numba (default: all cores).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of every random draw; results depend on it and the item index only.")]
@@ -320,9 +326,9 @@ ActorsOpt = Annotated[int, typer.Option(help="With --ray: number of engine actor
 CpusOpt = Annotated[int, typer.Option(help="With --ray: CPUs per actor; ONNX Runtime intra-op threads are matched to it.")]
 
 
-def _job(job: str, model_dir: Path | None, input: Path | None, output: Path, params: dict, backend: str, variant: str,
-         batch_size: int, threads: int | None, ray: str | None = None, actors: int = 1, cpus_per_actor: int = 1,
-         n: int = 0) -> None:
+def _job(job: str, model_dir: Path | None, input: Path | None, output: Path, params: dict, backend: str, precision: str,
+         max_nll_change: float, batch_size: int, threads: int | None, ray: str | None = None, actors: int = 1,
+         cpus_per_actor: int = 1, n: int = 0) -> None:
     """Load the engine and the input, then stream the job with a progress bar (errors print before any bar)."""
     from . import jobs
     from .checkpoint import resolve_model_dir
@@ -349,18 +355,22 @@ def _job(job: str, model_dir: Path | None, input: Path | None, output: Path, par
         with Meter(job, "items", info=f"ray {actors} actor(s)") as meter:
             meter.start(None)
             ray_jobs.run(job, model_dir, input, output, address=ray, actors=actors, cpus_per_actor=cpus_per_actor,
-                         batch_size=batch_size, backend=backend, variant=variant, progress=meter.advance, **params)
+                         batch_size=batch_size, backend=backend, precision=precision, progress=meter.advance,
+                         max_nll_change=max_nll_change, **params)
         out.print(f"wrote {output}")
         return
     from .engine import Engine
 
-    engine = Engine.load(model_dir, backend=backend, threads=threads, variant=variant)
+    with console.status("choosing the fastest path (once per machine; saved in the model folder)") as status:
+        engine = Engine.load(model_dir, backend=backend, threads=threads, precision=precision, batch_size=batch_size,
+                             max_nll_change=max_nll_change,
+                             progress=lambda message: status.update(f"measuring paths: {message}"))
     source = jobs.open_input(job, input, engine.cfg, n)
-    with Meter(job, "items", info=f"{engine.backend.name}/{engine.backend.variant}") as meter:
+    with Meter(job, "items", info=f"{engine.backend.name}/{engine.backend.precision}") as meter:
         meter.start(source.n)
         jobs.stream(source, jobs.make_job_fn(job, engine, params), output, jobs.item_shape(job, engine.cfg, params),
                  batch_size, meter.advance, image_shape=engine.cfg.image_shape if job not in ("encode", "score") else None)
-    out.print(f"wrote {output} ({source.n} items)")
+    out.print(f"wrote {output} ({source.n} items; path {engine.path})")
 
 
 @app.command()
@@ -369,12 +379,11 @@ def encode(
     model_dir: ModelOpt = None, input: InputOpt = ..., output: Annotated[Path, typer.Option("--output", "-o", help="Latents .npy: (N, D), or (N, 2, D) with --with-logvar.")] = ...,
     sample: Annotated[bool, typer.Option(help="Write a posterior sample z ~ q(z|x) instead of the mean.")] = False,
     with_logvar: Annotated[bool, typer.Option(help="Also write logvar: output (N, 2, D), [:, 0] = z, [:, 1] = logvar.")] = False,
-    backend: BackendOpt = "auto", variant: VariantOpt = "fp32", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Encode images to latents (posterior mean, or a sample with --sample)."""
-    _job("encode", model_dir, input, output, {"sample": sample, "with_logvar": with_logvar, "seed": seed}, backend,
-         variant, batch_size, threads, ray, actors, cpus_per_actor)
+    _job("encode", model_dir, input, output, {"sample": sample, "with_logvar": with_logvar, "seed": seed}, backend, precision, max_nll_change, batch_size, threads, ray, actors, cpus_per_actor)
 
 
 @app.command()
@@ -383,11 +392,11 @@ def decode(
     model_dir: ModelOpt = None, input: Annotated[Path, typer.Option("--input", "-i", help="Latents .npy of shape (N, D), D the model's latent size.")] = ...,
     output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = ...,
     binary: Annotated[bool, typer.Option(help="Write Bernoulli pixel samples (0/1) instead of probabilities.")] = False,
-    backend: BackendOpt = "auto", variant: VariantOpt = "fp32", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Decode latents to images (pixel probabilities, or binary samples with --binary)."""
-    _job("decode", model_dir, input, output, {"binary": binary, "seed": seed}, backend, variant, batch_size, threads,
+    _job("decode", model_dir, input, output, {"binary": binary, "seed": seed}, backend, precision, max_nll_change, batch_size, threads,
          ray, actors, cpus_per_actor)
 
 
@@ -396,14 +405,14 @@ def decode(
 def sample(
     model_dir: ModelOpt = None, n: Annotated[int, typer.Option("-n", help="Number of images to sample.")] = 64,
     output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = Path("samples.png"),
-    backend: BackendOpt = "auto", variant: VariantOpt = "fp32", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
 ) -> None:
     """Sample images from the prior: z ~ N(0, I), decoded. The same seed gives byte-identical output."""
     from .config import check_int
 
     check_int("-n", n, 1, 10**9)
-    _job("sample", model_dir, None, output, {"seed": seed}, backend, variant, batch_size, threads, n=n)
+    _job("sample", model_dir, None, output, {"seed": seed}, backend, precision, max_nll_change, batch_size, threads, n=n)
 
 
 @app.command()
@@ -411,11 +420,11 @@ def sample(
 def reconstruct(
     model_dir: ModelOpt = None, input: InputOpt = ...,
     output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = ...,
-    backend: BackendOpt = "auto", variant: VariantOpt = "fp32", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Reconstruct images: decode the posterior mean of each input."""
-    _job("reconstruct", model_dir, input, output, {"seed": seed}, backend, variant, batch_size, threads, ray, actors,
+    _job("reconstruct", model_dir, input, output, {"seed": seed}, backend, precision, max_nll_change, batch_size, threads, ray, actors,
          cpus_per_actor)
 
 
@@ -426,26 +435,26 @@ def score(
     output: Annotated[Path, typer.Option("--output", "-o", help="Scores .npy (N,): nats per input, higher = less likely.")] = ...,
     k: Annotated[int, typer.Option("--k", help="1: -ELBO; more: IWAE negative log-likelihood with K importance samples.")] = 1,
     binarize: Annotated[bool, typer.Option(help="Binarize inputs with the seeded stream first (as the model was trained).")] = True,
-    backend: BackendOpt = "auto", variant: VariantOpt = "fp32", batch_size: BatchOpt = 256, threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, batch_size: BatchOpt = 256, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Score inputs by -ELBO or IWAE negative log-likelihood, e.g. as an anomaly score."""
-    _job("score", model_dir, input, output, {"k": k, "seed": seed, "binarize": binarize}, backend, variant,
-         batch_size, threads, ray, actors, cpus_per_actor)
+    _job("score", model_dir, input, output, {"k": k, "seed": seed, "binarize": binarize}, backend, precision,
+         max_nll_change, batch_size, threads, ray, actors, cpus_per_actor)
 
 
 @app.command()
 @friendly
 def bench(
     model_dir: ModelOpt = None,
-    backends: Annotated[str | None, typer.Option(help="Comma-separated: torch, torch-compile, ort-fp32, ort-opt, ort-int8 (default: all; --quick: torch, ort-fp32, ort-int8).")] = None,
+    backends: Annotated[str | None, typer.Option(help="Comma-separated: torch, torch-bf16, torch-compile, ort-fp32, ort-opt, ort-int8, ov-fp32, ov-bf16, torch-cuda, torch-cuda-bf16, torch-cuda-fp16, ort-cuda, ort-cuda-fp16 (default: all; those that cannot run here are skipped with the reason; --quick: torch, ort-fp32, ort-int8).")] = None,
     batches: Annotated[str | None, typer.Option(help="Comma-separated batch sizes (default 1,64,1024,8192; --quick: 1,1024).")] = None,
     ops: Annotated[str, typer.Option(help="Comma-separated operations: encode, decode, reconstruct.")] = "encode,decode,reconstruct",
     threads: ThreadsOpt = None,
     spin: Annotated[bool, typer.Option(help="Let ONNX Runtime worker threads spin between runs (lower latency alone, slows other work).")] = False,
     quick: Annotated[bool, typer.Option(help="A short run (under 30 s): fewer backends and batch sizes, shorter timing.")] = False,
     json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON report.")] = Path("bench.json"),
-    plot_path: Annotated[Path, typer.Option("--plot", help="Where to write the PNG chart (throughput vs batch, batch-1 latency).")] = Path("bench.png"),
+    plot_path: Annotated[Path, typer.Option("--plot", help="Where to write the PNG chart: one panel per operation (items/s vs batch, GEMM-peak ceilings), batch-1 latency.")] = Path("bench.png"),
     markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Also write the results as a Markdown table (as in the README).")] = None,
 ) -> None:
     """Compare backends on one model in one run: latency p50/p90/p99, samples/s, GFLOP/s vs this machine's GEMM peak."""
@@ -469,7 +478,7 @@ def bench(
         if op not in bench_mod.OPS:
             raise VaeEngineError(f"unknown op {op!r}: choose from {', '.join(bench_mod.OPS)}")
     labels = split(backends)
-    known = [c[0] for c in bench_mod.CANDIDATES]
+    known = list(bench_mod.BY_LABEL)
     for label in labels or ():
         if label not in known:
             raise VaeEngineError(f"unknown backend {label!r}: choose from {', '.join(known)}")

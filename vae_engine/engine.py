@@ -28,19 +28,40 @@ class Engine:
     >>> mu, logvar = engine.encode(x)                     # x (B, 784) or (B, 28, 28), uint8 or [0, 1] floats
     """
 
-    def __init__(self, backend: Backend, cfg: ModelConfig, model_dir: Path, threads: int):
+    def __init__(self, backend: Backend, cfg: ModelConfig, model_dir: Path, threads: int,
+                 decision: dict | None = None):
         self.backend, self.cfg, self.model_dir, self.threads = backend, cfg, model_dir, threads
         self.likelihood = likelihoods.get(cfg.likelihood)
+        self.decision = decision  # the `--precision auto` decision (tuning.choose), or None
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, backend: str = "auto", device: str = "cpu",
-             threads: int | None = None,
-             variant: str = "fp32", spin: bool = False) -> Engine:
-        """Load a model directory (default: the shipped model) with the named backend and graph variant."""
+             threads: int | None = None, precision: str = "fp32", spin: bool = False, batch_size: int = 1024,
+             max_nll_change: float | None = None, progress=None) -> Engine:
+        """Load a model directory (default: the shipped model) with the named backend and precision.
+
+        precision="auto" runs (or reuses from the model folder) `tuning.choose`: the fastest path here at
+        `batch_size` whose mean NLL/-ELBO change against fp32 stays within `max_nll_change` nats (default 0.01).
+        """
         model_dir = checkpoint.resolve_model_dir(model_dir)
         cfg = checkpoint.model_config(model_dir)
         threads = set_threads(threads)
-        return cls(load_backend(model_dir, backend, variant, threads, device, spin), cfg, model_dir, threads)
+        decision = None
+        if precision == "auto":
+            from . import tuning
+
+            budget = tuning.DEFAULT_BUDGET if max_nll_change is None else max_nll_change
+            decision = tuning.choose(model_dir, backend, device, threads, batch_size, budget, progress=progress)
+            backend, precision = decision["backend"], decision["precision"]
+        return cls(load_backend(model_dir, backend, precision, threads, device, spin), cfg, model_dir, threads,
+                   decision)
+
+    @property
+    def path(self) -> str:
+        """The path this engine runs, e.g. 'onnxruntime/int8', with the reason when it was chosen by auto."""
+        from .tuning import describe_path
+
+        return describe_path(self.backend.name, self.backend.precision, self.decision)
 
     @property
     def latent_dim(self) -> int:

@@ -71,8 +71,8 @@ def evaluate(score_fn, images: np.ndarray, k: int, seed: int, chunk: int = 100, 
 
 
 def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int = 0, backend: str = "torch",
-        threads: int | None = None, start=None, progress=None, compare: bool = False, variant: str = "fp32",
-        data_path: str | None = None, columns: tuple[str, ...] | None = None) -> dict:
+        threads: int | None = None, start=None, progress=None, compare: bool = False, precision: str = "fp32",
+        data_path: str | None = None, columns: tuple[str, ...] | None = None, max_nll_change: float | None = None) -> dict:
     """Evaluate a model directory on its own test split (or on `data_path`); returns the summary record.
 
     compare=True also runs the PyTorch reference on the same images and streams, and records its time, the
@@ -100,21 +100,24 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
     model = checkpoint.load_model(model_dir)
     binarize = model.likelihood.binarized and train_cfg.binarize == "dynamic"
     reference = partial(reference_scores, model)
-    if backend == "torch":
+    path = "torch/fp32 (reference)"
+    if backend == "torch" and precision == "fp32":
         score_fn = reference
     else:
         from .engine import Engine
 
-        score_fn = Engine.load(model_dir, backend=backend, threads=threads, variant=variant).scores
+        engine = Engine.load(model_dir, backend=backend, threads=threads, precision=precision,
+                             max_nll_change=max_nll_change)
+        score_fn, path = engine.scores, engine.path
         score_fn(data.to_float(images[:2]), 0, 2, seed)  # compile/warm up
     if start:
-        start(len(images) * (2 if compare and backend != "torch" else 1))
+        start(len(images) * (2 if compare and score_fn is not reference else 1))
     t0 = time.perf_counter()
     nelbo, nll = evaluate(score_fn, images, k, seed, progress=progress, binarize=binarize)
     result = summarize(nelbo, nll, k, seed, time.perf_counter() - t0, backend)
-    result["threads"], result["variant"] = threads, variant
+    result["threads"], result["path"] = threads, path
     result["data"] = str(data_path) if data_path is not None else "test split"
-    if compare and backend != "torch":
+    if compare and score_fn is not reference:
         t0 = time.perf_counter()
         ref_nelbo, ref_nll = evaluate(reference, images, k, seed, progress=progress, binarize=binarize)
         ref_seconds = time.perf_counter() - t0

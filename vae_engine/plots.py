@@ -189,31 +189,54 @@ def _table_figures(model: Any, plots: Path, x_test: torch.Tensor, labels: np.nda
 
 
 def bench_chart(report: dict[str, Any], path: Path) -> None:
-    """Throughput against batch size per backend, and batch-1 latency percentiles."""
+    """One panel per operation: throughput against batch size, one fixed colour (and marker) per backend and
+    precision across panels, each precision's GEMM peak drawn as the ceiling it sets on that operation
+    (peak GFLOP/s / FLOPs per item), the legend outside the data; a last panel with batch-1 p50/p99 latency."""
+    from .bench import CANDIDATES
+
     rows = report["results"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for r in rows:
-        series.setdefault((r["op"], r["backend"]), []).append((r["batch"], r["samples_per_s"]))
-    for (op, backend), pts in sorted(series.items()):
-        pts.sort()
-        ax1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{op} / {backend}")
-    ax1.set_xscale("log", base=2)
-    ax1.set_yscale("log")
-    ax1.set_xlabel("batch size")
-    ax1.set_ylabel("samples/s")
-    ax1.set_title("Throughput")
-    ax1.grid(alpha=0.3, which="both")
-    ax1.legend(fontsize=7)
-    lat = [r for r in rows if r["batch"] == 1]
-    labels = [f"{r['op']}\n{r['backend']}" for r in lat]
-    xs = np.arange(len(lat))
-    for j, (key, name) in enumerate((("p50_us", "p50"), ("p90_us", "p90"), ("p99_us", "p99"))):
-        ax2.bar(xs + (j - 1) * 0.27, [r[key] for r in lat], width=0.27, label=name)
-    ax2.set_xticks(xs, labels, fontsize=6, rotation=60)
-    ax2.set_yscale("log")
-    ax2.set_ylabel("latency at batch 1 (us, log scale)")
-    ax2.set_title("Batch-1 latency percentiles")
-    ax2.legend()
-    ax2.grid(alpha=0.3, axis="y")
+    ops = [op for op in ("encode", "decode", "reconstruct") if any(r["op"] == op for r in rows)]
+    order = [c.label for c in CANDIDATES]
+    labels = sorted({r["backend"] for r in rows}, key=lambda b: order.index(b) if b in order else len(order))
+    palette = plt.get_cmap("tab20").colors
+    style = {b: (palette[(2 * order.index(b)) % 20 if b in order else 19], "osD^v<>ph*"[i % 10])
+             for i, b in enumerate(labels)}
+    fig, axes = plt.subplots(1, len(ops) + 1, figsize=(4.2 * (len(ops) + 1), 4.4), squeeze=False)
+    axes = axes[0]
+    peak_style = {"fp32": ":", "bf16": "--", "int8": "-.", "cuda-fp32": ":", "cuda-bf16": "--", "cuda-fp16": "--"}
+    for ax, op in zip(axes, ops, strict=False):
+        for b in labels:
+            pts = sorted((r["batch"], r["samples_per_s"]) for r in rows if r["op"] == op and r["backend"] == b)
+            if pts:
+                colour, marker = style[b]
+                ax.plot(*zip(*pts, strict=True), marker=marker, color=colour, label=b, lw=1.5, ms=4)
+        flops = report["flops_per_sample"].get(op)
+        for precision, rate in report.get("gemm_peak_best_gflops", {}).items():
+            if flops and rate and any(r.get("precision") == precision.removeprefix("cuda-") for r in rows):
+                ax.axhline(rate * 1e9 / flops, color="0.35", lw=1, ls=peak_style.get(precision, ":"),
+                           label=f"{precision} GEMM peak")
+        ax.set(xscale="log", yscale="log", xlabel="batch size", title=op)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("items/s (log)")
+    lat = [r for r in rows if r["batch"] == 1 and r["op"] == ("reconstruct" if "reconstruct" in ops else ops[0])]
+    ax = axes[-1]
+    for j, r in enumerate(lat):
+        colour = style[r["backend"]][0]
+        ax.bar(j - 0.2, r["p50_us"], width=0.4, color=colour)
+        ax.bar(j + 0.2, r["p99_us"], width=0.4, color=colour, alpha=0.45, hatch="//")
+    ax.set_xticks(range(len(lat)), [r["backend"] for r in lat], rotation=60, fontsize=7, ha="right")
+    ax.set(yscale="log", ylabel="us (log)", title=f"batch-1 {lat[0]['op'] if lat else ''}: p50 | p99 (hatched)")
+    ax.grid(alpha=0.3, axis="y")
+    handles, names = {}, []
+    for a in axes[:-1]:
+        for h, n in zip(*a.get_legend_handles_labels(), strict=True):
+            if n not in handles:
+                handles[n] = h
+                names.append(n)
+    fig.legend([handles[n] for n in names], names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               frameon=False)
+    machine = report.get("machine", {})
+    fig.suptitle(f"{machine.get('cpu', '')}, {machine.get('threads', '?')} threads"
+                 + (f"; {machine['gpu']}" if machine.get("gpu") else ""), fontsize=10)
+    fig.tight_layout()
     _save(fig, path)

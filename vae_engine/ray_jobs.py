@@ -44,10 +44,10 @@ def _open(job: str, path: str, cfg) -> jobs.Source:
 class JobActor:
     """A Ray actor: loads the engine once, then maps batches {"index", "x"} -> {"index", "y"}."""
 
-    def __init__(self, job: str, model_dir: str, backend: str, variant: str, threads: int, params: dict):
+    def __init__(self, job: str, model_dir: str, backend: str, precision: str, threads: int, params: dict):
         from .engine import Engine
 
-        self.engine = Engine.load(model_dir, backend=backend, threads=threads, variant=variant)
+        self.engine = Engine.load(model_dir, backend=backend, threads=threads, precision=precision)
         self.fn = jobs.make_job_fn(job, self.engine, params)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -63,8 +63,12 @@ class JobActor:
 
 def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: str | Path, address: str | None = None,
         actors: int = 1, cpus_per_actor: int = 1, batch_size: int = 1024, backend: str = "onnxruntime",
-        variant: str = "fp32", progress: Callable[[int], None] | None = None, **params: Any) -> Path:
-    """Run a batch job as a Ray Data pipeline; output .npy (input order) or a .parquet folder of shards."""
+        precision: str = "fp32", progress: Callable[[int], None] | None = None, max_nll_change: float | None = None,
+        **params: Any) -> Path:
+    """Run a batch job as a Ray Data pipeline; output .npy (input order) or a .parquet folder of shards.
+
+    precision="auto" is decided once, here, for an actor's thread count (`tuning.choose`); actors load that path.
+    """
     from . import checkpoint
 
     if job not in JOBS:
@@ -78,6 +82,12 @@ def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: st
     cfg = checkpoint.model_config(model_dir)
     source = _open(job, str(input_path), cfg)  # validates shape/dtype up front
     item_shape = jobs.item_shape(job, cfg, params)
+    if precision == "auto":
+        from . import tuning
+
+        budget = tuning.DEFAULT_BUDGET if max_nll_change is None else max_nll_change
+        decision = tuning.choose(model_dir, backend, threads=cpus_per_actor, batch=batch_size, budget=budget)
+        backend, precision = decision["backend"], decision["precision"]
 
     ray = _require_ray()
     if not ray.is_initialized():
@@ -106,7 +116,7 @@ def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: st
     ds = (ray.data.from_items(shards)
           # reading is I/O: num_cpus=0, so readers never wait for CPUs the actors hold for their lifetime
           .map_batches(read_shard, batch_size=1, num_cpus=0)
-          .map_batches(JobActor, fn_constructor_args=(job, str(model_dir), backend, variant, cpus_per_actor, params),
+          .map_batches(JobActor, fn_constructor_args=(job, str(model_dir), backend, precision, cpus_per_actor, params),
                        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
                        num_cpus=cpus_per_actor))
     if output_path.suffix == ".parquet":

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, data, distributed, likelihoods, rng
-from .backends import available_cpus
+from .hardware import available_cpus
 from .config import IMAGE_SHAPE, INPUT_DIM, ModelConfig, TrainConfig
 from .errors import Interrupted, VaeEngineError
 from .model import VAE, elbo, iwae_bound, log_weights

@@ -1,0 +1,86 @@
+"""What this machine can do: CPU name and instruction-set flags, native bf16 and int8 dot products, CPUs this
+process may use, a CUDA GPU. One place, read by the backends, the precision tuner and the benchmark."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+# instruction sets that decide which precision is fast here (Linux /proc/cpuinfo names)
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # native bf16 dot products (Zen 4+, Cooper Lake, Sapphire Rapids+)
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # native int8 dot products (u8 x s8 -> s32)
+KEY_FLAGS = ("avx2", "fma", "avx512f", *BF16_FLAGS, *VNNI_FLAGS, "avx512_fp16")
+
+
+@functools.cache
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """(CPU model name, instruction-set flags) from /proc/cpuinfo; the platform's name and no flags elsewhere."""
+    name, flags = platform.processor() or platform.machine() or "unknown", frozenset()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name in ("unknown", platform.processor(), platform.machine()):
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = frozenset(value.split())
+    except OSError:
+        pass
+    return name, flags
+
+
+def native_bf16() -> bool:
+    """Does this CPU multiply bf16 natively? Without it bf16 is emulated (slower than fp32) or silently fp32."""
+    return any(f in cpu_info()[1] for f in BF16_FLAGS)
+
+
+def has_vnni() -> bool:
+    """Does this CPU have int8 dot-product instructions (VNNI/AMX)? Without them int8 GEMMs saturate or crawl."""
+    return any(f in cpu_info()[1] for f in VNNI_FLAGS)
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota (containers).
+
+    os.cpu_count() counts the machine's CPUs; a process pinned to fewer, or a container with a quota, that
+    starts one OpenMP worker per machine CPU oversubscribes its share and slows down many times over.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:  # cgroup v2: "max 100000" or "200000 100000" (quota and period, in microseconds)
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def cuda_available() -> bool:
+    """A CUDA GPU that torch can use (imports torch only when something already did, or when asked for it)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def gpu_name() -> str | None:
+    """The first CUDA GPU's name, or None."""
+    return sys.modules["torch"].cuda.get_device_name(0) if cuda_available() else None
+
+
+def describe(threads: int) -> dict[str, Any]:
+    """The machine as reports record it: CPU, its decisive flags, cores, threads used, GPU."""
+    name, flags = cpu_info()
+    info = {"cpu": name, "flags": sorted(f for f in KEY_FLAGS if f in flags), "cores": os.cpu_count(),
+            "available_cpus": available_cpus(), "threads": threads, "platform": platform.platform()}
+    gpu = gpu_name()
+    if gpu:
+        info["gpu"] = gpu
+    return info

@@ -1,0 +1,219 @@
+"""`--precision auto`: the fastest (backend, precision) for this model on this machine, within an accuracy budget.
+
+Each candidate path is timed on this machine at the job's batch size (an encode and a decode, after a warm-up)
+and scored against the fp32 PyTorch reference on the model's own validation items with the same eps: the change
+of the mean IWAE NLL (k=64) and of the mean -ELBO, and the largest per-item change. The fastest path whose mean
+changes both stay within the budget wins (fp32 paths always qualify). The decision and every measurement are
+saved in the model folder (tuning.json), keyed by what could change them: CPU and its flags, library versions,
+weights, threads, batch size, budget. A later run with the same key reuses it; `info` shows it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import atomic, checkpoint, graphs, hardware, rng
+from .backends import BACKENDS, default_backend, openvino_installed
+from .errors import VaeEngineError
+
+TUNING = "tuning.json"
+SCHEMA = "vae-engine-tuning/1"
+DEFAULT_BUDGET = 0.01  # nats: largest change of the mean NLL (and mean -ELBO) a faster path may cost
+VALIDATION_ITEMS = 256
+ACCURACY_K = 64  # importance samples of the NLL compared (same eps for every path)
+KEEP = 16  # decisions kept in tuning.json (one per key: machine, versions, threads, batch, budget)
+
+
+def candidates(model_dir: Path, backend: str = "auto", device: str = "cpu",
+               int8: bool | None = None) -> tuple[list[tuple[str, str]], list[str]]:
+    """The (backend, precision) paths worth measuring here, and a note for each one left out and why.
+
+    bf16 only where it is native (AVX512_BF16/AMX, or a GPU): emulated bf16 is slower than fp32. int8 only with
+    VNNI/AMX (without them int8 dot products saturate and lose accuracy for little speed) unless `int8=True`.
+    """
+    gpu = device == "cuda" and hardware.cuda_available()
+    exported = {v: graphs.graph_path(model_dir, "encoder", v).is_file() for v in graphs.VARIANTS}
+    paths, notes = [("torch", "fp32")], []
+    if exported["fp32"]:
+        paths.append(("onnxruntime", "fp32"))
+        if openvino_installed() and not gpu:
+            paths.append(("openvino", "fp32"))
+    else:
+        notes.append("onnxruntime/openvino: not exported (vae-engine export MODEL)")
+    if gpu:
+        paths += [("torch", "bf16"), ("torch", "fp16")] + ([("onnxruntime", "fp16")] if exported["fp16"] else [])
+    elif hardware.native_bf16():
+        paths.append(("openvino", "bf16") if exported["fp32"] and openvino_installed() else ("torch", "bf16"))
+    else:
+        notes.append("bf16: this CPU has no native bf16 (AVX512_BF16 or AMX); emulated bf16 is slower than fp32")
+    if exported["int8"] and (int8 if int8 is not None else hardware.has_vnni() or gpu):
+        paths.append(("onnxruntime", "int8"))
+    elif exported["int8"]:
+        notes.append("int8: this CPU has no VNNI/AMX int8 dot products (ask for it with --precision int8)")
+    else:
+        notes.append("int8: not exported (vae-engine export MODEL --quantize int8)")
+    if backend != "auto":
+        paths = [p for p in paths if p[0] == backend]
+        if not paths:
+            paths = [(backend, "fp32")]
+    return paths, notes
+
+
+def validation_items(model_dir: Path, n: int = VALIDATION_ITEMS, seed: int = 0) -> tuple[np.ndarray, str]:
+    """Up to n items of the model's own test split in model units (binarized by the seeded stream for Bernoulli
+    models, as evaluate does); if that data is gone, n samples from the model itself. Returns (x, source)."""
+    from . import data
+    from .likelihoods import get
+
+    cfg, train_cfg = checkpoint.model_config(model_dir), checkpoint.train_config(model_dir)
+    lk = get(cfg.likelihood)
+    try:
+        x = data.to_float(data.load_test_data(train_cfg)[0][:n]).reshape(-1, cfg.input_dim)
+        source = f"{len(x)} test items"
+    except (VaeEngineError, OSError):
+        import torch
+
+        model = checkpoint.load_model(model_dir)
+        with torch.inference_mode():
+            params = model.decoder(torch.from_numpy(rng.normal_eps(seed, 0, n, 1, cfg.latent_dim)[:, 0]))
+            x = lk.mean(params.numpy())
+        source = f"{n} samples of the model (its test data is not readable)"
+    if lk.binarized and train_cfg.binarize == "dynamic":
+        x = rng.binarize(x, seed, 0)
+    return np.ascontiguousarray(x, np.float32), source
+
+
+def key(model_dir: Path, backend: str, device: str, threads: int, batch: int, budget: float,
+        int8: bool | None) -> dict[str, Any]:
+    """What a decision depends on: a saved decision is reused only when all of it is equal."""
+    import importlib.metadata as md
+
+    versions = {name: checkpoint.versions()[name] for name in ("vae_engine", "torch", "onnxruntime", "numba")}
+    try:
+        versions["openvino"] = md.version("openvino")
+    except md.PackageNotFoundError:
+        versions["openvino"] = None
+    cpu, _ = hardware.cpu_info()
+    return {"cpu": cpu, "flags": hardware.describe(threads)["flags"], "gpu": hardware.gpu_name() if device == "cuda"
+            else None, "versions": versions, "weights_sha256": checkpoint.weights_sha256(model_dir),
+            "backend": backend, "device": device, "threads": threads, "batch": batch, "budget_nats": budget,
+            "int8": int8}
+
+
+def saved(model_dir: Path) -> list[dict[str, Any]]:
+    """The decisions saved in the model folder (an unreadable or foreign file counts as none)."""
+    path = Path(model_dir) / TUNING
+    if not path.is_file():
+        return []
+    try:
+        doc = checkpoint.read_json(path, "tuning file")
+    except VaeEngineError:
+        return []
+    ok = isinstance(doc, dict) and doc.get("schema") == SCHEMA and isinstance(doc.get("decisions"), list)
+    return [d for d in doc["decisions"] if isinstance(d, dict) and isinstance(d.get("key"), dict)] if ok else []
+
+
+def _save(model_dir: Path, decision: dict[str, Any]) -> bool:
+    """Add a decision to tuning.json (replacing one of the same key); False when the folder is read-only."""
+    decisions = [d for d in saved(model_dir) if d["key"] != decision["key"]][-(KEEP - 1):] + [decision]
+    try:
+        atomic.write_json(Path(model_dir) / TUNING, {"schema": SCHEMA, "decisions": decisions})
+        return True
+    except VaeEngineError:  # a read-only install of a model: the decision holds for this process only
+        return False
+
+
+def _time_path(engine, x: np.ndarray, z: np.ndarray, min_time: float) -> float:
+    """Median seconds of one encode plus one decode at the job's batch size, after a warm-up."""
+    be = engine.backend
+    for _ in range(3):
+        be.encode(x), be.decode(z)
+    times, t_end = [], time.perf_counter() + min_time
+    while len(times) < 5 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        be.encode(x), be.decode(z)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def measure(model_dir: Path, paths: list[tuple[str, str]], threads: int, batch: int, device: str = "cpu",
+            min_time: float = 0.3, progress: Callable[[str], None] | None = None) -> tuple[list[dict], str]:
+    """Speed and accuracy of each path (see the module docstring); returns (rows, validation source)."""
+    from .engine import Engine
+
+    step = progress or (lambda message: None)
+    x_val, source = validation_items(model_dir)
+    step("fp32 reference")
+    ref = Engine.load(model_dir, backend="torch", precision="fp32", threads=threads)
+    ref_nll, ref_nelbo = -ref.log_likelihood(x_val, ACCURACY_K), -ref.elbo(x_val)
+    cfg = ref.cfg
+    g = np.random.default_rng(0)
+    reps = -(-batch // len(x_val))
+    x = np.ascontiguousarray(np.tile(x_val, (reps, 1))[:batch])
+    z = g.standard_normal((batch, cfg.latent_dim)).astype(np.float32)
+    rows = []
+    for backend, precision in paths:
+        step(f"{backend} {precision}")
+        engine = ref if (backend, precision) == ("torch", "fp32") else Engine.load(
+            model_dir, backend=backend, precision=precision, threads=threads, device=device)
+        seconds = _time_path(engine, x, z, min_time)
+        nll, nelbo = -engine.log_likelihood(x_val, ACCURACY_K), -engine.elbo(x_val)
+        rows.append({"backend": backend, "precision": precision, "provider": engine.backend.provider,
+                     "seconds_per_batch": seconds, "items_per_s": batch / seconds,
+                     "nll_change_nats": float(nll.mean() - ref_nll.mean()),
+                     "nelbo_change_nats": float(nelbo.mean() - ref_nelbo.mean()),
+                     "max_item_nll_change_nats": float(np.max(np.abs(nll - ref_nll))),
+                     "mean_abs_item_nll_change_nats": float(np.mean(np.abs(nll - ref_nll)))})
+    return rows, source
+
+
+def within(row: dict[str, Any], budget: float) -> bool:
+    """Does a measured path keep both mean changes within the budget? (fp32 paths always do.)"""
+    return row["precision"] == "fp32" or max(abs(row["nll_change_nats"]), abs(row["nelbo_change_nats"])) <= budget
+
+
+def choose(model_dir: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None,
+           batch: int = 1024, budget: float = DEFAULT_BUDGET, int8: bool | None = None, retune: bool = False,
+           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The decision for this model here: {"backend", "precision", "key", "measurements", ...}; reused from
+    tuning.json when its key matches, else measured (a few seconds) and saved."""
+    from .backends import set_threads
+    from .config import MAX_BATCH, check_int
+
+    model_dir = Path(model_dir)
+    if backend not in BACKENDS:
+        raise VaeEngineError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if not (isinstance(budget, int | float) and np.isfinite(budget) and budget >= 0):
+        raise VaeEngineError(f"--max-nll-change must be a finite number of nats >= 0, got {budget!r}")
+    batch = min(check_int("batch size", batch, 1, MAX_BATCH), 4096)  # larger batches run at the same rate
+    threads = set_threads(threads)
+    k = key(model_dir, backend, device, threads, batch, float(budget), int8)
+    if not retune:
+        for d in saved(model_dir):
+            if d["key"] == k and d.get("backend") in BACKENDS:
+                return {**d, "reused": True}
+    paths, notes = candidates(model_dir, backend, device, int8)
+    rows, source = measure(model_dir, paths, threads, batch, device, progress=progress)
+    best = max((r for r in rows if within(r, budget)), key=lambda r: r["items_per_s"])
+    decision = {"key": k, "backend": best["backend"], "precision": best["precision"], "measurements": rows,
+                "validation": source, "notes": notes, "accuracy_k": ACCURACY_K,
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    decision["saved"] = _save(model_dir, decision)
+    return {**decision, "reused": False}
+
+
+def describe_path(backend: str, precision: str, decision: dict[str, Any] | None = None) -> str:
+    """One line naming the path a command ran, and for auto, why."""
+    if not decision:
+        return f"{backend}/{precision}"
+    row = next((r for r in decision["measurements"]
+                if (r["backend"], r["precision"]) == (backend, precision)), None)
+    cost = f", mean NLL change {row['nll_change_nats']:+.4f} nats" if row and row["precision"] != "fp32" else ""
+    how = "reused from tuning.json" if decision.get("reused") else f"measured {len(decision['measurements'])} paths"
+    return f"{backend}/{precision} (auto: fastest within {decision['key']['budget_nats']} nats{cost}; {how})"
+
