@@ -4,7 +4,6 @@ the machine's own GEMM peak for that precision (fp32, bf16, int8; CPU and GPU), 
 from __future__ import annotations
 
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -349,7 +348,7 @@ def peaks_line(peaks: dict[str, dict[str, float]]) -> str:
 
 def markdown(report: dict[str, Any], batches: tuple[int, ...] = (1, 1024)) -> str:
     """A Markdown table of a report (for the README), rows at the given batch sizes."""
-    lines = ["| op | batch | backend | p50 / p90 / p99 us | samples/s | GFLOP/s | % of its precision's GEMM peak | x torch |",
+    lines = ["| op | batch | backend | p50 / p90 / p99 us | samples/s | GFLOP/s | % of peak | x torch |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
         if r["batch"] in batches:

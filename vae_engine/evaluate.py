@@ -72,7 +72,8 @@ def evaluate(score_fn, images: np.ndarray, k: int, seed: int, chunk: int = 100, 
 
 def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int = 0, backend: str = "torch",
         threads: int | None = None, start=None, progress=None, compare: bool = False, precision: str = "fp32",
-        data_path: str | None = None, columns: tuple[str, ...] | None = None, max_nll_change: float | None = None) -> dict:
+        data_path: str | None = None, columns: tuple[str, ...] | None = None,
+        max_nll_change: float | None = None) -> dict:
     """Evaluate a model directory on its own test split (or on `data_path`); returns the summary record.
 
     compare=True also runs the PyTorch reference on the same images and streams, and records its time, the

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from . import checkpoint, data, distributed, likelihoods, rng
-from .hardware import available_cpus
 from .config import IMAGE_SHAPE, INPUT_DIM, ModelConfig, TrainConfig
 from .errors import Interrupted, VaeEngineError
+from .hardware import available_cpus
 from .model import VAE, elbo, iwae_bound, log_weights
 
 TEST_SEED = 0  # the test -ELBO of every epoch: evaluate's default seed, so the two report the same estimate

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import atomic, checkpoint, graphs, hardware, rng
-from .backends import BACKENDS, default_backend, openvino_installed
+from .backends import BACKENDS, openvino_installed
 from .errors import VaeEngineError
 
 TUNING = "tuning.json"
