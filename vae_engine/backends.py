@@ -50,7 +50,9 @@ class TorchBackend:
         if threads:
             torch.set_num_threads(threads)
         self.name = "torch-compile" if compile else "torch"
-        self.device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise VaeEngineError("--device cuda: torch sees no CUDA GPU here (a CPU build of torch, or no driver)")
+        self.device = torch.device(device)
         if precision not in ("fp32", "bf16", "fp16") or (precision == "fp16" and self.device.type != "cuda"):
             raise _unsupported(self.name, precision, "torch runs fp32 and bf16 (and fp16 on a GPU); int8 is "
                                "--backend onnxruntime's (export --quantize int8)")

@@ -228,6 +228,7 @@ def evaluate(
     compare: Annotated[bool, typer.Option(help="Also run the PyTorch reference on the same images and eps: time ratio and largest difference.")] = False,
     precision: Annotated[str, typer.Option(help="fp32 (reproduces the reference), bf16, int8, fp16, or auto (the fastest path within --max-nll-change); with --compare the report gives its measured bias.")] = "fp32",
     max_nll_change: BudgetOpt = 0.01,
+    device: Annotated[str, typer.Option(help="cpu, or cuda for the engine backends (torch, onnxruntime-gpu).")] = "cpu",
     data: Annotated[Path | None, typer.Option(help="Evaluate on this file or folder instead of the model's own test split (any format train --data reads).")] = None,
     columns: Annotated[str | None, typer.Option(help="With --data as CSV/Parquet: the columns to use, comma-separated.")] = None,
 ) -> None:
@@ -245,7 +246,7 @@ def evaluate(
     with Meter("evaluate", "images", info=f"k={k}") as meter:
         result = evaluate_model(model_dir, k=k, limit=limit, seed=seed, backend=backend, threads=threads,
                                 start=meter.start, progress=meter.advance, compare=compare, precision=precision,
-                                max_nll_change=max_nll_change,
+                                max_nll_change=max_nll_change, device=device,
                                 data_path=str(data) if data else None,
                                 columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else None)
     table = Table(title=f"evaluation of {model_dir} ({result['n']} test images, seed {seed})")
@@ -314,6 +315,7 @@ def info(model_dir: ModelOpt = None) -> None:
 # ---- batch jobs ----
 
 BackendOpt = Annotated[str, typer.Option(help="auto, torch, torch-compile, onnxruntime or openvino (pip install 'vae-engine[openvino]'). auto with --precision auto: the fastest measured path; with a fixed precision: ONNX Runtime if exported, else torch.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (torch and onnxruntime-gpu; falls back to the CPU provider when ONNX Runtime has no CUDA).")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto: the fastest path measured here within --max-nll-change of fp32 (decided once per machine and batch size, saved in MODEL/tuning.json, shown by info); fp32; bf16 (torch, or openvino on CPUs with AVX512_BF16/AMX); int8 (onnxruntime; export --quantize int8); fp16 (GPU).")]
 BatchOpt = Annotated[int, typer.Option(help="Items per chunk: memory stays bounded by this, whatever the input size.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="Threads for torch, ONNX Runtime and Numba (default: all cores).")]
@@ -326,8 +328,15 @@ ActorsOpt = Annotated[int, typer.Option(help="With --ray: number of engine actor
 CpusOpt = Annotated[int, typer.Option(help="With --ray: CPUs per actor; ONNX Runtime intra-op threads are matched to it.")]
 
 
-def _job(job: str, model_dir: Path | None, input: Path | None, output: Path, params: dict, backend: str, precision: str,
-         max_nll_change: float, batch_size: int, threads: int | None, ray: str | None = None, actors: int = 1,
+def _path(backend: str, precision: str, max_nll_change: float, device: str) -> dict:
+    """The options that choose the path a job runs on, as Engine.load's keyword arguments."""
+    if device not in ("cpu", "cuda"):
+        raise VaeEngineError(f"unknown device {device!r}: choose cpu or cuda")
+    return {"backend": backend, "precision": precision, "max_nll_change": max_nll_change, "device": device}
+
+
+def _job(job: str, model_dir: Path | None, input: Path | None, output: Path, params: dict, path: dict,
+         batch_size: int, threads: int | None, ray: str | None = None, actors: int = 1,
          cpus_per_actor: int = 1, n: int = 0) -> None:
     """Load the engine and the input, then stream the job with a progress bar (errors print before any bar)."""
     from . import jobs
@@ -355,15 +364,14 @@ def _job(job: str, model_dir: Path | None, input: Path | None, output: Path, par
         with Meter(job, "items", info=f"ray {actors} actor(s)") as meter:
             meter.start(None)
             ray_jobs.run(job, model_dir, input, output, address=ray, actors=actors, cpus_per_actor=cpus_per_actor,
-                         batch_size=batch_size, backend=backend, precision=precision, progress=meter.advance,
-                         max_nll_change=max_nll_change, **params)
+                         batch_size=batch_size, backend=path["backend"], precision=path["precision"],
+                         progress=meter.advance, max_nll_change=path["max_nll_change"], **params)
         out.print(f"wrote {output}")
         return
     from .engine import Engine
 
     with console.status("choosing the fastest path (once per machine; saved in the model folder)") as status:
-        engine = Engine.load(model_dir, backend=backend, threads=threads, precision=precision, batch_size=batch_size,
-                             max_nll_change=max_nll_change,
+        engine = Engine.load(model_dir, threads=threads, batch_size=batch_size, **path,
                              progress=lambda message: status.update(f"measuring paths: {message}"))
     source = jobs.open_input(job, input, engine.cfg, n)
     with Meter(job, "items", info=f"{engine.backend.name}/{engine.backend.precision}") as meter:
@@ -379,11 +387,11 @@ def encode(
     model_dir: ModelOpt = None, input: InputOpt = ..., output: Annotated[Path, typer.Option("--output", "-o", help="Latents .npy: (N, D), or (N, 2, D) with --with-logvar.")] = ...,
     sample: Annotated[bool, typer.Option(help="Write a posterior sample z ~ q(z|x) instead of the mean.")] = False,
     with_logvar: Annotated[bool, typer.Option(help="Also write logvar: output (N, 2, D), [:, 0] = z, [:, 1] = logvar.")] = False,
-    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Encode images to latents (posterior mean, or a sample with --sample)."""
-    _job("encode", model_dir, input, output, {"sample": sample, "with_logvar": with_logvar, "seed": seed}, backend, precision, max_nll_change, batch_size, threads, ray, actors, cpus_per_actor)
+    _job("encode", model_dir, input, output, {"sample": sample, "with_logvar": with_logvar, "seed": seed}, _path(backend, precision, max_nll_change, device), batch_size, threads, ray, actors, cpus_per_actor)
 
 
 @app.command()
@@ -392,11 +400,11 @@ def decode(
     model_dir: ModelOpt = None, input: Annotated[Path, typer.Option("--input", "-i", help="Latents .npy of shape (N, D), D the model's latent size.")] = ...,
     output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = ...,
     binary: Annotated[bool, typer.Option(help="Write Bernoulli pixel samples (0/1) instead of probabilities.")] = False,
-    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Decode latents to images (pixel probabilities, or binary samples with --binary)."""
-    _job("decode", model_dir, input, output, {"binary": binary, "seed": seed}, backend, precision, max_nll_change, batch_size, threads,
+    _job("decode", model_dir, input, output, {"binary": binary, "seed": seed}, _path(backend, precision, max_nll_change, device), batch_size, threads,
          ray, actors, cpus_per_actor)
 
 
@@ -405,14 +413,14 @@ def decode(
 def sample(
     model_dir: ModelOpt = None, n: Annotated[int, typer.Option("-n", help="Number of images to sample.")] = 64,
     output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = Path("samples.png"),
-    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
 ) -> None:
     """Sample images from the prior: z ~ N(0, I), decoded. The same seed gives byte-identical output."""
     from .config import check_int
 
     check_int("-n", n, 1, 10**9)
-    _job("sample", model_dir, None, output, {"seed": seed}, backend, precision, max_nll_change, batch_size, threads, n=n)
+    _job("sample", model_dir, None, output, {"seed": seed}, _path(backend, precision, max_nll_change, device), batch_size, threads, n=n)
 
 
 @app.command()
@@ -420,11 +428,11 @@ def sample(
 def reconstruct(
     model_dir: ModelOpt = None, input: InputOpt = ...,
     output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = ...,
-    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Reconstruct images: decode the posterior mean of each input."""
-    _job("reconstruct", model_dir, input, output, {"seed": seed}, backend, precision, max_nll_change, batch_size, threads, ray, actors,
+    _job("reconstruct", model_dir, input, output, {"seed": seed}, _path(backend, precision, max_nll_change, device), batch_size, threads, ray, actors,
          cpus_per_actor)
 
 
@@ -435,12 +443,12 @@ def score(
     output: Annotated[Path, typer.Option("--output", "-o", help="Scores .npy (N,): nats per input, higher = less likely.")] = ...,
     k: Annotated[int, typer.Option("--k", help="1: -ELBO; more: IWAE negative log-likelihood with K importance samples.")] = 1,
     binarize: Annotated[bool, typer.Option(help="Binarize inputs with the seeded stream first (as the model was trained).")] = True,
-    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, batch_size: BatchOpt = 256, threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu", batch_size: BatchOpt = 256, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Score inputs by -ELBO or IWAE negative log-likelihood, e.g. as an anomaly score."""
-    _job("score", model_dir, input, output, {"k": k, "seed": seed, "binarize": binarize}, backend, precision,
-         max_nll_change, batch_size, threads, ray, actors, cpus_per_actor)
+    _job("score", model_dir, input, output, {"k": k, "seed": seed, "binarize": binarize}, _path(backend, precision, max_nll_change, device),
+         batch_size, threads, ray, actors, cpus_per_actor)
 
 
 @app.command()

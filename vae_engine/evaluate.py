@@ -73,7 +73,7 @@ def evaluate(score_fn, images: np.ndarray, k: int, seed: int, chunk: int = 100, 
 def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int = 0, backend: str = "torch",
         threads: int | None = None, start=None, progress=None, compare: bool = False, precision: str = "fp32",
         data_path: str | None = None, columns: tuple[str, ...] | None = None,
-        max_nll_change: float | None = None) -> dict:
+        max_nll_change: float | None = None, device: str = "cpu") -> dict:
     """Evaluate a model directory on its own test split (or on `data_path`); returns the summary record.
 
     compare=True also runs the PyTorch reference on the same images and streams, and records its time, the
@@ -102,13 +102,13 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
     binarize = model.likelihood.binarized and train_cfg.binarize == "dynamic"
     reference = partial(reference_scores, model)
     path = "torch/fp32 (reference)"
-    if backend == "torch" and precision == "fp32":
+    if backend == "torch" and precision == "fp32" and device == "cpu":
         score_fn = reference
     else:
         from .engine import Engine
 
         engine = Engine.load(model_dir, backend=backend, threads=threads, precision=precision,
-                             max_nll_change=max_nll_change)
+                             max_nll_change=max_nll_change, device=device)
         score_fn, path = engine.scores, engine.path
         score_fn(data.to_float(images[:2]), 0, 2, seed)  # compile/warm up
     if start:

@@ -57,6 +57,7 @@ def describe(model_dir: str | Path, console: Console) -> None:
     console.print(g if g.row_count else "ONNX graphs: none (run `vae-engine export`)")
     _export_accuracy(model_dir, console)
     _evaluation(model_dir, console)
+    _tuning(model_dir, console)
 
 
 def _report(path: Path, console: Console) -> dict | None:
@@ -90,6 +91,28 @@ def _export_accuracy(model_dir: Path, console: Console) -> None:
         t.add_row(str(v.get("variant", "?")), _num(v.get("test_nelbo"), ".3f"),
                   _num(v.get("test_nelbo_change_nats"), "+.4f"), _num(v.get("test_max_abs_logit_err"), ".2e"))
     console.print(t)
+
+
+def _tuning(model_dir: Path, console: Console) -> None:
+    """The saved `--precision auto` decisions: the path chosen per machine, batch and budget, and what was measured."""
+    from . import hardware, tuning
+
+    here = hardware.cpu_info()[0]
+    for d in tuning.saved(model_dir):
+        k, rows = d["key"], d.get("measurements")
+        if not isinstance(rows, list):
+            continue
+        where = "this CPU" if k.get("cpu") == here else f"another CPU ({k.get('cpu')})"
+        t = Table(title=f"--precision auto on {where}: batch {k.get('batch')}, {k.get('threads')} threads, "
+                        f"budget {k.get('budget_nats')} nats -> {d.get('backend')}/{d.get('precision')}")
+        for col in ("path", "items/s", "mean NLL change", "mean -ELBO change", "max item change"):
+            t.add_column(col, justify="right")
+        for r in (r for r in rows if isinstance(r, dict)):
+            chosen = (r.get("backend"), r.get("precision")) == (d.get("backend"), d.get("precision"))
+            t.add_row(("* " if chosen else "") + f"{r.get('backend')}/{r.get('precision')}",
+                      _num(r.get("items_per_s"), ",.0f"), _num(r.get("nll_change_nats"), "+.4f"),
+                      _num(r.get("nelbo_change_nats"), "+.4f"), _num(r.get("max_item_nll_change_nats"), ".3f"))
+        console.print(t)
 
 
 def _evaluation(model_dir: Path, console: Console) -> None:

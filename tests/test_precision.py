@@ -1,0 +1,192 @@
+"""Precisions and backends (fp32, bf16, int8; torch, ONNX Runtime, OpenVINO; GPU paths where a GPU exists) and
+`--precision auto`: only paths within the budget are picked, the decision is saved, reused, and invalidated when
+the machine or library versions change. No timing is asserted: which path is fastest is the machine's business."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vae_engine import checkpoint, data, hardware, tuning
+from vae_engine.cli import app
+from vae_engine.engine import Engine
+from vae_engine.errors import VaeEngineError
+
+runner = CliRunner()
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture()
+def model(exported_model, tmp_path):
+    """A private copy (tuning.json is written into the model folder)."""
+    out = tmp_path / "m"
+    shutil.copytree(exported_model, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def x(tiny_data):
+    images, _ = data.load_split(tiny_data, "test")
+    return images[:16].reshape(16, -1).astype(np.float32) / 255.0
+
+
+def _reference(model_dir, x):
+    vae = checkpoint.load_model(model_dir)
+    with torch.no_grad():
+        mu, logvar = vae.encode(torch.from_numpy(x))
+        return mu.numpy(), logvar.numpy(), vae.decode(mu).numpy()
+
+
+# tolerances: fp32 paths differ only in summation order; bf16 keeps 8 bits of mantissa (relative error ~2^-8 per
+# operation, a few layers deep), so logits of size ~10 move by up to a few tenths
+TOLERANCE = {"fp32": 1e-4, "bf16": 0.25, "fp16": 0.05}
+PATHS = [("torch", "fp32", "cpu"), ("onnxruntime", "fp32", "cpu"), ("torch", "bf16", "cpu"),
+         pytest.param("openvino", "fp32", "cpu", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="no openvino")),
+         pytest.param("openvino", "bf16", "cpu", marks=pytest.mark.skipif(
+             not (HAS_OPENVINO and hardware.native_bf16()), reason="needs openvino and a CPU with native bf16")),
+         *[pytest.param(b, p, "cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU"))
+           for b, p in (("torch", "fp32"), ("torch", "bf16"), ("torch", "fp16"))]]
+
+
+@pytest.mark.parametrize(("backend", "precision", "device"), PATHS)
+def test_paths_agree_with_the_fp32_reference(exported_model, x, backend, precision, device):
+    eng = Engine.load(exported_model, backend=backend, precision=precision, device=device, threads=2)
+    assert (eng.backend.name, eng.backend.precision) == (backend, precision)
+    mu, logvar, logits = _reference(exported_model, x)
+    tol = TOLERANCE[precision]
+    got_mu, got_logvar = eng.encode(x)
+    assert got_mu.dtype == np.float32 and got_mu.shape == mu.shape
+    np.testing.assert_allclose(got_mu, mu, atol=tol, rtol=tol)
+    np.testing.assert_allclose(got_logvar, logvar, atol=tol, rtol=tol)
+    np.testing.assert_allclose(eng.decode(mu, params=True), logits, atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+def test_onnxruntime_cuda_runs_or_says_why(exported_model, x):
+    import onnxruntime
+
+    eng = Engine.load(exported_model, backend="onnxruntime", device="cuda", threads=2)
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        assert eng.backend.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+    mu, _, _ = _reference(exported_model, x)
+    np.testing.assert_allclose(eng.encode(x)[0], mu, atol=1e-3)
+
+
+def test_unsupported_combinations_are_clear_errors(exported_model):
+    with pytest.raises(VaeEngineError, match="no bf16 kernels"):
+        Engine.load(exported_model, backend="onnxruntime", precision="bf16")
+    with pytest.raises(VaeEngineError, match="int8 is --backend onnxruntime's"):
+        Engine.load(exported_model, backend="torch", precision="int8")
+    with pytest.raises(VaeEngineError, match="unknown precision"):
+        Engine.load(exported_model, precision="fp8")
+    if HAS_OPENVINO and not hardware.native_bf16():
+        with pytest.raises(VaeEngineError, match="no native bf16"):
+            Engine.load(exported_model, backend="openvino", precision="bf16")
+
+
+def _no_vnni(monkeypatch, flags=("avx2", "fma")):
+    monkeypatch.setattr(hardware, "cpu_info", lambda: ("Test CPU", frozenset(flags)))
+
+
+def test_candidates_follow_the_cpu(model, monkeypatch):
+    _no_vnni(monkeypatch)
+    paths, notes = tuning.candidates(model)
+    assert ("onnxruntime", "int8") not in paths and any("VNNI" in n for n in notes)
+    assert not any(p == "bf16" for _, p in paths) and any("bf16" in n for n in notes)
+    assert ("onnxruntime", "int8") in tuning.candidates(model, int8=True)[0]  # asked for: measured anyway
+    _no_vnni(monkeypatch, ("avx2", "avx512f", "avx512_vnni", "avx512_bf16"))
+    paths, _ = tuning.candidates(model)
+    assert ("onnxruntime", "int8") in paths and any(p == "bf16" for _, p in paths)
+    assert tuning.candidates(model, backend="onnxruntime")[0] == [("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+
+
+def test_auto_picks_only_paths_within_the_budget(model):
+    # int8 measured on purpose (int8=True) with a budget it cannot meet: whatever its speed, it is not picked
+    d = tuning.choose(model, threads=2, batch=64, budget=1e-7, int8=True)
+    rows = {(r["backend"], r["precision"]): r for r in d["measurements"]}
+    assert ("onnxruntime", "int8") in rows and abs(rows["onnxruntime", "int8"]["nll_change_nats"]) > 1e-7
+    assert d["precision"] != "int8" and tuning.within(rows[d["backend"], d["precision"]], 1e-7)
+    fastest_ok = max((r for r in rows.values() if tuning.within(r, 1e-7)), key=lambda r: r["items_per_s"])
+    assert (d["backend"], d["precision"]) == (fastest_ok["backend"], fastest_ok["precision"])
+    # fp32 paths agree with the reference to float rounding
+    for r in rows.values():
+        if r["precision"] == "fp32":
+            assert abs(r["nll_change_nats"]) < 1e-3 and abs(r["nelbo_change_nats"]) < 1e-3
+    # a budget that admits everything: the fastest measured path wins
+    d = tuning.choose(model, threads=2, batch=64, budget=1e9, int8=True, retune=True)
+    best = max(d["measurements"], key=lambda r: r["items_per_s"])
+    assert (d["backend"], d["precision"]) == (best["backend"], best["precision"])
+
+
+def test_decision_is_saved_reused_and_invalidated(model, monkeypatch):
+    first = tuning.choose(model, threads=2, batch=32)
+    assert not first["reused"] and first["saved"] and (model / tuning.TUNING).is_file()
+    again = tuning.choose(model, threads=2, batch=32)
+    assert again["reused"] and again["measurements"] == first["measurements"]
+    assert (again["backend"], again["precision"]) == (first["backend"], first["precision"])
+    # another batch size is another decision; both are kept
+    tuning.choose(model, threads=2, batch=8)
+    assert len(tuning.saved(model)) == 2
+    # new CPU flags or new library versions: measured again, not reused
+    _no_vnni(monkeypatch, ("avx2", "avx512_vnni"))
+    assert not tuning.choose(model, threads=2, batch=32)["reused"]
+    monkeypatch.undo()
+    real = checkpoint.versions()
+    monkeypatch.setattr(checkpoint, "versions", lambda: {**real, "onnxruntime": "99.0"})
+    assert not tuning.choose(model, threads=2, batch=32)["reused"]
+    # retrained weights: the old decision does not apply
+    monkeypatch.undo()
+    assert tuning.choose(model, threads=2, batch=32)["reused"]
+    monkeypatch.setattr(checkpoint, "weights_sha256", lambda d: "0" * 64)
+    assert not tuning.choose(model, threads=2, batch=32)["reused"]
+
+
+def test_damaged_or_read_only_tuning_file_is_not_fatal(model):
+    (model / tuning.TUNING).write_text("{not json")
+    d = tuning.choose(model, threads=2, batch=16)
+    assert not d["reused"] and json.loads((model / tuning.TUNING).read_text())["schema"] == tuning.SCHEMA
+    (model / tuning.TUNING).write_text(json.dumps({"schema": tuning.SCHEMA, "decisions": [{"key": 3}, "x"]}))
+    assert not tuning.choose(model, threads=2, batch=16)["reused"]
+
+
+def test_engine_auto_reports_its_path(model, x):
+    eng = Engine.load(model, precision="auto", threads=2, batch_size=16, max_nll_change=0.0)
+    assert eng.decision is not None and eng.backend.precision == "fp32"
+    assert eng.path.startswith(f"{eng.backend.name}/fp32 (auto")
+    ref = Engine.load(model, backend="torch", threads=2)
+    np.testing.assert_allclose(eng.log_likelihood(x, k=8), ref.log_likelihood(x, k=8), atol=1e-3)
+
+
+def _one_line(result, fragment):
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], \
+        result.output
+
+
+def test_cli_precision(model, x, tmp_path):
+    np.save(tmp_path / "x.npy", (x * 255).astype(np.uint8))
+    out = tmp_path / "s.npy"
+    r = runner.invoke(app, ["score", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out), "--k", "4",
+                            "--max-nll-change", "0", "--threads", "2"])
+    assert r.exit_code == 0, r.output
+    assert "/fp32 (auto: fastest within 0.0 nats" in " ".join(r.output.split())
+    fixed = tmp_path / "f.npy"
+    r = runner.invoke(app, ["score", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(fixed), "--k", "4",
+                            "--precision", "fp32", "--backend", "torch", "--threads", "2"])
+    assert r.exit_code == 0 and "torch/fp32" in r.output
+    np.testing.assert_allclose(np.load(out), np.load(fixed), atol=1e-3)
+    info = runner.invoke(app, ["info", str(model)])
+    assert info.exit_code == 0 and "--precision auto on this CPU" in " ".join(info.output.split())
+    _one_line(runner.invoke(app, ["score", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out),
+                                  "--precision", "fp8"]), "unknown precision")
+    _one_line(runner.invoke(app, ["score", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out),
+                                  "--max-nll-change", "-1"]), "--max-nll-change")
+    _one_line(runner.invoke(app, ["decode", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out),
+                                  "--backend", "onnxruntime", "--precision", "bf16"]), "no bf16 kernels")
