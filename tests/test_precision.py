@@ -190,3 +190,12 @@ def test_cli_precision(model, x, tmp_path):
                                   "--max-nll-change", "-1"]), "--max-nll-change")
     _one_line(runner.invoke(app, ["decode", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out),
                                   "--backend", "onnxruntime", "--precision", "bf16"]), "no bf16 kernels")
+
+
+def test_device_resident_log_weights_equal_the_numba_path(exported_model, x):
+    """The GPU scoring path (log-weights next to the decoder, `TorchBackend.log_weights`) run on the CPU here:
+    the same IWAE estimates as the Numba kernels, for the same eps streams."""
+    eng = Engine.load(exported_model, backend="torch", threads=2)
+    numba_path = eng.log_likelihood(x, k=50, seed=3)
+    eng.backend.score_rows = 256  # force the device-resident path, in blocks (k=50 spans several)
+    np.testing.assert_allclose(eng.log_likelihood(x, k=50, seed=3), numba_path, rtol=1e-5)  # fp32 sums of 784 terms

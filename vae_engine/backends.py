@@ -59,7 +59,10 @@ class TorchBackend:
         self.precision, self.provider = precision, self.device.type
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         model = checkpoint.load_model(model_dir).to(self.device, self.dtype)
-        self.encoder, self.decoder = model.encoder, model.decoder
+        self.encoder, self.decoder, self.likelihood = model.encoder, model.decoder, model.likelihood
+        # on a GPU the IWAE log-weights are computed where the decoder's outputs are (`log_weights`): copying
+        # K x D parameters per item to the host would cost more than the network itself
+        self.score_rows = 1 << 20 if self.device.type == "cuda" else None
         if compile:  # dynamic batch axis, so a new batch size does not recompile
             self.encoder = torch.compile(self.encoder, dynamic=True)
             self.decoder = torch.compile(self.decoder, dynamic=True)
@@ -80,6 +83,22 @@ class TorchBackend:
 
     def decode(self, z):
         return self._run(self.decoder, z).cpu().numpy()
+
+    def log_weights(self, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> np.ndarray:
+        """IWAE log-weights (b, K) float64 on the backend's device: the network at its precision, the
+        reparameterization and every log-density in fp32 (the twin of `kernels.log_weights`)."""
+        import torch
+
+        from .model import gaussian_log_prob, standard_normal_log_prob
+
+        with torch.inference_mode():
+            x_t, mu_t, lv_t, eps_t = (torch.from_numpy(a).to(self.device, non_blocking=True)
+                                      for a in (x, mu, logvar, eps))
+            z = mu_t[:, None] + torch.exp(0.5 * lv_t)[:, None] * eps_t  # (b, K, L)
+            params = self.decoder(z.reshape(-1, z.shape[-1]).to(self.dtype)).float().reshape(*z.shape[:2], -1)
+            log_w = (self.likelihood.log_prob(x_t[:, None], params) + standard_normal_log_prob(z)
+                     - gaussian_log_prob(z, mu_t[:, None], lv_t[:, None]))
+            return log_w.double().cpu().numpy()
 
 
 class _GraphBackend:

@@ -148,7 +148,8 @@ def _onnx_gemm(n: int, a_type: int, b_type: int, op: str = "MatMul"):
         [helper.make_node(op, ["a", "b"], ["c"])], "gemm",
         [helper.make_tensor_value_info("a", a_type, [n, n]), helper.make_tensor_value_info("b", b_type, [n, n])],
         [helper.make_tensor_value_info("c", out_type, [n, n])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", graphs.OPSET)])
+    # IR version 8 (opset 18's own): ONNX Runtime releases older than this onnx package refuse newer IRs
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", graphs.OPSET)], ir_version=8)
     onnx.checker.check_model(model)
     return model
 

@@ -139,11 +139,15 @@ class Engine:
         k = check_int("k", k, 1, MAX_SCORE_K)
         _check_stream(seed, start)
         mu, logvar = self.backend.encode(x)
+        on_device = getattr(self.backend, "score_rows", None)  # a GPU backend computes the log-weights itself
         log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks
-        for i, j, s, eps in rng.iwae_blocks(seed, start, len(x), k, self.latent_dim, SCORE_ROWS):
-            z = kernels.reparameterize(mu[i:j], logvar[i:j], eps)  # (b, K', D)
-            params = self.backend.decode(z.reshape(-1, self.latent_dim)).reshape(j - i, eps.shape[1], -1)
-            log_w = kernels.log_weights(x[i:j], params, z, mu[i:j], logvar[i:j], self.likelihood)
+        for i, j, s, eps in rng.iwae_blocks(seed, start, len(x), k, self.latent_dim, on_device or SCORE_ROWS):
+            if on_device:
+                log_w = self.backend.log_weights(x[i:j], mu[i:j], logvar[i:j], eps)
+            else:
+                z = kernels.reparameterize(mu[i:j], logvar[i:j], eps)  # (b, K', D)
+                params = self.backend.decode(z.reshape(-1, self.latent_dim)).reshape(j - i, eps.shape[1], -1)
+                log_w = kernels.log_weights(x[i:j], params, z, mu[i:j], logvar[i:j], self.likelihood)
             block = kernels.log_mean_exp(log_w) + np.log(eps.shape[1])  # log sum_k w over this block
             log_sum[i:j] = block if s == 0 else np.logaddexp(log_sum[i:j], block)
         return log_sum - np.log(k)
