@@ -129,11 +129,14 @@ class Engine:
         log_px = kernels.log_prob_rows(x, self.backend.decode(z), self.likelihood)
         return log_px - kernels.gaussian_kl(mu, logvar)
 
-    def log_likelihood(self, x: np.ndarray, k: int = 5000, seed: int = 0, start: int = 0) -> np.ndarray:
+    def log_likelihood(self, x: np.ndarray, k: int = 5000, seed: int = 0, start: int = 0,
+                       shared_eps: bool = False) -> np.ndarray:
         """IWAE estimate of log p(x) per input (B,) with k importance samples (Burda et al. 2015, eq. 8).
 
         Streams over K in blocks of SCORE_ROWS decoder rows, combining blocks by log-sum-exp in float64: memory
         stays bounded whatever k is, and every block draws its own slice of the item's eps stream.
+        shared_eps: every item uses the eps stream of item `start` (common random numbers), so an item's
+        estimate does not depend on its position or batch.
         """
         x = self._images(x)
         k = check_int("k", k, 1, MAX_SCORE_K)
@@ -141,7 +144,8 @@ class Engine:
         mu, logvar = self.backend.encode(x)
         on_device = getattr(self.backend, "score_rows", None)  # a GPU backend computes the log-weights itself
         log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks
-        for i, j, s, eps in rng.iwae_blocks(seed, start, len(x), k, self.latent_dim, on_device or SCORE_ROWS):
+        for i, j, s, eps in rng.iwae_blocks(seed, start, len(x), k, self.latent_dim, on_device or SCORE_ROWS,
+                                                 shared_eps):
             if on_device:
                 log_w = self.backend.log_weights(x[i:j], mu[i:j], logvar[i:j], eps)
             else:

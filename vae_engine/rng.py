@@ -102,18 +102,24 @@ def normal_eps(seed: int, start: int, n: int, k: int, d: int, s0: int = 0, s1: i
     return out
 
 
-def iwae_blocks(seed: int, start: int, n: int, k: int, d: int, rows: int):
+def iwae_blocks(seed: int, start: int, n: int, k: int, d: int, rows: int, shared: bool = False):
     """The eps of an IWAE estimate over items start..start+n-1, k samples each, in blocks of about `rows`
     decoder rows: yields (i, j, s, eps) with eps (j-i, K', D) = samples s..s+K'-1 of items i..j-1 (local).
 
     Items are grouped rows // k at a time; when one item's k samples exceed `rows`, K itself is split. Each block
     is a slice of the items' own streams, so any blocking gives the same numbers, in bounded memory.
+    shared=True: common random numbers, every item takes the eps of item `start`'s stream, so an item's estimate
+    depends on the item alone, not on where it sits in its batch (the anomaly detector's determinism).
     """
     per_item = max(1, rows // k)
     for i in range(0, n, per_item):
         j = min(n, i + per_item)
         for s in range(0, k, rows):
-            yield i, j, s, normal_eps(seed, start + i, j - i, k, d, s, min(k, s + rows))
+            if shared:
+                one = normal_eps(seed, start, 1, k, d, s, min(k, s + rows))
+                yield i, j, s, np.ascontiguousarray(np.broadcast_to(one, (j - i, *one.shape[1:])))
+            else:
+                yield i, j, s, normal_eps(seed, start + i, j - i, k, d, s, min(k, s + rows))
 
 
 def binarize(x: np.ndarray, seed: int, start: int) -> np.ndarray:

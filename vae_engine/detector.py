@@ -1,0 +1,264 @@
+"""`VAEOutlierDetector`: anomaly detection with a VAE behind scikit-learn's outlier-detector contract
+(`fit`, `score_samples` higher = more normal, `decision_function = score_samples - offset_`, `predict` in {+1, -1},
+`contamination`, `random_state`), saved as a model folder (safetensors + JSON, never a pickle).
+
+Scoring rules (`score=`), each deterministic: the same input gets the same score whatever its batch, its position
+in the batch or the thread count (inputs are scored in fixed-size padded chunks, and the IWAE eps are common random
+numbers: every item uses the same stream, `rng.iwae_blocks(shared=True)`):
+- "nll": log p(x), the IWAE estimate with k samples (Burda et al. 2015).
+- "nll-complexity": log p(x) + L(x), L = the zlib code length of the 8-bit quantized input in nats: the
+  likelihood corrected for input complexity (Serrà et al. 2020), since raw likelihoods favour simple inputs
+  (Nalisnick et al. 2019).
+- "reconstruction": log p(x | z = mu(x)), the model's own likelihood of the input at the posterior mean.
+- "latent": log N(mu(x); m, S), the density of the posterior mean under a Gaussian fitted to the training set's.
+The default is the rule that won `bench/detect_bench.py` (README: "Anomaly detection").
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+import zlib
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from . import atomic, checkpoint, kernels
+from .errors import ModelDirError
+
+RULES = ("nll", "nll-complexity", "reconstruction", "latent")
+DEFAULT_RULE = "reconstruction"  # the best mean ROC AUC in bench/detect_bench.py (README)
+DETECTOR = "detector.json"
+SCHEMA = "vae-engine-detector/1"
+CHUNK = 256  # rows per network call, padded: the same kernels for every item, whatever the caller's batch
+AUTO_FALSE_ALARMS = 0.01  # contamination="auto": flag 1% of held-out normal items
+
+
+class VAEOutlierDetector(OutlierMixin, BaseEstimator):
+    """Outlier detection with a variational autoencoder trained on (mostly) normal data.
+
+    Parameters follow scikit-learn: all are stored as given and used at `fit`. `model_dir` keeps the trained
+    model folder there (default: a temporary folder removed with the detector; `save` copies it).
+    """
+
+    def __init__(self, score: str = DEFAULT_RULE, contamination="auto", k: int = 64, latent_dim: int | None = None,
+                 hidden: tuple[int, ...] | None = None, epochs: int = 30, batch_size: int = 100,
+                 likelihood: str = "auto", random_state=None, threads: int | None = None,
+                 model_dir: str | None = None):
+        self.score = score
+        self.contamination = contamination
+        self.k = k
+        self.latent_dim = latent_dim
+        self.hidden = hidden
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.likelihood = likelihood
+        self.random_state = random_state
+        self.threads = threads
+        self.model_dir = model_dir
+
+    # ---- fitting ----
+
+    def _check_params(self) -> None:
+        if self.score not in RULES:
+            raise ValueError(f"score must be one of {', '.join(RULES)}, got {self.score!r}")
+        c = self.contamination
+        if not (c == "auto" or (isinstance(c, int | float) and not isinstance(c, bool) and 0 < c <= 0.5)):
+            raise ValueError(f"contamination must be 'auto' or a fraction in (0, 0.5], got {c!r}")
+        if not (isinstance(self.k, int | np.integer) and 1 <= self.k <= 100_000):
+            raise ValueError(f"k must be an integer in [1, 100000], got {self.k!r}")
+
+    def fit(self, X, y=None):
+        """Train a VAE on X (n_samples, n_features) and set the threshold `offset_`; y is ignored."""
+        from .config import ModelConfig, TrainConfig
+        from .train import train
+
+        self._check_params()
+        X = validate_data(self, X, dtype=np.float32, ensure_min_samples=2)
+        if not np.isfinite(X).all():
+            raise ValueError("X holds NaN or Inf values")
+        d = X.shape[1]
+        seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
+        out = Path(self.model_dir) if self.model_dir else Path(tempfile.mkdtemp(prefix="vae-detector-"))
+        if not self.model_dir:
+            weakref.finalize(self, shutil.rmtree, out, True)  # the temporary model goes with the detector
+        hidden = tuple(self.hidden) if self.hidden else (max(32, min(400, 2 * d)),) * 2
+        latent = self.latent_dim or int(min(20, max(2, d // 4)))
+        with tempfile.TemporaryDirectory(prefix="vae-detector-data-") as tmp:
+            np.save(Path(tmp) / "X.npy", X)
+            train(ModelConfig(latent_dim=latent, hidden=hidden, input_shape=(d,), likelihood=self.likelihood),
+                  TrainConfig(data=str(Path(tmp) / "X.npy"), val_fraction=0.1 if len(X) >= 20 else 0.0001,
+                              epochs=self.epochs, batch_size=min(self.batch_size, len(X)), seed=seed,
+                              threads=self.threads), out, plots=False, overwrite=True)
+        self.model_dir_, self.seed_ = str(out), seed
+        self._engine = None
+        self.quantize_range_ = (X.min(0).astype(np.float64), X.max(0).astype(np.float64))
+        mu = self._encode(X)
+        self.latent_mean_ = mu.mean(0)
+        self.latent_cov_ = np.cov(mu, rowvar=False).reshape(latent, latent) + 1e-6 * np.eye(latent)
+        scores = self._scores(X)
+        if self.contamination == "auto":  # 1% false alarms on the held-out split the model never trained on
+            held = np.asarray(checkpoint.read_config(out)["data"].get("split", {}).get("test_indices", []), int)
+            ref = scores[held] if len(held) >= 20 else scores
+            self.offset_ = float(np.percentile(ref, 100 * AUTO_FALSE_ALARMS))
+        else:
+            self.offset_ = float(np.percentile(scores, 100 * self.contamination))
+        return self
+
+    # ---- scoring ----
+
+    @property
+    def engine(self):
+        """The engine scoring this detector's model (fp32 ONNX Runtime when exported, else torch)."""
+        from .engine import Engine
+
+        if getattr(self, "_engine", None) is None:
+            self._engine = Engine.load(self.model_dir_, threads=self.threads)
+        return self._engine
+
+    def __getstate__(self):  # sessions are not picklable: the engine is reloaded from model_dir_ on demand
+        state = self.__dict__.copy()
+        state["_engine"] = None
+        return state
+
+    def _chunks(self, X: np.ndarray):
+        """(i, j, padded chunk) over X: every network call sees CHUNK rows, so results do not depend on batching."""
+        for i in range(0, len(X), CHUNK):
+            chunk = X[i : i + CHUNK]
+            if len(chunk) < CHUNK:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], CHUNK - len(chunk), axis=0)])
+            yield i, min(len(X), i + CHUNK), np.ascontiguousarray(chunk)
+
+    def _encode(self, X: np.ndarray) -> np.ndarray:
+        mu = np.empty((len(X), self.engine.latent_dim), np.float64)
+        for i, j, chunk in self._chunks(X):
+            mu[i:j] = self.engine.encode(chunk)[0][: j - i]
+        return mu
+
+    def _check_X(self, X) -> np.ndarray:
+        check_is_fitted(self, "offset_")
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        if not np.isfinite(X).all():
+            raise ValueError("X holds NaN or Inf values")
+        return X
+
+    def score_samples(self, X) -> np.ndarray:
+        """Normality score per item (n,) float64: higher = more normal, by the rule `score`."""
+        return self._scores(self._check_X(X))
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        return rule_scores(self.engine, X, self.score, self.k, self.seed_, self.latent_mean_, self.latent_cov_,
+                           self.quantize_range_, self._chunks)
+
+    def decision_function(self, X) -> np.ndarray:
+        """score_samples - offset_: negative for outliers."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X) -> np.ndarray:
+        """+1 for inliers, -1 for outliers."""
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+    def fit_predict(self, X, y=None, **kwargs):
+        """fit(X), then predict(X)."""
+        return self.fit(X).predict(X)
+
+    # ---- persistence: a model folder, never a pickle ----
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model folder (config.json, model.safetensors, graphs if any) plus detector.json to `path`."""
+        check_is_fitted(self, "offset_")
+        path = Path(path)
+        with atomic.temp_dir(path.parent, path.name) as staging:
+            folder = staging / "model"
+            shutil.copytree(self.model_dir_, folder, ignore=shutil.ignore_patterns(".*", "train_state*"))
+            write_detector(folder, self)
+            atomic.replace_dir(folder, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> VAEOutlierDetector:
+        """A fitted detector from a folder written by `save` (or `train --contamination`)."""
+        path = Path(path)
+        doc = read_detector(path)
+        det = cls(score=doc["score"], contamination=doc["contamination"], k=doc["k"])
+        det.model_dir_, det.seed_, det.offset_ = str(path), doc["seed"], doc["offset"]
+        det.n_features_in_ = doc["n_features"]
+        det.latent_mean_ = np.asarray(doc["latent_mean"], np.float64)
+        det.latent_cov_ = np.asarray(doc["latent_cov"], np.float64)
+        det.quantize_range_ = tuple(np.asarray(r, np.float64) for r in doc["quantize_range"])
+        det._engine = None
+        return det
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = self.random_state is None
+        return tags
+
+
+def rule_scores(engine, X: np.ndarray, rule: str, k: int, seed: int, latent_mean, latent_cov, quantize_range,
+                chunks) -> np.ndarray:
+    """The normality scores (n,) of one rule (see the module docstring), chunk by chunk."""
+    out = np.empty(len(X), np.float64)
+    for i, j, chunk in chunks(X):
+        if rule in ("nll", "nll-complexity"):
+            s = engine.log_likelihood(chunk, k=k, seed=seed, shared_eps=True)[: j - i]
+            if rule == "nll-complexity":
+                s = s + complexity_nats(X[i:j], quantize_range)
+        else:
+            mu = engine.encode(chunk)[0]
+            if rule == "reconstruction":
+                s = kernels.log_prob_rows(engine._images(chunk), engine.backend.decode(mu), engine.likelihood)[: j - i]
+            else:
+                s = gaussian_log_density(mu[: j - i].astype(np.float64), latent_mean, latent_cov)
+        out[i:j] = s
+    return out
+
+
+def complexity_nats(X: np.ndarray, quantize_range) -> np.ndarray:
+    """zlib (level 9) code length of each item quantized to 8 bits over the training range, in nats."""
+    lo, hi = quantize_range
+    q = np.clip(np.round((X - lo) / np.maximum(hi - lo, 1e-12) * 255), 0, 255).astype(np.uint8)
+    return np.array([len(zlib.compress(row.tobytes(), 9)) for row in q], np.float64) * 8 * np.log(2)
+
+
+def gaussian_log_density(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """log N(x; mean, cov) per row, by a Cholesky factor."""
+    chol = np.linalg.cholesky(cov)
+    sol = np.linalg.solve(chol, (x - mean).T)  # (L, n)
+    return -0.5 * (np.sum(sol**2, 0) + len(mean) * np.log(2 * np.pi)) - np.sum(np.log(np.diag(chol)))
+
+
+def write_detector(folder: Path, det: VAEOutlierDetector) -> None:
+    """detector.json: the rule, threshold and the statistics the rules need (JSON, no pickle)."""
+    atomic.write_json(Path(folder) / DETECTOR, {
+        "schema": SCHEMA, "score": det.score, "contamination": det.contamination, "k": int(det.k),
+        "seed": int(det.seed_), "offset": float(det.offset_), "n_features": int(det.n_features_in_),
+        "latent_mean": det.latent_mean_.tolist(), "latent_cov": det.latent_cov_.tolist(),
+        "quantize_range": [r.tolist() for r in det.quantize_range_]})
+
+
+def read_detector(folder: Path) -> dict:
+    """detector.json of a model folder, checked field by field (ModelDirError says what is wrong)."""
+    path = Path(folder) / DETECTOR
+    if not path.is_file():
+        raise ModelDirError(f"{folder}: no {DETECTOR}; train with --contamination or save a fitted "
+                            "VAEOutlierDetector there")
+    doc = checkpoint.read_json(path, "detector file")
+    cfg = checkpoint.model_config(folder)
+    try:
+        ok = (doc["schema"] == SCHEMA and doc["score"] in RULES and isinstance(doc["k"], int) and doc["k"] >= 1
+              and isinstance(doc["seed"], int) and np.isfinite(doc["offset"])
+              and doc["n_features"] == cfg.input_dim
+              and np.asarray(doc["latent_mean"], np.float64).shape == (cfg.latent_dim,)
+              and np.asarray(doc["latent_cov"], np.float64).shape == (cfg.latent_dim, cfg.latent_dim)
+              and np.asarray(doc["quantize_range"], np.float64).shape == (2, cfg.input_dim))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ModelDirError(f"{path}: malformed or does not match config.json; refit and save the detector")
+    return doc
+
