@@ -208,6 +208,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def save_npy(path: str | os.PathLike, array) -> None:
+    """Atomically write a small array as .npy (whole, from memory)."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    write_bytes(path, buf.getvalue())
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write pretty-printed JSON."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

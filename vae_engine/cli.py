@@ -162,6 +162,8 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last complete epoch (a run killed before its first checkpoint starts again).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete the model already in --out (weights, graphs, plots, metrics) and train a new one there.")] = False,
     plots: Annotated[bool, typer.Option(help="Draw plots/ at the end (training curve, reconstructions, samples, traversals).")] = True,
+    contamination: Annotated[float | None, typer.Option(help="Also store an anomaly threshold (detector.json, used by `detect`): flag this fraction (0, 0.5] of the training items.")] = None,
+    rule: Annotated[str, typer.Option(help="With --contamination: the scoring rule stored (nll, nll-complexity, reconstruction, latent).")] = "reconstruction",
 ) -> None:
     """Train a VAE on the bundled MNIST, an IDX dataset or your own data (--data), and write a model directory."""
     from .atomic import check_writable
@@ -170,6 +172,10 @@ def train(
     from .train import Callbacks
     from .train import train as run_train
 
+    if contamination is not None:
+        from .detect import check_rule
+
+        check_rule(rule, contamination)
     model_cfg = ModelConfig(arch=arch, latent_dim=latent_dim, hidden=_parse_hidden(hidden), activation=activation,
                             likelihood=likelihood)
     train_cfg = TrainConfig(
@@ -212,6 +218,11 @@ def train(
         if hasattr(bar, "bar"):
             bar.bar.stop()
     if os.environ.get("RANK", "0") == "0":
+        if contamination is not None:
+            from . import detect as detect_mod
+
+            offset = detect_mod.store_threshold(out_dir, rule, contamination)
+            out.print(f"detector: rule {rule}, threshold {offset:.3f} (flags {contamination:g} of the training items)")
         out.print(f"model directory: {out_dir}")
 
 
@@ -449,6 +460,28 @@ def score(
     """Score inputs by -ELBO or IWAE negative log-likelihood, e.g. as an anomaly score."""
     _job("score", model_dir, input, output, {"k": k, "seed": seed, "binarize": binarize}, _path(backend, precision, max_nll_change, device),
          batch_size, threads, ray, actors, cpus_per_actor)
+
+
+@app.command()
+@friendly
+def detect(
+    model_dir: ModelDir, input: InputOpt = ...,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Flags .npy (N,) int8: +1 inlier, -1 outlier.")] = ...,
+    scores: Annotated[Path | None, typer.Option(help="Also write the normality scores .npy (N,) float64 (higher = more normal).")] = None,
+    contamination: Annotated[float | None, typer.Option(help="Instead of the stored threshold: flag this fraction (0, 0.5] of these inputs.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Instead of the stored threshold: flag items whose score is below this.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Known labels .npy (N,) (1 or True = anomaly): adds ROC AUC / average precision, and ROC and PR curves to --plot.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG: histogram of the scores with the threshold (and ROC/PR curves with --labels).")] = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Flag anomalies with the scoring rule and threshold stored in MODEL_DIR/detector.json (train --contamination,
+    or VAEOutlierDetector.save)."""
+    from . import detect as detect_mod
+
+    result = detect_mod.run(model_dir, input, output, scores, contamination, threshold, labels, plot, threads)
+    out.print(f"{result['flagged']} of {result['n']} items flagged as anomalies (rule {result['rule']}, threshold "
+              f"{result['threshold']:.3f}" + (f"; ROC AUC {result['roc_auc']:.3f}, AP {result['average_precision']:.3f}"
+                                              if "roc_auc" in result else "") + f"); wrote {output}")
 
 
 @app.command()

@@ -2,7 +2,8 @@
 (`fit`, `score_samples` higher = more normal, `decision_function = score_samples - offset_`, `predict` in {+1, -1},
 `contamination`, `random_state`), saved as a model folder (safetensors + JSON, never a pickle).
 
-Scoring rules (`score=`), each deterministic: the same input gets the same score whatever its batch, its position
+Scoring rules (`rule=`; a parameter named `score` would hide the `score` method scikit-learn's checks look up),
+each deterministic: the same input gets the same score whatever its batch, its position
 in the batch or the thread count (inputs are scored in fixed-size padded chunks, and the IWAE eps are common random
 numbers: every item uses the same stream, `rng.iwae_blocks(shared=True)`):
 - "nll": log p(x), the IWAE estimate with k samples (Burda et al. 2015).
@@ -35,6 +36,7 @@ DEFAULT_RULE = "reconstruction"  # the best mean ROC AUC in bench/detect_bench.p
 DETECTOR = "detector.json"
 SCHEMA = "vae-engine-detector/1"
 CHUNK = 256  # rows per network call, padded: the same kernels for every item, whatever the caller's batch
+MIN_STEPS = 3000  # epochs="auto": optimizer steps at least (30 epochs of 10,000 items at batch 100)
 AUTO_FALSE_ALARMS = 0.01  # contamination="auto": flag 1% of held-out normal items
 
 
@@ -42,14 +44,16 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
     """Outlier detection with a variational autoencoder trained on (mostly) normal data.
 
     Parameters follow scikit-learn: all are stored as given and used at `fit`. `model_dir` keeps the trained
-    model folder there (default: a temporary folder removed with the detector; `save` copies it).
+    model folder there (default: a temporary folder removed with the detector; `save` copies it). epochs="auto":
+    at least 30 epochs and at least MIN_STEPS optimizer steps, so small tables are trained as long as large ones.
+    Architecture by default: two hidden layers of 2 x features (32 to 400), latent size features / 4 (2 to 20).
     """
 
-    def __init__(self, score: str = DEFAULT_RULE, contamination="auto", k: int = 64, latent_dim: int | None = None,
-                 hidden: tuple[int, ...] | None = None, epochs: int = 30, batch_size: int = 100,
+    def __init__(self, rule: str = DEFAULT_RULE, contamination="auto", k: int = 64, latent_dim: int | None = None,
+                 hidden: tuple[int, ...] | None = None, epochs: int | str = "auto", batch_size: int = 100,
                  likelihood: str = "auto", random_state=None, threads: int | None = None,
                  model_dir: str | None = None):
-        self.score = score
+        self.rule = rule
         self.contamination = contamination
         self.k = k
         self.latent_dim = latent_dim
@@ -64,13 +68,15 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
     # ---- fitting ----
 
     def _check_params(self) -> None:
-        if self.score not in RULES:
-            raise ValueError(f"score must be one of {', '.join(RULES)}, got {self.score!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         c = self.contamination
         if not (c == "auto" or (isinstance(c, int | float) and not isinstance(c, bool) and 0 < c <= 0.5)):
             raise ValueError(f"contamination must be 'auto' or a fraction in (0, 0.5], got {c!r}")
         if not (isinstance(self.k, int | np.integer) and 1 <= self.k <= 100_000):
             raise ValueError(f"k must be an integer in [1, 100000], got {self.k!r}")
+        if not (self.epochs == "auto" or isinstance(self.epochs, int | np.integer) and self.epochs >= 1):
+            raise ValueError(f"epochs must be 'auto' or a positive integer, got {self.epochs!r}")
 
     def fit(self, X, y=None):
         """Train a VAE on X (n_samples, n_features) and set the threshold `offset_`; y is ignored."""
@@ -88,25 +94,38 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
             weakref.finalize(self, shutil.rmtree, out, True)  # the temporary model goes with the detector
         hidden = tuple(self.hidden) if self.hidden else (max(32, min(400, 2 * d)),) * 2
         latent = self.latent_dim or int(min(20, max(2, d // 4)))
+        from .data import split_indices
+
+        val_fraction = 0.1 if len(X) >= 20 else 0.0001
+        batch = min(self.batch_size, len(X) - len(split_indices(len(X), val_fraction, seed)))
+        epochs = self.epochs if self.epochs != "auto" else max(30, -(-MIN_STEPS * batch // len(X)))
         with tempfile.TemporaryDirectory(prefix="vae-detector-data-") as tmp:
             np.save(Path(tmp) / "X.npy", X)
             train(ModelConfig(latent_dim=latent, hidden=hidden, input_shape=(d,), likelihood=self.likelihood),
-                  TrainConfig(data=str(Path(tmp) / "X.npy"), val_fraction=0.1 if len(X) >= 20 else 0.0001,
-                              epochs=self.epochs, batch_size=min(self.batch_size, len(X)), seed=seed,
+                  TrainConfig(data=str(Path(tmp) / "X.npy"), val_fraction=val_fraction,
+                              epochs=int(min(epochs, 10_000)), batch_size=batch, seed=seed,
                               threads=self.threads), out, plots=False, overwrite=True)
-        self.model_dir_, self.seed_ = str(out), seed
-        self._engine = None
+        split = checkpoint.read_config(out)["data"].get("split", {})
+        held = np.asarray(split.get("test_indices", []), int)
+        return self.calibrate(out, X, seed, X[held] if len(held) >= 20 else None)
+
+    def calibrate(self, model_dir: str | Path, X: np.ndarray, seed: int, X_held: np.ndarray | None = None):
+        """Use the trained model in `model_dir`: fit the latent Gaussian and quantization range on X and set
+        `offset_`: the `contamination` quantile of X's scores, or ("auto") the 1% quantile of the held-out
+        items' (X_held, which the model never trained on; X when there are none)."""
+        self._check_params()
+        self.model_dir_, self.seed_, self._engine = str(model_dir), int(seed), None
+        self.n_features_in_ = X.shape[1]
         self.quantize_range_ = (X.min(0).astype(np.float64), X.max(0).astype(np.float64))
         mu = self._encode(X)
+        latent = mu.shape[1]
         self.latent_mean_ = mu.mean(0)
         self.latent_cov_ = np.cov(mu, rowvar=False).reshape(latent, latent) + 1e-6 * np.eye(latent)
-        scores = self._scores(X)
-        if self.contamination == "auto":  # 1% false alarms on the held-out split the model never trained on
-            held = np.asarray(checkpoint.read_config(out)["data"].get("split", {}).get("test_indices", []), int)
-            ref = scores[held] if len(held) >= 20 else scores
+        if self.contamination == "auto":  # 1% false alarms on items the model never trained on
+            ref = self._scores(X_held if X_held is not None else X)
             self.offset_ = float(np.percentile(ref, 100 * AUTO_FALSE_ALARMS))
         else:
-            self.offset_ = float(np.percentile(scores, 100 * self.contamination))
+            self.offset_ = float(np.percentile(self._scores(X), 100 * self.contamination))
         return self
 
     # ---- scoring ----
@@ -147,11 +166,11 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
         return X
 
     def score_samples(self, X) -> np.ndarray:
-        """Normality score per item (n,) float64: higher = more normal, by the rule `score`."""
+        """Normality score per item (n,) float64: higher = more normal, by the scoring `rule`."""
         return self._scores(self._check_X(X))
 
     def _scores(self, X: np.ndarray) -> np.ndarray:
-        return rule_scores(self.engine, X, self.score, self.k, self.seed_, self.latent_mean_, self.latent_cov_,
+        return rule_scores(self.engine, X, self.rule, self.k, self.seed_, self.latent_mean_, self.latent_cov_,
                            self.quantize_range_, self._chunks)
 
     def decision_function(self, X) -> np.ndarray:
@@ -184,7 +203,7 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
         """A fitted detector from a folder written by `save` (or `train --contamination`)."""
         path = Path(path)
         doc = read_detector(path)
-        det = cls(score=doc["score"], contamination=doc["contamination"], k=doc["k"])
+        det = cls(rule=doc["rule"], contamination=doc["contamination"], k=doc["k"])
         det.model_dir_, det.seed_, det.offset_ = str(path), doc["seed"], doc["offset"]
         det.n_features_in_ = doc["n_features"]
         det.latent_mean_ = np.asarray(doc["latent_mean"], np.float64)
@@ -235,7 +254,7 @@ def gaussian_log_density(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np
 def write_detector(folder: Path, det: VAEOutlierDetector) -> None:
     """detector.json: the rule, threshold and the statistics the rules need (JSON, no pickle)."""
     atomic.write_json(Path(folder) / DETECTOR, {
-        "schema": SCHEMA, "score": det.score, "contamination": det.contamination, "k": int(det.k),
+        "schema": SCHEMA, "rule": det.rule, "contamination": det.contamination, "k": int(det.k),
         "seed": int(det.seed_), "offset": float(det.offset_), "n_features": int(det.n_features_in_),
         "latent_mean": det.latent_mean_.tolist(), "latent_cov": det.latent_cov_.tolist(),
         "quantize_range": [r.tolist() for r in det.quantize_range_]})
@@ -250,7 +269,7 @@ def read_detector(folder: Path) -> dict:
     doc = checkpoint.read_json(path, "detector file")
     cfg = checkpoint.model_config(folder)
     try:
-        ok = (doc["schema"] == SCHEMA and doc["score"] in RULES and isinstance(doc["k"], int) and doc["k"] >= 1
+        ok = (doc["schema"] == SCHEMA and doc["rule"] in RULES and isinstance(doc["k"], int) and doc["k"] >= 1
               and isinstance(doc["seed"], int) and np.isfinite(doc["offset"])
               and doc["n_features"] == cfg.input_dim
               and np.asarray(doc["latent_mean"], np.float64).shape == (cfg.latent_dim,)
