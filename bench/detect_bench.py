@@ -88,8 +88,9 @@ def markdown(rows: list[dict]) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         if "roc_auc" in r:
+            same = "yes" if r["identical_on_second_call"] else "no"
             lines.append(f"| {r['case']} | {r['detector']} | {r['roc_auc']:.3f} | {r['average_precision']:.3f} | "
-                         f"{r['fit_s']:.1f} | {r['score_s']:.2f} | {'yes' if r['identical_on_second_call'] else 'no'} |")
+                         f"{r['fit_s']:.1f} | {r['score_s']:.2f} | {same} |")
     return "\n".join(lines)
 
 

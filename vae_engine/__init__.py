@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 from .config import ModelConfig, TrainConfig  # noqa: E402
 from .errors import DataError, ExportError, ModelDirError, OutputError, VaeEngineError  # noqa: E402
 
-_LAZY = {"VAE": "model", "Engine": "engine", "VAEOutlierDetector": "detector"}  # heavy (torch, ONNX Runtime, Numba): imported on first use
+# heavy (torch, ONNX Runtime, Numba, scikit-learn): imported on first use
+_LAZY = {"VAE": "model", "Engine": "engine", "VAEOutlierDetector": "detector"}
 
 
 def __getattr__(name: str):
@@ -17,6 +18,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "__version__", "ModelConfig", "TrainConfig", "VAE", "Engine", "VAEOutlierDetector", "VaeEngineError", "DataError", "ModelDirError",
+    "__version__", "ModelConfig", "TrainConfig", "VAE", "Engine", "VAEOutlierDetector", "VaeEngineError",
+    "DataError", "ModelDirError",
     "ExportError", "OutputError",
 ]
