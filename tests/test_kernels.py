@@ -77,3 +77,21 @@ def test_log_mean_exp_matches_twin_and_torch():
     np.testing.assert_allclose(got, kernels.log_mean_exp_numpy(log_w), rtol=1e-10)
     np.testing.assert_allclose(got, iwae_bound(torch.from_numpy(log_w).double().T).numpy(), rtol=1e-10)
     assert kernels.log_mean_exp(np.array([[1000.0, 1000.0]], np.float32))[0] == pytest.approx(1000.0)
+
+
+def test_streams_merge_keeps_each_items_eps():
+    """A batch merged from several requests (rng.Streams.concat) reads, item for item, the eps each request would
+    read alone; shared streams give every item the same eps; any blocking gives the same numbers."""
+    from vae_engine import rng
+
+    a, b = rng.Streams.contiguous(3, 0, 5), rng.Streams.contiguous(9, 40, 3)
+    merged = rng.Streams.concat([a, b, rng.Streams.shared(1, 7, 2)])
+    eps = merged.eps(0, 10, 6, 4)
+    np.testing.assert_array_equal(eps[:5], rng.normal_eps(3, 0, 5, 6, 4))
+    np.testing.assert_array_equal(eps[5:8], rng.normal_eps(9, 40, 3, 6, 4))
+    np.testing.assert_array_equal(eps[8], rng.normal_eps(1, 7, 1, 6, 4)[0])
+    np.testing.assert_array_equal(eps[9], eps[8])
+    blocks = np.zeros_like(eps)
+    for i, j, s, e in rng.iwae_blocks(merged, 6, 4, rows=4):
+        blocks[i:j, s : s + e.shape[1]] = e
+    np.testing.assert_array_equal(blocks, eps)

@@ -27,7 +27,7 @@ HAS_CUDA = torch.cuda.is_available()
 def model(exported_model, tmp_path):
     """A private copy (tuning.json is written into the model folder)."""
     out = tmp_path / "m"
-    shutil.copytree(exported_model, out)
+    shutil.copytree(exported_model, out, ignore=shutil.ignore_patterns(tuning.TUNING))  # no decisions of other tests
     return out
 
 

@@ -5,7 +5,7 @@
 Scoring rules (`rule=`; a parameter named `score` would hide the `score` method scikit-learn's checks look up),
 each deterministic: the same input gets the same score whatever its batch, its position
 in the batch or the thread count (inputs are scored in fixed-size padded chunks, and the IWAE eps are common random
-numbers: every item uses the same stream, `rng.iwae_blocks(shared=True)`):
+numbers: every item uses the same stream, `rng.Streams.shared`):
 - "nll": log p(x), the IWAE estimate with k samples (Burda et al. 2015).
 - "nll-complexity": log p(x) + L(x), L = the zlib code length of the 8-bit quantized input in nats: the
   likelihood corrected for input complexity (Serrà et al. 2020), since raw likelihoods favour simple inputs

@@ -122,32 +122,35 @@ class Engine:
         z = self._sample(mu, logvar, 1, seed, start)[:, 0] if sample else mu
         return self.likelihood.mean(self.backend.decode(z))
 
-    def elbo(self, x: np.ndarray, seed: int = 0, start: int = 0) -> np.ndarray:
-        """ELBO per input (B,): one posterior sample for log p(x|z), analytic KL (K&W 2013, eq. 10)."""
+    def elbo(self, x: np.ndarray, seed: int = 0, start: int = 0, streams: rng.Streams | None = None) -> np.ndarray:
+        """ELBO per input (B,): one posterior sample for log p(x|z), analytic KL (K&W 2013, eq. 10).
+        `streams` (optional) says which eps stream each item reads; default: (seed, start + b)."""
         x = self._images(x)
-        _check_stream(seed, start)
+        streams = _streams(streams, seed, start, len(x))
         mu, logvar = self.backend.encode(x)
-        z = self._sample(mu, logvar, 1, seed, start)[:, 0]
+        z = kernels.reparameterize(mu, logvar, streams.eps(0, len(x), 1, self.latent_dim))[:, 0]
         log_px = kernels.log_prob_rows(x, self.backend.decode(z), self.likelihood)
         return log_px - kernels.gaussian_kl(mu, logvar)
 
     def log_likelihood(self, x: np.ndarray, k: int = 5000, seed: int = 0, start: int = 0,
-                       shared_eps: bool = False) -> np.ndarray:
+                       shared_eps: bool = False, streams: rng.Streams | None = None) -> np.ndarray:
         """IWAE estimate of log p(x) per input (B,) with k importance samples (Burda et al. 2015, eq. 8).
 
         Streams over K in blocks of SCORE_ROWS decoder rows, combining blocks by log-sum-exp in float64: memory
         stays bounded whatever k is, and every block draws its own slice of the item's eps stream.
         shared_eps: every item uses the eps stream of item `start` (common random numbers), so an item's
-        estimate does not depend on its position or batch.
+        estimate does not depend on its position or batch. `streams` gives each item's stream explicitly.
         """
         x = self._images(x)
         k = check_int("k", k, 1, MAX_SCORE_K)
-        _check_stream(seed, start)
+        if streams is None and shared_eps:
+            _check_stream(seed, start)
+            streams = rng.Streams.shared(seed, start, len(x))
+        streams = _streams(streams, seed, start, len(x))
         mu, logvar = self.backend.encode(x)
         on_device = getattr(self.backend, "score_rows", None)  # a GPU backend computes the log-weights itself
         log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks
-        for i, j, s, eps in rng.iwae_blocks(seed, start, len(x), k, self.latent_dim, on_device or SCORE_ROWS,
-                                                 shared_eps):
+        for i, j, s, eps in rng.iwae_blocks(streams, k, self.latent_dim, on_device or SCORE_ROWS):
             if on_device:
                 log_w = self.backend.log_weights(x[i:j], mu[i:j], logvar[i:j], eps)
             else:
@@ -161,6 +164,18 @@ class Engine:
     def scores(self, x: np.ndarray, start: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """(-ELBO, -log p(x) estimate) per input: the same quantities as `evaluate.reference_scores`."""
         return -self.elbo(x, seed, start), -self.log_likelihood(x, k, seed, start)
+
+
+def _streams(streams: rng.Streams | None, seed: int, start: int, n: int) -> rng.Streams:
+    """The given streams (one per item, checked), or items start..start+n-1 of seed."""
+    if streams is None:
+        _check_stream(seed, start)
+        return rng.Streams.contiguous(seed, start, n)
+    if len(streams) != n:
+        raise DataError(f"streams cover {len(streams)} items, the batch has {n}")
+    for seed_, first, count, _ in streams.runs:
+        _check_stream(seed_, first + count)
+    return streams
 
 
 def _check_stream(seed: int, start: int) -> None:

@@ -24,7 +24,8 @@ def reference_scores(model: VAE, x: np.ndarray, start: int, k: int, seed: int) -
     """
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks (the engine's blocking, same streams)
-    for i, j, s, eps in rng.iwae_blocks(seed, start, len(x), k, model.cfg.latent_dim, SCORE_ROWS):
+    for i, j, s, eps in rng.iwae_blocks(rng.Streams.contiguous(seed, start, len(x)), k, model.cfg.latent_dim,
+                                            SCORE_ROWS):
         log_w = log_weights(model, xt[i:j], torch.from_numpy(eps).transpose(0, 1)).double()  # (K', b)
         block = torch.logsumexp(log_w, dim=0).numpy()
         log_sum[i:j] = block if s == 0 else np.logaddexp(log_sum[i:j], block)

@@ -10,6 +10,7 @@ Each kernel has a NumPy twin (`*_numpy`), compared in the tests.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -102,24 +103,60 @@ def normal_eps(seed: int, start: int, n: int, k: int, d: int, s0: int = 0, s1: i
     return out
 
 
-def iwae_blocks(seed: int, start: int, n: int, k: int, d: int, rows: int, shared: bool = False):
-    """The eps of an IWAE estimate over items start..start+n-1, k samples each, in blocks of about `rows`
-    decoder rows: yields (i, j, s, eps) with eps (j-i, K', D) = samples s..s+K'-1 of items i..j-1 (local).
+@dataclass(frozen=True)
+class Streams:
+    """Which eps stream each item of a batch reads: runs of (seed, first item index, items, step).
+
+    step 1: consecutive item indices (a file's rows, the default everywhere); step 0: every item of the run reads
+    the same index (common random numbers, so a score depends on the item alone). Batches merged from several
+    requests (the server) concatenate their runs, so each item keeps the stream it would have had alone.
+    """
+
+    runs: tuple[tuple[int, int, int, int], ...]
+
+    @classmethod
+    def contiguous(cls, seed: int, start: int, n: int) -> Streams:
+        return cls(((int(seed), int(start), int(n), 1),))
+
+    @classmethod
+    def shared(cls, seed: int, index: int, n: int) -> Streams:
+        return cls(((int(seed), int(index), int(n), 0),))
+
+    @classmethod
+    def concat(cls, parts) -> Streams:
+        return cls(tuple(run for part in parts for run in part.runs))
+
+    def __len__(self) -> int:
+        return sum(run[2] for run in self.runs)
+
+    def eps(self, i: int, j: int, k: int, d: int, s0: int = 0, s1: int | None = None) -> np.ndarray:
+        """eps (j-i, s1-s0, d) float32 of the batch's items i..j-1: their samples s0..s1-1 of k."""
+        s1 = k if s1 is None else s1
+        pieces, offset = [], 0
+        for seed, first, n, step in self.runs:
+            a, b = max(i, offset), min(j, offset + n)
+            if a < b:
+                if step:
+                    pieces.append(normal_eps(seed, first + a - offset, b - a, k, d, s0, s1))
+                else:
+                    one = normal_eps(seed, first, 1, k, d, s0, s1)
+                    pieces.append(np.broadcast_to(one, (b - a, *one.shape[1:])))
+            offset += n
+        return np.ascontiguousarray(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
+
+
+def iwae_blocks(streams: Streams, k: int, d: int, rows: int):
+    """The eps of an IWAE estimate over a batch's items (k samples each, from their `streams`), in blocks of
+    about `rows` decoder rows: yields (i, j, s, eps) with eps (j-i, K', D) = samples s..s+K'-1 of items i..j-1.
 
     Items are grouped rows // k at a time; when one item's k samples exceed `rows`, K itself is split. Each block
     is a slice of the items' own streams, so any blocking gives the same numbers, in bounded memory.
-    shared=True: common random numbers, every item takes the eps of item `start`'s stream, so an item's estimate
-    depends on the item alone, not on where it sits in its batch (the anomaly detector's determinism).
     """
-    per_item = max(1, rows // k)
+    n, per_item = len(streams), max(1, rows // k)
     for i in range(0, n, per_item):
         j = min(n, i + per_item)
         for s in range(0, k, rows):
-            if shared:
-                one = normal_eps(seed, start, 1, k, d, s, min(k, s + rows))
-                yield i, j, s, np.ascontiguousarray(np.broadcast_to(one, (j - i, *one.shape[1:])))
-            else:
-                yield i, j, s, normal_eps(seed, start + i, j - i, k, d, s, min(k, s + rows))
+            yield i, j, s, streams.eps(i, j, k, d, s, min(k, s + rows))
 
 
 def binarize(x: np.ndarray, seed: int, start: int) -> np.ndarray:
