@@ -486,6 +486,55 @@ def detect(
 
 @app.command()
 @friendly
+def serve(
+    model_dir: ModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Micro-batching: the most items merged into one engine call (1: no batching).")] = 256,
+    max_wait_ms: Annotated[float, typer.Option(help="Micro-batching: how long the first request of a batch waits for others, in ms (0: merge only what is already queued).")] = 2.0,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes, each with its own engine and batcher.")] = 1,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body, MiB (413 beyond).")] = 16.0,
+    max_items: Annotated[int, typer.Option(help="Most items per request (413 beyond).")] = 4096,
+    max_k: Annotated[int, typer.Option(help="Largest k a score request may ask for (422 beyond).")] = 5000,
+    timeout_s: Annotated[float, typer.Option(help="Seconds from a request's arrival to its answer (504 beyond).")] = 30.0,
+    ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve instead of uvicorn (local Ray; needs ray[serve]).")] = False,
+    replicas: Annotated[int, typer.Option(help="With --ray: number of replicas.")] = 1,
+) -> None:
+    """Serve the model over HTTP: /v1/encode, decode, reconstruct, sample, score, detect with micro-batching;
+    /metrics (Prometheus), /docs (OpenAPI), and a page at / to try the model in a browser."""
+    from .checkpoint import resolve_model_dir
+    from .config import MAX_BATCH, MAX_SCORE_K, check_int
+
+    check_int("--port", port, 0, 65535)
+    check_int("--max-batch", max_batch, 1, MAX_BATCH)
+    check_int("--workers", workers, 1, 64)
+    check_int("--max-items", max_items, 1, MAX_BATCH)
+    check_int("--max-k", max_k, 1, MAX_SCORE_K)
+    check_int("--replicas", replicas, 1, 64)
+    for name, value in (("--max-wait-ms", max_wait_ms), ("--max-body-mb", max_body_mb), ("--timeout-s", timeout_s)):
+        if not (value >= 0 and value < float("inf")):
+            raise VaeEngineError(f"{name} must be a finite number >= 0, got {value}")
+    try:
+        from . import server
+    except ImportError as exc:
+        raise VaeEngineError(f"serve needs the 'serve' extra ({exc.name} is missing): pip install 'vae-engine[serve]'") from None
+    limits = server.Limits(int(max_body_mb * (1 << 20)), max_items, max_k, timeout_s)
+    settings = {"backend": backend, "precision": precision, "threads": threads, "max_batch": max_batch,
+                "max_wait_ms": max_wait_ms, "max_nll_change": max_nll_change, "device": device}
+    model_dir = resolve_model_dir(model_dir)
+    out.print(f"serving {model_dir} on http://{host}:{port} (page at /, API docs at /docs); Ctrl-C to stop")
+    if ray:
+        from . import ray_serve
+
+        ray_serve.run(model_dir, host, port, replicas, limits, **settings)
+    else:
+        server.serve(model_dir, host, port, workers, limits, **settings)
+
+
+@app.command()
+@friendly
 def bench(
     model_dir: ModelOpt = None,
     backends: Annotated[str | None, typer.Option(help="Comma-separated: torch, torch-bf16, torch-compile, ort-fp32, ort-opt, ort-int8, ov-fp32, ov-bf16, torch-cuda, torch-cuda-bf16, torch-cuda-fp16, ort-cuda, ort-cuda-fp16 (default: all; those that cannot run here are skipped with the reason; --quick: torch, ort-fp32, ort-int8).")] = None,

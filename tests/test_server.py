@@ -1,0 +1,236 @@
+"""`vae-engine serve`: endpoint parity with the offline jobs, micro-batching (merged and still identical answers),
+4xx for each kind of bad request, limits, metrics, OpenAPI, and the page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from vae_engine import data, jobs  # noqa: E402
+from vae_engine.engine import Engine  # noqa: E402
+from vae_engine.server import Limits, create_app  # noqa: E402
+
+NPY = "application/x-npy"
+
+
+@pytest.fixture(scope="module")
+def model(exported_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "m"
+    shutil.copytree(exported_model, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def x(tiny_data):
+    images, _ = data.load_split(tiny_data, "test")
+    return images[:12].reshape(12, -1)  # uint8, as a user would send
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    app = create_app(model, backend="onnxruntime", precision="fp32", threads=2, max_batch=64, max_wait_ms=5,
+                     limits=Limits(max_body_bytes=1 << 20, max_items=100, max_k=500, timeout_s=20))
+    with TestClient(app) as c:
+        yield c
+
+
+def _post(client, op, **body):
+    r = client.post(f"/v1/{op}", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _job(model, job, items, **params):
+    """The offline batch job's answer on the same items (as a file), same seed."""
+    engine = Engine.load(model, backend="onnxruntime", precision="fp32", threads=2)
+    fn = jobs.make_job_fn(job, engine, params)
+    return fn(0, items if job in ("decode", "sample") else data.model_input(items, True))
+
+
+def test_endpoints_equal_the_offline_jobs(client, model, x):
+    items = (x / 255).tolist()  # JSON numbers are values as they are; uint8 intensities travel as .npy
+    np.testing.assert_allclose(_post(client, "reconstruct", items=items)["items"], _job(model, "reconstruct", x),
+                               atol=1e-6)
+    enc = _post(client, "encode", items=items)
+    np.testing.assert_allclose(enc["mu"], _job(model, "encode", x), atol=1e-6)
+    z = np.asarray(enc["mu"], np.float32)
+    np.testing.assert_allclose(_post(client, "decode", z=z.tolist())["items"], _job(model, "decode", z), atol=1e-6)
+    np.testing.assert_allclose(_post(client, "sample", n=5, seed=3)["items"],
+                               _job(model, "sample", np.zeros((5, 0), np.float32), seed=3), atol=1e-6)
+    for k in (1, 8):
+        got = _post(client, "score", items=items, k=k, seed=2)["scores"]
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, _job(model, "score", x, k=k, seed=2, binarize=True), rtol=1e-5)
+
+
+def test_npy_bodies_and_answers(client, x):
+    buf = io.BytesIO()
+    np.save(buf, x)
+    r = client.post("/v1/score?k=4&seed=1", content=buf.getvalue(), headers={"content-type": NPY, "accept": NPY})
+    assert r.status_code == 200 and r.headers["content-type"] == NPY
+    npy = np.load(io.BytesIO(r.content))
+    assert npy.shape == (12,)
+    np.testing.assert_allclose(npy, _post(client, "score", items=(x / 255).tolist(), k=4, seed=1)["scores"],
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize(("op", "body", "status", "fragment"), [
+    ("score", {"items": [[0.5, 0.5]]}, 422, "shape"),
+    ("score", {"items": "cat"}, 422, "list"),
+    ("score", {"items": [[1, 2], [3]]}, 422, "rectangular"),
+    ("score", {"items": [[float("nan")] * 784]}, 422, "NaN"),
+    ("score", {"items": [[0.1] * 784], "k": 10**6}, 422, "k must be"),
+    ("score", {"items": [[0.1] * 784], "k": "many"}, 422, "k must be"),
+    ("score", {"items": [[0.1] * 784], "seed": -1}, 422, "seed"),
+    ("sample", {"n": 0}, 422, "n must be"),
+    ("sample", {"n": 101}, 422, "n must be"),
+    ("decode", {"z": [[0.0] * 3]}, 422, "z must be"),
+    ("encode", {"items": [[0.1] * 784] * 101}, 413, "limit"),
+    ("detect", {"items": [[0.1] * 784]}, 404, "detector"),
+])
+def test_bad_requests_get_one_line_4xx(client, op, body, status, fragment):
+    r = client.post(f"/v1/{op}", content=json.dumps(body).replace("NaN", "NaN"),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    msg = r.json()["error"]
+    assert fragment in msg and "\n" not in msg
+
+
+def test_malformed_bodies_and_limits(client):
+    def post(content, ctype="application/json"):
+        return client.post("/v1/score", content=content, headers={"content-type": ctype})
+
+    assert post(b"{not json").status_code == 400
+    assert post(b"[1, 2]").status_code == 422
+    assert post(b"abc", "text/plain").status_code == 415
+    assert post(b"\x93NUMPY garbage", NPY).status_code == 400
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert post(buf.getvalue(), NPY).status_code == 400  # pickled arrays are refused
+    assert post(b"[" + b"0," * (1 << 20) + b"0]").status_code == 413
+    assert client.get("/v1/score").status_code == 405
+    assert client.get("/nowhere").json()["error"].startswith("no route")
+
+
+def test_health_metrics_openapi(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["status"] == "ready"
+    spec = client.get("/openapi.json").json()
+    assert {f"/v1/{op}" for op in ("encode", "decode", "reconstruct", "sample", "score", "detect")} <= set(spec["paths"])
+    assert NPY in spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]
+    assert not spec["paths"]["/v1/score"]["post"].get("parameters")
+    text = client.get("/metrics").text
+    assert 'vae_requests_total{code="200",endpoint="score"}' in text and "vae_batch_items_bucket" in text
+    assert "vae_queue_wait_seconds_bucket" in text and "vae_request_seconds_bucket" in text
+    info = client.get("/v1/info").json()
+    assert info["latent_dim"] == 4 and info["path"].startswith("onnxruntime/fp32")
+    m = client.get("/v1/map").json()
+    assert len(m["xy"]) == len(m["labels"]) and len(m["mean"]) == 4
+
+
+# ---- a real server process: batching under concurrency, the browser page ----
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vae_engine", "serve", str(model), "--port", str(port),
+                             "--max-batch", "64", "--max-wait-ms", "20", "--threads", "2", "--precision", "fp32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("server did not start: " + proc.stdout.read().decode()[-2000:])
+    yield url
+    proc.terminate()
+    assert proc.wait(30) == 0  # SIGTERM: graceful shutdown, exit 0
+
+
+def test_concurrent_requests_are_merged_and_answers_unchanged(server, model, x):
+    import httpx
+
+    def one(i):
+        r = httpx.post(f"{server}/v1/score", json={"items": [(x[i % 12] / 255).tolist()], "k": 4, "seed": 5, "start": i},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()["scores"][0]
+
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(one, range(96)))
+    # item i alone, as item `start` = i of a file: the same eps stream whatever batch it joined
+    engine = Engine.load(model, backend="onnxruntime", precision="fp32", threads=2)
+    xs = data.model_input(np.stack([x[i % 12] for i in range(96)]), True)
+    want = jobs.make_job_fn("score", engine, {"k": 4, "seed": 5, "binarize": True})(0, xs)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    text = httpx.get(f"{server}/metrics").text
+    count = float(next(line.split()[1] for line in text.splitlines() if line.startswith("vae_batch_items_count")))
+    total = float(next(line.split()[1] for line in text.splitlines() if line.startswith("vae_batch_items_sum")))
+    assert total >= 96 and count < 96  # fewer engine calls than requests: requests were merged
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None or not os.environ.get("DISPLAY", "1"), reason="no chromium on this machine")
+def test_page_renders_and_draws_in_chromium(server, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--headless=new"])
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=30000)
+        assert "latent 4" in page.inner_text("#info")
+        before = int(page.get_attribute("body", "data-updates") or 0)
+        box = page.locator("#draw").bounding_box()
+        page.mouse.move(box["x"] + 100, box["y"] + 60)
+        page.mouse.down()
+        for step in range(20):
+            page.mouse.move(box["x"] + 100 + step * 4, box["y"] + 60 + step * 8)
+        page.mouse.up()
+        page.wait_for_function(f"Number(document.body.dataset.updates) > {before}", timeout=10000)
+        assert float(page.inner_text("#score")) > 0
+        # the reconstruction canvas is not blank
+        ink = page.evaluate("""() => { const c = document.getElementById('recon').getContext('2d');
+            const d = c.getImageData(0, 0, 280, 280).data; let s = 0;
+            for (let i = 0; i < d.length; i += 4) s += 255 - d[i]; return s; }""")
+        assert ink > 0
+        page.locator("#map").click(position={"x": 160, "y": 160})
+        page.fill("#seed", "7")
+        page.click("#resample")
+        page.screenshot(path=str(tmp_path / "page.png"))
+        browser.close()
+        assert not errors, errors

@@ -1,0 +1,509 @@
+"""`vae-engine serve`: an HTTP inference server (FastAPI) with latency-bounded micro-batching.
+
+Concurrent requests for the same operation are queued and merged into one engine call of up to `max_batch` items,
+or whatever has arrived `max_wait_ms` after the first of them, whichever comes first; engine calls run one at a time
+on one worker thread, so requests arriving during a call form the next batch. Answers equal the offline jobs':
+a request's items are numbered from its `start` (default 0) and every random draw is keyed by (seed, start + i),
+exactly as item i of a file in `vae-engine score/sample`; a merged batch keeps each item's own stream
+(`rng.Streams.concat`). Every request is checked alone before it joins a batch, so a bad one gets its own 4xx and
+never disturbs the others.
+
+Endpoints: POST /v1/{encode,decode,reconstruct,sample,score,detect}, JSON bodies or .npy bodies
+(Content-Type: application/x-npy, options as query parameters; Accept: application/x-npy returns .npy);
+GET /v1/info, /v1/map, /healthz, /readyz, /metrics (Prometheus), /docs (OpenAPI); / is the browser page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import checkpoint, rng
+from .config import SEED_MAX
+from .errors import DataError, VaeEngineError
+
+NPY = "application/x-npy"
+WEB = Path(__file__).parent / "web"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; beyond it the answer is a 4xx with the limit named."""
+
+    max_body_bytes: int = 16 << 20  # request body
+    max_items: int = 4096  # items (or latents, or samples) per request
+    max_k: int = 5000  # importance samples per item (score)
+    timeout_s: float = 30.0  # from arrival to answer; then 504
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class _Pending:
+    key: tuple
+    payload: dict
+    n: int
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    """Merge concurrent requests of one key into engine calls of <= max_batch items within max_wait_s."""
+
+    def __init__(self, run: Callable[[tuple, list[dict]], list[Any]], max_batch: int, max_wait_s: float,
+                 metrics: Metrics):
+        self.run, self.max_batch, self.max_wait_s, self.metrics = run, max_batch, max_wait_s, metrics
+        self.queues: dict[tuple, asyncio.Queue] = {}
+        self.tasks: list[asyncio.Task] = []
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")  # one engine call at a time
+        self.inflight = 0
+
+    async def submit(self, key: tuple, payload: dict, n: int) -> Any:
+        loop = asyncio.get_running_loop()
+        if key not in self.queues:
+            self.queues[key] = asyncio.Queue()
+            self.tasks.append(loop.create_task(self._collect(key)))
+        item = _Pending(key, payload, n, loop.create_future())
+        self.inflight += 1
+        try:
+            await self.queues[key].put(item)
+            return await item.future
+        finally:
+            self.inflight -= 1
+
+    async def _collect(self, key: tuple) -> None:
+        queue, loop = self.queues[key], asyncio.get_running_loop()
+        carry: _Pending | None = None
+        while True:
+            first = carry or await queue.get()
+            carry, batch, n = None, [first], first.n
+            deadline = first.arrived + self.max_wait_s
+            while n < self.max_batch:
+                remaining = deadline - time.perf_counter()
+                try:
+                    nxt = queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(queue.get(), remaining)
+                except (asyncio.QueueEmpty, TimeoutError):
+                    break
+                if n + nxt.n > self.max_batch:
+                    carry = nxt  # starts the next batch
+                    break
+                batch.append(nxt)
+                n += nxt.n
+            now = time.perf_counter()
+            for p in batch:
+                self.metrics.queue_wait.observe(now - p.arrived)
+            self.metrics.batch_items.observe(n)
+            live = [p for p in batch if not p.future.done()]  # timed-out callers are not computed for
+            if not live:
+                continue
+            try:
+                results = await loop.run_in_executor(self.executor, self.run, key, [p.payload for p in live])
+            except Exception:  # a batch that fails as a whole: run its requests alone, so only a bad one fails
+                results = []
+                for p in live:
+                    try:
+                        results.append((await loop.run_in_executor(self.executor, self.run, key, [p.payload]))[0])
+                    except Exception as exc:  # noqa: BLE001 - handed to that request's caller
+                        results.append(exc)
+            for p, r in zip(live, results, strict=True):
+                if not p.future.done():
+                    (p.future.set_exception if isinstance(r, Exception) else p.future.set_result)(r)
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Graceful shutdown: wait until every queued request is answered, then stop the collectors."""
+        t_end = time.perf_counter() + timeout_s
+        while self.inflight and time.perf_counter() < t_end:
+            await asyncio.sleep(0.01)
+        for t in self.tasks:
+            t.cancel()
+        self.executor.shutdown(wait=True)
+
+
+class Metrics:
+    """Prometheus metrics of one app (its own registry, so several apps in a process do not collide)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("vae_requests", "Requests by endpoint and status code", ["endpoint", "code"],
+                                registry=self.registry)
+        self.latency = Histogram("vae_request_seconds", "Request latency, arrival to answer", ["endpoint"],
+                                 registry=self.registry,
+                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10, 30))
+        self.batch_items = Histogram("vae_batch_items", "Items per engine call", registry=self.registry,
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+        self.queue_wait = Histogram("vae_queue_wait_seconds", "Time a request waited to join an engine call",
+                                    registry=self.registry,
+                                    buckets=(.0001, .0005, .001, .002, .005, .01, .02, .05, .1, .5, 1, 5))
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+# ---- request parsing and checking (before batching) ----
+
+def _int(value, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise RequestError(422, f"{name} must be an integer in [{lo}, {hi}]")
+    try:
+        v = int(value)
+    except ValueError:
+        raise RequestError(422, f"{name} must be an integer in [{lo}, {hi}], got {value!r}") from None
+    if not lo <= v <= hi:
+        raise RequestError(422, f"{name} must be an integer in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _bool(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "false", "0"):
+        return value.lower() in ("true", "1")
+    raise RequestError(422, f"{name} must be true or false")
+
+
+def _array(value, name: str, limits: Limits) -> np.ndarray:
+    """A JSON list of items (nested lists of numbers) -> a float array with at least 2 dims."""
+    if not isinstance(value, list) or not value:
+        raise RequestError(422, f"{name} must be a non-empty list of items")
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise RequestError(422, f"{name} must be a rectangular list of numbers") from None
+    if a.ndim < 2:
+        a = a[None]
+    return a.astype(np.float32) if np.abs(a[np.isfinite(a)]).max(initial=0) < 3e38 else a
+
+
+class App:
+    """The engine, the detector (when the model folder has one) and the batcher behind the HTTP routes."""
+
+    def __init__(self, model_dir: Path, backend: str = "auto", precision: str = "auto", threads: int | None = None,
+                 max_batch: int = 256, max_wait_ms: float = 2.0, limits: Limits | None = None,
+                 max_nll_change: float | None = None, device: str = "cpu"):
+        from .engine import Engine
+
+        self.model_dir, self.limits = Path(model_dir), limits or Limits()
+        self.engine = Engine.load(model_dir, backend=backend, precision=precision, threads=threads, device=device,
+                                  batch_size=max_batch, max_nll_change=max_nll_change)
+        self.cfg, self.metrics = self.engine.cfg, Metrics()
+        self.detector = None
+        if (self.model_dir / "detector.json").is_file():
+            from .detector import VAEOutlierDetector
+
+            self.detector = VAEOutlierDetector.load(self.model_dir)
+        self.batcher = MicroBatcher(self.run_batch, max_batch, max_wait_ms / 1000, self.metrics)
+        self.max_batch, self.max_wait_ms, self._map = max_batch, max_wait_ms, None
+
+    # -- parse: request -> (key, payload, items); all checks happen here, per request --
+
+    def parse(self, op: str, body: dict, npy: np.ndarray | None) -> tuple[tuple, dict, int]:
+        lim = self.limits
+        seed = _int(body.get("seed", 0), "seed", 0, SEED_MAX)
+        start = _int(body.get("start", 0), "start", 0, 2**40)
+        if op == "sample":
+            n = _int(body.get("n", 1), "n", 1, lim.max_items)
+            return (op,), {"n": n, "seed": seed, "start": start}, n
+        name = "z" if op == "decode" else "items"
+        a = npy if npy is not None else _array(body.get(name), name, lim)
+        if len(a) > lim.max_items:
+            raise RequestError(413, f"{len(a)} {name} in one request; the limit is {lim.max_items}")
+        try:
+            if op == "decode":
+                a = self.engine._latents(a, "z")
+            else:
+                a = self.engine._images(a, "items")
+        except DataError as exc:
+            raise RequestError(422, str(exc)) from None
+        payload = {"x": a, "seed": seed, "start": start}
+        if op == "score":
+            payload["k"] = _int(body.get("k", 1), "k", 1, lim.max_k)
+            payload["binarize"] = _bool(body.get("binarize", True), "binarize")
+            return (op, payload["k"]), payload, len(a)
+        if op == "detect" and self.detector is None:
+            raise RequestError(404, "this model has no detector.json; train with --contamination to add one")
+        return (op,), payload, len(a)
+
+    # -- run: one merged engine call (on the engine thread) --
+
+    def run_batch(self, key: tuple, payloads: list[dict]) -> list[dict]:
+        op, eng = key[0], self.engine
+        sizes = [p["n"] if op == "sample" else len(p["x"]) for p in payloads]
+        cuts = np.cumsum(sizes)[:-1]
+
+        def split(a):
+            return np.split(a, cuts)
+
+        if op == "sample":
+            streams = rng.Streams.concat([rng.Streams.contiguous(p["seed"], p["start"], p["n"]) for p in payloads])
+            z = streams.eps(0, len(streams), 1, eng.latent_dim)[:, 0]
+            return [{"items": part} for part in split(eng.decode(z))]
+        x = np.concatenate([p["x"] for p in payloads]) if len(payloads) > 1 else payloads[0]["x"]
+        if op == "encode":
+            mu, logvar = eng.backend.encode(x)
+            return [{"mu": m, "logvar": v} for m, v in zip(split(mu), split(logvar), strict=True)]
+        if op == "decode":
+            return [{"items": part} for part in split(eng.decode(x))]
+        if op == "reconstruct":
+            return [{"items": part} for part in split(eng.reconstruct(x))]
+        if op == "detect":
+            scores = self.detector.score_samples(x.reshape(len(x), -1))
+            flags = np.where(scores < self.detector.offset_, -1, 1)
+            return [{"scores": s, "flags": f} for s, f in zip(split(scores), split(flags), strict=True)]
+        # score: binarize each request with its own stream, as the score job does; keep each item's eps stream
+        k = key[1]
+        xs = [rng.binarize(p["x"], p["seed"], p["start"]) if p["binarize"] and eng.likelihood.binarized
+              else p["x"] for p in payloads]
+        x = np.concatenate(xs)
+        streams = rng.Streams.concat([rng.Streams.contiguous(p["seed"], p["start"], len(p["x"])) for p in payloads])
+        scores = -eng.elbo(x, streams=streams) if k == 1 else -eng.log_likelihood(x, k, streams=streams)
+        return [{"scores": part} for part in split(scores)]
+
+    # -- the 2-D map of the model's test items for the page --
+
+    def latent_map(self, n: int = 1500) -> dict:
+        if self._map is None:
+            from . import data
+
+            try:
+                items, labels = data.load_test_data(checkpoint.train_config(self.model_dir))
+            except (VaeEngineError, OSError):
+                items, labels = None, None
+            if items is None:
+                z = rng.normal_eps(0, 0, n, 1, self.engine.latent_dim)[:, 0]
+                labels = None
+            else:
+                idx = np.linspace(0, len(items) - 1, min(n, len(items))).astype(int)
+                z = self.engine.encode(data.to_float(items[idx]))[0]
+                labels = None if labels is None else labels[idx]
+            mean = z.mean(0)
+            if z.shape[1] > 2:  # PCA to 2-D; a click maps back with mean + xy @ components
+                _, _, vt = np.linalg.svd(z - mean, full_matrices=False)
+                comps = vt[:2]
+            else:
+                comps = np.eye(2, z.shape[1])
+            xy = (z - mean) @ comps.T
+            self._map = {"xy": xy.round(4).tolist(), "labels": None if labels is None else labels.tolist(),
+                         "mean": mean.tolist(), "components": comps.tolist()}
+        return self._map
+
+    def info(self) -> dict:
+        cfg = self.cfg
+        return {"model_dir": str(self.model_dir), "input_shape": list(cfg.input_shape),
+                "image_shape": list(cfg.image_shape) if cfg.image_shape else None, "latent_dim": cfg.latent_dim,
+                "likelihood": cfg.likelihood, "path": self.engine.path, "detector": self.detector is not None,
+                "detector_rule": self.detector.rule if self.detector else None, "max_batch": self.max_batch,
+                "max_wait_ms": self.max_wait_ms, "limits": self.limits.__dict__}
+
+
+def _to_json(obj):
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(type(obj).__name__)
+
+
+SCHEMAS = {  # request bodies, for the OpenAPI document (JSON; the same fields as query parameters with .npy)
+    "encode": {"items": "list of items, each a list (or nested lists) of numbers in the model's input shape"},
+    "decode": {"z": "list of latent vectors (latent_dim numbers each)"},
+    "reconstruct": {"items": "as for encode"},
+    "sample": {"n": "number of samples", "seed": "seed", "start": "index of the first sample's stream"},
+    "score": {"items": "as for encode", "k": "1: -ELBO; more: IWAE NLL with k samples", "seed": "seed",
+              "start": "index of the first item's stream", "binarize": "binarize Bernoulli inputs first"},
+    "detect": {"items": "as for encode"},
+}
+
+
+SUMMARIES = {"encode": "Posterior mean and log-variance of each item", "decode": "E[x|z] of each latent",
+             "reconstruct": "Decode each item's posterior mean", "sample": "n samples from the prior, keyed by seed",
+             "score": "-ELBO (k=1) or IWAE negative log-likelihood per item, nats",
+             "detect": "Anomaly scores and flags (+1/-1) with the stored threshold"}
+
+
+def _openapi_body(op: str) -> dict:
+    props = {name: ({"type": "array", "items": {}} if name in ("items", "z") else
+                    {"type": "boolean"} if name == "binarize" else {"type": "integer"}) | {"description": text}
+             for name, text in SCHEMAS[op].items()}
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "properties": props}},
+        NPY: {"schema": {"type": "string", "format": "binary",
+                         "description": "a .npy array of items (or latents); options as query parameters"}}}}}
+
+
+def create_app(model_dir: str | Path | None = None, **kwargs) -> Any:
+    """The FastAPI application serving one model directory (default: the shipped model)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse, Response
+
+    model_dir = checkpoint.resolve_model_dir(model_dir)
+    state: dict[str, App] = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state["app"] = App(model_dir, **kwargs)  # the model is loaded once, before the first request
+        yield
+        await state["app"].batcher.drain()
+
+    api = FastAPI(title="vae-engine", version=__import__("vae_engine").__version__, lifespan=lifespan,
+                  description="VAE inference with micro-batching: encode, decode, reconstruct, sample, score, detect.")
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    async def read_body(request: Request, limits: Limits) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limits.max_body_bytes):
+            raise RequestError(413, f"request body over {limits.max_body_bytes} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise RequestError(413, f"request body over {limits.max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def handle(op: str, request: Request):
+        a = state["app"]
+        t0 = time.perf_counter()
+        code = 200
+        try:
+            raw = await read_body(request, a.limits)
+            ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
+            npy = None
+            if ctype == NPY:
+                body = dict(request.query_params)
+                try:
+                    npy = np.load(io.BytesIO(raw), allow_pickle=False)
+                except (ValueError, OSError, EOFError):
+                    raise RequestError(400, "body is not a readable .npy array (pickled arrays are refused)") from None
+            elif ctype in ("application/json", ""):
+                try:
+                    body = json.loads(raw) if raw else {}
+                except (ValueError, UnicodeDecodeError):
+                    raise RequestError(400, "body is not valid JSON") from None
+                if not isinstance(body, dict):
+                    raise RequestError(422, "body must be a JSON object")
+            else:
+                raise RequestError(415, f"content type {ctype!r}: send application/json or {NPY}")
+            key, payload, n = a.parse(op, body, npy)
+            result = await asyncio.wait_for(a.batcher.submit(key, payload, n), a.limits.timeout_s)
+            result["path"] = a.engine.path
+            if NPY in request.headers.get("accept", ""):
+                main = result.get("items", result.get("scores", result.get("mu")))
+                buf = io.BytesIO()
+                np.save(buf, np.asarray(main), allow_pickle=False)
+                return Response(buf.getvalue(), media_type=NPY)
+            return Response(json.dumps(result, default=_to_json), media_type="application/json")
+        except RequestError as exc:
+            code = exc.status
+            return error(exc.status, exc.message)
+        except TimeoutError:
+            code = 504
+            return error(504, f"no answer within {a.limits.timeout_s} s; try fewer items or a smaller k")
+        except VaeEngineError as exc:
+            code = 422
+            return error(422, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one line to the caller, never a traceback
+            code = 500
+            return error(500, f"internal error ({type(exc).__name__})")
+        finally:
+            a.metrics.requests.labels(op, str(code)).inc()
+            a.metrics.latency.labels(op).observe(time.perf_counter() - t0)
+
+    def route(op: str):
+        async def endpoint(request):
+            return await handle(op, request)
+
+        endpoint.__annotations__ = {"request": Request}  # a real class: FastAPI injects the raw request
+        return endpoint
+
+    for op in SCHEMAS:
+        api.add_api_route(f"/v1/{op}", route(op), methods=["POST"], name=op, openapi_extra=_openapi_body(op),
+                          summary=SUMMARIES[op])
+
+    @api.get("/v1/info", summary="The model and the serving path")
+    async def info():
+        return state["app"].info()
+
+    @api.get("/v1/map", summary="2-D map (PCA of posterior means) of the model's test items, with labels")
+    async def latent_map():
+        a = state["app"]
+        return await asyncio.get_running_loop().run_in_executor(a.batcher.executor, a.latent_map)
+
+    @api.get("/healthz", summary="The process is alive")
+    async def healthz():
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="The model is loaded and the server takes requests")
+    async def readyz():
+        return {"status": "ready", "path": state["app"].engine.path} if "app" in state else error(503, "loading")
+
+    @api.get("/metrics", summary="Prometheus metrics")
+    async def metrics():
+        return Response(state["app"].metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @api.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(WEB / "index.html")
+
+    @api.exception_handler(404)
+    async def not_found(request, exc):
+        return error(404, f"no route {request.url.path}; see /docs")
+
+    @api.exception_handler(405)
+    async def not_allowed(request, exc):
+        return error(405, f"{request.method} is not allowed on {request.url.path}; see /docs")
+
+    return api
+
+
+SERVE_ENV = "VAE_ENGINE_SERVE"  # the settings handed to each uvicorn worker process (JSON)
+
+
+def app_from_env():
+    """uvicorn's factory for --workers > 1: every worker process builds the app from the same settings."""
+    import os
+
+    settings = json.loads(os.environ[SERVE_ENV])
+    settings["limits"] = Limits(**settings["limits"])
+    return create_app(settings.pop("model_dir"), **settings)
+
+
+def serve(model_dir: Path | None, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          limits: Limits | None = None, **kwargs) -> None:
+    """Run the app with uvicorn; SIGINT/SIGTERM stop taking connections and drain the queue first. With
+    workers > 1, uvicorn starts that many processes, each with its own engine and batcher, on one port."""
+    import os
+
+    import uvicorn
+
+    limits = limits or Limits()
+    if workers == 1:
+        app = create_app(model_dir, limits=limits, **kwargs)
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+        return
+    os.environ[SERVE_ENV] = json.dumps({"model_dir": str(checkpoint.resolve_model_dir(model_dir)),
+                                        "limits": limits.__dict__, **kwargs})
+    uvicorn.run("vae_engine.server:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level="warning", timeout_graceful_shutdown=30)
