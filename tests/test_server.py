@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,7 +129,8 @@ def test_health_metrics_openapi(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["status"] == "ready"
     spec = client.get("/openapi.json").json()
-    assert {f"/v1/{op}" for op in ("encode", "decode", "reconstruct", "sample", "score", "detect")} <= set(spec["paths"])
+    ops = ("encode", "decode", "reconstruct", "sample", "score", "detect")
+    assert {f"/v1/{op}" for op in ops} <= set(spec["paths"])
     assert NPY in spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]
     assert not spec["paths"]["/v1/score"]["post"].get("parameters")
     text = client.get("/metrics").text
@@ -177,8 +177,8 @@ def test_concurrent_requests_are_merged_and_answers_unchanged(server, model, x):
     import httpx
 
     def one(i):
-        r = httpx.post(f"{server}/v1/score", json={"items": [(x[i % 12] / 255).tolist()], "k": 4, "seed": 5, "start": i},
-                       timeout=30)
+        body = {"items": [(x[i % 12] / 255).tolist()], "k": 4, "seed": 5, "start": i}
+        r = httpx.post(f"{server}/v1/score", json=body, timeout=30)
         assert r.status_code == 200, r.text
         return r.json()["scores"][0]
 
