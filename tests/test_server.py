@@ -234,3 +234,32 @@ def test_page_renders_and_draws_in_chromium(server, tmp_path):
         page.screenshot(path=str(tmp_path / "page.png"))
         browser.close()
         assert not errors, errors
+
+
+@pytest.mark.slow
+def test_ray_serve_answers_like_the_local_server(client, model, x):
+    """`serve --ray`: the same app on Ray Serve with one, then two replicas, answers as the local server does."""
+    pytest.importorskip("ray.serve")
+    import httpx
+    from ray import serve
+
+    from vae_engine import ray_serve
+
+    port = _free_port()
+    items = (x / 255).tolist()
+    want = _post(client, "score", items=items, k=4, seed=1)["scores"]
+    try:
+        for replicas in (1, 2):
+            ray_serve.start(model, port=port, replicas=replicas, backend="onnxruntime", precision="fp32", threads=1)
+            for _ in range(4):  # several requests, so both replicas answer some
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/score", json={"items": items, "k": 4, "seed": 1},
+                               timeout=60)
+                assert r.status_code == 200, r.text
+                np.testing.assert_allclose(r.json()["scores"], want, rtol=1e-6)
+            bad = httpx.post(f"http://127.0.0.1:{port}/v1/score", json={"items": [[0.5]]}, timeout=60)
+            assert bad.status_code == 422 and "shape" in bad.json()["error"]
+    finally:
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()

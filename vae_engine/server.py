@@ -359,14 +359,21 @@ def create_app(model_dir: str | Path | None = None, **kwargs) -> Any:
     model_dir = checkpoint.resolve_model_dir(model_dir)
     state: dict[str, App] = {}
 
+    def load() -> App:
+        """The model, loaded once: at start-up (uvicorn's lifespan) or by the host (a Ray Serve replica)."""
+        if "app" not in state:
+            state["app"] = App(model_dir, **kwargs)
+        return state["app"]
+
     @asynccontextmanager
     async def lifespan(app):
-        state["app"] = App(model_dir, **kwargs)  # the model is loaded once, before the first request
+        load()
         yield
         await state["app"].batcher.drain()
 
     api = FastAPI(title="vae-engine", version=__import__("vae_engine").__version__, lifespan=lifespan,
                   description="VAE inference with micro-batching: encode, decode, reconstruct, sample, score, detect.")
+    api.state.load = load
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
