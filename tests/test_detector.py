@@ -160,6 +160,12 @@ def test_cli_detect_and_train_contamination(tmp_path):
     np.testing.assert_array_equal(s, det.score_samples(test))
     np.testing.assert_array_equal(f, det.predict(test))
     assert "ROC AUC" in r.output and plot.stat().st_size > 1000
+    for rule in ("reconstruction", "latent", "nll-complexity"):
+        r = runner.invoke(app, ["score", str(model), "-i", str(tmp_path / "t.npy"), "-o", str(tmp_path / "r.npy"),
+                                "--rule", rule, "--k", "8", "--precision", "fp32", "--threads", "2"])
+        assert r.exit_code == 0, r.output
+        det.set_params(rule=rule, k=8)
+        np.testing.assert_allclose(np.load(tmp_path / "r.npy"), -det.score_samples(test), rtol=1e-4)
     r = runner.invoke(app, ["detect", str(model), "-i", str(tmp_path / "t.npy"), "-o", str(flags),
                             "--contamination", "0.25"])
     assert r.exit_code == 0 and (np.load(flags) == -1).sum() == 50

@@ -454,11 +454,12 @@ def score(
     output: Annotated[Path, typer.Option("--output", "-o", help="Scores .npy (N,): nats per input, higher = less likely.")] = ...,
     k: Annotated[int, typer.Option("--k", help="1: -ELBO; more: IWAE negative log-likelihood with K importance samples.")] = 1,
     binarize: Annotated[bool, typer.Option(help="Binarize inputs with the seeded stream first (as the model was trained).")] = True,
+    rule: Annotated[str, typer.Option(help="nll: -ELBO / IWAE NLL as above. Or an anomaly rule, written as minus its normality score (higher = more unusual): reconstruction (-log p(x|z=mu)), latent and nll-complexity (need detector.json: train --contamination).")] = "nll",
     backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu", batch_size: BatchOpt = 256, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
-    """Score inputs by -ELBO or IWAE negative log-likelihood, e.g. as an anomaly score."""
-    _job("score", model_dir, input, output, {"k": k, "seed": seed, "binarize": binarize}, _path(backend, precision, max_nll_change, device),
+    """Score inputs by -ELBO or IWAE negative log-likelihood (or an anomaly rule with --rule)."""
+    _job("score", model_dir, input, output, {"k": k, "seed": seed, "binarize": binarize, "rule": rule}, _path(backend, precision, max_nll_change, device),
          batch_size, threads, ray, actors, cpus_per_actor)
 
 

@@ -178,14 +178,35 @@ def reconstruct_fn(engine: Engine):
     return lambda start, x: engine.reconstruct(x)
 
 
-def score_fn(engine: Engine, k: int, seed: int, binarize: bool):
-    """-ELBO (k=1) or the IWAE negative log-likelihood (k>1) per input, in nats."""
+def score_fn(engine: Engine, k: int, seed: int, binarize: bool, rule: str = "nll"):
+    """-ELBO (k=1) or the IWAE negative log-likelihood (k>1) per input, in nats; or, with another `rule`, minus
+    that anomaly-detection rule's normality score (`detector.RULES`; higher = more unusual either way)."""
+    if rule != "nll":
+        return _rule_fn(engine, rule, k, seed)
     binarize = binarize and engine.likelihood.binarized  # only Bernoulli models see binarized inputs
 
     def fn(start: int, x: np.ndarray) -> np.ndarray:
         x = rng.binarize(x, seed, start) if binarize else x
         scores = -engine.elbo(x, seed, start) if k == 1 else -engine.log_likelihood(x, k, seed, start)
         return scores.astype(np.float32)
+    return fn
+
+
+def _rule_fn(engine: Engine, rule: str, k: int, seed: int):
+    """A detector scoring rule as a job: its statistics from the model folder's detector.json (the reconstruction
+    rule needs none); inputs are not binarized (the rules are deterministic)."""
+    from . import detector
+
+    if rule not in detector.RULES:
+        raise VaeEngineError(f"unknown rule {rule!r}: choose one of {', '.join(detector.RULES)}")
+    doc = detector.read_detector(engine.model_dir) if rule != "reconstruction" else None
+    stats = (np.asarray(doc["latent_mean"]), np.asarray(doc["latent_cov"]),
+             tuple(np.asarray(r, np.float64) for r in doc["quantize_range"])) if doc else (None, None, None)
+
+    def fn(start: int, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(engine._images(x))
+        whole = lambda a: [(0, len(a), a)]  # noqa: E731 - the job already hands over one chunk
+        return -detector.rule_scores(engine, x, rule, k, seed, *stats, whole).astype(np.float32)
     return fn
 
 
@@ -204,7 +225,7 @@ def make_job_fn(job: str, engine: Engine, params: dict) -> Callable[[int, np.nda
     if job == "reconstruct":
         return reconstruct_fn(engine)
     if job == "score":
-        return score_fn(engine, params.get("k", 1), seed, params.get("binarize", True))
+        return score_fn(engine, params.get("k", 1), seed, params.get("binarize", True), params.get("rule", "nll"))
     raise VaeEngineError(f"unknown job {job!r}: choose one of {', '.join(JOB_NAMES)}")
 
 
