@@ -66,15 +66,16 @@ def wrk(url: str, bodies: list[tuple[str, str]], connections: int, seconds: floa
     script = LUA % (", ".join(json.dumps(b) for _, b in bodies), ", ".join(json.dumps(p) for p, _ in bodies))
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
-    out = subprocess.run(["wrk", "-t", str(min(threads, connections)), "-c", str(connections), "-d", f"{seconds}s",
-                          "--latency", "-s", f.name, url], capture_output=True, text=True, check=True).stdout
+    cmd = ["wrk", "-t", str(min(threads, connections)), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
+           "--latency", "-s", f.name, url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     Path(f.name).unlink()
 
     def ms(text: str) -> float:
         value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
         return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
-    lat = dict(re.findall(r"^\s+(50|99)\.000%\s+(\S+)", out, re.M))
+    lat = dict(re.findall(r"^\s+(50|99)(?:\.0+)?%\s+(\S+)", out, re.M))
     return {"requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
             "p50_ms": ms(lat["50"]), "p99_ms": ms(lat["99"]),
             "requests": int(re.search(r"(\d+) requests in", out).group(1)), "raw": out}
@@ -110,6 +111,8 @@ def main() -> None:
     for mode, max_batch, wait in (("batching on", 256, 2.0), ("batching off", 1, 0.0)):
         proc, url = start_server(args.model, max_batch, wait, args.server_threads)
         try:
+            for op in ("score", "reconstruct"):  # warm-up: first calls compile kernels and page in the model
+                wrk(url, [(f"/v1/{op}", good[op])], 16, 2, args.wrk_threads)
             for op in ("score", "reconstruct"):
                 for c in (1, 16, 64):
                     r = wrk(url, [(f"/v1/{op}", good[op])], c, args.seconds, args.wrk_threads)
@@ -126,6 +129,7 @@ def main() -> None:
     mix = [("/v1/score", good["score"]), ("/v1/reconstruct", good["reconstruct"])] * 3 + bad
     proc, url = start_server(args.model, 256, 2.0, args.server_threads)
     try:
+        wrk(url, mix, 16, 2, args.wrk_threads)  # warm-up
         rss0, answered, runs = rss_mb(proc.pid), 0, 0
         while answered < args.soak_requests:
             answered += wrk(url, mix, 64, max(2.0, args.seconds / 2), args.wrk_threads)["requests"]

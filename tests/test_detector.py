@@ -37,7 +37,7 @@ def test_one_class_auc_is_clearly_above_chance(fitted):
         fitted.set_params(rule=rule)
         auc = roc_auc_score(labels, -fitted.score_samples(np.concatenate([normal, odd])))
         assert auc > 0.7, (rule, auc)  # chance is 0.5; the latent rule sees the shift only through the encoder
-    fitted.set_params(rule="reconstruction")
+    fitted.set_params(rule="nll")
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -59,7 +59,7 @@ def test_scores_are_deterministic_across_calls_batches_and_order(fitted, rule):
         assert np.array_equal(s, fitted.score_samples(x))  # another thread count
     finally:
         set_threads(2)
-        fitted.set_params(rule="reconstruction")
+        fitted.set_params(rule="nll")
 
 
 def test_threshold_flags_the_stated_fraction():
@@ -74,7 +74,7 @@ def test_rules_against_direct_computation(fitted):
     x = _blobs(20, seed=3)
     eng = fitted.engine
     mu, _ = eng.encode(x)
-    fitted.set_params(rule="reconstruction")
+    fitted.set_params(rule="nll")
     direct = kernels.log_prob_rows(x, eng.decode(mu, params=True), eng.likelihood)
     np.testing.assert_allclose(fitted.score_samples(x), direct, rtol=1e-5)
     fitted.set_params(rule="latent")
@@ -95,7 +95,7 @@ def test_rules_against_direct_computation(fitted):
     np.testing.assert_allclose(nll, ref.double().numpy(), rtol=1e-4)
     fitted.set_params(rule="nll-complexity")
     np.testing.assert_allclose(fitted.score_samples(x), nll + complexity_nats(x, fitted.quantize_range_), rtol=1e-9)
-    fitted.set_params(rule="reconstruction")
+    fitted.set_params(rule="nll")
 
 
 def test_save_load_round_trip(fitted, tmp_path):
@@ -106,7 +106,7 @@ def test_save_load_round_trip(fitted, tmp_path):
         loaded = VAEOutlierDetector.load(path)
         assert np.array_equal(loaded.score_samples(x), fitted.score_samples(x)) and loaded.offset_ == fitted.offset_
         assert not list(path.glob("*.pkl")) and (path / "detector.json").is_file()
-    fitted.set_params(rule="reconstruction")
+    fitted.set_params(rule="nll")
     (tmp_path / "latent" / "detector.json").write_text('{"schema": "vae-engine-detector/1", "rule": "nll"}')
     with pytest.raises(ModelDirError, match="malformed"):
         VAEOutlierDetector.load(tmp_path / "latent")
@@ -146,7 +146,7 @@ def test_cli_detect_and_train_contamination(tmp_path):
                             "--no-plots", "--threads", "2", "--contamination", "0.05", "--hidden", "32,32",
                             "--latent-dim", "2"])
     assert r.exit_code == 0, r.output
-    assert "detector: rule reconstruction" in r.output
+    assert "detector: rule nll" in r.output
     test = np.concatenate([_blobs(100, seed=5), _blobs(100, seed=5, shift=3.0)])
     labels = np.r_[np.zeros(100), np.ones(100)].astype(np.int8)
     np.save(tmp_path / "t.npy", test)

@@ -163,7 +163,7 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Delete the model already in --out (weights, graphs, plots, metrics) and train a new one there.")] = False,
     plots: Annotated[bool, typer.Option(help="Draw plots/ at the end (training curve, reconstructions, samples, traversals).")] = True,
     contamination: Annotated[float | None, typer.Option(help="Also store an anomaly threshold (detector.json, used by `detect`): flag this fraction (0, 0.5] of the training items.")] = None,
-    rule: Annotated[str, typer.Option(help="With --contamination: the scoring rule stored (nll, nll-complexity, reconstruction, latent).")] = "reconstruction",
+    rule: Annotated[str, typer.Option(help="With --contamination: the scoring rule stored (nll, nll-complexity, reconstruction, latent; README: Anomaly detection).")] = "nll",
 ) -> None:
     """Train a VAE on the bundled MNIST, an IDX dataset or your own data (--data), and write a model directory."""
     from .atomic import check_writable

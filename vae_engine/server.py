@@ -2,9 +2,12 @@
 
 Concurrent requests for the same operation are queued and merged into one engine call of up to `max_batch` items,
 or whatever has arrived `max_wait_ms` after the first of them, whichever comes first; engine calls run one at a time
-on one worker thread, so requests arriving during a call form the next batch. Answers equal the offline jobs':
-a request's items are numbered from its `start` (default 0) and every random draw is keyed by (seed, start + i),
-exactly as item i of a file in `vae-engine score/sample`; a merged batch keeps each item's own stream
+on one worker thread, so requests arriving during a call form the next batch. A batch waits only while other
+requests are in the server (arrived, not answered): a lone request runs at once, so batching costs it nothing.
+
+Answers equal the offline jobs': a request's items are numbered from its `start` (default 0) and every random draw
+is keyed by (seed, start + i), exactly as item i of a file in `vae-engine score/sample`; a merged batch keeps each
+item's own stream
 (`rng.Streams.concat`). Every request is checked alone before it joins a batch, so a bad one gets its own 4xx and
 never disturbs the others.
 
@@ -66,8 +69,9 @@ class MicroBatcher:
     """Merge concurrent requests of one key into engine calls of <= max_batch items within max_wait_s."""
 
     def __init__(self, run: Callable[[tuple, list[dict]], list[Any]], max_batch: int, max_wait_s: float,
-                 metrics: Metrics):
+                 metrics: Metrics, active: Callable[[], int] | None = None):
         self.run, self.max_batch, self.max_wait_s, self.metrics = run, max_batch, max_wait_s, metrics
+        self.active = active  # requests in the server (arrived, not answered): no one else there, no waiting
         self.queues: dict[tuple, asyncio.Queue] = {}
         self.tasks: list[asyncio.Task] = []
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")  # one engine call at a time
@@ -94,6 +98,8 @@ class MicroBatcher:
             carry, batch, n = None, [first], first.n
             deadline = first.arrived + self.max_wait_s
             while n < self.max_batch:
+                if self.active is not None and self.active() <= len(batch) and queue.empty():
+                    break  # every request in the server is in this batch: waiting could only add latency
                 remaining = deadline - time.perf_counter()
                 try:
                     nxt = queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(queue.get(), remaining)
@@ -210,7 +216,8 @@ class App:
             from .detector import VAEOutlierDetector
 
             self.detector = VAEOutlierDetector.load(self.model_dir)
-        self.batcher = MicroBatcher(self.run_batch, max_batch, max_wait_ms / 1000, self.metrics)
+        self.active = 0  # requests received and not yet answered (the batcher waits only while others exist)
+        self.batcher = MicroBatcher(self.run_batch, max_batch, max_wait_ms / 1000, self.metrics, lambda: self.active)
         self.max_batch, self.max_wait_ms, self._map = max_batch, max_wait_ms, None
 
     # -- parse: request -> (key, payload, items); all checks happen here, per request --
@@ -394,6 +401,7 @@ def create_app(model_dir: str | Path | None = None, **kwargs) -> Any:
         a = state["app"]
         t0 = time.perf_counter()
         code = 200
+        a.active += 1
         try:
             raw = await read_body(request, a.limits)
             ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
@@ -435,6 +443,7 @@ def create_app(model_dir: str | Path | None = None, **kwargs) -> Any:
             code = 500
             return error(500, f"internal error ({type(exc).__name__})")
         finally:
+            a.active -= 1
             a.metrics.requests.labels(op, str(code)).inc()
             a.metrics.latency.labels(op).observe(time.perf_counter() - t0)
 
