@@ -329,6 +329,22 @@ def _to_json(obj):
     raise TypeError(type(obj).__name__)
 
 
+try:  # orjson parses a 784-number body ~6x faster than json and writes NumPy arrays directly: it sets the
+    import orjson  # per-request cost of the event loop, which bounds requests/s once batching makes the engine cheap
+
+    def _loads(raw: bytes):
+        return orjson.loads(raw)
+
+    def _dumps(obj) -> bytes:
+        return orjson.dumps(obj, default=_to_json, option=orjson.OPT_SERIALIZE_NUMPY)
+except ImportError:  # pragma: no cover - the standard library does the same, slower
+    def _loads(raw: bytes):
+        return json.loads(raw)
+
+    def _dumps(obj) -> bytes:
+        return json.dumps(obj, default=_to_json).encode()
+
+
 SCHEMAS = {  # request bodies, for the OpenAPI document (JSON; the same fields as query parameters with .npy)
     "encode": {"items": "list of items, each a list (or nested lists) of numbers in the model's input shape"},
     "decode": {"z": "list of latent vectors (latent_dim numbers each)"},
@@ -414,7 +430,7 @@ def create_app(model_dir: str | Path | None = None, **kwargs) -> Any:
                     raise RequestError(400, "body is not a readable .npy array (pickled arrays are refused)") from None
             elif ctype in ("application/json", ""):
                 try:
-                    body = json.loads(raw) if raw else {}
+                    body = _loads(raw) if raw else {}
                 except (ValueError, UnicodeDecodeError):
                     raise RequestError(400, "body is not valid JSON") from None
                 if not isinstance(body, dict):
@@ -429,7 +445,7 @@ def create_app(model_dir: str | Path | None = None, **kwargs) -> Any:
                 buf = io.BytesIO()
                 np.save(buf, np.asarray(main), allow_pickle=False)
                 return Response(buf.getvalue(), media_type=NPY)
-            return Response(json.dumps(result, default=_to_json), media_type="application/json")
+            return Response(_dumps(result), media_type="application/json")
         except RequestError as exc:
             code = exc.status
             return error(exc.status, exc.message)
