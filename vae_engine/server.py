@@ -390,7 +390,12 @@ def create_app(model_dir: str | Path | None = None, **kwargs) -> Any:
 
     @asynccontextmanager
     async def lifespan(app):
+        import gc
+
         load()
+        gc.collect()
+        gc.freeze()  # the model's and libraries' objects leave the collector's view: no long full collections later
+        gc.set_threshold(50_000, 20, 100)  # requests allocate many short-lived objects: collect young ones rarely
         yield
         await state["app"].batcher.drain()
 
