@@ -263,3 +263,20 @@ def test_ray_serve_answers_like_the_local_server(client, model, x):
         import ray
 
         ray.shutdown()
+
+
+def test_cli_serve_bad_settings_are_one_error_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from vae_engine.cli import app
+
+    runner = CliRunner()
+    bad_json = tmp_path / "m"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{")
+    for args, fragment in ((["serve", str(tmp_path / "nope")], "not found"), (["serve", str(bad_json)], "JSON"),
+                           (["serve", "--max-batch", "0"], "--max-batch"), (["serve", "--max-wait-ms", "-1"], "wait")):
+        r = runner.invoke(app, args)
+        lines = [line for line in r.output.splitlines() if line.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], \
+            r.output

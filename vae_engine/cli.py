@@ -22,6 +22,8 @@ try:  # recent Typer releases carry their own copy of click; older ones use clic
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
+# Ctrl-C during parsing: click's Abort, which newer Typer releases define in typer.exceptions instead
+ABORT = getattr(click_exc, "Abort", None) or getattr(typer.exceptions, "Abort", KeyboardInterrupt)
 DEBUG_ENV = "VAE_ENGINE_DEBUG"  # set to 1 to see tracebacks of unexpected errors
 
 
@@ -39,7 +41,7 @@ class OneLineErrors(typer.core.TyperGroup):
             where = getattr(getattr(exc, "ctx", None), "command_path", None) or "vae-engine"
             typer.echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
             code = 2
-        except click_exc.Abort:
+        except ABORT:
             typer.echo("interrupted", err=True)
             code = 130
         except BrokenPipeError:  # `vae-engine info | head`: the reader left; nothing to report
@@ -525,13 +527,16 @@ def serve(
     settings = {"backend": backend, "precision": precision, "threads": threads, "max_batch": max_batch,
                 "max_wait_ms": max_wait_ms, "max_nll_change": max_nll_change, "device": device}
     model_dir = resolve_model_dir(model_dir)
-    out.print(f"serving {model_dir} on http://{host}:{port} (page at /, API docs at /docs); Ctrl-C to stop")
+
+    def announce():
+        out.print(f"serving {model_dir} on http://{host}:{port} (page at /, API docs at /docs); Ctrl-C to stop")
+
     if ray:
         from . import ray_serve
 
-        ray_serve.run(model_dir, host, port, replicas, limits, **settings)
+        ray_serve.run(model_dir, host, port, replicas, limits, on_ready=announce, **settings)
     else:
-        server.serve(model_dir, host, port, workers, limits, **settings)
+        server.serve(model_dir, host, port, workers, limits, on_ready=announce, **settings)
 
 
 @app.command()

@@ -55,12 +55,14 @@ def start(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, replicas: 
               name="vae-engine", route_prefix="/")
 
 
-def run(model_dir: Path, host: str, port: int, replicas: int, limits=None, **settings) -> None:
+def run(model_dir: Path, host: str, port: int, replicas: int, limits=None, on_ready=None, **settings) -> None:
     """`serve --ray`: deploy, then block until Ctrl-C/SIGTERM, then shut Serve down (draining each replica)."""
     import time
 
     _, serve = _require_serve()
     start(model_dir, host, port, replicas, limits, **settings)
+    if on_ready:
+        on_ready()
     try:
         while True:
             time.sleep(3600)

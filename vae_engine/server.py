@@ -528,7 +528,7 @@ def app_from_env():
 
 
 def serve(model_dir: Path | None, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          limits: Limits | None = None, **kwargs) -> None:
+          limits: Limits | None = None, on_ready: Callable[[], None] | None = None, **kwargs) -> None:
     """Run the app with uvicorn; SIGINT/SIGTERM stop taking connections and drain the queue first. With
     workers > 1, uvicorn starts that many processes, each with its own engine and batcher, on one port."""
     import os
@@ -538,8 +538,14 @@ def serve(model_dir: Path | None, host: str = "127.0.0.1", port: int = 8000, wor
     limits = limits or Limits()
     if workers == 1:
         app = create_app(model_dir, limits=limits, **kwargs)
+        app.state.load()  # here, not in uvicorn's start-up: a bad model folder is one `error:` line
+        if on_ready:
+            on_ready()
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
         return
+    checkpoint.model_config(checkpoint.resolve_model_dir(model_dir))  # a bad folder fails here, once
+    if on_ready:
+        on_ready()
     os.environ[SERVE_ENV] = json.dumps({"model_dir": str(checkpoint.resolve_model_dir(model_dir)),
                                         "limits": limits.__dict__, **kwargs})
     uvicorn.run("vae_engine.server:app_from_env", factory=True, host=host, port=port, workers=workers,
