@@ -74,7 +74,7 @@ def test_rules_against_direct_computation(fitted):
     x = _blobs(20, seed=3)
     eng = fitted.engine
     mu, _ = eng.encode(x)
-    fitted.set_params(rule="nll")
+    fitted.set_params(rule="reconstruction")
     direct = kernels.log_prob_rows(x, eng.decode(mu, params=True), eng.likelihood)
     np.testing.assert_allclose(fitted.score_samples(x), direct, rtol=1e-5)
     fitted.set_params(rule="latent")
