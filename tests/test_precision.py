@@ -141,9 +141,16 @@ def test_decision_is_saved_reused_and_invalidated(model, monkeypatch):
     real = checkpoint.versions()
     monkeypatch.setattr(checkpoint, "versions", lambda: {**real, "onnxruntime": "99.0"})
     assert not tuning.choose(model, threads=2, batch=32)["reused"]
-    # retrained weights: the old decision does not apply
+    # a replaced graph file (re-export, or someone else's file): measured again, and a bad graph is an error
     monkeypatch.undo()
     assert tuning.choose(model, threads=2, batch=32)["reused"]
+    import onnx
+
+    graph = onnx.load(model / "decoder.int8.onnx")
+    onnx.helper.set_metadata_props(graph, {"note": "re-exported"})
+    onnx.save(graph, model / "decoder.int8.onnx")
+    assert not tuning.choose(model, threads=2, batch=32)["reused"]
+    # retrained weights: the old decision does not apply
     monkeypatch.setattr(checkpoint, "weights_sha256", lambda d: "0" * 64)
     assert not tuning.choose(model, threads=2, batch=32)["reused"]
 

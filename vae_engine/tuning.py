@@ -5,11 +5,12 @@ and scored against the fp32 PyTorch reference on the model's own validation item
 of the mean IWAE NLL (k=64) and of the mean -ELBO, and the largest per-item change. The fastest path whose mean
 changes both stay within the budget wins (fp32 paths always qualify). The decision and every measurement are
 saved in the model folder (tuning.json), keyed by what could change them: CPU and its flags, library versions,
-weights, threads, batch size, budget. A later run with the same key reuses it; `info` shows it.
+weights and graph files, threads, batch size, budget. A later run with the same key reuses it; `info` shows it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -99,8 +100,15 @@ def key(model_dir: Path, backend: str, device: str, threads: int, batch: int, bu
     except md.PackageNotFoundError:
         versions["openvino"] = None
     cpu, _ = hardware.cpu_info()
+    graph_files = {}  # re-exported (or replaced) graphs are other paths: their decision is measured again
+    for variant in graphs.VARIANTS:
+        for role in graphs.ROLES:
+            path = graphs.graph_path(model_dir, role, variant)
+            if path.is_file():
+                graph_files[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
     return {"cpu": cpu, "flags": hardware.describe(threads)["flags"], "gpu": hardware.gpu_name() if device == "cuda"
             else None, "versions": versions, "weights_sha256": checkpoint.weights_sha256(model_dir),
+            "graphs_sha256": graph_files,
             "backend": backend, "device": device, "threads": threads, "batch": batch, "budget_nats": budget,
             "int8": int8}
 
