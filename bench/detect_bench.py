@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="detect_bench.json")
     ap.add_argument("--markdown", default=None)
-    ap.add_argument("--matched", type=int, default=None, help="also time scoring at matched cost on this held-out digit")
+    ap.add_argument("--matched", type=int, default=None, help="time scoring at matched cost on this digit")
     args = ap.parse_args()
     import torch
 
