@@ -284,3 +284,12 @@ def test_cli_serve_bad_settings_are_one_error_line(tmp_path):
         lines = [line for line in r.output.splitlines() if line.strip()]
         assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], \
             r.output
+
+
+def test_request_timeout_is_504(model, x):
+    app = create_app(model, backend="onnxruntime", precision="fp32", threads=2,
+                     limits=Limits(timeout_s=1e-6))  # no engine call can answer this fast
+    with TestClient(app) as c:
+        r = c.post("/v1/score", json={"items": (x / 255).tolist(), "k": 500})
+        assert r.status_code == 504 and "no answer within" in r.json()["error"]
+        assert c.get("/healthz").status_code == 200  # the server goes on
