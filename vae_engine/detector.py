@@ -44,7 +44,8 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
     """Outlier detection with a variational autoencoder trained on (mostly) normal data.
 
     Parameters follow scikit-learn: all are stored as given and used at `fit`. `model_dir` keeps the trained
-    model folder there (default: a temporary folder removed with the detector; `save` copies it). epochs="auto":
+    model folder there, replaced on each fit (default: a temporary folder removed with the detector, so persist a
+    detector with `save`, which copies it, not by pickling). epochs="auto":
     at least 30 epochs and at least MIN_STEPS optimizer steps, so small tables are trained as long as large ones.
     Architecture by default: two hidden layers of 2 x features (32 to 400), latent size features / 4 (2 to 20).
     """
