@@ -28,7 +28,7 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import atomic, checkpoint, kernels
+from . import atomic, checkpoint, kernels, rng
 from .errors import ModelDirError
 
 RULES = ("nll", "nll-complexity", "reconstruction", "latent")
@@ -225,7 +225,7 @@ def rule_scores(engine, X: np.ndarray, rule: str, k: int, seed: int, latent_mean
     out = np.empty(len(X), np.float64)
     for i, j, chunk in chunks(X):
         if rule in ("nll", "nll-complexity"):
-            s = engine.log_likelihood(chunk, k=k, seed=seed, shared_eps=True)[: j - i]
+            s = engine.log_likelihood(chunk, k=k, streams=rng.Streams.shared(seed, 0, len(chunk)))[: j - i]
             if rule == "nll-complexity":
                 s = s + complexity_nats(X[i:j], quantize_range)
         else:

@@ -133,19 +133,16 @@ class Engine:
         return log_px - kernels.gaussian_kl(mu, logvar)
 
     def log_likelihood(self, x: np.ndarray, k: int = 5000, seed: int = 0, start: int = 0,
-                       shared_eps: bool = False, streams: rng.Streams | None = None) -> np.ndarray:
+                       streams: rng.Streams | None = None) -> np.ndarray:
         """IWAE estimate of log p(x) per input (B,) with k importance samples (Burda et al. 2015, eq. 8).
 
         Streams over K in blocks of SCORE_ROWS decoder rows, combining blocks by log-sum-exp in float64: memory
         stays bounded whatever k is, and every block draws its own slice of the item's eps stream.
-        shared_eps: every item uses the eps stream of item `start` (common random numbers), so an item's
-        estimate does not depend on its position or batch. `streams` gives each item's stream explicitly.
+        `streams` gives each item's eps stream explicitly (default: (seed, start + b)); e.g. `rng.Streams.shared`
+        makes every item read one stream (common random numbers), so an estimate depends on the item alone.
         """
         x = self._images(x)
         k = check_int("k", k, 1, MAX_SCORE_K)
-        if streams is None and shared_eps:
-            _check_stream(seed, start)
-            streams = rng.Streams.shared(seed, start, len(x))
         streams = _streams(streams, seed, start, len(x))
         mu, logvar = self.backend.encode(x)
         on_device = getattr(self.backend, "score_rows", None)  # a GPU backend computes the log-weights itself
