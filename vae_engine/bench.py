@@ -205,11 +205,6 @@ def peak_key(c: Candidate) -> str:
     return c.precision if c.device == "cpu" else f"cuda-{c.precision}"
 
 
-def machine(threads: int) -> dict[str, Any]:
-    """CPU model and flags, cores, threads used, GPU."""
-    return hardware.describe(threads)
-
-
 def postprocess_fns(x, params, mu, logvar, eps, likelihood=None) -> dict[str, Callable[[], Any]]:
     """The ELBO/IWAE math on decoder outputs (reparameterize, log-weights, log-mean-exp over K) three ways:
     the Numba kernels, their NumPy twins (float64), and PyTorch with the likelihood's own torch form."""
@@ -323,7 +318,8 @@ def benchmark(model_dir: str | Path, labels: tuple[str, ...] | None = None, batc
     return {
         "schema": "vae-engine-bench/2", "model_dir": str(model_dir), "model": {"arch": cfg.arch,
         "latent_dim": cfg.latent_dim, "hidden": list(cfg.hidden)}, "flops_per_sample": flops,
-        "machine": machine(threads), "versions": {**checkpoint.versions(), "numba_threads": numba.get_num_threads(),
+        "machine": hardware.describe(threads),
+        "versions": {**checkpoint.versions(), "numba_threads": numba.get_num_threads(),
         "ort_providers": onnxruntime.get_available_providers()}, "gemm_peak_gflops": peaks,
         "gemm_peak_best_gflops": best_peak, "quick": quick, "spin": spin, "results": results,
         "postprocess": post, "notes": notes,

@@ -186,17 +186,16 @@ def _bool(value, name: str) -> bool:
     raise RequestError(422, f"{name} must be true or false")
 
 
-def _array(value, name: str, limits: Limits) -> np.ndarray:
-    """A JSON list of items (nested lists of numbers) -> a float array with at least 2 dims."""
+def _array(value, name: str) -> np.ndarray:
+    """A JSON list of items (nested lists of numbers) -> a float array with at least 2 dims; the engine's input
+    rule checks its shape and values (NaN/Inf, and numbers too large for float32, become a 422)."""
     if not isinstance(value, list) or not value:
         raise RequestError(422, f"{name} must be a non-empty list of items")
     try:
         a = np.asarray(value, dtype=np.float64)
     except (ValueError, TypeError):
         raise RequestError(422, f"{name} must be a rectangular list of numbers") from None
-    if a.ndim < 2:
-        a = a[None]
-    return a.astype(np.float32) if np.abs(a[np.isfinite(a)]).max(initial=0) < 3e38 else a
+    return a if a.ndim >= 2 else a[None]
 
 
 class App:
@@ -210,7 +209,7 @@ class App:
         self.model_dir, self.limits = Path(model_dir), limits or Limits()
         self.engine = Engine.load(model_dir, backend=backend, precision=precision, threads=threads, device=device,
                                   batch_size=max_batch, max_nll_change=max_nll_change)
-        self.cfg, self.metrics = self.engine.cfg, Metrics()
+        self.cfg, self.metrics, self.path = self.engine.cfg, Metrics(), self.engine.path  # path: once, not per request
         self.detector = None
         if (self.model_dir / "detector.json").is_file():
             from .detector import VAEOutlierDetector
@@ -230,7 +229,7 @@ class App:
             n = _int(body.get("n", 1), "n", 1, lim.max_items)
             return (op,), {"n": n, "seed": seed, "start": start}, n
         name = "z" if op == "decode" else "items"
-        a = npy if npy is not None else _array(body.get(name), name, lim)
+        a = npy if npy is not None else _array(body.get(name), name)
         if len(a) > lim.max_items:
             raise RequestError(413, f"{len(a)} {name} in one request; the limit is {lim.max_items}")
         try:
@@ -316,7 +315,7 @@ class App:
         cfg = self.cfg
         return {"model_dir": str(self.model_dir), "input_shape": list(cfg.input_shape),
                 "image_shape": list(cfg.image_shape) if cfg.image_shape else None, "latent_dim": cfg.latent_dim,
-                "likelihood": cfg.likelihood, "path": self.engine.path, "detector": self.detector is not None,
+                "likelihood": cfg.likelihood, "path": self.path, "detector": self.detector is not None,
                 "detector_rule": self.detector.rule if self.detector else None, "max_batch": self.max_batch,
                 "max_wait_ms": self.max_wait_ms, "limits": self.limits.__dict__}
 
@@ -444,7 +443,7 @@ def create_app(model_dir: str | Path | None = None, **kwargs) -> Any:
                 raise RequestError(415, f"content type {ctype!r}: send application/json or {NPY}")
             key, payload, n = a.parse(op, body, npy)
             result = await asyncio.wait_for(a.batcher.submit(key, payload, n), a.limits.timeout_s)
-            result["path"] = a.engine.path
+            result["path"] = a.path
             if NPY in request.headers.get("accept", ""):
                 main = result.get("items", result.get("scores", result.get("mu")))
                 buf = io.BytesIO()
@@ -494,7 +493,7 @@ def create_app(model_dir: str | Path | None = None, **kwargs) -> Any:
 
     @api.get("/readyz", summary="The model is loaded and the server takes requests")
     async def readyz():
-        return {"status": "ready", "path": state["app"].engine.path} if "app" in state else error(503, "loading")
+        return {"status": "ready", "path": state["app"].path} if "app" in state else error(503, "loading")
 
     @api.get("/metrics", summary="Prometheus metrics")
     async def metrics():
