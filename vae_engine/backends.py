@@ -71,7 +71,7 @@ class TorchBackend:
         import torch
 
         with torch.inference_mode():
-            out = net(torch.from_numpy(a).to(self.device, self.dtype))
+            out = net(_tensor(a).to(self.device, self.dtype))
             out = tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -92,13 +92,21 @@ class TorchBackend:
         from .model import gaussian_log_prob, standard_normal_log_prob
 
         with torch.inference_mode():
-            x_t, mu_t, lv_t, eps_t = (torch.from_numpy(a).to(self.device, non_blocking=True)
+            x_t, mu_t, lv_t, eps_t = (_tensor(a).to(self.device, non_blocking=True)
                                       for a in (x, mu, logvar, eps))
             z = mu_t[:, None] + torch.exp(0.5 * lv_t)[:, None] * eps_t  # (b, K, L)
             params = self.decoder(z.reshape(-1, z.shape[-1]).to(self.dtype)).float().reshape(*z.shape[:2], -1)
             log_w = (self.likelihood.log_prob(x_t[:, None], params) + standard_normal_log_prob(z)
                      - gaussian_log_prob(z, mu_t[:, None], lv_t[:, None]))
             return log_w.double().cpu().numpy()
+
+
+def _tensor(a: np.ndarray):
+    """A torch view of a NumPy array; read-only memory (a memory-mapped .npy, a request's bytes) is copied, since
+    torch cannot mark a tensor read-only and warns instead."""
+    import torch
+
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
 class _GraphBackend:
@@ -224,7 +232,9 @@ class OpenVinoBackend(_GraphBackend):
 
     def _infer(self, role, a):
         req = self.requests[role]
-        req.set_input_tensor(self.ov.Tensor(a, shared_memory=True))  # zero-copy in
+        # zero-copy in; OpenVINO shares only writable buffers, so a read-only one (a memory-mapped .npy, bytes
+        # from a request) is the one case copied
+        req.set_input_tensor(self.ov.Tensor(a, shared_memory=a.flags.writeable))
         req.infer()
         # the request reuses its output buffers on the next call: hand out copies
         return [np.array(t.data, copy=True) for t in req.output_tensors]
@@ -251,6 +261,50 @@ def default_backend(model_dir: Path, precision: str, device: str = "cpu") -> str
     if precision != "fp32":  # int8/fp16 exist only as ONNX: onnxruntime asks for their export if missing
         return "onnxruntime"
     return "onnxruntime" if graphs.graph_path(model_dir, "encoder", "fp32").is_file() else "torch"
+
+
+# Every path the backends implement, as (backend, precision, device); `unavailable` says which can run here.
+PATHS = (
+    ("torch", "fp32", "cpu"), ("torch", "bf16", "cpu"), ("torch-compile", "fp32", "cpu"),
+    ("onnxruntime", "fp32", "cpu"), ("onnxruntime", "int8", "cpu"), ("onnxruntime", "fp16", "cpu"),
+    ("openvino", "fp32", "cpu"), ("openvino", "bf16", "cpu"),
+    ("torch", "fp32", "cuda"), ("torch", "bf16", "cuda"), ("torch", "fp16", "cuda"),
+    ("onnxruntime", "fp32", "cuda"), ("onnxruntime", "fp16", "cuda"),
+)
+
+
+def unavailable(backend: str, precision: str, device: str = "cpu", model_dir: str | Path | None = None) -> str | None:
+    """Why a path cannot run on this machine (what is missing, and how to get it), or None when it can.
+
+    torch bf16 on a CPU without native bf16 can run (emulated: correct, slow); the GPU paths need a CUDA GPU that
+    torch sees, and ONNX Runtime's its CUDA provider; ONNX paths need their graphs exported into `model_dir`.
+    """
+    if (backend, precision, device) not in PATHS:
+        return f"--backend {backend} does not implement --precision {precision} on --device {device}"
+    if device == "cuda" and not hardware.cuda_available():
+        return "no CUDA GPU here (torch sees none: a CPU build of torch, or no driver)"
+    if backend == "onnxruntime":
+        if device == "cuda":
+            import onnxruntime
+
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                return "onnxruntime has no CUDA provider here (pip install 'vae-engine[gpu]')"
+        variant = ORT_GRAPHS[precision]
+        if model_dir is not None and not graphs.graph_path(model_dir, "encoder", variant).is_file():
+            return f"{variant} graphs not exported (vae-engine export MODEL{EXPORT_FLAG[variant]})"
+    if backend == "openvino":
+        if not openvino_installed():
+            return "OpenVINO is not installed (pip install 'vae-engine[openvino]')"
+        if model_dir is not None and not graphs.graph_path(model_dir, "encoder", "fp32").is_file():
+            return "fp32 graphs not exported (vae-engine export MODEL)"
+        if precision == "bf16" and not hardware.native_bf16():
+            return "this CPU has no native bf16 (AVX512_BF16 or AMX), where OpenVINO would quietly run fp32"
+    if backend == "torch-compile":
+        import shutil
+
+        if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "c++", "g++")):
+            return "torch.compile needs a C/C++ compiler on PATH (apt-get install gcc g++)"
+    return None
 
 
 def openvino_installed() -> bool:

@@ -54,16 +54,12 @@ QUICK = ("torch", "ort-fp32", "ort-int8")  # torch.compile alone takes ~20 s to 
 
 def load_candidate(model_dir: Path, c: Candidate, threads: int, spin: bool = False) -> Engine:
     """An engine on the candidate's path; VaeEngineError says why it cannot run here (not exported, no GPU...)."""
-    from .backends import OrtBackend, load_backend
+    from .backends import OrtBackend, load_backend, unavailable
     from .errors import VaeEngineError
 
-    if c.device == "cuda":
-        import onnxruntime
-
-        if not torch.cuda.is_available():
-            raise VaeEngineError("no CUDA GPU here")
-        if c.backend == "onnxruntime" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            raise VaeEngineError("onnxruntime has no CUDA provider here (pip install onnxruntime-gpu)")
+    why = unavailable(c.backend, c.precision, c.device, None if c.variant else model_dir)
+    if why:
+        raise VaeEngineError(why)
     if c.precision == "bf16" and c.device == "cpu" and c.backend == "torch" and not hardware.native_bf16():
         raise VaeEngineError("no native bf16 on this CPU (torch would emulate it, far slower than fp32)")
     cfg = checkpoint.model_config(model_dir)

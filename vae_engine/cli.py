@@ -475,13 +475,16 @@ def detect(
     threshold: Annotated[float | None, typer.Option(help="Instead of the stored threshold: flag items whose score is below this.")] = None,
     labels: Annotated[Path | None, typer.Option(help="Known labels .npy (N,) (1 or True = anomaly): adds ROC AUC / average precision, and ROC and PR curves to --plot.")] = None,
     plot: Annotated[Path | None, typer.Option(help="PNG: histogram of the scores with the threshold (and ROC/PR curves with --labels).")] = None,
+    backend: BackendOpt = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 (default: the precision the stored threshold was calibrated in), or bf16, int8, fp16, auto as for the other jobs; another precision shifts the scores by its own NLL change.")] = "fp32",
     threads: ThreadsOpt = None,
 ) -> None:
     """Flag anomalies with the scoring rule and threshold stored in MODEL_DIR/detector.json (train --contamination,
     or VAEOutlierDetector.save)."""
     from . import detect as detect_mod
 
-    result = detect_mod.run(model_dir, input, output, scores, contamination, threshold, labels, plot, threads)
+    result = detect_mod.run(model_dir, input, output, scores, contamination, threshold, labels, plot, threads,
+                            backend, precision)
     out.print(f"{result['flagged']} of {result['n']} items flagged as anomalies (rule {result['rule']}, threshold "
               f"{result['threshold']:.3f}" + (f"; ROC AUC {result['roc_auc']:.3f}, AP {result['average_precision']:.3f}"
                                               if "roc_auc" in result else "") + f"); wrote {output}")

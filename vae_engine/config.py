@@ -25,7 +25,10 @@ SEED_MAX = 2**32 - 1  # seeds are 0..2^32-1: every generator (torch, NumPy, the 
 # error line, not an out-of-memory kill.
 MAX_LATENT, MAX_WIDTH, MAX_LAYERS, MAX_PARAMS = 4096, 16384, 16, 200_000_000
 MAX_INPUT = 1 << 22  # values per item (e.g. 3x1024x1024 images are under it)
-LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "gaussian")  # defined in likelihoods/; names listed here
+# The likelihoods (defined in likelihoods/) and what their decoder graph returns: (output name, values per
+# feature). Listed here so the graphs' spec (and `info`) need not import Numba; the classes read it from here.
+DECODER_OUTPUTS = {"bernoulli": ("logits", 1), "continuous-bernoulli": ("logits", 1), "gaussian": ("params", 2)}
+LIKELIHOODS = tuple(DECODER_OUTPUTS)
 MAX_THREADS, MAX_BATCH, MAX_TRAIN_K, MAX_EPOCHS = 1024, 1 << 18, 10_000, 1_000_000  # batch: ~1 GB of pixels
 
 ARCHS = ("mlp", "conv")

@@ -45,7 +45,8 @@ def store_threshold(model_dir: Path, rule: str, contamination: float, k: int = 6
 
 
 def run(model_dir: Path, input: Path, output: Path, scores_path: Path | None, contamination: float | None,
-        threshold: float | None, labels_path: Path | None, plot: Path | None, threads: int | None) -> dict:
+        threshold: float | None, labels_path: Path | None, plot: Path | None, threads: int | None,
+        backend: str = "auto", precision: str = "fp32") -> dict:
     """Score a file with the stored detector, flag by the stored (or given) threshold, write flags (and scores)."""
     from .backends import set_threads
 
@@ -58,8 +59,7 @@ def run(model_dir: Path, input: Path, output: Path, scores_path: Path | None, co
         if path is not None:
             atomic.check_writable(path)
     model_dir = checkpoint.resolve_model_dir(model_dir)
-    det = VAEOutlierDetector.load(model_dir)
-    det.threads = set_threads(threads)
+    det = VAEOutlierDetector.load(model_dir, threads=set_threads(threads), backend=backend, precision=precision)
     x = _items(input, det.n_features_in_)
     labels = None
     if labels_path is not None:

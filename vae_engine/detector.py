@@ -53,7 +53,7 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
     def __init__(self, rule: str = DEFAULT_RULE, contamination="auto", k: int = 64, latent_dim: int | None = None,
                  hidden: tuple[int, ...] | None = None, epochs: int | str = "auto", batch_size: int = 100,
                  likelihood: str = "auto", random_state=None, threads: int | None = None,
-                 model_dir: str | None = None):
+                 model_dir: str | None = None, backend: str = "auto", precision: str = "fp32"):
         self.rule = rule
         self.contamination = contamination
         self.k = k
@@ -65,6 +65,8 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
         self.random_state = random_state
         self.threads = threads
         self.model_dir = model_dir
+        self.backend = backend  # the path scoring runs on; the threshold is calibrated on fp32, so another
+        self.precision = precision  # precision shifts scores by its own NLL change (README: Precision)
 
     # ---- fitting ----
 
@@ -133,11 +135,13 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
 
     @property
     def engine(self):
-        """The engine scoring this detector's model (fp32 ONNX Runtime when exported, else torch)."""
+        """The engine scoring this detector's model on its backend and precision (by default fp32: ONNX Runtime
+        when exported, else torch)."""
         from .engine import Engine
 
         if getattr(self, "_engine", None) is None:
-            self._engine = Engine.load(self.model_dir_, threads=self.threads)
+            self._engine = Engine.load(self.model_dir_, backend=self.backend, precision=self.precision,
+                                       threads=self.threads)
         return self._engine
 
     def __getstate__(self):  # sessions are not picklable: the engine is reloaded from model_dir_ on demand
@@ -200,11 +204,12 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> VAEOutlierDetector:
-        """A fitted detector from a folder written by `save` (or `train --contamination`)."""
+    def load(cls, path: str | Path, **params) -> VAEOutlierDetector:
+        """A fitted detector from a folder written by `save` (or `train --contamination`); `params` set the
+        run-time parameters (threads, backend, precision)."""
         path = Path(path)
         doc = read_detector(path)
-        det = cls(rule=doc["rule"], contamination=doc["contamination"], k=doc["k"])
+        det = cls(rule=doc["rule"], contamination=doc["contamination"], k=doc["k"], **params)
         det.model_dir_, det.seed_, det.offset_ = str(path), doc["seed"], doc["offset"]
         det.n_features_in_ = doc["n_features"]
         det.latent_mean_ = np.asarray(doc["latent_mean"], np.float64)

@@ -8,11 +8,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
-from google.protobuf.message import DecodeError
-
-from .config import ModelConfig
+from .config import DECODER_OUTPUTS, ModelConfig
 from .errors import ModelDirError, os_error_reason
 
 ROLES = ("encoder", "decoder")
@@ -23,6 +21,9 @@ VARIANTS = {  # variant -> file suffix
     "fp16": ".fp16.onnx",  # half-precision weights and compute, fp32 inputs/outputs; for GPU providers
 }
 OPSET = 18
+
+if TYPE_CHECKING:  # onnx costs 0.2-0.8 s to import: only loading a graph needs it (`info` reads metadata without)
+    import onnx
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,10 @@ def spec(role: str, cfg: ModelConfig) -> GraphSpec:
     x is an item flattened to D values in raw units (preprocessing is inside the graph); the decoder returns
     "logits" (D) for the Bernoulli likelihoods, "params" = [mean | logvar] (2D) for the Gaussian one.
     """
-    from .likelihoods import get
-
     if role == "encoder":
         return GraphSpec((("x", cfg.input_dim),), (("mu", cfg.latent_dim), ("logvar", cfg.latent_dim)))
-    lk = get(cfg.likelihood)
-    return GraphSpec((("z", cfg.latent_dim),), ((lk.output_name, lk.n_params * cfg.input_dim),))
+    output, n_params = DECODER_OUTPUTS[cfg.likelihood]
+    return GraphSpec((("z", cfg.latent_dim),), ((output, n_params * cfg.input_dim),))
 
 
 def graph_path(model_dir: str | os.PathLike, role: str, variant: str = "fp32") -> Path:
@@ -93,6 +92,8 @@ def _graph_tensors(graph: onnx.GraphProto, local_functions: set[tuple[str, str]]
 def check_contents(model: onnx.ModelProto, path: Path) -> None:
     """Refuse external data anywhere (every graph, subgraphs of If/Loop/Scan, functions, sparse and attribute
     tensors) and operators from domains the project's own export never produces."""
+    import onnx
+
     local = {(f.domain, f.name) for f in model.functions}
     tensors = _graph_tensors(model.graph, local, path)
     for function in model.functions:
@@ -109,13 +110,11 @@ def load_graph(path: str | os.PathLike, role: str, cfg: ModelConfig) -> onnx.Mod
     Refuses external data (a data location outside the model folder is a known path-traversal class,
     CVE-2022-25882 and CVE-2024-27318) and any input/output whose name or shape differs from the spec.
     """
+    import onnx
+    from google.protobuf.message import DecodeError
+
     path = Path(path)
-    if not path.is_file():
-        raise ModelDirError(f"{path}: missing; run `vae-engine export {path.parent}` first")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ModelDirError(f"{path}: cannot read the ONNX file: {os_error_reason(exc)}") from None
+    raw = _read(path)
     try:
         model = onnx.load_model_from_string(raw)
     except (DecodeError, ValueError, RuntimeError) as exc:
@@ -142,6 +141,72 @@ def load_graph(path: str | os.PathLike, role: str, cfg: ModelConfig) -> onnx.Mod
 def metadata(model: onnx.ModelProto) -> dict[str, str]:
     """The metadata_props of a graph as a dict."""
     return {p.key: p.value for p in model.metadata_props}
+
+
+def _read(path: Path) -> bytes:
+    if not path.is_file():
+        raise ModelDirError(f"{path}: missing; run `vae-engine export {path.parent}` first")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ModelDirError(f"{path}: cannot read the ONNX file: {os_error_reason(exc)}") from None
+
+
+def _fields(buf: memoryview, name: str):
+    """(field number, wire type, value) of each field of one protobuf message: an int for varints and fixed-size
+    fields, a memoryview for length-delimited ones (never copied). Malformed bytes are a ModelDirError."""
+    i, n = 0, len(buf)
+
+    def varint() -> int:
+        nonlocal i
+        value = shift = 0
+        while True:
+            if i >= n or shift > 63:
+                raise ModelDirError(f"{name}: corrupt or truncated ONNX file (bad varint)")
+            byte = buf[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+
+    while i < n:
+        tag = varint()
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value = varint()
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            if i + size > n:
+                raise ModelDirError(f"{name}: corrupt or truncated ONNX file")
+            value, i = int.from_bytes(buf[i:i + size], "little"), i + size
+        elif wire == 2:
+            size = varint()
+            if i + size > n:
+                raise ModelDirError(f"{name}: corrupt or truncated ONNX file (a field runs past the end)")
+            value, i = buf[i:i + size], i + size
+        else:  # groups (3, 4) are not used by ONNX; 6 and 7 do not exist
+            raise ModelDirError(f"{name}: corrupt or truncated ONNX file (wire type {wire})")
+        yield field, wire, value
+
+
+MODEL_GRAPH, MODEL_METADATA = 7, 14  # onnx.proto: ModelProto.graph, ModelProto.metadata_props (key 1, value 2)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A graph file's metadata_props, read from the protobuf wire format without importing onnx or parsing the
+    graph (what `info` shows). It checks nothing else: every graph is fully checked by `load_graph` before use."""
+    path = Path(path)
+    buf = memoryview(_read(path))
+    out, graph = {}, False
+    for field, wire, value in _fields(buf, str(path)):
+        graph |= field == MODEL_GRAPH and wire == 2
+        if field == MODEL_METADATA and wire == 2:
+            entry = {f: bytes(v).decode("utf-8", "replace") for f, w, v in _fields(value, str(path)) if w == 2}
+            out[entry.get(1, "")] = entry.get(2, "")
+    if not graph:
+        raise ModelDirError(f"{path}: corrupt or truncated ONNX file (no graph)")
+    return out
 
 
 def providers_for(device: str) -> list[str]:

@@ -3,10 +3,13 @@ process may use, a CUDA GPU. One place, read by the backends, the precision tune
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +19,40 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # native int8 dot products
 KEY_FLAGS = ("avx2", "fma", "avx512f", *BF16_FLAGS, *VNNI_FLAGS, "avx512_fp16")
 
 
-@functools.cache
+@dataclass(frozen=True)
+class Machine:
+    """The hardware facts every decision reads: CPU name, its instruction-set flags, the CUDA GPU (or None)."""
+
+    cpu: str
+    flags: frozenset[str]
+    gpu: str | None = None
+
+
+_pretended: Machine | None = None  # set by `pretend`: decisions for machine classes this one is not
+
+
+@contextlib.contextmanager
+def pretend(machine: Machine) -> Iterator[Machine]:
+    """Within the block, every hardware fact (`cpu_info`, `native_bf16`, `has_vnni`, `cuda_available`,
+    `gpu_name`) is `machine`'s: how tests check `--precision auto` for CPU classes and GPUs this machine lacks.
+    What actually runs still runs on this machine (torch sees no GPU that is only pretended)."""
+    global _pretended
+    before, _pretended = _pretended, machine
+    try:
+        yield machine
+    finally:
+        _pretended = before
+
+
 def cpu_info() -> tuple[str, frozenset[str]]:
     """(CPU model name, instruction-set flags) from /proc/cpuinfo; the platform's name and no flags elsewhere."""
+    if _pretended is not None:
+        return _pretended.cpu, _pretended.flags
+    return _real_cpu_info()
+
+
+@functools.cache
+def _real_cpu_info() -> tuple[str, frozenset[str]]:
     name, flags = platform.processor() or platform.machine() or "unknown", frozenset()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -63,6 +97,8 @@ def available_cpus() -> int:
 
 def cuda_available() -> bool:
     """A CUDA GPU that torch can use (imports torch only when something already did, or when asked for it)."""
+    if _pretended is not None:
+        return _pretended.gpu is not None
     try:
         import torch
     except ImportError:
@@ -72,6 +108,8 @@ def cuda_available() -> bool:
 
 def gpu_name() -> str | None:
     """The first CUDA GPU's name, or None."""
+    if _pretended is not None:
+        return _pretended.gpu
     return sys.modules["torch"].cuda.get_device_name(0) if cuda_available() else None
 
 

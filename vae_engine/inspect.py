@@ -43,21 +43,33 @@ def describe(model_dir: str | Path, console: Console) -> None:
             path = graphs.graph_path(model_dir, role, variant)
             if not path.is_file():
                 continue
-            try:
-                meta = graphs.metadata(graphs.load_graph(path, role, model_cfg))
+            try:  # metadata only (no onnx import): every graph is fully checked when a backend loads it
+                meta = graphs.read_metadata(path)
             except ModelDirError as exc:
                 reason = str(exc).removeprefix(f"{path}: ")
                 g.add_row(path.name, f"{path.stat().st_size / 1e6:.2f}", variant, "-", f"[red]{reason}[/]")
                 continue
-            same = meta.get("vae_engine.weights_sha256") == sha
-            sig = " -> ".join(", ".join(f"{n}[{f}]" for n, f in json.loads(meta.get(f"vae_engine.{k}", "[]")))
-                              for k in ("inputs", "outputs"))
-            g.add_row(path.name, f"{path.stat().st_size / 1e6:.2f}", meta.get("vae_engine.variant", "?"), sig,
-                      "match" if same else "[red]stale: re-export[/]")
+            want = graphs.spec(role, model_cfg)
+            declared = (_signature(meta, "inputs"), _signature(meta, "outputs"))
+            sig = " -> ".join(", ".join(f"{n}[{f}]" for n, f in side) if side is not None else "?" for side in declared)
+            if declared != (list(want.inputs), list(want.outputs)):
+                state = "[red]signature differs from config.json: re-export[/]"
+            else:
+                state = "match" if meta.get("vae_engine.weights_sha256") == sha else "[red]stale: re-export[/]"
+            g.add_row(path.name, f"{path.stat().st_size / 1e6:.2f}", meta.get("vae_engine.variant", "?"), sig, state)
     console.print(g if g.row_count else "ONNX graphs: none (run `vae-engine export`)")
     _export_accuracy(model_dir, console)
     _evaluation(model_dir, console)
     _tuning(model_dir, console)
+
+
+def _signature(meta: dict[str, str], side: str) -> list[tuple[str, int]] | None:
+    """The inputs or outputs a graph's metadata declares, [(name, features), ...], or None when malformed."""
+    try:
+        pairs = [(str(n), int(f)) for n, f in json.loads(meta.get(f"vae_engine.{side}", "[]"))]
+    except (ValueError, TypeError):
+        return None
+    return pairs
 
 
 def _report(path: Path, console: Console) -> dict | None:

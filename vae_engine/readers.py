@@ -217,8 +217,10 @@ def read_image(path: Path, resize: tuple[int, int] | None = None,
     from PIL import Image
 
     try:
-        with warnings.catch_warnings(), Image.open(path) as img:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below decides
+            img = Image.open(path)
+        with img:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise DataError(f"{path}: {w}x{h} pixels is too large (limit {MAX_IMAGE_PIXELS:,})")

@@ -214,7 +214,10 @@ class App:
         if (self.model_dir / "detector.json").is_file():
             from .detector import VAEOutlierDetector
 
-            self.detector = VAEOutlierDetector.load(self.model_dir)
+            # scored on the server's own path (its threshold was calibrated on fp32; see the detector's docs)
+            self.detector = VAEOutlierDetector.load(self.model_dir, threads=self.engine.threads,
+                                                    backend=self.engine.backend.name,
+                                                    precision=self.engine.backend.precision)
         self.active = 0  # requests received and not yet answered (the batcher waits only while others exist)
         self.batcher = MicroBatcher(self.run_batch, max_batch, max_wait_ms / 1000, self.metrics, lambda: self.active)
         self.max_batch, self.max_wait_ms, self._map = max_batch, max_wait_ms, None

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import atomic, checkpoint, graphs, hardware, rng
+from . import atomic, checkpoint, graphs, hardware
 from .backends import BACKENDS, openvino_installed
 from .errors import VaeEngineError
 
@@ -68,7 +68,7 @@ def candidates(model_dir: Path, backend: str = "auto", device: str = "cpu",
 def validation_items(model_dir: Path, n: int = VALIDATION_ITEMS, seed: int = 0) -> tuple[np.ndarray, str]:
     """Up to n items of the model's own test split in model units (binarized by the seeded stream for Bernoulli
     models, as evaluate does); if that data is gone, n samples from the model itself. Returns (x, source)."""
-    from . import data
+    from . import data, rng
     from .likelihoods import get
 
     cfg, train_cfg = checkpoint.model_config(model_dir), checkpoint.train_config(model_dir)

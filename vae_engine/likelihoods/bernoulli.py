@@ -5,6 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .. import config
 from ..kernels import _ZERO, _softplus_neg_abs
 from .base import Likelihood
 
@@ -20,7 +21,8 @@ def bernoulli_row(x, logits):
 
 
 class Bernoulli(Likelihood):
-    name, n_params, output_name = "bernoulli", 1, "logits"
+    name = "bernoulli"
+    output_name, n_params = config.DECODER_OUTPUTS[name]
     unit_interval, binarized = True, True
     row = bernoulli_row
 

@@ -14,6 +14,7 @@ import math
 import numba
 import numpy as np
 
+from .. import config
 from ..kernels import _ZERO, _softplus_neg_abs
 from .base import Likelihood
 
@@ -49,7 +50,8 @@ def log_norm_numpy(logits: np.ndarray) -> np.ndarray:
 
 
 class ContinuousBernoulli(Likelihood):
-    name, n_params, output_name = "continuous-bernoulli", 1, "logits"
+    name = "continuous-bernoulli"
+    output_name, n_params = config.DECODER_OUTPUTS[name]
     unit_interval, binarized = True, False
     row = continuous_bernoulli_row
 

@@ -13,6 +13,7 @@ import math
 import numba
 import numpy as np
 
+from .. import config
 from ..kernels import _exp
 from .base import Likelihood
 
@@ -34,7 +35,8 @@ def gaussian_row(x, params):
 
 
 class Gaussian(Likelihood):
-    name, n_params, output_name = "gaussian", 2, "params"
+    name = "gaussian"
+    output_name, n_params = config.DECODER_OUTPUTS[name]
     unit_interval, binarized = False, False
     row = gaussian_row
 
