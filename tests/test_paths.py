@@ -1,0 +1,296 @@
+"""The path matrix: every batch job, `evaluate` and the server's endpoints, through every (backend, precision,
+device) the backends implement, each forced, on every input kind the README lists, against the torch fp32
+reference within that precision's tolerance. A path that cannot run here is a skip naming what is missing
+(`backends.unavailable`), so every CI log (`pytest -rs`) shows what was covered.
+
+The reference is the same job on the torch fp32 path fed the items as an in-memory float32 array, so a reader
+that changes a value, and a backend that mishandles an input's memory (a read-only memory map, a request's bytes)
+or its precision, both show up as a difference.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import idx_bytes
+from vae_engine import backends, data, jobs, readers
+from vae_engine.engine import Engine
+
+N = 24  # items per input kind: every chunking edge is tested elsewhere, here it is the paths that matter
+BATCH = 10  # job batch size: three chunks, the last one short
+K = 8  # importance samples of the k > 1 score
+SEED = 3
+
+# Largest differences from the torch fp32 reference each precision may show, for this tiny model (784-32-4,
+# Bernoulli): latents (mu, logvar) and E[x|z] pixel probabilities in absolute terms, scores in nats per item
+# (a 784-pixel log-likelihood of ~150-550 nats sums 784 rounding errors). fp32: reassociation only. fp16: a
+# 10-bit mantissa. bf16: an 8-bit mantissa in every GEMM. int8: per-tensor dynamic quantization (without VNNI
+# the u8 x s8 products can saturate, so other CPUs show more). Largest differences measured over the whole matrix
+# on an AMX Xeon (latent / mean / nats): fp32 2.4e-7 / 8.9e-8 / 8e-5; fp16 1.3e-4 / 1.3e-4 / 0.005; bf16
+# 1.1e-3 / 1.3e-3 / 0.13; int8 5.9e-4 / 1.8e-3 / 0.19. The tolerances leave 5-20x room for other CPUs' kernels.
+TOLERANCE = {
+    "fp32": {"latent": 1e-5, "mean": 1e-5, "nats": 2e-3},
+    "fp16": {"latent": 2e-3, "mean": 2e-3, "nats": 0.1},
+    "bf16": {"latent": 2e-2, "mean": 2e-2, "nats": 2.0},
+    "int8": {"latent": 2e-2, "mean": 2e-2, "nats": 3.0},
+}
+PATHS = [pytest.param(p, id="/".join(p)) for p in backends.PATHS]
+
+
+@pytest.fixture(scope="module")
+def model(exported_model, tmp_path_factory) -> Path:
+    """The tiny model with every graph variant (fp32, int8, fp16) and a stored detector (detector.json)."""
+    from vae_engine import detect
+    from vae_engine.export import export
+
+    out = tmp_path_factory.mktemp("paths") / "m"
+    shutil.copytree(exported_model, out)
+    export(out, quantize="int8", fp16=True)
+    detect.store_threshold(out, "nll", 0.1, k=K)
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tiny_data) -> np.ndarray:
+    return data.load_split(tiny_data, "test")[0][:N]  # uint8 (N, 28, 28)
+
+
+def _write_kinds(folder: Path, u8: np.ndarray) -> dict[str, Path]:
+    """The same N items in every input format the README lists."""
+    folder.mkdir(parents=True, exist_ok=True)
+    x = u8.reshape(len(u8), -1).astype(np.float32) / np.float32(255)
+    paths = {"uint8.npy": folder / "u8.npy", "float32.npy (read-only memory map)": folder / "f32.npy",
+             ".npz": folder / "items.npz", ".csv": folder / "items.csv", ".parquet": folder / "items.parquet",
+             "IDX .gz": folder / "images-idx3-ubyte.gz", "PNG folder": folder / "png"}
+    np.save(paths["uint8.npy"], u8)
+    np.save(paths["float32.npy (read-only memory map)"], x)
+    np.savez(paths[".npz"], x=u8)
+    header = ",".join(f"p{i}" for i in range(x.shape[1]))
+    np.savetxt(paths[".csv"], x, fmt="%.9g", delimiter=",", header=header, comments="")  # float32 round-trips
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({f"p{i}": x[:, i] for i in range(x.shape[1])}), paths[".parquet"])
+    except ImportError:
+        del paths[".parquet"]
+    paths["IDX .gz"].write_bytes(gzip.compress(idx_bytes(u8, 2051)))
+    from PIL import Image
+
+    paths["PNG folder"].mkdir()
+    for i, img in enumerate(u8):
+        Image.fromarray(img).save(paths["PNG folder"] / f"{i:03d}.png")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def kinds(images, tmp_path_factory) -> dict[str, Path]:
+    return _write_kinds(tmp_path_factory.mktemp("kinds"), images)
+
+
+@pytest.fixture(scope="module")
+def x(images) -> np.ndarray:
+    return images.reshape(N, -1).astype(np.float32) / np.float32(255)  # writable, in memory: the reference input
+
+
+@pytest.fixture(scope="module")
+def z(model, x) -> np.ndarray:
+    return Engine.load(model, backend="torch", precision="fp32", threads=2).encode(x)[0]
+
+
+_engines: dict = {}
+
+
+def _engine(model: Path, path: tuple[str, str, str]) -> Engine:
+    backend, precision, device = path
+    why = backends.unavailable(backend, precision, device, model)
+    if why:
+        pytest.skip(f"{'/'.join(path)}: {why}")
+    if (model, path) not in _engines:
+        _engines[model, path] = Engine.load(model, backend=backend, precision=precision, device=device, threads=2)
+    return _engines[model, path]
+
+
+def _reference(model: Path) -> Engine:
+    return _engine(model, ("torch", "fp32", "cpu"))
+
+
+ITEM_JOBS = {  # job name -> (job, params, quantity compared)
+    "encode": ("encode", {}, "latent"),
+    "encode --sample --with-logvar": ("encode", {"sample": True, "with_logvar": True, "seed": SEED}, "latent"),
+    "reconstruct": ("reconstruct", {}, "mean"),
+    "score k=1": ("score", {"k": 1, "seed": SEED}, "nats"),
+    f"score k={K}": ("score", {"k": K, "seed": SEED}, "nats"),
+}
+
+
+def _run_job(engine: Engine, job: str, params: dict, source: jobs.Source, out: Path) -> np.ndarray:
+    jobs.stream(source, jobs.make_job_fn(job, engine, params), out, jobs.item_shape(job, engine.cfg, params), BATCH)
+    return np.load(out)
+
+
+def _check(got: np.ndarray, want: np.ndarray, precision: str, quantity: str, what: str) -> None:
+    assert got.shape == want.shape, what
+    assert np.isfinite(got).all(), what
+    diff = float(np.max(np.abs(got.astype(np.float64) - want)))
+    assert diff <= TOLERANCE[precision][quantity], f"{what}: max difference {diff:.3g} from torch fp32"
+
+
+def test_the_read_only_kind_is_read_only(kinds):
+    """The float32 .npy kind really reaches the jobs as a read-only memory map (what broke OpenVINO)."""
+    arr = readers.load_npy(kinds["float32.npy (read-only memory map)"])
+    assert isinstance(arr, np.memmap) and not arr.flags.writeable
+
+
+def test_every_kind_reads_the_same_items(model, kinds, x):
+    cfg = _reference(model).cfg
+    for kind, path in kinds.items():
+        source = jobs.open_items(path, cfg)
+        got = np.concatenate([chunk for _, chunk in source.chunks(BATCH)])
+        np.testing.assert_array_equal(got, x, err_msg=kind)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_item_jobs_on_every_input_kind(model, kinds, x, path, tmp_path):
+    engine, ref = _engine(model, path), _reference(model)
+    for name, (job, params, quantity) in ITEM_JOBS.items():
+        want = _run_job(ref, job, params, jobs.Source("x", N, x.shape[1], lambda i, j: x[i:j]),
+                        tmp_path / "ref.npy")
+        for kind, src in kinds.items():
+            got = _run_job(engine, job, params, jobs.open_items(src, engine.cfg), tmp_path / "out.npy")
+            _check(got, want, path[1], quantity, f"{name} on {kind}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_latent_jobs(model, z, path, tmp_path):
+    engine, ref = _engine(model, path), _reference(model)
+    latents = tmp_path / "z.npy"
+    np.save(latents, z)  # read back as a read-only memory map, as the decode job reads it
+    for job, params in (("decode", {}), ("sample", {"seed": SEED})):
+        want = _run_job(ref, job, params, jobs.open_input(job, latents, ref.cfg, N), tmp_path / "ref.npy")
+        got = _run_job(engine, job, params, jobs.open_input(job, latents, engine.cfg, N), tmp_path / "out.npy")
+        _check(got, want, path[1], "mean", job)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_detect_on_every_input_kind(model, kinds, path, tmp_path):
+    from vae_engine import detect
+
+    backend, precision, device = path
+    _engine(model, path)  # skips the paths that cannot run here
+    if device != "cpu":
+        pytest.skip("detect runs on the CPU")
+
+    def scores(kind_path: Path, backend: str, precision: str) -> np.ndarray:
+        detect.run(model, kind_path, tmp_path / "flags.npy", tmp_path / "scores.npy", None, None, None, None, 2,
+                   backend, precision)
+        flags, s = np.load(tmp_path / "flags.npy"), np.load(tmp_path / "scores.npy")
+        assert set(np.unique(flags)) <= {-1, 1} and len(flags) == N
+        return s
+
+    want = scores(kinds["uint8.npy"], "torch", "fp32")
+    for kind, src in kinds.items():
+        _check(scores(src, backend, precision), want, precision, "nats", f"detect on {kind}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_evaluate(model, path):
+    from vae_engine.evaluate import evaluate_model
+
+    backend, precision, device = path
+    _engine(model, path)
+    kw = {"k": K, "limit": 16, "seed": SEED, "threads": 2}
+    want = evaluate_model(model, backend="torch", precision="fp32", **kw)
+    got = evaluate_model(model, backend=backend, precision=precision, device=device, **kw)
+    assert got["n"] == want["n"] == 16
+    for key in ("test_nelbo", "test_nll"):
+        _check(np.asarray(got[key]), np.asarray(want[key]), precision, "nats", f"evaluate {key}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_cli_jobs_forced_path(model, kinds, x, z, path, tmp_path):
+    """The CLI as a user runs it, each path forced with --backend/--precision, on the read-only float input."""
+    from typer.testing import CliRunner
+
+    from vae_engine.cli import app
+
+    backend, precision, device = path
+    engine, ref = _engine(model, path), _reference(model)
+    src = kinds["float32.npy (read-only memory map)"]
+    np.save(tmp_path / "z.npy", z)
+    force = ["--backend", backend, "--precision", precision, "--device", device, "--threads", "2"]
+    runs = {  # command line -> (reference job, params, input, quantity)
+        "encode": (["encode", str(model), "-i", str(src)], ("encode", {}, x, "latent")),
+        "reconstruct": (["reconstruct", str(model), "-i", str(src)], ("reconstruct", {}, x, "mean")),
+        "decode": (["decode", str(model), "-i", str(tmp_path / "z.npy")], ("decode", {}, z, "mean")),
+        "sample": (["sample", str(model), "-n", str(N), "--seed", str(SEED)],
+                   ("sample", {"seed": SEED}, np.empty((N, 0), np.float32), "mean")),
+        "score": (["score", str(model), "-i", str(src), "--k", str(K), "--seed", str(SEED)],
+                  ("score", {"k": K, "seed": SEED}, x, "nats")),
+    }
+    for name, (argv, (job, params, items, quantity)) in runs.items():
+        out = tmp_path / f"{name}.npy"
+        result = CliRunner().invoke(app, [*argv, "-o", str(out), *force])
+        assert result.exit_code == 0, f"{name}: {result.output}"
+        assert f"path {engine.backend.name}/{precision}" in " ".join(result.output.split())
+        want = jobs.make_job_fn(job, ref, params)(0, items)
+        _check(np.load(out), want, precision, quantity, f"vae-engine {name}")
+    if device == "cpu":
+        result = CliRunner().invoke(app, ["detect", str(model), "-i", str(src), "-o", str(tmp_path / "f.npy"),
+                                          "--scores", str(tmp_path / "s.npy"), *force[:4], "--threads", "2"])
+        assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_server_endpoints(model, images, x, z, path):
+    """Every endpoint, JSON and .npy bodies, on a server forced onto the path."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from vae_engine.server import create_app
+
+    backend, precision, device = path
+    _engine(model, path)
+    ref = _reference(model)
+    app = create_app(model, backend=backend, precision=precision, device=device, threads=2, max_batch=64,
+                     max_wait_ms=0)
+
+    def npy(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    with TestClient(app) as client:
+        info = client.get("/v1/info").json()
+        assert info["path"].startswith(f"{backend}/{precision}")
+        for op, field, items, params, quantity, want in (
+            ("encode", "mu", x, {}, "latent", ref.encode(x)[0]),
+            ("reconstruct", "items", x, {}, "mean", ref.reconstruct(x)),
+            ("decode", "items", z, {}, "mean", ref.decode(z)),
+            ("score", "scores", x, {"k": 1, "seed": SEED},  "nats",
+             jobs.make_job_fn("score", ref, {"k": 1, "seed": SEED})(0, x)),
+            ("score", "scores", x, {"k": K, "seed": SEED}, "nats",
+             jobs.make_job_fn("score", ref, {"k": K, "seed": SEED})(0, x)),
+        ):
+            name = "z" if op == "decode" else "items"
+            r = client.post(f"/v1/{op}", json={name: items.tolist(), **params})
+            assert r.status_code == 200, r.text
+            _check(np.asarray(r.json()[field]), want, precision, quantity, f"/v1/{op} JSON {params}")
+            body = images if op != "decode" else z  # .npy: uint8 images as a user would send them
+            r = client.post(f"/v1/{op}", content=npy(body), params=params,
+                            headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
+            assert r.status_code == 200, r.text
+            _check(np.load(io.BytesIO(r.content)), want, precision, quantity, f"/v1/{op} .npy {params}")
+        r = client.post("/v1/sample", json={"n": 5, "seed": SEED})
+        assert r.status_code == 200, r.text
+        _check(np.asarray(r.json()["items"]), jobs.make_job_fn("sample", ref, {"seed": SEED})(0, np.empty((5, 0))),
+               precision, "mean", "/v1/sample")
+        r = client.post("/v1/detect", json={"items": x.tolist()})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["flags"]) == N
