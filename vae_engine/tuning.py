@@ -187,7 +187,7 @@ def within(row: dict[str, Any], budget: float) -> bool:
 
 def choose(model_dir: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None,
            batch: int = 1024, budget: float = DEFAULT_BUDGET, int8: bool | None = None, retune: bool = False,
-           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+           progress: Callable[[str], None] | None = None, min_time: float = 0.3) -> dict[str, Any]:
     """The decision for this model here: {"backend", "precision", "key", "measurements", ...}; reused from
     tuning.json when its key matches, else measured (a few seconds) and saved."""
     from .backends import set_threads
@@ -206,7 +206,7 @@ def choose(model_dir: str | Path, backend: str = "auto", device: str = "cpu", th
             if d["key"] == k and d.get("backend") in BACKENDS:
                 return {**d, "reused": True}
     paths, notes = candidates(model_dir, backend, device, int8)
-    rows, source = measure(model_dir, paths, threads, batch, device, progress=progress)
+    rows, source = measure(model_dir, paths, threads, batch, device, min_time=min_time, progress=progress)
     best = max((r for r in rows if within(r, budget)), key=lambda r: r["items_per_s"])
     decision = {"key": k, "backend": best["backend"], "precision": best["precision"], "measurements": rows,
                 "validation": source, "notes": notes, "accuracy_k": ACCURACY_K,

@@ -1,0 +1,139 @@
+"""`--precision auto` on the machine classes this machine is not: the hardware facts are pretended
+(`hardware.pretend`), and for each class the README describes (AVX2 only; AVX-512 with BF16 and VNNI; AMX; a CUDA
+GPU) the candidates, the notes and the decision are checked. The decision is checked twice: against speeds and
+accuracy costs given per class (the figures measured on real machines of that class, so the expected answer is
+known), and by really measuring every candidate path on this CPU, which runs each backend code path a class can
+take (OpenVINO bf16 included: where the CPU lacks bf16 it quietly runs fp32, which is still its code path)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from vae_engine import backends, hardware, tuning
+from vae_engine.engine import Engine
+
+AVX2 = hardware.Machine("AMD EPYC (AVX2)", frozenset({"avx2", "fma"}))
+AVX512_BF16_VNNI = hardware.Machine("AMD EPYC (Zen 4)", frozenset({"avx2", "fma", "avx512f", "avx512_bf16",
+                                                                    "avx512_vnni"}))
+AMX = hardware.Machine("Intel Xeon (Sapphire Rapids)", frozenset({"avx2", "fma", "avx512f", "avx512_bf16",
+                                                                  "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"}))
+CUDA = hardware.Machine("Intel Xeon (Sapphire Rapids)", AMX.flags, gpu="NVIDIA H100 80GB HBM3")
+CLASSES = {"avx2": AVX2, "avx512-bf16-vnni": AVX512_BF16_VNNI, "amx": AMX, "cuda": CUDA}
+
+TORCH, ORT, OV = "torch", "onnxruntime", "openvino"
+# class -> OpenVINO installed? -> the candidates `auto` measures (for a model exported in fp32 and int8)
+EXPECTED = {
+    "avx2": {True: [(TORCH, "fp32"), (ORT, "fp32"), (OV, "fp32")], False: [(TORCH, "fp32"), (ORT, "fp32")]},
+    "avx512-bf16-vnni": {True: [(TORCH, "fp32"), (ORT, "fp32"), (OV, "fp32"), (OV, "bf16"), (ORT, "int8")],
+                         False: [(TORCH, "fp32"), (ORT, "fp32"), (TORCH, "bf16"), (ORT, "int8")]},
+    "amx": {True: [(TORCH, "fp32"), (ORT, "fp32"), (OV, "fp32"), (OV, "bf16"), (ORT, "int8")],
+            False: [(TORCH, "fp32"), (ORT, "fp32"), (TORCH, "bf16"), (ORT, "int8")]},
+    "cuda": {True: [(TORCH, "fp32"), (ORT, "fp32"), (TORCH, "bf16"), (TORCH, "fp16"), (ORT, "int8")],
+             False: [(TORCH, "fp32"), (ORT, "fp32"), (TORCH, "bf16"), (TORCH, "fp16"), (ORT, "int8")]},
+}
+DEVICE = {"cuda": "cuda"}  # the device a job on that class asks for
+
+
+@pytest.fixture()
+def model(exported_model, tmp_path):
+    out = tmp_path / "m"
+    shutil.copytree(exported_model, out)  # decisions of pretended machines stay out of the shared fixture
+    return out
+
+
+@pytest.mark.parametrize("openvino", [True, False], ids=["openvino", "no-openvino"])
+@pytest.mark.parametrize("name", CLASSES)
+def test_candidates_and_notes(model, name, openvino, monkeypatch):
+    monkeypatch.setattr(tuning, "openvino_installed", lambda: openvino)
+    with hardware.pretend(CLASSES[name]):
+        paths, notes = tuning.candidates(model, device=DEVICE.get(name, "cpu"))
+        assert paths == EXPECTED[name][openvino]
+        no_bf16 = any("no native bf16" in n for n in notes)
+        no_vnni = any("no VNNI" in n for n in notes)
+        assert (no_bf16, no_vnni) == ((True, True) if name == "avx2" else (False, False)), notes
+        # int8 where it is slow is measured only when asked for
+        assert (ORT, "int8") in tuning.candidates(model, device=DEVICE.get(name, "cpu"), int8=True)[0]
+
+
+def test_notes_say_what_is_not_exported(tiny_model):
+    with hardware.pretend(AMX):
+        paths, notes = tuning.candidates(tiny_model)
+    assert paths == [(TORCH, "fp32"), (TORCH, "bf16")]
+    assert any("not exported" in n for n in notes) and any("int8: not exported" in n for n in notes)
+
+
+# (class, budget) -> the decision, for speeds (items/s) and costs (mean NLL change, nats) of real machines of that
+# class (README and issue measurements of the shipped model at batch 1024; GPU: the H100 run)
+SPEEDS = {
+    "avx2": {(TORCH, "fp32"): (62.0e3, 0), (ORT, "fp32"): (65.5e3, 0), (OV, "fp32"): (64.0e3, 0),
+             (ORT, "int8"): (110e3, 0.099)},
+    "avx512-bf16-vnni": {(TORCH, "fp32"): (60e3, 0), (ORT, "fp32"): (128e3, 0), (OV, "fp32"): (125e3, 0),
+                         (OV, "bf16"): (203e3, 0.007), (TORCH, "bf16"): (150e3, 0.006), (ORT, "int8"): (346e3, -0.012)},
+    "amx": {(TORCH, "fp32"): (24e3, 0), (ORT, "fp32"): (22e3, 0), (OV, "fp32"): (25e3, 0), (OV, "bf16"): (52e3, 0.007),
+            (TORCH, "bf16"): (40e3, 0.0065), (ORT, "int8"): (75e3, 0.0052)},
+    "cuda": {(TORCH, "fp32"): (3.0e6, 0), (ORT, "fp32"): (0.3e6, 0), (TORCH, "bf16"): (2.99e6, 0.003),
+             (TORCH, "fp16"): (3.1e6, -0.0008), (ORT, "int8"): (1.2e6, 0.05)},
+}
+DECISIONS = {
+    ("avx2", 0.01): (ORT, "fp32"), ("avx2", 0.2): (ORT, "int8"),  # int8 asked for (int8=True) with a wide budget
+    ("avx512-bf16-vnni", 0.01): (OV, "bf16"), ("avx512-bf16-vnni", 0.02): (ORT, "int8"),
+    ("avx512-bf16-vnni", 0.0): (ORT, "fp32"),
+    ("amx", 0.01): (ORT, "int8"), ("amx", 0.005): (OV, "fp32"),  # 0.005: int8 (+0.0052) and bf16 (+0.007) cost too much
+    ("cuda", 0.01): (TORCH, "fp16"), ("cuda", 0.0): (TORCH, "fp32"),
+}
+
+
+@pytest.mark.parametrize("name,budget", list(DECISIONS), ids=[f"{n}-{b}" for n, b in DECISIONS])
+def test_decision_for_each_class(model, name, budget, monkeypatch):
+    measured = []
+
+    def fake_measure(model_dir, paths, threads, batch, device="cpu", min_time=0.3, progress=None):
+        measured.append(list(paths))
+        rows = []
+        for b, p in paths:
+            speed, cost = SPEEDS[name].get((b, p), (1.0, 0.0))
+            rows.append({"backend": b, "precision": p, "provider": device, "seconds_per_batch": batch / speed,
+                         "items_per_s": speed, "nll_change_nats": cost, "nelbo_change_nats": cost,
+                         "max_item_nll_change_nats": abs(cost), "mean_abs_item_nll_change_nats": abs(cost)})
+        return rows, "test"
+
+    monkeypatch.setattr(tuning, "measure", fake_measure)
+    monkeypatch.setattr(tuning, "openvino_installed", lambda: True)
+    int8 = True if name == "avx2" else None
+    device = DEVICE.get(name, "cpu")
+    with hardware.pretend(CLASSES[name]):
+        d = tuning.choose(model, device=device, threads=2, batch=1024, budget=budget, int8=int8)
+        again = tuning.choose(model, device=device, threads=2, batch=1024, budget=budget, int8=int8)
+        assert measured[0] == tuning.candidates(model, device=device, int8=int8)[0]
+    assert (d["backend"], d["precision"]) == DECISIONS[name, budget]
+    assert d["key"]["flags"] == sorted(f for f in hardware.KEY_FLAGS if f in CLASSES[name].flags)
+    assert d["key"]["gpu"] == CLASSES[name].gpu if name == "cuda" else d["key"]["gpu"] is None
+    assert again["reused"] and len(measured) == 1  # the same class reuses its saved decision
+    with hardware.pretend(AVX2 if name != "avx2" else AMX):  # another class measures again
+        tuning.choose(model, threads=2, batch=1024, budget=budget)
+    assert len(measured) == 2
+
+
+@pytest.mark.parametrize("name", ["avx2", "avx512-bf16-vnni", "amx"])
+def test_every_candidate_really_runs_here(model, name):
+    """Each CPU class's candidates measured for real on this CPU: every code path `auto` can pick there runs,
+    gives finite results, and the engine the decision names encodes."""
+    with hardware.pretend(CLASSES[name]):
+        paths, _ = tuning.candidates(model)
+        for b, p in paths:
+            why = backends.unavailable(b, p, "cpu", model)
+            if why:
+                pytest.skip(f"{b}/{p}: {why}")
+        d = tuning.choose(model, threads=2, batch=64, min_time=0.05)
+        assert [(r["backend"], r["precision"]) for r in d["measurements"]] == paths
+        for r in d["measurements"]:
+            assert np.isfinite(r["nll_change_nats"]) and r["items_per_s"] > 0
+        assert tuning.within(next(r for r in d["measurements"]
+                                  if (r["backend"], r["precision"]) == (d["backend"], d["precision"])), 0.01)
+        engine = Engine.load(model, precision="auto", threads=2, batch_size=64)
+        assert (engine.backend.name, engine.backend.precision) == (d["backend"], d["precision"])
+        mu, logvar = engine.encode(np.full((3, 784), 0.5, np.float32))
+        assert mu.shape == (3, engine.latent_dim) and np.isfinite(logvar).all()
