@@ -3,6 +3,7 @@ or a data file left out would only show after a plain install, where the source 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -34,9 +35,17 @@ def source_files() -> list[str]:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
-    out = tmp_path_factory.mktemp("wheel")
+    """The wheel built from a clean copy of the tree (as CI's clone is: a stale build/ folder here could hide a
+    file the packaging forgets, or add one it excludes)."""
+    import shutil
+
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    for rel in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / rel, src / rel)
+    for top in INSTALLED_AS:
+        shutil.copytree(ROOT / top, src / top, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True)
+                    str(src)], check=True, capture_output=True)
     (whl,) = out.glob("vae_engine-*.whl")
     return zipfile.ZipFile(whl)
 
@@ -56,3 +65,62 @@ def test_wheel_holds_nothing_local(wheel):
     names = wheel.namelist()
     assert not [n for n in names if Path(n).name in LOCAL_ONLY or "__pycache__" in n or n.startswith("tests/")]
     assert any(n.endswith("entry_points.txt") for n in names)
+
+
+# ---- what a new user sees: no foreign library's noise, and `info` without the heavy libraries ----
+
+
+def test_info_imports_no_heavy_library():
+    """`info` reads graph metadata from the protobuf bytes: no onnx (0.2-0.8 s to import), Numba or torch."""
+    code = ("import sys; sys.argv = ['vae-engine', 'info']; import vae_engine.cli as c\n"
+            "try:\n    c.main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'numba', 'torch') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "ONNX graphs" in result.stdout and "match" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_graph_metadata_without_onnx(tmp_path):
+    import onnx
+
+    from vae_engine import graphs
+    from vae_engine.errors import ModelDirError
+
+    for path in sorted((ROOT / "models" / "mnist-vae").glob("*.onnx")):
+        assert graphs.read_metadata(path) == graphs.metadata(onnx.load(path)), path.name
+    raw = (ROOT / "models" / "mnist-vae" / "encoder.onnx").read_bytes()
+    for name, data in (("truncated", raw[: len(raw) // 2]), ("noise", bytes(range(256)) * 8), ("empty", b"")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ModelDirError, match="corrupt or truncated"):
+            graphs.read_metadata(tmp_path / name)
+
+
+def test_huge_image_is_one_error_and_no_warning(tmp_path):
+    """A 144-megapixel PNG: Pillow's DecompressionBombWarning is not printed; the size check says what is wrong."""
+    import warnings
+
+    from PIL import Image
+
+    from vae_engine import readers
+    from vae_engine.errors import DataError
+
+    Image.new("L", (12000, 12000)).save(tmp_path / "big.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(DataError, match="too large"):
+            readers.read_image(tmp_path / "big.png")
+    assert not caught, [str(w.message) for w in caught]
+
+
+@pytest.mark.slow
+def test_local_ray_job_prints_only_its_own_lines(tmp_path):
+    pytest.importorskip("ray")
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.full((20, 784), 0.5, np.float32))
+    result = subprocess.run(["vae-engine", "encode", "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "z.npy"),
+                             "--ray", "local", "--precision", "fp32"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
+    assert np.load(tmp_path / "z.npy").shape == (20, 50)

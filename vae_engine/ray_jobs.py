@@ -9,13 +9,14 @@ Needs the optional extra: pip install "vae-engine[distributed]".
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import atomic, jobs, readers
+from . import atomic, hardware, jobs, readers
 from .errors import VaeEngineError, write_error
 
 JOBS = ("encode", "decode", "reconstruct", "score")
@@ -92,18 +93,21 @@ def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: st
     ray = _require_ray()
     if not ray.is_initialized():
         if address in (None, "", "local"):
-            ray.init(num_cpus=max(os.cpu_count() or 1, actors * cpus_per_actor), include_dashboard=False,
-                     log_to_driver=False, configure_logging=False, logging_level="ERROR")
+            init_local(ray, actors * cpus_per_actor)
         else:
             ray.init(address=address, log_to_driver=False)
     import ray.data
 
+    quiet_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     # at least two shards per actor (so every actor gets work), at most SHARD_ROWS rows each
     rows = min(SHARD_ROWS, max(batch_size, -(-source.n // (2 * actors))))
     shards = [{"start": i, "stop": min(source.n, i + rows)} for i in range(0, source.n, rows)]
     path = str(input_path)
+    # a private local Ray: an actor that dies fails the job (one error line; rerun it) instead of restarting,
+    # which also keeps Ray's core worker from warning about restarts (ray #53727); a cluster restarts actors
+    restarts = {"max_restarts": 0} if address in (None, "", "local") else {}
 
     def read_shard(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         src = _open(job, path, cfg)  # memory-mapped .npy: a task reads only its shard
@@ -113,12 +117,14 @@ def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: st
             idx.append(np.arange(start, stop))
         return {"index": np.concatenate(idx), "x": np.concatenate(xs)}
 
-    ds = (ray.data.from_items(shards)
-          # reading is I/O: num_cpus=0, so readers never wait for CPUs the actors hold for their lifetime
-          .map_batches(read_shard, batch_size=1, num_cpus=0)
-          .map_batches(JobActor, fn_constructor_args=(job, str(model_dir), backend, precision, cpus_per_actor, params),
-                       batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-                       num_cpus=cpus_per_actor))
+    with warnings.catch_warnings():  # Ray 2.60 calls remote args deprecated, but names no other way to set this
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = (ray.data.from_items(shards)
+              # reading is I/O: num_cpus=0, so readers never wait for CPUs the actors hold for their lifetime
+              .map_batches(read_shard, batch_size=1, num_cpus=0)
+              .map_batches(JobActor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                           fn_constructor_args=(job, str(model_dir), backend, precision, cpus_per_actor, params),
+                           num_cpus=cpus_per_actor, **restarts))
     if output_path.suffix == ".parquet":
         return _write_parquet(ds, output_path)
     with atomic.npy_writer(output_path, (source.n, *item_shape)) as out:
@@ -130,6 +136,24 @@ def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: st
             if progress:
                 progress(len(index))
     return output_path
+
+
+def quiet_ray() -> None:
+    """Ray's own notes (token authentication, Ray Data's execution plan and progress hints) are for cluster
+    operators; a vae-engine job prints its own lines and errors. Ray sets its loggers' levels when each of its
+    packages is imported, so this runs after those imports. VAE_ENGINE_RAY_LOGS=1 keeps Ray's notes."""
+    import logging
+
+    if not os.environ.get("VAE_ENGINE_RAY_LOGS"):
+        for name in ("ray", "ray.data", "ray.serve"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def init_local(ray, cpus: int) -> None:
+    """Start a private local Ray for one job or server, quietly (`quiet_ray`)."""
+    quiet_ray()
+    ray.init(num_cpus=max(hardware.available_cpus(), cpus), include_dashboard=False, log_to_driver=False,
+             configure_logging=False, logging_level="ERROR")
 
 
 def _write_parquet(ds, output_path: Path) -> Path:

@@ -41,14 +41,14 @@ def start(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, replicas: 
           address: str | None = None, **settings) -> None:
     """Start (or join) Ray, start Serve's HTTP proxy on host:port and deploy; returns once the app is ready."""
     ray, serve = _require_serve()
-    import os
 
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, logging_level="ERROR")
+            from .ray_jobs import init_local
+
+            init_local(ray, replicas)
     serve.start(http_options={"host": host, "port": port})
     threads = settings.pop("threads", None) or 1
     serve.run(deployment(model_dir, replicas, float(threads), limits, threads=threads, **settings),
