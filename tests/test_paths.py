@@ -156,8 +156,8 @@ def test_every_kind_reads_the_same_items(model, kinds, x):
         np.testing.assert_array_equal(got, x, err_msg=kind)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_item_jobs_on_every_input_kind(model, kinds, x, path, tmp_path):
+def _item_jobs_match(model: Path, kinds: dict[str, Path], x: np.ndarray, path, tmp_path: Path) -> None:
+    """Every item job on every input kind through `path` equals the torch fp32 job on x held in memory."""
     engine, ref = _engine(model, path), _reference(model)
     for name, (job, params, quantity) in ITEM_JOBS.items():
         want = _run_job(ref, job, params, jobs.Source("x", N, x.shape[1], lambda i, j: x[i:j]),
@@ -165,6 +165,11 @@ def test_item_jobs_on_every_input_kind(model, kinds, x, path, tmp_path):
         for kind, src in kinds.items():
             got = _run_job(engine, job, params, jobs.open_items(src, engine.cfg), tmp_path / "out.npy")
             _check(got, want, path[1], quantity, f"{name} on {kind}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_item_jobs_on_every_input_kind(model, kinds, x, path, tmp_path):
+    _item_jobs_match(model, kinds, x, path, tmp_path)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -350,10 +355,4 @@ TABLE_TOLERANCE = {
 def test_gaussian_table_model_on_every_float_kind(table_model, path, tmp_path, monkeypatch):
     model, table_kinds, x = table_model
     monkeypatch.setitem(TOLERANCE, path[1], TABLE_TOLERANCE[path[1]])
-    engine, ref = _engine(model, path), _reference(model)
-    for name, (job, params, quantity) in ITEM_JOBS.items():
-        want = _run_job(ref, job, params, jobs.Source("x", N, x.shape[1], lambda i, j: x[i:j]),
-                        tmp_path / "ref.npy")
-        for kind, src in table_kinds.items():
-            got = _run_job(engine, job, params, jobs.open_items(src, engine.cfg), tmp_path / "out.npy")
-            _check(got, want, path[1], quantity, f"{name} on {kind}")
+    _item_jobs_match(model, table_kinds, x, path, tmp_path)
