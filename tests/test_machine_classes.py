@@ -47,7 +47,7 @@ def model(exported_model, tmp_path):
 @pytest.mark.parametrize("openvino", [True, False], ids=["openvino", "no-openvino"])
 @pytest.mark.parametrize("name", CLASSES)
 def test_candidates_and_notes(model, name, openvino, monkeypatch):
-    monkeypatch.setattr(tuning, "openvino_installed", lambda: openvino)
+    monkeypatch.setattr(backends, "openvino_installed", lambda: openvino)
     with hardware.pretend(CLASSES[name]):
         paths, notes = tuning.candidates(model, device=DEVICE.get(name, "cpu"))
         assert paths == EXPECTED[name][openvino]
@@ -101,7 +101,7 @@ def test_decision_for_each_class(model, name, budget, monkeypatch):
         return rows, "test"
 
     monkeypatch.setattr(tuning, "measure", fake_measure)
-    monkeypatch.setattr(tuning, "openvino_installed", lambda: True)
+    monkeypatch.setattr(backends, "openvino_installed", lambda: True)
     int8 = True if name == "avx2" else None
     device = DEVICE.get(name, "cpu")
     with hardware.pretend(CLASSES[name]):

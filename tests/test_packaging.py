@@ -71,10 +71,10 @@ def test_wheel_holds_nothing_local(wheel):
 
 
 def test_info_imports_no_heavy_library():
-    """`info` reads graph metadata from the protobuf bytes: no onnx (0.2-0.8 s to import), Numba or torch."""
+    """`info` reads graph metadata from the protobuf bytes: no onnx (0.2-0.8 s to import), Numba, torch or NumPy."""
     code = ("import sys; sys.argv = ['vae-engine', 'info']; import vae_engine.cli as c\n"
             "try:\n    c.main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print(sorted(m for m in ('onnx', 'onnxruntime', 'numba', 'torch') if m in sys.modules))")
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'numba', 'torch', 'numpy') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "ONNX graphs" in result.stdout and "match" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "[]"

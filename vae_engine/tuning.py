@@ -14,13 +14,13 @@ import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from . import atomic, checkpoint, graphs, hardware
-from .backends import BACKENDS, openvino_installed
 from .errors import VaeEngineError
+
+if TYPE_CHECKING:  # NumPy is imported by the functions that measure: `info` reads saved decisions without it
+    import numpy as np
 
 TUNING = "tuning.json"
 SCHEMA = "vae-engine-tuning/1"
@@ -37,19 +37,21 @@ def candidates(model_dir: Path, backend: str = "auto", device: str = "cpu",
     bf16 only where it is native (AVX512_BF16/AMX, or a GPU): emulated bf16 is slower than fp32. int8 only with
     VNNI/AMX (without them int8 dot products saturate and lose accuracy for little speed) unless `int8=True`.
     """
+    from . import backends
+
     gpu = device == "cuda" and hardware.cuda_available()
     exported = {v: graphs.graph_path(model_dir, "encoder", v).is_file() for v in graphs.VARIANTS}
     paths, notes = [("torch", "fp32")], []
     if exported["fp32"]:
         paths.append(("onnxruntime", "fp32"))
-        if openvino_installed() and not gpu:
+        if backends.openvino_installed() and not gpu:
             paths.append(("openvino", "fp32"))
     else:
         notes.append("onnxruntime/openvino: not exported (vae-engine export MODEL)")
     if gpu:
         paths += [("torch", "bf16"), ("torch", "fp16")] + ([("onnxruntime", "fp16")] if exported["fp16"] else [])
     elif hardware.native_bf16():
-        paths.append(("openvino", "bf16") if exported["fp32"] and openvino_installed() else ("torch", "bf16"))
+        paths.append(("openvino", "bf16") if exported["fp32"] and backends.openvino_installed() else ("torch", "bf16"))
     else:
         notes.append("bf16: this CPU has no native bf16 (AVX512_BF16 or AMX); emulated bf16 is slower than fp32")
     if exported["int8"] and (int8 if int8 is not None else hardware.has_vnni() or gpu):
@@ -68,6 +70,8 @@ def candidates(model_dir: Path, backend: str = "auto", device: str = "cpu",
 def validation_items(model_dir: Path, n: int = VALIDATION_ITEMS, seed: int = 0) -> tuple[np.ndarray, str]:
     """Up to n items of the model's own test split in model units (binarized by the seeded stream for Bernoulli
     models, as evaluate does); if that data is gone, n samples from the model itself. Returns (x, source)."""
+    import numpy as np
+
     from . import data, rng
     from .likelihoods import get
 
@@ -138,6 +142,8 @@ def _save(model_dir: Path, decision: dict[str, Any]) -> bool:
 
 def _time_path(engine, x: np.ndarray, z: np.ndarray, min_time: float) -> float:
     """Median seconds of one encode plus one decode at the job's batch size, after a warm-up."""
+    import numpy as np
+
     be = engine.backend
     for _ in range(3):
         be.encode(x), be.decode(z)
@@ -152,6 +158,8 @@ def _time_path(engine, x: np.ndarray, z: np.ndarray, min_time: float) -> float:
 def measure(model_dir: Path, paths: list[tuple[str, str]], threads: int, batch: int, device: str = "cpu",
             min_time: float = 0.3, progress: Callable[[str], None] | None = None) -> tuple[list[dict], str]:
     """Speed and accuracy of each path (see the module docstring); returns (rows, validation source)."""
+    import numpy as np
+
     from .engine import Engine
 
     step = progress or (lambda message: None)
@@ -190,20 +198,22 @@ def choose(model_dir: str | Path, backend: str = "auto", device: str = "cpu", th
            progress: Callable[[str], None] | None = None, min_time: float = 0.3) -> dict[str, Any]:
     """The decision for this model here: {"backend", "precision", "key", "measurements", ...}; reused from
     tuning.json when its key matches, else measured (a few seconds) and saved."""
-    from .backends import set_threads
+    import numpy as np
+
+    from . import backends
     from .config import MAX_BATCH, check_int
 
     model_dir = Path(model_dir)
-    if backend not in BACKENDS:
-        raise VaeEngineError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend not in backends.BACKENDS:
+        raise VaeEngineError(f"unknown backend {backend!r}: choose one of {', '.join(backends.BACKENDS)}")
     if not (isinstance(budget, int | float) and np.isfinite(budget) and budget >= 0):
         raise VaeEngineError(f"--max-nll-change must be a finite number of nats >= 0, got {budget!r}")
     batch = min(check_int("batch size", batch, 1, MAX_BATCH), 4096)  # larger batches run at the same rate
-    threads = set_threads(threads)
+    threads = backends.set_threads(threads)
     k = key(model_dir, backend, device, threads, batch, float(budget), int8)
     if not retune:
         for d in saved(model_dir):
-            if d["key"] == k and d.get("backend") in BACKENDS:
+            if d["key"] == k and d.get("backend") in backends.BACKENDS:
                 return {**d, "reused": True}
     paths, notes = candidates(model_dir, backend, device, int8)
     rows, source = measure(model_dir, paths, threads, batch, device, min_time=min_time, progress=progress)
