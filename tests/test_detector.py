@@ -187,3 +187,12 @@ def test_cli_detect_and_train_contamination(tmp_path):
     one_line(["detect", str(plain), "-i", str(tmp_path / "t.npy"), "-o", str(flags)], "detector.json")
     one_line(["train", "--out", str(tmp_path / "m2"), "--data", str(tmp_path / "x.npy"), "--contamination", "0.7"],
              "contamination")
+
+
+def test_fit_records_the_likelihood_auto_chose_and_why(tmp_path):
+    g = np.random.default_rng(0)
+    unit = VAEOutlierDetector(epochs=2, random_state=0).fit(g.random((80, 12)).astype(np.float32))
+    assert unit.likelihood_ == "continuous-bernoulli" and "[0, 1]" in unit.likelihood_reason_
+    table = VAEOutlierDetector(epochs=2, random_state=0).fit(g.normal(size=(80, 12)) * 50)
+    assert table.likelihood_ == "gaussian" and "outside [0, 1]" in table.likelihood_reason_
+    assert VAEOutlierDetector.load(unit.save(tmp_path / "d")).likelihood_ == "continuous-bernoulli"

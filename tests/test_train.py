@@ -103,3 +103,38 @@ def test_metrics_test_elbo_is_evaluates_estimate(tiny_model):
 
     result = run(tiny_model, k=2, seed=0, backend="torch", threads=1)
     assert checkpoint.read_metrics(tiny_model)[-1]["test_nelbo"] == pytest.approx(result["test_nelbo"], abs=1e-3)
+
+
+def test_auto_likelihood_fits_the_data(tiny_data, tmp_path):
+    """auto: IDX images -> bernoulli (binarized, the MNIST convention); other data in [0, 1] (uint8 or float,
+    flat or image-shaped) -> continuous-bernoulli; anything else -> gaussian; config.json records why."""
+    from vae_engine import data
+    from vae_engine.train import auto_likelihood
+
+    g = np.random.default_rng(0)
+    idx = data.load_dataset("mnist", tiny_data)
+    cases = {
+        "idx": (idx, "bernoulli", "IDX"),
+        "uint8 file": (data.Dataset("file", "f", idx.train_images, None, idx.test_images, None),
+                       "continuous-bernoulli", "uint8"),
+        "flat floats in [0, 1]": (data.Dataset("file", "f", g.random((20, 7), np.float32), None,
+                                               g.random((5, 7), np.float32), None), "continuous-bernoulli", "[0, 1]"),
+        "images in [0, 1]": (data.Dataset("file", "f", g.random((20, 1, 4, 4), np.float32), None,
+                                          g.random((5, 1, 4, 4), np.float32), None), "continuous-bernoulli", "[0, 1]"),
+        "a table": (data.Dataset("file", "f", g.normal(size=(20, 7)).astype(np.float32), None,
+                                 g.random((5, 7), np.float32), None), "gaussian", "outside [0, 1]"),
+        "just above 1": (data.Dataset("file", "f", np.full((20, 3), 1.001, np.float32), None,
+                                      np.ones((5, 3), np.float32), None), "gaussian", "outside [0, 1]"),
+    }
+    for name, (ds, want, why) in cases.items():
+        got, reason = auto_likelihood(ds)
+        assert (got, why in reason) == (want, True), (name, got, reason)
+
+    np.save(tmp_path / "x.npy", g.random((64, 10), np.float32))
+    out = tmp_path / "m"
+    train(ModelConfig(latent_dim=2, hidden=(8,), likelihood="auto"),
+          TrainConfig(data=str(tmp_path / "x.npy"), epochs=1, batch_size=16),
+          out, plots=False)
+    doc = checkpoint.read_config(out)
+    assert doc["model"]["likelihood"] == "continuous-bernoulli"
+    assert doc["data"]["likelihood_auto"].startswith("continuous-bernoulli: every value lies in [0, 1]")

@@ -144,7 +144,7 @@ def train(
     val_fraction: Annotated[float, typer.Option(help="Share of --data held out as the test split when --test is not given.")] = 0.1,
     columns: Annotated[str | None, typer.Option(help="CSV/Parquet: comma-separated column names (or indices) to use; default: all (all must be numeric).")] = None,
     resize: Annotated[str | None, typer.Option(help="Image folders: resize every image to H,W (e.g. 32,32); default: all images must have one size.")] = None,
-    likelihood: Annotated[str, typer.Option(help="p(x|z): auto (uint8 or [0, 1] images -> bernoulli, other real data -> gaussian), bernoulli (binary; [0, 1] data dynamically binarized), continuous-bernoulli ([0, 1] intensities), gaussian (real values, standardized inside the model).")] = "auto",
+    likelihood: Annotated[str, typer.Option(help="p(x|z): auto (IDX images -> bernoulli; other data in [0, 1], uint8 or float -> continuous-bernoulli; anything else -> gaussian; the reason goes to config.json), bernoulli (binary; [0, 1] data dynamically binarized), continuous-bernoulli ([0, 1] intensities), gaussian (real values, standardized inside the model).")] = "auto",
     download: Annotated[bool, typer.Option(help="Fetch --dataset into the cache ($VAE_ENGINE_CACHE or ~/.cache/vae-engine) if missing. Off: no network.")] = False,
     binarize: Annotated[str, typer.Option(help="dynamic: re-sample Bernoulli pixels every use (Burda et al.). none: keep grayscale; BCE on grayscale is not a proper likelihood, so its numbers are not comparable NLLs.")] = "dynamic",
     arch: Annotated[str, typer.Option(help="Architecture: mlp or conv.")] = "mlp",

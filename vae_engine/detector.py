@@ -118,6 +118,7 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
         items' (X_held, which the model never trained on; X when there are none)."""
         self._check_params()
         self.model_dir_, self.seed_, self._engine = str(model_dir), int(seed), None
+        self._describe_likelihood(model_dir)
         self.n_features_in_ = X.shape[1]
         self.quantize_range_ = (X.min(0).astype(np.float64), X.max(0).astype(np.float64))
         mu = self._encode(X)
@@ -143,6 +144,12 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
             self._engine = Engine.load(self.model_dir_, backend=self.backend, precision=self.precision,
                                        threads=self.threads)
         return self._engine
+
+    def _describe_likelihood(self, model_dir: str | Path) -> None:
+        """`likelihood_`: the likelihood the model uses; `likelihood_reason_`: why, when `auto` chose it."""
+        doc = checkpoint.read_config(Path(model_dir))
+        self.likelihood_ = doc["model"]["likelihood"]
+        self.likelihood_reason_ = doc.get("data", {}).get("likelihood_auto")
 
     def __getstate__(self):  # sessions are not picklable: the engine is reloaded from model_dir_ on demand
         state = self.__dict__.copy()
@@ -212,6 +219,7 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
         det = cls(rule=doc["rule"], contamination=doc["contamination"], k=doc["k"], **params)
         det.model_dir_, det.seed_, det.offset_ = str(path), doc["seed"], doc["offset"]
         det.n_features_in_ = doc["n_features"]
+        det._describe_likelihood(path)
         det.latent_mean_ = np.asarray(doc["latent_mean"], np.float64)
         det.latent_cov_ = np.asarray(doc["latent_cov"], np.float64)
         det.quantize_range_ = tuple(np.asarray(r, np.float64) for r in doc["quantize_range"])

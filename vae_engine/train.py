@@ -70,21 +70,36 @@ def binarize_mode(model: VAE, cfg: TrainConfig) -> str:
     return cfg.binarize if model.likelihood.binarized else "none"
 
 
-def resolve_model(model_cfg: ModelConfig, dataset: data.Dataset) -> ModelConfig:
-    """The model config for this data: its item shape, and the likelihood `auto` stands for.
+def auto_likelihood(dataset: data.Dataset) -> tuple[str, str]:
+    """The likelihood `--likelihood auto` stands for on this data, and why (recorded in config.json).
 
-    auto: uint8 data, or image-shaped data in [0, 1] -> bernoulli (dynamically binarized, as for MNIST);
-    any other real-valued data -> gaussian. Gaussian models standardize their inputs per feature.
+    - an IDX dataset (the bundled MNIST, --dataset, --data-dir): bernoulli, dynamically binarized, the convention
+      its published NLLs use (Burda et al. 2015);
+    - any other data bounded in [0, 1] (uint8 intensities / 255 or floats; flat or image-shaped): the continuous
+      Bernoulli (Loaiza-Ganem & Cunningham 2019), the proper likelihood of [0, 1] intensities;
+    - anything else: gaussian (inputs standardized per feature inside the model).
     """
-    likelihood = model_cfg.likelihood
     x = dataset.train_images
+    if dataset.name != "file" and x.dtype == np.uint8:
+        return "bernoulli", "IDX images: Bernoulli on dynamically binarized pixels (the MNIST benchmark convention)"
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if x.dtype == np.uint8:
+        return "continuous-bernoulli", "uint8 values, read as intensities in [0, 1]"
+    if lo >= 0.0 and hi <= 1.0:
+        return "continuous-bernoulli", f"every value lies in [0, 1] ({lo:g}..{hi:g})"
+    return "gaussian", f"values span {lo:g}..{hi:g}, outside [0, 1]"
+
+
+def resolve_model(model_cfg: ModelConfig, dataset: data.Dataset) -> tuple[ModelConfig, str | None]:
+    """The model config for this data (its item shape, and the likelihood `auto` stands for) and, for auto, why
+    that likelihood. Gaussian models standardize their inputs per feature."""
+    likelihood, why = model_cfg.likelihood, None
     if likelihood == "auto":
-        images_in_unit = x.ndim >= 3 and x.size and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
-        likelihood = "bernoulli" if x.dtype == np.uint8 or images_in_unit else "gaussian"
+        likelihood, why = auto_likelihood(dataset)
     shape = dataset.item_shape
     if model_cfg.input_shape == (INPUT_DIM,) and shape == (1, *IMAGE_SHAPE) and model_cfg.arch == "mlp":
         shape = (INPUT_DIM,)  # MNIST-shaped MLPs keep the flat spec older folders have
-    return replace(model_cfg, input_shape=shape, likelihood=likelihood, standardize=likelihood == "gaussian")
+    return replace(model_cfg, input_shape=shape, likelihood=likelihood, standardize=likelihood == "gaussian"), why
 
 
 @torch.no_grad()
@@ -172,8 +187,9 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     torch.set_num_threads(threads)
 
     dataset = data.load_training_data(train_cfg, fetch=download)
+    why = None
     if not resume:
-        model_cfg = resolve_model(model_cfg, dataset)
+        model_cfg, why = resolve_model(model_cfg, dataset)
     elif dataset.item_shape != model_cfg.input_shape and math.prod(dataset.item_shape) != model_cfg.input_dim:
         raise VaeEngineError(f"{out_dir}: the model takes items of shape {list(model_cfg.input_shape)}, the data "
                              f"has {list(dataset.item_shape)}")
@@ -209,7 +225,13 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
             raise VaeEngineError(f"{out_dir} already finished {start_epoch} epochs; pass a larger --epochs to go on")
     world.barrier()  # every rank has checked the directory before the main rank writes into it
     if world.is_main:
-        checkpoint.write_config(out_dir, model_cfg, train_cfg, {**dataset.describe(), "world_size": world.size})
+        described = {**dataset.describe(), "world_size": world.size}
+        # why `auto` chose this likelihood (a resumed run keeps what its first run recorded)
+        auto = f"{model_cfg.likelihood}: {why}" if why else \
+            checkpoint.read_config(out_dir).get("data", {}).get("likelihood_auto") if resume else None
+        if auto:
+            described["likelihood_auto"] = auto
+        checkpoint.write_config(out_dir, model_cfg, train_cfg, described)
         checkpoint.write_metrics(out_dir, rows)  # the checkpoint's rows: a kill may have cut the file short
 
     objective = Objective(model, train_cfg.objective)
