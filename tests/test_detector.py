@@ -146,7 +146,7 @@ def test_cli_detect_and_train_contamination(tmp_path):
                             "--no-plots", "--threads", "2", "--contamination", "0.05", "--hidden", "32,32",
                             "--latent-dim", "2"])
     assert r.exit_code == 0, r.output
-    assert "detector: rule nll" in r.output
+    assert "detector: rule reconstruction" in r.output  # the default rule
     test = np.concatenate([_blobs(100, seed=5), _blobs(100, seed=5, shift=3.0)])
     labels = np.r_[np.zeros(100), np.ones(100)].astype(np.int8)
     np.save(tmp_path / "t.npy", test)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .config import DEFAULT_RULE
 from .errors import Interrupted, VaeEngineError, os_error_reason
 from .progress import CONSOLE, Meter, progress_bar
 
@@ -165,7 +166,7 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Delete the model already in --out (weights, graphs, plots, metrics) and train a new one there.")] = False,
     plots: Annotated[bool, typer.Option(help="Draw plots/ at the end (training curve, reconstructions, samples, traversals).")] = True,
     contamination: Annotated[float | None, typer.Option(help="Also store an anomaly threshold (detector.json, used by `detect`): flag this fraction (0, 0.5] of the training items.")] = None,
-    rule: Annotated[str, typer.Option(help="With --contamination: the scoring rule stored (nll, nll-complexity, reconstruction, latent; README: Anomaly detection).")] = "nll",
+    rule: Annotated[str, typer.Option(help="With --contamination: the scoring rule stored (reconstruction, nll, nll-complexity, latent; README: Anomaly detection).")] = DEFAULT_RULE,
 ) -> None:
     """Train a VAE on the bundled MNIST, an IDX dataset or your own data (--data), and write a model directory."""
     from .atomic import check_writable

@@ -29,10 +29,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import atomic, checkpoint, kernels, rng
+from .config import DEFAULT_RULE, RULES  # listed in config, so the CLI needs no scikit-learn import for them
 from .errors import ModelDirError
 
-RULES = ("nll", "nll-complexity", "reconstruction", "latent")
-DEFAULT_RULE = "nll"  # the best mean ROC AUC over the datasets of bench/detect_bench.py (README)
 DETECTOR = "detector.json"
 SCHEMA = "vae-engine-detector/1"
 CHUNK = 256  # rows per network call, padded: the same kernels for every item, whatever the caller's batch
