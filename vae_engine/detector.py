@@ -35,7 +35,7 @@ from .errors import ModelDirError
 DETECTOR = "detector.json"
 SCHEMA = "vae-engine-detector/1"
 CHUNK = 256  # rows per network call, padded: the same kernels for every item, whatever the caller's batch
-MIN_STEPS = 3000  # epochs="auto": optimizer steps at least (30 epochs of 10,000 items at batch 100)
+MIN_STEPS = 1000  # epochs="auto": optimizer steps at least (3000 overfit small tables: breast cancer 0.948 AUC)
 AUTO_FALSE_ALARMS = 0.01  # contamination="auto": flag 1% of held-out normal items
 
 
@@ -45,7 +45,8 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
     Parameters follow scikit-learn: all are stored as given and used at `fit`. `model_dir` keeps the trained
     model folder there, replaced on each fit (default: a temporary folder removed with the detector, so persist a
     detector with `save`, which copies it, not by pickling). epochs="auto":
-    at least 30 epochs and at least MIN_STEPS optimizer steps, so small tables are trained as long as large ones.
+    at least 30 epochs and at least MIN_STEPS optimizer steps (bench/detect_bench.py: 1000 steps beat 3000 and 600
+    on breast cancer, digits, wine and iris; MNIST's 12,000 items reach 30 epochs first either way).
     Architecture by default: two hidden layers of 2 x features (32 to 400), latent size features / 4 (2 to 20).
     """
 
