@@ -20,16 +20,15 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
 
-from . import atomic, checkpoint, data, graphs, rng
+from . import atomic, checkpoint, data, graphs, rng, tuning
 from .config import ModelConfig, to_dict
 from .errors import ExportError, VaeEngineError
 from .model import VAE, gaussian_kl
 
 FP32_ATOL = 1e-4  # ORT vs PyTorch, fp32: both sum the same products in different orders; errors seen ~1e-5
 FP16_ATOL = 0.1  # fp16 keeps ~3 significant digits; logits of magnitude ~20 round to steps of ~0.01
-INT8_ELBO_NATS = 0.1  # the accuracy target for int8: |change of test -ELBO| in nats
+CALIBRATION_ITEMS = 4096  # training items whose layer inputs calibrate the int8 weights
 REPORT = checkpoint.EXPORT_REPORT
 MAX_REPORT_ITEMS = 10_000  # test items for the accuracy report (all of MNIST's test set)
 
@@ -98,58 +97,82 @@ def _set_metadata(model: onnx.ModelProto, role: str, variant: str, cfg: ModelCon
         model.metadata_props.add(key=key, value=value)
 
 
-def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Rewrite Gemm(x, W, b, transB=1) as MatMul(x, W^T) + b: ORT's dynamic quantizer handles MatMul, not Gemm."""
-    inits = {t.name: t for t in model.graph.initializer}
-    nodes = []
-    for node in model.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
-                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
-            nodes.append(node)
-            continue
-        w = numpy_helper.to_array(inits[node.input[1]])
-        w_name = node.input[1] + "_matmul"
-        w = np.ascontiguousarray(w.T if attrs.get("transB", 0) else w)
-        model.graph.initializer.append(numpy_helper.from_array(w, w_name))
-        mm_out = node.output[0] + "_matmul" if len(node.input) > 2 else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=node.name + "_matmul"))
-        if len(node.input) > 2:
-            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_add"))
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    used = {i for n in model.graph.node for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    return model
+def _int8(fp32: dict[str, onnx.ModelProto], model_dir: Path, cfg: ModelConfig, sha: str, scratch: Path,
+          seed: int, step) -> tuple[dict[str, onnx.ModelProto], dict[str, Any]]:
+    """The int8 graphs to keep: the fastest layer set within the accuracy budget (`quantize`'s docstring).
 
+    Calibration: up to CALIBRATION_ITEMS of the model's training items (binarized as in training) and their
+    posterior samples. Each layer's NLL cost alone, then each prefix of `quantize.greedy_prefixes`, is scored with
+    tuning's own measure (the same validation items, eps and reference as `--precision auto`) and timed at batch
+    1024; the fastest within `tuning.DEFAULT_BUDGET` wins (else the most accurate, with a warning). Returns the
+    two graphs and the report of every candidate."""
+    from . import hardware, quantize
+    from .engine import Engine
+    from .likelihoods import get
 
-def _quantize_int8(model: onnx.ModelProto, role: str, tmp_dir: Path) -> onnx.ModelProto:
-    """Dynamic int8 quantization of the weights (activations quantized per batch at run time).
+    lk, train_cfg, threads = get(cfg.likelihood), checkpoint.train_config(model_dir), hardware.available_cpus()
+    items = data.load_training_data(train_cfg).train_images
+    pick = np.sort(np.random.default_rng(seed).permutation(len(items))[:CALIBRATION_ITEMS])
+    x = data.to_float(items[pick]).reshape(len(pick), -1)
+    x = rng.binarize(x, seed, 0) if lk.binarized and train_cfg.binarize == "dynamic" else x
+    found = {role: quantize.layers(fp32[role], role, unit_input=role == "encoder" and lk.unit_interval)
+             for role in fp32}  # the decoder's input z is signed
+    step("int8 calibration")
+    enc = quantize.layer_inputs(fp32["encoder"], [ly.input for ly in found["encoder"]] + ["mu", "logvar"], x, threads)
+    z = enc["mu"] + np.exp(0.5 * enc["logvar"]) * rng.normal_eps(seed, 0, len(x), 1, cfg.latent_dim)[:, 0]
+    acts = {"encoder": enc, "decoder": quantize.layer_inputs(fp32["decoder"], [ly.input for ly in found["decoder"]],
+                                                             z.astype(np.float32), threads)}
+    ref = tuning.reference(model_dir, threads)
+    cand_dir = scratch / "int8-candidate"
+    cand_dir.mkdir()
+    for name in (checkpoint.CONFIG, checkpoint.WEIGHTS):
+        atomic.write_bytes(cand_dir / name, (model_dir / name).read_bytes())
+    every = [layer for role in found for layer in found[role]]
+    if not every:
+        raise ExportError("--quantize int8: this model has no fully connected (Gemm) layer with constant weights "
+                          "to quantize; export without --quantize")
+    total = sum(layer.macs for layer in every) or 1
 
-    The layer that touches the latent (the encoder's last, the decoder's first) stays fp32: it holds ~4% of the
-    FLOPs but most of the error, because z's fine structure does not survive 8-bit per-tensor activation
-    quantization. On the shipped model this took the test -ELBO change from +0.158 to under 0.1 nats for ~7% of
-    int8 decoder time.
+    def build(chosen: list) -> dict[str, onnx.ModelProto]:
+        protos = {}
+        for role in fp32:
+            keep = {ly.node: rounded[ly.key] for ly in chosen if ly.graph == role}
+            protos[role] = quantize.rewrite(fp32[role], keep, found[role])
+            _set_metadata(protos[role], role, "int8", cfg, sha)
+        return protos
 
-    Signed int8 weights, per-channel scales, QOperator (DynamicQuantizeLinear + MatMulInteger) format: the only
-    format dynamic quantization has in onnxruntime.quantization. On this VNNI CPU (784-400-400-20 decoder,
-    batch 1024, 2 threads) QInt8 ran about 3x faster than QUInt8 weights, and per-channel was as fast as
-    per-tensor with a smaller error (mean |logit error| 0.036 vs 0.042).
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    def score(chosen: list, timed: bool) -> dict[str, Any]:
+        for role, proto in build(chosen).items():
+            atomic.write_bytes(graphs.graph_path(cand_dir, role, "int8"), proto.SerializeToString())
+        engine = Engine.load(cand_dir, backend="onnxruntime", precision="int8", threads=threads)
+        row = {"int8_layers": [ly.key for ly in chosen],
+               "int8_macs_fraction": round(sum(ly.macs for ly in chosen) / total, 4),
+               **tuning.accuracy(engine, ref)}
+        return {**row, "items_per_s": tuning.items_per_s(engine, ref, 1024)} if timed else row
 
-    src, dst = tmp_dir / "q_in.onnx", tmp_dir / "q_out.onnx"
-    model = gemm_to_matmul(model)
-    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
-    onnx.save(model, src)
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
-                     nodes_to_exclude=matmuls[-1:] if role == "encoder" else matmuls[:1])
-    out = onnx.load(dst)
-    src.unlink()
-    dst.unlink()
-    return out
+    rounded, cost, how = {}, {}, {}  # per layer: the rounding that measures fewer nats
+    for layer in every:
+        for name, fn in quantize.ROUNDINGS.items():
+            step(f"int8 cost of {layer.key} ({name})")
+            rounded[layer.key] = trial = fn(layer.weight, acts[layer.graph][layer.input])
+            nats = score([layer], timed=False)["nll_change_nats"]
+            if layer.key not in cost or abs(nats) < abs(cost[layer.key]):
+                cost[layer.key], how[layer.key], best_trial = nats, name, trial
+        rounded[layer.key] = best_trial
+    rows = []
+    for prefix in quantize.greedy_prefixes(every, cost):
+        step(f"int8 candidate: {len(prefix)} of {len(every)} layers")
+        row = score(prefix, timed=True)
+        rows.append({**row, "within_budget": abs(row["nll_change_nats"]) <= tuning.DEFAULT_BUDGET})
+    fits = [r for r in rows if r["within_budget"]]
+    best = max(fits, key=lambda r: r["items_per_s"]) if fits else min(rows, key=lambda r: abs(r["nll_change_nats"]))
+    best["chosen"] = True
+    chosen = [layer for layer in every if layer.key in best["int8_layers"]]
+    report = {"method": "per-item uint8 activations, per-channel int8 weights (GPTQ or nearest rounding)",
+              "budget_nats": tuning.DEFAULT_BUDGET, "validation": ref["source"], "accuracy_k": tuning.ACCURACY_K,
+              "calibration_items": len(x), "threads": threads, "layer_nll_cost_nats": cost, "layer_rounding": how,
+              "candidates": rows}
+    return build(chosen), report
 
 
 def _optimize(model: onnx.ModelProto, tmp_dir: Path) -> onnx.ModelProto:
@@ -249,9 +272,6 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
         variants: list[tuple[str, onnx.ModelProto, float]] = []
         if optimize:
             variants.append(("optimized", _optimize(proto, scratch), FP32_ATOL))
-        if quantize == "int8":
-            copy_ = onnx.ModelProto.FromString(proto.SerializeToString())
-            variants.append(("int8", _quantize_int8(copy_, role, scratch), np.inf))  # judged by the ELBO change
         if fp16:
             half = _export_graph(_FP32IO(copy.deepcopy(net), torch.float16), role, cfg)
             variants.append(("fp16", half, FP16_ATOL))
@@ -260,6 +280,13 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
             _set_metadata(vproto, role, variant, cfg, sha)
             errors[role, variant] = _validate(vproto, net, inputs[role], atol, f"{role}{graphs.VARIANTS[variant]}")
             built[role, variant] = vproto
+    int8_report = None
+    if quantize == "int8":  # both graphs at once: the layers to keep in fp32 are chosen by the NLL of the pair
+        int8, int8_report = _int8({role: built[role, "fp32"] for role in nets}, model_dir, cfg, sha, scratch, seed,
+                                  step)
+        for role, proto in int8.items():  # judged by the NLL measure, not a tolerance: only shapes are checked
+            errors[role, "int8"] = _validate(proto, nets[role], inputs[role], np.inf, f"{role}.int8.onnx")
+            built[role, "int8"] = proto
 
     step("accuracy on the test set")
     lk = model.likelihood
@@ -282,10 +309,13 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
             "test_max_abs_logit_err": float(np.max(np.abs(logits - torch_logits))),
             "test_nelbo": nelbo, "test_nelbo_change_nats": nelbo - base,
         })
-    int8 = [v for v in report["variants"] if v["variant"] == "int8"]
-    if int8 and abs(int8[0]["test_nelbo_change_nats"]) > INT8_ELBO_NATS:
-        report["warnings"] = [f"int8 changes the test -ELBO by {int8[0]['test_nelbo_change_nats']:+.3f} nats "
-                              f"(target |change| <= {INT8_ELBO_NATS})"]
+    if int8_report:
+        report["int8"] = int8_report
+        best = next(r for r in int8_report["candidates"] if r.get("chosen"))
+        if not best["within_budget"]:
+            report["warnings"] = [f"no int8 layer set keeps the mean NLL change within {tuning.DEFAULT_BUDGET} nats: "
+                                  f"kept the most accurate ({best['nll_change_nats']:+.4f}); --precision auto "
+                                  "will not choose it"]
     # all graphs validated: write every file into the scratch folder first (a full disk fails here, with
     # nothing replaced), then rename them into place one after another; a separate --out gets config and
     # weights too, so it is a complete model directory
