@@ -122,7 +122,7 @@ def rewrite(model: onnx.ModelProto, quantized: dict[str, tuple[np.ndarray, np.nd
     nodes, inits = [], []
     const = {"ax": np.array([1], np.int64), "flat": np.array([-1], np.int64), "tiny": np.array(1e-30, np.float32),
              "u255": np.array(1 / 255, np.float32), "s127": np.array(1 / 127, np.float32),
-             "c128": np.array(128, np.float32), "zp128": np.array(128, np.uint8)}
+             "c128": np.array(128, np.float32), "zp128": np.array(128, np.uint8), "one": np.array(1, np.float32)}
     inits += [numpy_helper.from_array(v, f"q8/{k}") for k, v in const.items()]
     for node in out.graph.node:
         if node.name not in quantized:
@@ -146,10 +146,10 @@ def rewrite(model: onnx.ModelProto, quantized: dict[str, tuple[np.ndarray, np.nd
             nodes += [helper.make_node("Mul", [p + "/s", "q8/c128"], [p + "/shift"]),
                       helper.make_node("Add", [x, p + "/shift"], [q_in])]
         nodes += [helper.make_node("QuantizeLinear", [q_in, p + "/s_row"], [p + "/xq"], axis=0),  # uint8, per row
-                  helper.make_node("MatMulInteger", [p + "/xq", p + "/w", *zp], [p + "/acc"]),  # int32 (B, N)
-                  helper.make_node("Cast", [p + "/acc"], [p + "/accf"], to=TensorProto.FLOAT),
-                  helper.make_node("Mul", [p + "/accf", p + "/s"], [p + "/y_row"]),
-                  helper.make_node("Mul", [p + "/y_row", p + "/w_scale"], [p + "/y"]),
+                  # integer product and per-channel rescale in one kernel (float (B, N)), then the row scale
+                  helper.make_node("MatMulIntegerToFloat", [p + "/xq", p + "/w", "q8/one", p + "/w_scale", *zp],
+                                   [p + "/y_row"], domain="com.microsoft"),
+                  helper.make_node("Mul", [p + "/y_row", p + "/s"], [p + "/y"]),
                   helper.make_node("Add", [p + "/y", node.input[2]], [node.output[0]])]
     del out.graph.node[:]
     out.graph.node.extend(nodes)
@@ -158,6 +158,8 @@ def rewrite(model: onnx.ModelProto, quantized: dict[str, tuple[np.ndarray, np.nd
     kept = [t for t in out.graph.initializer if t.name in used]
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return out
 
 
