@@ -104,12 +104,18 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     assert np.all(q == 0)
 
 
-def test_greedy_prefixes_decoder_first_cheapest_per_multiply_add():
+def test_greedy_order_decoder_first_cheapest_per_multiply_add():
     def layer(graph, node, n):
         return quantize.Layer(graph, node, "x", np.zeros((n, 10), np.float32), True)
 
     e, d1, d2 = layer("encoder", "a", 100), layer("decoder", "b", 100), layer("decoder", "c", 10)
     cost = {e.key: 0.0, d1.key: 0.01, d2.key: 0.0005}  # per MAC: d2 5e-7, d1 1e-5
-    prefixes = quantize.greedy_prefixes([e, d1, d2], cost)
-    assert [[ly.key for ly in p] for p in prefixes] == [
-        ["decoder/c"], ["decoder/c", "decoder/b"], ["decoder/c", "decoder/b", "encoder/a"]]
+    assert [ly.key for ly in quantize.greedy_order([e, d1, d2], cost)] == ["decoder/c", "decoder/b", "encoder/a"]
+
+
+def test_macs_by_precision(net):
+    model = _mlp(*net)
+    found = quantize.layers(model, "encoder", unit_input=False)
+    assert quantize.macs_by_precision(model) == {"int8": 0, "float": 24 * 16 + 10 * 24}
+    int8 = quantize.rewrite(model, {"g2": quantize.nearest(found[1].weight)}, found)
+    assert quantize.macs_by_precision(int8) == {"int8": 10 * 24, "float": 24 * 16}

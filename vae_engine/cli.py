@@ -272,6 +272,11 @@ def evaluate(
     if ref:
         table.add_row("torch (reference)", f"{ref['test_nelbo']:.3f}", f"{ref['test_nll']:.3f}", f"{ref['seconds']:.1f}")
     out.print(table)
+    work = result["work"]
+    limit = (f"{work['limit_seconds']:.1f} s at this machine's GEMM peak per precision, "
+             f"{100 * work['fraction_of_limit']:.0f}% of that limit") if work["fraction_of_limit"] else "no peak here"
+    out.print(f"{sum(work['multiply_adds'].values()):.3g} multiply-adds "
+              f"({', '.join(f'{p} {m:.2g}' for p, m in work['multiply_adds'].items())}): {limit}")
     if ref:
         out.print(f"{result['path']} is {ref['speedup']:.2f}x the PyTorch reference; mean NLL change "
                   f"{ref['mean_diff_nll']:+.4f} nats; largest per-image difference: -ELBO "

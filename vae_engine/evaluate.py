@@ -119,6 +119,8 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
     result = summarize(nelbo, nll, k, seed, time.perf_counter() - t0, backend)
     result["threads"], result["path"] = threads, path
     result["data"] = str(data_path) if data_path is not None else "test split"
+    result["work"] = hardware_limit(model_dir, result["path"].split(" ")[0], len(images), k, threads,
+                                    result["seconds"], device)
     if compare and score_fn is not reference:
         t0 = time.perf_counter()
         ref_nelbo, ref_nll = evaluate(reference, images, k, seed, progress=progress, binarize=binarize)
@@ -131,3 +133,37 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
             "mean_diff_nll": float(np.mean(nll - ref_nll)),
         }
     return result
+
+
+def hardware_limit(model_dir, path: str, n: int, k: int, threads: int, seconds: float, device: str = "cpu") -> dict:
+    """The evaluation's multiply-adds (each item: the encoder twice, the decoder k + 1 times, as `Engine.scores`
+    runs them) and the time they take at this machine's GEMM peak of the precision each layer runs in (measured
+    now, `bench.gemm_peak`): `fraction_of_limit` = that time / the time taken. `path` is e.g. 'onnxruntime/int8'."""
+    from pathlib import Path
+
+    from . import checkpoint, graphs, quantize
+    from .bench import gemm_peak
+
+    backend, precision = path.split("/")
+    cfg = checkpoint.model_config(model_dir)
+    runs = {"encoder": 2 * n, "decoder": (k + 1) * n}
+    macs = {"fp32": 0.0, "bf16": 0.0, "int8": 0.0, "fp16": 0.0}
+    for role, calls in runs.items():
+        variant = precision if backend == "onnxruntime" else "fp32"
+        graph = graphs.graph_path(Path(model_dir), role, variant)
+        if graph.is_file():
+            counts = quantize.macs_by_precision(graphs.load_graph(graph, role, cfg))
+        else:  # a torch-only model: count its layers from the module
+            from .bench import model_flops
+
+            counts = {"int8": 0, "float": model_flops(cfg)["encode" if role == "encoder" else "decode"] / 2}
+        macs["int8"] += counts["int8"] * calls
+        macs[precision if precision != "int8" else "fp32"] += counts["float"] * calls
+    macs = {p: m for p, m in macs.items() if m}
+    peaks = {p: max(v.values()) for p, v in gemm_peak(threads, min_time=0.3).items()}
+    key = {p: p if device == "cpu" else f"cuda-{p}" for p in macs}
+    if not all(key[p] in peaks for p in macs):  # a precision without a measured peak here (fp16 on a CPU)
+        return {"multiply_adds": macs, "gemm_peak_gflops": peaks, "limit_seconds": None, "fraction_of_limit": None}
+    limit = sum(2 * m / (peaks[key[p]] * 1e9) for p, m in macs.items())
+    return {"multiply_adds": macs, "gemm_peak_gflops": {key[p]: peaks[key[p]] for p in macs},
+            "limit_seconds": round(limit, 3), "fraction_of_limit": round(limit / seconds, 4) if seconds else None}

@@ -14,8 +14,9 @@ integer matmul (VNNI's u8 x s8 dot products) and a float rescale plus the fp32 b
   layer this took the NLL change from +0.038 (round to nearest) to +0.003 nats.
 - Per layer, `export` keeps whichever rounding (GPTQ or nearest) measures fewer nats: on the encoder's first
   layer, whose inputs are binary pixels, round to nearest measured better.
-- Which layers: `greedy_prefixes` orders the layers by measured NLL cost per multiply-add saved; `export` measures
-  each prefix of that order and keeps the fastest within the budget (the others stay fp32).
+- Which layers: `greedy_order` orders the layers by measured NLL cost per multiply-add saved; `export` adds them
+  in that order, leaving out any that takes the set over the budget, and keeps the fastest set measured (the
+  others stay fp32).
 """
 
 from __future__ import annotations
@@ -173,10 +174,26 @@ def nearest(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 ROUNDINGS = {"gptq": gptq, "nearest": lambda w, x: nearest(w)}  # (w, inputs) -> (q, scale)
 
 
-def greedy_prefixes(found: list[Layer], cost: dict[str, float]) -> list[list[Layer]]:
-    """Layer sets to try, each adding one layer: the decoder's layers first (a scoring job runs the decoder k
-    times per encoder call: k=64 in tuning, 5,000 in `evaluate`), each graph's cheapest measured NLL cost per
-    multiply-add first."""
-    order = sorted(found, key=lambda layer: (layer.graph != "decoder", max(cost[layer.key], 0.0) / layer.macs,
-                                             -layer.macs))
-    return [order[: i + 1] for i in range(len(order))]
+def greedy_order(found: list[Layer], cost: dict[str, float]) -> list[Layer]:
+    """The order in which `export` tries adding layers to the int8 set (one that takes the set over the budget is
+    left out, and the next is tried): the decoder's layers first (a scoring job runs the decoder k times per
+    encoder call: k=64 in tuning, 5,000 in `evaluate`), each graph's cheapest measured NLL cost per multiply-add
+    first."""
+    return sorted(found, key=lambda layer: (layer.graph != "decoder", max(cost[layer.key], 0.0) / layer.macs,
+                                            -layer.macs))
+
+
+INT8_OPS = ("MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeMatMul")  # this module's and ORT's quantizer's
+
+
+def macs_by_precision(model: onnx.ModelProto) -> dict[str, int]:
+    """Multiply-adds per item of a graph's constant-weight matrix products, by the precision they run in:
+    {"int8": ..., "float": ...} (Gemm, MatMul, and the integer products of int8 graphs)."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    out = {"int8": 0, "float": 0}
+    for node in model.graph.node:
+        if node.op_type in ("Gemm", "MatMul", *INT8_OPS) and len(node.input) > 1 and node.input[1] in shapes:
+            dims = shapes[node.input[1]]
+            if len(dims) == 2:
+                out["int8" if node.op_type in INT8_OPS else "float"] += int(dims[0] * dims[1])
+    return out
