@@ -195,19 +195,38 @@ def gemm_peak(threads: int, n: int = 2048, min_time: float = 0.5) -> dict[str, d
     return peaks
 
 
+def macs_by_precision(model_dir: Path, cfg: ModelConfig, role: str, precision: str, backend: str) -> dict:
+    """Multiply-adds per item of one network ("encoder" or "decoder") by the precision they run in on a path:
+    all of them at the path's precision, except that an int8 ONNX graph runs its integer layers in int8 and the rest
+    (kept layers, convolutions) in fp32. {precision: multiply-adds}."""
+    total = model_flops(cfg)["encode" if role == "encoder" else "decode"] / 2
+    if backend != "onnxruntime" or precision != "int8":
+        return {precision: total}
+    from . import quantize
+
+    int8 = quantize.macs_by_precision(graphs.load_graph(graphs.graph_path(model_dir, role, "int8"), role, cfg))["int8"]
+    return {"int8": int8, "fp32": max(total - int8, 0.0)}
+
+
+def limit_seconds(macs: dict[str, float], peaks: dict[str, float]) -> float | None:
+    """Seconds for these multiply-adds at the GEMM peak (GFLOP/s, 2 FLOP each) of each one's precision, or None
+    where a precision has no measured peak here."""
+    if not all(p in peaks and peaks[p] for p, m in macs.items() if m):
+        return None
+    return sum(2 * m / (peaks[p] * 1e9) for p, m in macs.items() if m)
+
+
 def path_peak(model_dir: Path, cfg: ModelConfig, c: Candidate, op: str, best_peak: dict[str, float]) -> float | None:
     """The GEMM rate a path's row is compared with: its precision's peak, or for an int8 graph pair that keeps
     some layers in fp32, the rate of doing each layer's multiply-adds at its own precision's peak."""
-    if c.backend != "onnxruntime" or c.precision != "int8" or "int8" not in best_peak:
+    if c.device != "cpu" or c.backend != "onnxruntime" or c.precision != "int8":
         return best_peak.get(peak_key(c))
-    from . import quantize
-
-    roles = {"encode": ("encoder",), "decode": ("decoder",)}.get(op, graphs.ROLES)
-    counts = [quantize.macs_by_precision(graphs.load_graph(graphs.graph_path(model_dir, role, "int8"), role, cfg))
-              for role in roles]
-    int8, other = sum(n["int8"] for n in counts), sum(n["float"] for n in counts)
-    seconds = int8 / best_peak["int8"] + other / best_peak["fp32"]
-    return (int8 + other) / seconds if seconds else None
+    macs: dict[str, float] = {}
+    for role in {"encode": ("encoder",), "decode": ("decoder",)}.get(op, graphs.ROLES):
+        for p, m in macs_by_precision(model_dir, cfg, role, c.precision, c.backend).items():
+            macs[p] = macs.get(p, 0.0) + m
+    seconds = limit_seconds(macs, best_peak)
+    return 2 * sum(macs.values()) / seconds / 1e9 if seconds else None
 
 
 def peak_key(c: Candidate) -> str:

@@ -137,33 +137,22 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
 
 def hardware_limit(model_dir, path: str, n: int, k: int, threads: int, seconds: float, device: str = "cpu") -> dict:
     """The evaluation's multiply-adds (each item: the encoder twice, the decoder k + 1 times, as `Engine.scores`
-    runs them) and the time they take at this machine's GEMM peak of the precision each layer runs in (measured
-    now, `bench.gemm_peak`): `fraction_of_limit` = that time / the time taken. `path` is e.g. 'onnxruntime/int8'."""
+    runs them) by precision, and the time they take at this machine's GEMM peak of each precision (measured now,
+    `bench.gemm_peak`): `fraction_of_limit` = that time / the time taken. `path` is e.g. 'onnxruntime/int8'."""
     from pathlib import Path
 
-    from . import checkpoint, graphs, quantize
-    from .bench import gemm_peak
+    from . import checkpoint
+    from .bench import gemm_peak, limit_seconds, macs_by_precision
 
     backend, precision = path.split("/")
     cfg = checkpoint.model_config(model_dir)
-    runs = {"encoder": 2 * n, "decoder": (k + 1) * n}
-    macs = {"fp32": 0.0, "bf16": 0.0, "int8": 0.0, "fp16": 0.0}
-    for role, calls in runs.items():
-        variant = precision if backend == "onnxruntime" else "fp32"
-        graph = graphs.graph_path(Path(model_dir), role, variant)
-        if graph.is_file():
-            counts = quantize.macs_by_precision(graphs.load_graph(graph, role, cfg))
-        else:  # a torch-only model: count its layers from the module
-            from .bench import model_flops
-
-            counts = {"int8": 0, "float": model_flops(cfg)["encode" if role == "encoder" else "decode"] / 2}
-        macs["int8"] += counts["int8"] * calls
-        macs[precision if precision != "int8" else "fp32"] += counts["float"] * calls
-    macs = {p: m for p, m in macs.items() if m}
+    key = (lambda p: p) if device == "cpu" else (lambda p: f"cuda-{p}")
+    macs: dict[str, float] = {}
+    for role, calls in (("encoder", 2 * n), ("decoder", (k + 1) * n)):
+        for p, m in macs_by_precision(Path(model_dir), cfg, role, precision, backend).items():
+            macs[key(p)] = macs.get(key(p), 0.0) + m * calls
     peaks = {p: max(v.values()) for p, v in gemm_peak(threads, min_time=0.3).items()}
-    key = {p: p if device == "cpu" else f"cuda-{p}" for p in macs}
-    if not all(key[p] in peaks for p in macs):  # a precision without a measured peak here (fp16 on a CPU)
-        return {"multiply_adds": macs, "gemm_peak_gflops": peaks, "limit_seconds": None, "fraction_of_limit": None}
-    limit = sum(2 * m / (peaks[key[p]] * 1e9) for p, m in macs.items())
-    return {"multiply_adds": macs, "gemm_peak_gflops": {key[p]: peaks[key[p]] for p in macs},
-            "limit_seconds": round(limit, 3), "fraction_of_limit": round(limit / seconds, 4) if seconds else None}
+    limit = limit_seconds(macs, peaks)
+    return {"multiply_adds": macs, "gemm_peak_gflops": {p: peaks.get(p) for p in macs},
+            "limit_seconds": round(limit, 3) if limit else None,
+            "fraction_of_limit": round(limit / seconds, 4) if limit and seconds else None}
