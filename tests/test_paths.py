@@ -216,6 +216,19 @@ def test_evaluate(model, path):
     assert got["n"] == want["n"] == 16
     for key in ("test_nelbo", "test_nll"):
         _check(np.asarray(got[key]), np.asarray(want[key]), precision, "nats", f"evaluate {key}")
+    # its work: the encoder twice and the decoder k + 1 times per item, at the precisions the path runs
+    from vae_engine import checkpoint
+    from vae_engine.bench import model_flops
+
+    flops = model_flops(checkpoint.model_config(model))
+    macs = got["work"]["multiply_adds"]
+    assert sum(macs.values()) == pytest.approx(16 * (2 * flops["encode"] + (K + 1) * flops["decode"]) / 2)
+    prefix = "" if device == "cpu" else "cuda-"
+    assert set(macs) == ({prefix + "int8", prefix + "fp32"} if precision == "int8" else {prefix + precision})
+    work = got["work"]
+    if work["limit_seconds"] is not None:
+        assert work["fraction_of_limit"] > 0  # times are rounded to milliseconds: compare in seconds
+        assert work["fraction_of_limit"] * got["seconds"] == pytest.approx(work["limit_seconds"], abs=2e-3)
 
 
 @pytest.mark.parametrize("path", PATHS)
