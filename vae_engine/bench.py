@@ -216,6 +216,17 @@ def limit_seconds(macs: dict[str, float], peaks: dict[str, float]) -> float | No
     return sum(2 * m / (peaks[p] * 1e9) for p, m in macs.items() if m)
 
 
+_PEAKS: dict[int, dict[str, float]] = {}
+
+
+def measured_peaks(threads: int) -> dict[str, float]:
+    """The best GEMM rate per precision at `threads` (a short `gemm_peak`), measured once per process: every
+    evaluation in it is held against the same peaks, and only the first pays the ~2 s."""
+    if threads not in _PEAKS:
+        _PEAKS[threads] = {p: max(v.values()) for p, v in gemm_peak(threads, min_time=0.3).items()}
+    return dict(_PEAKS[threads])
+
+
 def path_peak(model_dir: Path, cfg: ModelConfig, c: Candidate, op: str, best_peak: dict[str, float]) -> float | None:
     """The GEMM rate a path's row is compared with: its precision's peak, or for an int8 graph pair that keeps
     some layers in fp32, the rate of doing each layer's multiply-adds at its own precision's peak."""

@@ -41,7 +41,7 @@ class Engine:
         """Load a model directory (default: the shipped model) with the named backend and precision.
 
         precision="auto" runs (or reuses from the model folder) `tuning.choose`: the fastest path here at
-        `batch_size` whose mean NLL/-ELBO change against fp32 stays within `max_nll_change` nats (default 0.01).
+        `batch_size` whose mean NLL change against fp32 stays within `max_nll_change` nats (default 0.01).
         """
         model_dir = checkpoint.resolve_model_dir(model_dir)
         cfg = checkpoint.model_config(model_dir)

@@ -137,12 +137,13 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
 
 def hardware_limit(model_dir, path: str, n: int, k: int, threads: int, seconds: float, device: str = "cpu") -> dict:
     """The evaluation's multiply-adds (each item: the encoder twice, the decoder k + 1 times, as `Engine.scores`
-    runs them) by precision, and the time they take at this machine's GEMM peak of each precision (measured now,
-    `bench.gemm_peak`): `fraction_of_limit` = that time / the time taken. `path` is e.g. 'onnxruntime/int8'."""
+    runs them) by precision, and the time they take at this machine's GEMM peak of each precision (measured once
+    per process, `bench.measured_peaks`): `fraction_of_limit` = that time / the time taken. `path`: e.g.
+    'onnxruntime/int8'."""
     from pathlib import Path
 
     from . import checkpoint
-    from .bench import gemm_peak, limit_seconds, macs_by_precision
+    from .bench import limit_seconds, macs_by_precision, measured_peaks
 
     backend, precision = path.split("/")
     cfg = checkpoint.model_config(model_dir)
@@ -151,7 +152,7 @@ def hardware_limit(model_dir, path: str, n: int, k: int, threads: int, seconds: 
     for role, calls in (("encoder", 2 * n), ("decoder", (k + 1) * n)):
         for p, m in macs_by_precision(Path(model_dir), cfg, role, precision, backend).items():
             macs[key(p)] = macs.get(key(p), 0.0) + m * calls
-    peaks = {p: max(v.values()) for p, v in gemm_peak(threads, min_time=0.3).items()}
+    peaks = measured_peaks(threads)
     limit = limit_seconds(macs, peaks)
     return {"multiply_adds": macs, "gemm_peak_gflops": {p: peaks.get(p) for p in macs},
             "limit_seconds": round(limit, 3) if limit else None,
