@@ -513,9 +513,11 @@ def serve(
     timeout_s: Annotated[float, typer.Option(help="Seconds from a request's arrival to its answer (504 beyond).")] = 30.0,
     ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve instead of uvicorn (local Ray; needs ray[serve]).")] = False,
     replicas: Annotated[int, typer.Option(help="With --ray: number of replicas.")] = 1,
+    grpc_port: Annotated[int | None, typer.Option(help="Also serve the Open Inference Protocol (KServe v2) over gRPC on this port (Triton's default: 8001; needs the 'grpc' extra; not with --ray).")] = None,
 ) -> None:
     """Serve the model over HTTP: /v1/encode, decode, reconstruct, sample, score, detect with micro-batching;
-    /metrics (Prometheus), /docs (OpenAPI), and a page at / to try the model in a browser."""
+    the Open Inference Protocol (KServe v2: /v2/models/NAME-OP/infer, JSON or binary tensors; gRPC with
+    --grpc-port) for Triton/KServe clients; /metrics (Prometheus), /docs (OpenAPI), and a page at /."""
     from .checkpoint import resolve_model_dir
     from .config import MAX_BATCH, MAX_SCORE_K, check_int
 
@@ -525,6 +527,12 @@ def serve(
     check_int("--max-items", max_items, 1, MAX_BATCH)
     check_int("--max-k", max_k, 1, MAX_SCORE_K)
     check_int("--replicas", replicas, 1, 64)
+    if grpc_port is not None:
+        check_int("--grpc-port", grpc_port, 1, 65535)
+        if ray:
+            raise VaeEngineError("--grpc-port is for the uvicorn server; Ray Serve has its own gRPC proxy (drop --ray)")
+        if grpc_port == port:
+            raise VaeEngineError(f"--grpc-port {grpc_port} is the HTTP --port too; choose another (e.g. {port + 1})")
     for name, value in (("--max-wait-ms", max_wait_ms), ("--max-body-mb", max_body_mb), ("--timeout-s", timeout_s)):
         if not (value >= 0 and value < float("inf")):
             raise VaeEngineError(f"{name} must be a finite number >= 0, got {value}")
@@ -538,14 +546,15 @@ def serve(
     model_dir = resolve_model_dir(model_dir)
 
     def announce():
-        out.print(f"serving {model_dir} on http://{host}:{port} (page at /, API docs at /docs); Ctrl-C to stop")
+        grpc = f", KServe v2 gRPC on {host}:{grpc_port}" if grpc_port is not None else ""
+        out.print(f"serving {model_dir} on http://{host}:{port} (page at /, API docs at /docs{grpc}); Ctrl-C to stop")
 
     if ray:
         from . import ray_serve
 
         ray_serve.run(model_dir, host, port, replicas, limits, on_ready=announce, **settings)
     else:
-        server.serve(model_dir, host, port, workers, limits, on_ready=announce, **settings)
+        server.serve(model_dir, host, port, workers, limits, on_ready=announce, grpc_port=grpc_port, **settings)
 
 
 @app.command()

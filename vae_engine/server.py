@@ -23,6 +23,7 @@ import io
 import json
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint, rng
+from . import checkpoint, oip, rng
 from .config import SEED_MAX
 from .errors import DataError, VaeEngineError
+from .oip import RequestError
 
 NPY = "application/x-npy"
 WEB = Path(__file__).parent / "web"
@@ -48,14 +50,6 @@ class Limits:
     timeout_s: float = 30.0  # from arrival to answer; then 504
 
 
-class RequestError(Exception):
-    """A request the server refuses: HTTP status and a one-line message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
 @dataclass
 class _Pending:
     key: tuple
@@ -63,6 +57,13 @@ class _Pending:
     n: int
     future: asyncio.Future
     arrived: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Tracked:
+    endpoint: str
+    code: int = 200
+    t0: float = field(default_factory=time.perf_counter)
 
 
 class MicroBatcher:
@@ -221,18 +222,45 @@ class App:
         self.active = 0  # requests received and not yet answered (the batcher waits only while others exist)
         self.batcher = MicroBatcher(self.run_batch, max_batch, max_wait_ms / 1000, self.metrics, lambda: self.active)
         self.max_batch, self.max_wait_ms, self._map = max_batch, max_wait_ms, None
+        self.models = oip.model_specs(self.model_dir.name, tuple(self.cfg.input_shape), self.engine.latent_dim,
+                                      self.detector is not None)  # the Open Inference Protocol's models
+
+    # -- the Open Inference Protocol (v2): the same checks, batcher and answers as /v1 --
+
+    def model(self, name: str, version: str | None = None) -> oip.ModelSpec:
+        spec = self.models.get(name)
+        if spec is None:
+            raise RequestError(404, f"no model {name!r} here; this server has {', '.join(self.models)}")
+        if version not in (None, "", oip.VERSION):
+            raise RequestError(404, f"model {name!r} has no version {version!r}; it has version {oip.VERSION}")
+        return spec
+
+    async def infer(self, name: str, version: str | None, arrays: dict, params: dict,
+                    wanted: dict | None) -> tuple[oip.ModelSpec, dict[str, np.ndarray]]:
+        """One v2 inference request (decoded by its transport) -> (its model, the outputs by name)."""
+        spec = self.model(name, version)
+        a, options = oip.check_request(spec, arrays, params, wanted)
+        key, payload, n = self.prepare(spec.op, a, options)
+        result = await asyncio.wait_for(self.batcher.submit(key, payload, n), self.limits.timeout_s)
+        return spec, oip.outputs_of(spec, result)
 
     # -- parse: request -> (key, payload, items); all checks happen here, per request --
 
     def parse(self, op: str, body: dict, npy: np.ndarray | None) -> tuple[tuple, dict, int]:
+        """A /v1 request: the JSON body (or the query of a .npy body) and the .npy array."""
+        name = "z" if op == "decode" else "items"
+        a = None if op == "sample" else npy if npy is not None else _array(body.get(name), name)
+        return self.prepare(op, a, body)
+
+    def prepare(self, op: str, a: np.ndarray | None, options: dict) -> tuple[tuple, dict, int]:
+        """(batcher key, payload, items) of one request of any protocol: its array and options, checked."""
         lim = self.limits
-        seed = _int(body.get("seed", 0), "seed", 0, SEED_MAX)
-        start = _int(body.get("start", 0), "start", 0, 2**40)
+        seed = _int(options.get("seed", 0), "seed", 0, SEED_MAX)
+        start = _int(options.get("start", 0), "start", 0, 2**40)
         if op == "sample":
-            n = _int(body.get("n", 1), "n", 1, lim.max_items)
+            n = _int(options.get("n", 1), "n", 1, lim.max_items)
             return (op,), {"n": n, "seed": seed, "start": start}, n
         name = "z" if op == "decode" else "items"
-        a = npy if npy is not None else _array(body.get(name), name)
         if len(a) > lim.max_items:
             raise RequestError(413, f"{len(a)} {name} in one request; the limit is {lim.max_items}")
         try:
@@ -244,12 +272,39 @@ class App:
             raise RequestError(422, str(exc)) from None
         payload = {"x": a, "seed": seed, "start": start}
         if op == "score":
-            payload["k"] = _int(body.get("k", 1), "k", 1, lim.max_k)
-            payload["binarize"] = _bool(body.get("binarize", True), "binarize")
+            payload["k"] = _int(options.get("k", 1), "k", 1, lim.max_k)
+            payload["binarize"] = _bool(options.get("binarize", True), "binarize")
             return (op, payload["k"]), payload, len(a)
         if op == "detect" and self.detector is None:
             raise RequestError(404, "this model has no detector.json; train with --contamination to add one")
         return (op,), payload, len(a)
+
+    @contextmanager
+    def tracked(self, endpoint: str):
+        """One request of any protocol: counted as in the server while it runs, then in the metrics by endpoint
+        and status (the handler sets `.code` and may refine `.endpoint`)."""
+        t = _Tracked(endpoint)
+        self.active += 1
+        try:
+            yield t
+        finally:
+            self.active -= 1
+            self.metrics.requests.labels(t.endpoint, str(t.code)).inc()
+            self.metrics.latency.labels(t.endpoint).observe(time.perf_counter() - t.t0)
+
+    def failure(self, exc: Exception) -> tuple[int, str]:
+        """(status, one line) for an exception a request ended in; never a traceback."""
+        if isinstance(exc, RequestError):
+            return exc.status, exc.message
+        if isinstance(exc, TimeoutError):
+            return 504, f"no answer within {self.limits.timeout_s} s; try fewer items or a smaller k"
+        if isinstance(exc, VaeEngineError):
+            return 422, str(exc)
+        return 500, f"internal error ({type(exc).__name__})"
+
+    def server_metadata(self) -> dict:
+        return {"name": "vae-engine", "version": __import__("vae_engine").__version__,
+                "extensions": list(oip.EXTENSIONS)}
 
     # -- run: one merged engine call (on the engine thread) --
 
@@ -374,8 +429,9 @@ def _openapi_body(op: str) -> dict:
                          "description": "a .npy array of items (or latents); options as query parameters"}}}}}
 
 
-def create_app(model_dir: str | Path | None = None, **kwargs) -> Any:
-    """The FastAPI application serving one model directory (default: the shipped model)."""
+def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] | None = None, **kwargs) -> Any:
+    """The FastAPI application serving one model directory (default: the shipped model); with `grpc` (host, port,
+    share the port with other worker processes) it also serves the v2 protocol over gRPC on the same event loop."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -395,10 +451,17 @@ def create_app(model_dir: str | Path | None = None, **kwargs) -> Any:
         import gc
 
         load()
+        grpc_server = None
+        if grpc is not None:
+            from . import oip_grpc
+
+            grpc_server = await oip_grpc.start(state["app"], *grpc)
         gc.collect()
         gc.freeze()  # the model's and libraries' objects leave the collector's view: no long full collections later
         gc.set_threshold(50_000, 20, 100)  # requests allocate many short-lived objects: collect young ones rarely
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(state["app"].limits.timeout_s)  # no new calls; running ones finish
         await state["app"].batcher.drain()
 
     api = FastAPI(title="vae-engine", version=__import__("vae_engine").__version__, lifespan=lifespan,
@@ -422,53 +485,41 @@ def create_app(model_dir: str | Path | None = None, **kwargs) -> Any:
 
     async def handle(op: str, request: Request):
         a = state["app"]
-        t0 = time.perf_counter()
-        code = 200
-        a.active += 1
-        try:
-            raw = await read_body(request, a.limits)
-            ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
-            npy = None
-            if ctype == NPY:
-                body = dict(request.query_params)
-                try:
-                    npy = np.load(io.BytesIO(raw), allow_pickle=False)
-                except (ValueError, OSError, EOFError):
-                    raise RequestError(400, "body is not a readable .npy array (pickled arrays are refused)") from None
-            elif ctype in ("application/json", ""):
-                try:
-                    body = _loads(raw) if raw else {}
-                except (ValueError, UnicodeDecodeError):
-                    raise RequestError(400, "body is not valid JSON") from None
-                if not isinstance(body, dict):
-                    raise RequestError(422, "body must be a JSON object")
-            else:
-                raise RequestError(415, f"content type {ctype!r}: send application/json or {NPY}")
-            key, payload, n = a.parse(op, body, npy)
-            result = await asyncio.wait_for(a.batcher.submit(key, payload, n), a.limits.timeout_s)
-            result["path"] = a.path
-            if NPY in request.headers.get("accept", ""):
-                main = result.get("items", result.get("scores", result.get("mu")))
-                buf = io.BytesIO()
-                np.save(buf, np.asarray(main), allow_pickle=False)
-                return Response(buf.getvalue(), media_type=NPY)
-            return Response(_dumps(result), media_type="application/json")
-        except RequestError as exc:
-            code = exc.status
-            return error(exc.status, exc.message)
-        except TimeoutError:
-            code = 504
-            return error(504, f"no answer within {a.limits.timeout_s} s; try fewer items or a smaller k")
-        except VaeEngineError as exc:
-            code = 422
-            return error(422, str(exc))
-        except Exception as exc:  # noqa: BLE001 - one line to the caller, never a traceback
-            code = 500
-            return error(500, f"internal error ({type(exc).__name__})")
-        finally:
-            a.active -= 1
-            a.metrics.requests.labels(op, str(code)).inc()
-            a.metrics.latency.labels(op).observe(time.perf_counter() - t0)
+        with a.tracked(op) as t:
+            try:
+                return await answer(a, op, request)
+            except Exception as exc:  # noqa: BLE001 - one line to the caller (App.failure), never a traceback
+                t.code, message = a.failure(exc)
+                return error(t.code, message)
+
+    async def answer(a: App, op: str, request: Request) -> Response:
+        raw = await read_body(request, a.limits)
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
+        npy = None
+        if ctype == NPY:
+            body = dict(request.query_params)
+            try:
+                npy = np.load(io.BytesIO(raw), allow_pickle=False)
+            except (ValueError, OSError, EOFError):
+                raise RequestError(400, "body is not a readable .npy array (pickled arrays are refused)") from None
+        elif ctype in ("application/json", ""):
+            try:
+                body = _loads(raw) if raw else {}
+            except (ValueError, UnicodeDecodeError):
+                raise RequestError(400, "body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise RequestError(422, "body must be a JSON object")
+        else:
+            raise RequestError(415, f"content type {ctype!r}: send application/json or {NPY}")
+        key, payload, n = a.parse(op, body, npy)
+        result = await asyncio.wait_for(a.batcher.submit(key, payload, n), a.limits.timeout_s)
+        result["path"] = a.path
+        if NPY in request.headers.get("accept", ""):
+            main = result.get("items", result.get("scores", result.get("mu")))
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(main), allow_pickle=False)
+            return Response(buf.getvalue(), media_type=NPY)
+        return Response(_dumps(result), media_type="application/json")
 
     def route(op: str):
         async def endpoint(request):
@@ -480,6 +531,73 @@ def create_app(model_dir: str | Path | None = None, **kwargs) -> Any:
     for op in SCHEMAS:
         api.add_api_route(f"/v1/{op}", route(op), methods=["POST"], name=op, openapi_extra=_openapi_body(op),
                           summary=SUMMARIES[op])
+
+    # -- the Open Inference Protocol (KServe v2) over REST, with the binary tensor data extension --
+
+    async def infer_v2(request: Request, name: str, version: str | None = None):
+        a = state["app"]
+        with a.tracked("v2") as t:
+            try:
+                t.endpoint = f"v2/{a.model(name, version).op}"
+                raw = oip.decompress(await read_body(request, a.limits), request.headers.get("content-encoding"),
+                                     a.limits.max_body_bytes)
+                header, binary = oip.split_body(raw, request.headers.get(oip.HEADER))
+                arrays, params, wanted, all_binary = oip.parse_http(header, binary)
+                spec, outputs = await a.infer(name, version, arrays, params, wanted)
+                body, json_length = oip.response_http(spec, header.get("id"), outputs, wanted, all_binary)
+            except Exception as exc:  # noqa: BLE001 - one line to the caller (App.failure), never a traceback
+                t.code, message = a.failure(exc)
+                return error(t.code, message)
+        if json_length is None:
+            return Response(body, media_type="application/json")
+        return Response(body, media_type="application/octet-stream", headers={oip.HEADER: str(json_length)})
+
+    infer_v2.__annotations__ = {"request": Request, "name": str, "version": str | None}  # real classes, as above
+
+    def v2_model(name: str, version: str | None = None) -> oip.ModelSpec | JSONResponse:
+        try:
+            return state["app"].model(name, version)
+        except RequestError as exc:
+            return error(exc.status, exc.message)
+
+    v2 = {"tags": ["Open Inference Protocol (KServe v2)"]}
+
+    @api.get("/v2", summary="Server metadata: name, version, protocol extensions", **v2)
+    async def v2_server():
+        return state["app"].server_metadata()
+
+    @api.get("/v2/health/live", summary="The process is alive", **v2)
+    async def v2_live():
+        return {"live": True}
+
+    @api.get("/v2/health/ready", summary="The models are loaded and the server takes requests", **v2)
+    async def v2_ready():
+        return {"ready": True} if "app" in state else error(503, "loading")
+
+    @api.post("/v2/repository/index", summary="The models this server has, each READY", **v2)
+    async def v2_index():
+        return [{"name": n, "version": oip.VERSION, "state": "READY"} for n in state["app"].models]
+
+    for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        @api.get(base, summary="Model metadata: versions, platform, inputs and outputs (datatype, shape)", **v2)
+        async def v2_metadata(name: str, version: str | None = None):
+            spec = v2_model(name, version)
+            return spec if isinstance(spec, JSONResponse) else spec.metadata()
+
+        @api.get(base + "/ready", summary="The model is ready", **v2)
+        async def v2_model_ready(name: str, version: str | None = None):
+            spec = v2_model(name, version)
+            return spec if isinstance(spec, JSONResponse) else {"name": name, "ready": True}
+
+        @api.get(base + "/config", summary="The model as a Triton model configuration (for Triton's tools)", **v2)
+        async def v2_config(name: str, version: str | None = None):
+            spec = v2_model(name, version)
+            return spec if isinstance(spec, JSONResponse) else oip.triton_config(spec, state["app"].max_batch)
+
+        api.add_api_route(base + "/infer", infer_v2, methods=["POST"], name="v2 infer" + ("" if "version" not in
+                                                                                          base else " (version)"),
+                          summary="Inference: typed tensors as JSON data or binary (Inference-Header-Content-Length)",
+                          **v2)
 
     @api.get("/v1/info", summary="The model and the serving path")
     async def info():
@@ -526,20 +644,43 @@ def app_from_env():
 
     settings = json.loads(os.environ[SERVE_ENV])
     settings["limits"] = Limits(**settings["limits"])
+    settings["grpc"] = tuple(settings["grpc"]) if settings.get("grpc") else None
     return create_app(settings.pop("model_dir"), **settings)
 
 
+def _check_port_free(host: str, port: int, option: str) -> None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.bind((host, port))
+    except OSError as exc:
+        raise VaeEngineError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another {option}") from None
+
+
 def serve(model_dir: Path | None, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          limits: Limits | None = None, on_ready: Callable[[], None] | None = None, **kwargs) -> None:
+          limits: Limits | None = None, on_ready: Callable[[], None] | None = None, grpc_port: int | None = None,
+          **kwargs) -> None:
     """Run the app with uvicorn; SIGINT/SIGTERM stop taking connections and drain the queue first. With
-    workers > 1, uvicorn starts that many processes, each with its own engine and batcher, on one port."""
+    workers > 1, uvicorn starts that many processes, each with its own engine and batcher, on one port (and the
+    gRPC port, shared by SO_REUSEPORT, when `grpc_port` is given)."""
     import os
 
     import uvicorn
 
     limits = limits or Limits()
+    if grpc_port is not None:
+        try:
+            import grpc  # noqa: F401
+            import google.protobuf  # noqa: F401
+        except ImportError as exc:
+            raise VaeEngineError(f"--grpc-port needs grpcio and protobuf ({exc.name} is missing): "
+                                 "pip install 'vae-engine[grpc]'") from None
+        if workers == 1:
+            _check_port_free(host, grpc_port, "--grpc-port")
+    grpc = None if grpc_port is None else (host, grpc_port, workers > 1)
     if workers == 1:
-        app = create_app(model_dir, limits=limits, **kwargs)
+        app = create_app(model_dir, limits=limits, grpc=grpc, **kwargs)
         app.state.load()  # here, not in uvicorn's start-up: a bad model folder is one `error:` line
         if on_ready:
             on_ready()
@@ -549,6 +690,6 @@ def serve(model_dir: Path | None, host: str = "127.0.0.1", port: int = 8000, wor
     if on_ready:
         on_ready()
     os.environ[SERVE_ENV] = json.dumps({"model_dir": str(checkpoint.resolve_model_dir(model_dir)),
-                                        "limits": limits.__dict__, **kwargs})
+                                        "limits": limits.__dict__, "grpc": grpc, **kwargs})
     uvicorn.run("vae_engine.server:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level="warning", timeout_graceful_shutdown=30)
