@@ -228,16 +228,17 @@ class OpenVinoBackend(_GraphBackend):
             except Exception as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise ModelDirError(f"{path}: OpenVINO cannot load it ({first[:300]}); re-export the model") from None
-            self.requests[role] = compiled.create_infer_request()
+            self.requests[role] = compiled.create_infer_request(), len(compiled.outputs)
 
     def _infer(self, role, a):
-        req = self.requests[role]
+        req, outputs = self.requests[role]
         # zero-copy in; OpenVINO shares only writable buffers, so a read-only one (a memory-mapped .npy, bytes
         # from a request) is the one case copied
         req.set_input_tensor(self.ov.Tensor(a, shared_memory=a.flags.writeable))
         req.infer()
-        # the request reuses its output buffers on the next call: hand out copies
-        return [np.array(t.data, copy=True) for t in req.output_tensors]
+        # the request reuses its output buffers on the next call: hand out copies. get_output_tensor(i), not the
+        # output_tensors property, which costs ~30 us a call (measured, OpenVINO 2026.4): a third of a batch-1 call
+        return [np.array(req.get_output_tensor(i).data, copy=True) for i in range(outputs)]
 
 
 def set_threads(threads: int | None) -> int:
