@@ -11,7 +11,7 @@ the server's CPU seconds per request (from /proc). Also: the round trip of an em
 concurrency-1 target; then a soak of mixed good and bad requests (both protocols) at concurrency 64: status codes
 from the server's /metrics, the process alive, its memory before and after.
 
-    python bench/load_test.py --seconds 8 --markdown load.md   # needs wrk and h2load (apt-get install wrk nghttp2-client)
+    python bench/load_test.py --seconds 8 --markdown load.md   # needs wrk, h2load (apt-get install wrk nghttp2-client)
 
 Server and load generator share the machine: --server-threads (default 1) for the engine, one generator thread.
 """

@@ -307,7 +307,6 @@ def test_bad_grpc_requests_get_status_codes(clients, server):
     import grpc
 
     f = np.full((1, 784), 0.5, np.float32)
-    c = clients["grpc"]
     for model_name, inputs, params, code, fragment in (
             ("tiny-nope", {"items": f}, {}, grpc.StatusCode.NOT_FOUND, "no model"),
             ("tiny-score", {"items": f[:, :3]}, {}, grpc.StatusCode.INVALID_ARGUMENT, "must have shape"),

@@ -23,8 +23,8 @@ import io
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,11 +81,11 @@ class MicroBatcher:
         self.inflight = 0
         self.busy = 0  # engine calls running on the executor
 
-    async def call(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on the engine thread (one engine call at a time, batches included)."""
+    async def call(self, fn: Callable[..., Any], *args) -> Any:
+        """fn(*args) on the engine thread (one engine call at a time, batches included)."""
         self.busy += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
         finally:
             self.busy -= 1
 
@@ -138,12 +138,12 @@ class MicroBatcher:
             if not live:
                 continue
             try:
-                results = await self.call(lambda: self.run(key, [p.payload for p in live]))
+                results = await self.call(self.run, key, [p.payload for p in live])
             except Exception:  # a batch that fails as a whole: run its requests alone, so only a bad one fails
                 results = []
                 for p in live:
                     try:
-                        results.append((await self.call(lambda p=p: self.run(key, [p.payload])))[0])
+                        results.append((await self.call(self.run, key, [p.payload]))[0])
                     except Exception as exc:  # noqa: BLE001 - handed to that request's caller
                         results.append(exc)
             for p, r in zip(live, results, strict=True):
@@ -484,7 +484,8 @@ async def _read_body(headers: Mapping[str, str], chunks: AsyncIterator[bytes], l
 
 
 class V2Infer:
-    """Pure ASGI in front of FastAPI (and its own middleware): POST /v2/models/NAME[/versions/V]/infer goes straight to `App.infer_rest`.
+    """Pure ASGI in front of FastAPI and its middleware: POST /v2/models/NAME[/versions/V]/infer goes straight to
+    `App.infer_rest`.
     FastAPI's middleware, routing and parameter handling cost about as much per request as everything else a
     one-item request needs (profiled: README, "Load"); the answers are the documented route's, which is the same
     function."""
@@ -752,8 +753,8 @@ def serve(model_dir: Path | None, host: str = "127.0.0.1", port: int = 8000, wor
     limits = limits or Limits()
     if grpc_port is not None:
         try:
-            import grpc  # noqa: F401
             import google.protobuf  # noqa: F401
+            import grpc  # noqa: F401
         except ImportError as exc:
             raise VaeEngineError(f"--grpc-port needs grpcio and protobuf ({exc.name} is missing): "
                                  "pip install 'vae-engine[grpc]'") from None
