@@ -72,3 +72,29 @@ def exported_model(tmp_path_factory, tiny_model) -> Path:
         shutil.copy(tiny_model / name, out / name)
     export(out, quantize="int8")
     return out
+
+
+def start_serve(args: list[str], ready_path: str = "/readyz"):
+    """`vae-engine serve` in a subprocess on a free port with `args`: (process, base URL) once ready_path answers."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import pytest
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "vae_engine", "serve", *args, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + ready_path, timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    pytest.fail("server did not start: " + proc.stdout.read().decode()[-2000:])

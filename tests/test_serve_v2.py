@@ -8,9 +8,6 @@ import gzip
 import json
 import shutil
 import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -23,6 +20,8 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from vae_engine import data, jobs, oip  # noqa: E402
 from vae_engine.engine import Engine  # noqa: E402
+
+from .conftest import start_serve  # noqa: E402
 
 
 def _free_port() -> int:
@@ -46,23 +45,11 @@ def x(tiny_data):
 
 @pytest.fixture(scope="module")
 def server(model):
-    http_port, grpc_port = _free_port(), _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vae_engine", "serve", str(model), "--port", str(http_port),
-                             "--grpc-port", str(grpc_port), "--max-batch", "64", "--max-wait-ms", "20",
+    grpc_port = _free_port()
+    proc, url = start_serve([str(model), "--grpc-port", str(grpc_port), "--max-batch", "64", "--max-wait-ms", "20",
                              "--threads", "2", "--precision", "fp32", "--backend", "onnxruntime", "--max-items",
-                             "100", "--max-body-mb", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    import httpx
-
-    url = f"http://127.0.0.1:{http_port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("server did not start: " + proc.stdout.read().decode()[-2000:])
+                             "100", "--max-body-mb", "1"], ready_path="/v2/health/ready")
+    http_port = url.rsplit(":", 1)[1]
     yield {"url": url, "http": f"127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
     proc.terminate()
     assert proc.wait(30) == 0  # SIGTERM: both protocols stop, queued work is answered, exit 0

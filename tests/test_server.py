@@ -8,9 +8,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -22,6 +19,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from vae_engine import data, jobs  # noqa: E402
 from vae_engine.engine import Engine  # noqa: E402
 from vae_engine.server import Limits, create_app  # noqa: E402
+
+from .conftest import start_serve  # noqa: E402
 
 NPY = "application/x-npy"
 
@@ -156,22 +155,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(model):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vae_engine", "serve", str(model), "--port", str(port),
-                             "--max-batch", "64", "--max-wait-ms", "20", "--threads", "2", "--precision", "fp32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("server did not start: " + proc.stdout.read().decode()[-2000:])
+    proc, url = start_serve([str(model), "--max-batch", "64", "--max-wait-ms", "20", "--threads", "2",
+                             "--precision", "fp32"])
     yield url
     proc.terminate()
     assert proc.wait(30) == 0  # SIGTERM: graceful shutdown, exit 0
