@@ -49,6 +49,7 @@ class TensorSpec:
     datatype: str  # what the metadata declares (and the datatype of outputs)
     shape: tuple[int, ...]  # -1: any size (the batch)
     accepts: frozenset = frozenset()  # input datatypes taken (converted by the input rule)
+    source: str = ""  # an output's key in the server's answer (App.run_batch), when it is not `name`
 
     def metadata(self) -> dict:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
@@ -77,7 +78,7 @@ def model_specs(name: str, input_shape: tuple[int, ...], latent_dim: int, detect
                                                       TensorSpec("logvar", "FP32", (-1, latent_dim))), ()),
              ModelSpec("decode", "decode", (z,), (out_items,), ()),
              ModelSpec("reconstruct", "reconstruct", (items,),
-                       (TensorSpec("reconstruction", "FP32", (-1, *input_shape)),), ()),
+                       (TensorSpec("reconstruction", "FP32", (-1, *input_shape), source="items"),), ()),
              ModelSpec("sample", "sample", (TensorSpec("n", "INT64", (1,), INTEGERS),), (out_items,), stream),
              ModelSpec("score", "score", (items,), (TensorSpec("scores", "FP64", (-1,)),),
                        (*stream, "k", "binarize"))]
@@ -124,22 +125,33 @@ def split_body(raw: bytes, header_length: str | None) -> tuple[dict, memoryview]
     return header, memoryview(raw)[n:]
 
 
-def _shape(value, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in value):
-        raise RequestError(400, f"{where}: 'shape' must be a list of non-negative integers")
-    return tuple(value)
+def check_header(name: str, datatype: Any, shape: Any) -> tuple[int, ...]:
+    """An input tensor's datatype and shape (REST or gRPC), checked -> the shape as a tuple."""
+    if datatype not in DATATYPES:
+        raise RequestError(400, f"input {name!r}: datatype {datatype!r} is not supported; send one of "
+                                f"{', '.join(DATATYPES)}")
+    if not isinstance(shape, list | tuple) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                      for d in shape):
+        raise RequestError(400, f"input {name!r}: 'shape' must be a list of non-negative integers")
+    return tuple(shape)
+
+
+def output_names(spec: ModelSpec, wanted: dict | None) -> list[str]:
+    """The outputs a response carries: those the request names, else all of the model's."""
+    return list(wanted) if wanted is not None else [t.name for t in spec.outputs]
+
+
+def to_bytes(a: np.ndarray) -> bytes:
+    """An output tensor as raw little-endian row-major bytes (binary extension, gRPC raw contents)."""
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
 
 
 def tensor_from_json(t: Any, binary: memoryview, offset: int) -> tuple[str, str, np.ndarray, int]:
     """One entry of 'inputs' -> (name, datatype, array, offset after its binary data)."""
     if not isinstance(t, dict) or not isinstance(t.get("name"), str):
         raise RequestError(400, "each input must be an object with 'name', 'shape', 'datatype' and data")
-    name = t["name"]
-    shape, datatype = _shape(t.get("shape"), f"input {name!r}"), t.get("datatype")
-    if datatype not in DATATYPES:
-        raise RequestError(400, f"input {name!r}: datatype {datatype!r} is not supported; send one of "
-                                 f"{', '.join(DATATYPES)}")
+    name, datatype = t["name"], t.get("datatype")
+    shape = check_header(name, datatype, t.get("shape"))
     params = t.get("parameters") or {}
     if not isinstance(params, dict):
         raise RequestError(400, f"input {name!r}: 'parameters' must be an object")
@@ -212,7 +224,7 @@ def parse_http(header: dict, binary: memoryview) -> tuple[dict[str, tuple[str, n
 def response_http(spec: ModelSpec, request_id: Any, outputs: dict[str, np.ndarray], wanted: dict[str, bool] | None,
                   all_binary: bool) -> tuple[bytes, int | None]:
     """(body, JSON header length or None) of a REST response: outputs binary where asked, else JSON data."""
-    names = list(wanted) if wanted is not None else [t.name for t in spec.outputs]
+    names = output_names(spec, wanted)
     header: dict[str, Any] = {"model_name": spec.name, "model_version": VERSION, "outputs": []}
     if request_id is not None:
         header["id"] = request_id
@@ -221,7 +233,7 @@ def response_http(spec: ModelSpec, request_id: Any, outputs: dict[str, np.ndarra
         a = outputs[name]
         entry = {"name": name, "datatype": DATATYPE_OF[a.dtype], "shape": list(a.shape)}
         if (wanted or {}).get(name, all_binary):
-            raw = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
+            raw = to_bytes(a)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -284,10 +296,8 @@ def check_request(spec: ModelSpec, arrays: dict[str, tuple[str, np.ndarray]], pa
 def outputs_of(spec: ModelSpec, result: dict) -> dict[str, np.ndarray]:
     """The batcher's answer -> output arrays named and shaped as the model's metadata says."""
     out = {}
-    for t, key in zip(spec.outputs, {"encode": ("mu", "logvar"), "decode": ("items",),
-                                     "reconstruct": ("items",), "sample": ("items",), "score": ("scores",),
-                                     "detect": ("scores", "flags")}[spec.op], strict=True):
-        a = np.asarray(result[key], dtype=DATATYPES[t.datatype])
+    for t in spec.outputs:
+        a = np.asarray(result[t.source or t.name], dtype=DATATYPES[t.datatype])
         out[t.name] = a.reshape(len(a), *t.shape[1:]) if len(t.shape) > 1 else a.reshape(-1)
     return out
 

@@ -124,12 +124,8 @@ def request_tensors(request) -> dict[str, tuple[str, np.ndarray]]:
                                 "input, in order, or none")
     arrays: dict[str, tuple[str, np.ndarray]] = {}
     for i, t in enumerate(request.inputs):
-        shape, name = tuple(t.shape), t.name
-        if t.datatype not in oip.DATATYPES:
-            raise RequestError(400, f"input {name!r}: datatype {t.datatype!r} is not supported; send one of "
-                                    f"{', '.join(oip.DATATYPES)}")
-        if any(d < 0 for d in shape):
-            raise RequestError(400, f"input {name!r}: 'shape' must be non-negative integers")
+        name = t.name
+        shape = oip.check_header(name, t.datatype, tuple(t.shape))
         if name in arrays:
             raise RequestError(400, f"input {name!r} appears twice")
         if raw:
@@ -176,10 +172,10 @@ class Service:
                 t.code, message = a.failure(exc)
                 await context.abort(_code(t.code), message)
         response = self.msg["ModelInferResponse"](model_name=spec.name, model_version=oip.VERSION, id=request.id)
-        for name in wanted or [s.name for s in spec.outputs]:
+        for name in oip.output_names(spec, wanted):
             out = outputs[name]
             response.outputs.add(name=name, datatype=oip.DATATYPE_OF[out.dtype], shape=out.shape)
-            response.raw_output_contents.append(np.ascontiguousarray(out, out.dtype.newbyteorder("<")).tobytes())
+            response.raw_output_contents.append(oip.to_bytes(out))
         return response
 
     async def _model(self, name: str, version: str, context) -> oip.ModelSpec:
