@@ -29,17 +29,24 @@ def test_training_lowers_the_loss(tiny_data, tmp_path):
     assert [r["epoch"] for r in checkpoint.read_metrics(tmp_path / "m")] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("objective, k", [("elbo", 1), ("iwae", 3)])
-def test_resume_gives_identical_weights(tiny_data, tmp_path, objective, k):
-    cfg = _cfg(tiny_data, epochs=3, objective=objective, k=k, lr_schedule="cosine", kl_warmup_epochs=2)
-    train(MODEL, cfg, tmp_path / "straight", plots=False)
-    train(MODEL, TrainConfig(**{**cfg.__dict__, "epochs": 1}), tmp_path / "resumed", plots=False)
+VAMP = ModelConfig(latent_dim=4, hidden=(32,), prior="vamp", pseudo_inputs=8)
+
+
+@pytest.mark.parametrize("objective, k, model, precision", [("elbo", 1, MODEL, "fp32"), ("iwae", 3, MODEL, "fp32"),
+                                                            ("dreg", 3, VAMP, "bf16"), ("elbo", 2, VAMP, "fp32")])
+def test_resume_gives_identical_weights(tiny_data, tmp_path, objective, k, model, precision):
+    cfg = _cfg(tiny_data, epochs=3, objective=objective, k=k, lr_schedule="cosine", kl_warmup_epochs=2,
+               precision=precision)
+    train(model, cfg, tmp_path / "straight", plots=False)
+    train(model, TrainConfig(**{**cfg.__dict__, "epochs": 1}), tmp_path / "resumed", plots=False)
     train(None, cfg, tmp_path / "resumed", resume=True, plots=False)
-    a = load_file(str(tmp_path / "straight" / checkpoint.WEIGHTS))
-    b = load_file(str(tmp_path / "resumed" / checkpoint.WEIGHTS))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    for name in (checkpoint.WEIGHTS, *((checkpoint.PRIOR,) if model.prior == "vamp" else ())):
+        a = load_file(str(tmp_path / "straight" / name))
+        b = load_file(str(tmp_path / "resumed" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    assert checkpoint.train_config(tmp_path / "resumed").precision == precision
     assert checkpoint.read_metrics(tmp_path / "resumed")[-1]["epoch"] == 3
 
 

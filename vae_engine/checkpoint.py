@@ -24,12 +24,14 @@ if TYPE_CHECKING:  # torch is imported where tensors are used, so `info` and `--
 FORMAT = "vae-engine/1"
 CONFIG = "config.json"  # model + training config, data, versions
 WEIGHTS = "model.safetensors"  # inference weights only
+PRIOR = "prior.safetensors"  # a VampPrior model's mixture (priors.py), written with the weights
 STATE = "train_state.safetensors"  # weights + optimizer + epoch, everything --resume needs, in one atomic file
 METRICS = "metrics.jsonl"  # one JSON line per epoch
 EVALUATION = "evaluation.json"  # written by `vae-engine evaluate`
 PLOTS = "plots"
 EXPORT_REPORT = "export_report.json"  # written by `vae-engine export`
 LOCK = ".vae-engine.lock"  # held (flock) by the process writing into the folder: train, export
+INFERENCE_FILES = (CONFIG, WEIGHTS, PRIOR)  # what a model folder copied elsewhere carries (PRIOR where it has one)
 MAX_JSON_BYTES = 16 << 20  # config.json, reports: anything larger is not ours
 
 
@@ -191,8 +193,11 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
 
 def save_weights(model_dir: Path, model: VAE) -> None:
-    """Write model.safetensors atomically (weights only)."""
+    """Write model.safetensors atomically (weights only), and a VampPrior model's prior.safetensors after it."""
+    from . import priors
+
     _save_tensors(model_dir / WEIGHTS, model.state_dict(), {"format": "pt"})
+    priors.save(model_dir, model)
 
 
 def weights_sha256(model_dir: str | os.PathLike) -> str:

@@ -156,7 +156,10 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Images per optimizer step.")] = 100,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     lr_schedule: Annotated[str, typer.Option(help="constant, or cosine decay to 0 over all epochs.")] = "constant",
-    objective: Annotated[str, typer.Option(help="elbo (analytic KL, K&W 2013) or iwae (Burda et al. 2015 bound with --k samples).")] = "elbo",
+    objective: Annotated[str, typer.Option(help="elbo (K&W 2013), iwae (Burda et al. 2015 bound with --k samples) or dreg (the IWAE bound with doubly reparameterized encoder gradients, Tucker et al. 2018: lower-variance, better encoders at large --k).")] = "elbo",
+    prior: Annotated[str, typer.Option(help="p(z): normal (N(0, I)) or vamp (VampPrior, Tomczak & Welling 2018: a mixture of the encoder's posteriors on --pseudo-inputs learned inputs; stored in the model folder, used for sampling and scoring).")] = "normal",
+    pseudo_inputs: Annotated[int, typer.Option(help="With --prior vamp: the number of pseudo-inputs (mixture components); each adds an encoder pass per training step and a Gaussian per scored sample.")] = 500,
+    precision: Annotated[str, typer.Option(help="auto (bf16 where the CPU has native bf16: AVX512_BF16 or AMX; else fp32), fp32, or bf16 (autocast: the networks in bf16; the likelihood, log-densities, log-sum-exp, weights and optimizer in fp32). Recorded in config.json.")] = "fp32",
     k: Annotated[int, typer.Option("--k", help="Samples per input: IWAE importance samples, or eps samples averaged by the ELBO.")] = 1,
     kl_warmup: Annotated[int, typer.Option(help="Epochs of linear KL warm-up from 0 to 1 (ELBO objective).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for init, shuffling, binarization and eps; same seed, same weights on CPU.")] = 0,
@@ -180,14 +183,14 @@ def train(
 
         check_rule(rule, contamination)
     model_cfg = ModelConfig(arch=arch, latent_dim=latent_dim, hidden=_parse_hidden(hidden), activation=activation,
-                            likelihood=likelihood)
+                            likelihood=likelihood, prior=prior, pseudo_inputs=pseudo_inputs)
     train_cfg = TrainConfig(
         dataset="dir" if data_dir else dataset, data_dir=str(data_dir.resolve()) if data_dir else None,
         data=str(data.resolve()) if data else None, test_data=str(test.resolve()) if test else None,
         val_fraction=val_fraction, columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else None,
         resize=parse_shape(resize), binarize=binarize,
         epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, objective=objective, k=k,
-        kl_warmup_epochs=kl_warmup, seed=seed, threads=threads, limit=limit,
+        kl_warmup_epochs=kl_warmup, seed=seed, threads=threads, limit=limit, precision=precision,
     )
     check_writable(out_dir, folder=True)
 
@@ -211,7 +214,9 @@ def train(
         def on_epoch_end(self, row):
             self.bar.console.print(
                 f"epoch {row['epoch']:3d}  train {row['train_loss']:8.3f}  test -ELBO {row['test_nelbo']:8.3f}  "
-                f"{row['seconds']:6.2f} s  {row['samples_per_s']:,.0f} samples/s")
+                f"{row['seconds']:6.2f} s  {row['samples_per_s']:,.0f} samples/s  {row['precision']} "
+                f"{row['gflops']:,.0f} GFLOP/s" + (f" ({row['fraction_of_peak']:.0%} of peak)"
+                                                   if row.get("fraction_of_peak") else ""))
 
     bar = Bar()
     try:

@@ -37,7 +37,11 @@ RULES = ("nll", "nll-complexity", "reconstruction", "latent")  # the anomaly det
 DEFAULT_RULE = "reconstruction"
 ARCHS = ("mlp", "conv")
 ACTIVATIONS = ("relu", "tanh", "elu", "softplus")
-OBJECTIVES = ("elbo", "iwae")
+# dreg: the IWAE bound with doubly reparameterized gradients for the encoder (Tucker et al. 2018)
+OBJECTIVES = ("elbo", "iwae", "dreg")
+PRIORS = ("normal", "vamp")  # p(z): N(0, I), or the VampPrior mixture over learned pseudo-inputs (priors.py)
+MAX_PSEUDO_INPUTS = 10_000
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast where the CPU has native bf16, else fp32
 BINARIZE = ("dynamic", "none")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -53,6 +57,8 @@ class ModelConfig:
     input_shape: tuple[int, ...] = (INPUT_DIM,)  # one item: (D,) features or (C, H, W) image; old folders: (784,)
     likelihood: str = "bernoulli"  # p(x|z): bernoulli, continuous-bernoulli or gaussian (see likelihoods/)
     standardize: bool = False  # inputs standardized per feature inside the model (mean/std stored as buffers)
+    prior: str = "normal"  # p(z): "normal" N(0, I) or "vamp" (Tomczak & Welling 2018); folders before it: normal
+    pseudo_inputs: int = 500  # VampPrior: mixture components, one learned pseudo-input each (unused for normal)
 
     def __post_init__(self) -> None:
         for name in ("hidden", "input_shape"):
@@ -72,7 +78,9 @@ class ModelConfig:
                                  f"limit of {MAX_INPUT:,}")
         if not isinstance(self.standardize, bool):
             raise VaeEngineError(f"standardize must be true or false, got {self.standardize!r}")
-        for name, value in (("arch", self.arch), ("activation", self.activation), ("likelihood", self.likelihood)):
+        check_int("pseudo inputs", self.pseudo_inputs, 1, MAX_PSEUDO_INPUTS)
+        for name, value in (("arch", self.arch), ("activation", self.activation), ("likelihood", self.likelihood),
+                            ("prior", self.prior)):
             if not isinstance(value, str):
                 raise VaeEngineError(f"{name} must be a string, got {value!r}")
         if self.arch not in ARCHS:
@@ -84,12 +92,15 @@ class ModelConfig:
         if self.likelihood not in (*LIKELIHOODS, "auto"):  # auto: chosen from the data when training starts
             raise VaeEngineError(f"unknown likelihood {self.likelihood!r}: choose auto or one of "
                                  f"{', '.join(LIKELIHOODS)}")
+        if self.prior not in PRIORS:
+            raise VaeEngineError(f"unknown prior {self.prior!r}: choose one of {', '.join(PRIORS)}")
         if self.arch == "conv" and (len(self.input_shape) != 3 or min(self.input_shape[1:]) < 4):
             raise VaeEngineError(f"the conv architecture needs (C, H, W) images of at least 4x4, got "
                                  f"{list(self.input_shape)}; use --arch mlp")
         sizes = (self.input_dim, *self.hidden)
         params = 2 * sum(a * b for a, b in zip(sizes, sizes[1:], strict=False)) + 3 * self.hidden[-1] * self.latent_dim
         params += self.input_dim * self.hidden[0]  # the decoder's extra parameters per feature (gaussian)
+        params += self.input_dim * self.pseudo_inputs * (self.prior == "vamp")
         if params > MAX_PARAMS:
             raise VaeEngineError(f"a model of hidden {list(self.hidden)} and latent dim {self.latent_dim} has about "
                                  f"{params:,} weights, over the limit of {MAX_PARAMS:,}; choose smaller layers")
@@ -133,12 +144,13 @@ class TrainConfig:
     batch_size: int = 100  # images per optimizer step
     lr: float = 1e-3  # Adam learning rate
     lr_schedule: str = "constant"  # "constant" or "cosine" (to 0 over all epochs)
-    objective: str = "elbo"  # "elbo" (analytic KL) or "iwae" (Burda et al. bound with k samples)
+    objective: str = "elbo"  # "elbo" (analytic KL), "iwae" (Burda et al. bound with k samples), "dreg" (IWAE, DReG)
     k: int = 1  # importance samples per input for the IWAE objective
     kl_warmup_epochs: int = 0  # linearly anneal the KL weight from 0 to 1 over this many epochs (ELBO only)
     seed: int = 0  # seeds init, shuffling, binarization and eps
     threads: int | None = None  # torch intra-op threads (None: all cores)
     limit: int | None = None  # train on the first N training images only (for quick runs and tests)
+    precision: str = "fp32"  # "fp32" or "bf16" autocast (loss, log-sum-exp, optimizer in fp32); runs before it: fp32
 
     def __post_init__(self) -> None:
         for name, value, lo, hi in (("epochs", self.epochs, 1, MAX_EPOCHS),
@@ -150,7 +162,7 @@ class TrainConfig:
             if value is not None:
                 check_int(name, value, 1, MAX_THREADS if name == "threads" else None)
         for name, value in (("dataset", self.dataset), ("binarize", self.binarize), ("objective", self.objective),
-                            ("lr_schedule", self.lr_schedule), ("data_dir", self.data_dir), ("data", self.data),
+                            ("lr_schedule", self.lr_schedule), ("precision", self.precision), ("data_dir", self.data_dir), ("data", self.data),
                             ("test_data", self.test_data)):
             if not isinstance(value, str) and not (name in ("data_dir", "data", "test_data") and value is None):
                 raise VaeEngineError(f"{name} must be a string, got {value!r}")
@@ -172,7 +184,9 @@ class TrainConfig:
             (math.isfinite(self.lr) and self.lr > 0, f"learning rate must be a positive finite number, got {self.lr}"),
             (self.k * self.batch_size <= MAX_BATCH, f"k x batch size must be at most {MAX_BATCH:,}, got "
                                                     f"{self.k * self.batch_size:,}"),
-            (self.objective in OBJECTIVES, f"unknown objective {self.objective!r}: choose elbo or iwae"),
+            (self.objective in OBJECTIVES, f"unknown objective {self.objective!r}: choose {', '.join(OBJECTIVES)}"),
+            (self.precision in TRAIN_PRECISIONS, f"unknown training precision {self.precision!r}: choose "
+                                                 f"{', '.join(TRAIN_PRECISIONS)}"),
             (self.binarize in BINARIZE, f"unknown binarization {self.binarize!r}: choose dynamic or none"),
             (self.lr_schedule in LR_SCHEDULES, f"unknown lr schedule {self.lr_schedule!r}"),
         ]

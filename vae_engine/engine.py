@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, kernels, likelihoods, rng
+from . import checkpoint, data, kernels, likelihoods, priors, rng
 from .backends import Backend, load_backend, set_threads
 from .config import MAX_SCORE_K, SCORE_ROWS, SEED_MAX, ModelConfig, check_int
 from .errors import DataError
@@ -32,6 +32,7 @@ class Engine:
                  decision: dict | None = None):
         self.backend, self.cfg, self.model_dir, self.threads = backend, cfg, model_dir, threads
         self.likelihood = likelihoods.get(cfg.likelihood)
+        self.prior = priors.load(model_dir, cfg)  # N(0, I), or a VampPrior's mixture from the folder
         self.decision = decision  # the `--precision auto` decision (tuning.choose), or None
 
     @classmethod
@@ -109,9 +110,9 @@ class Engine:
         return self._sample(mu, logvar, check_int("k", k, 1, MAX_SCORE_K), seed, start)
 
     def sample(self, n: int, seed: int = 0, start: int = 0) -> np.ndarray:
-        """n items (n, D) as E[x|z], decoded from z ~ N(0, I)."""
+        """n items (n, D) as E[x|z], decoded from z ~ p(z) (item start+i reads stream (seed, start+i))."""
         _check_stream(seed, start)
-        return self.decode(rng.normal_eps(seed, start, check_int("n", n, 0), 1, self.latent_dim)[:, 0])
+        return self.decode(self.prior.sample(seed, start, check_int("n", n, 0)))
 
     def reconstruct(self, x: np.ndarray, sample: bool = False, seed: int = 0, start: int = 0) -> np.ndarray:
         """Decode the posterior mean (or one posterior sample) of each input: E[x|z] (B, D)."""
@@ -123,14 +124,16 @@ class Engine:
         return self.likelihood.mean(self.backend.decode(z))
 
     def elbo(self, x: np.ndarray, seed: int = 0, start: int = 0, streams: rng.Streams | None = None) -> np.ndarray:
-        """ELBO per input (B,): one posterior sample for log p(x|z), analytic KL (K&W 2013, eq. 10).
-        `streams` (optional) says which eps stream each item reads; default: (seed, start + b)."""
+        """ELBO per input (B,): one posterior sample for log p(x|z), the KL analytic for N(0, I) (K&W 2013, eq. 10)
+        and estimated at that sample for a VampPrior. `streams` (optional) says which eps stream each item reads;
+        default: (seed, start + b)."""
         x = self._images(x)
         streams = _streams(streams, seed, start, len(x))
         mu, logvar = self.backend.encode(x)
-        z = kernels.reparameterize(mu, logvar, streams.eps(0, len(x), 1, self.latent_dim))[:, 0]
+        eps = streams.eps(0, len(x), 1, self.latent_dim)
+        z = kernels.reparameterize(mu, logvar, eps)[:, 0]
         log_px = kernels.log_prob_rows(x, self.backend.decode(z), self.likelihood)
-        return log_px - kernels.gaussian_kl(mu, logvar)
+        return log_px - self.prior.kl(mu, logvar, z, eps[:, 0])
 
     def log_likelihood(self, x: np.ndarray, k: int = 5000, seed: int = 0, start: int = 0,
                        streams: rng.Streams | None = None) -> np.ndarray:
@@ -145,7 +148,8 @@ class Engine:
         k = check_int("k", k, 1, MAX_SCORE_K)
         streams = _streams(streams, seed, start, len(x))
         mu, logvar = self.backend.encode(x)
-        on_device = getattr(self.backend, "score_rows", None)  # a GPU backend computes the log-weights itself
+        # a GPU backend computes the log-weights itself (for N(0, I); a mixture prior's run here)
+        on_device = getattr(self.backend, "score_rows", None) if self.prior.standard else None
         log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks
         for i, j, s, eps in rng.iwae_blocks(streams, k, self.latent_dim, on_device or SCORE_ROWS):
             if on_device:
@@ -153,7 +157,9 @@ class Engine:
             else:
                 z = kernels.reparameterize(mu[i:j], logvar[i:j], eps)  # (b, K', D)
                 params = self.backend.decode(z.reshape(-1, self.latent_dim)).reshape(j - i, eps.shape[1], -1)
-                log_w = kernels.log_weights(x[i:j], params, z, mu[i:j], logvar[i:j], self.likelihood)
+                log_pz = None if self.prior.standard else \
+                    self.prior.log_prob(z.reshape(-1, self.latent_dim)).reshape(z.shape[:2])
+                log_w = kernels.log_weights(x[i:j], params, z, mu[i:j], logvar[i:j], self.likelihood, log_pz)
             block = kernels.log_mean_exp(log_w) + np.log(eps.shape[1])  # log sum_k w over this block
             log_sum[i:j] = block if s == 0 else np.logaddexp(log_sum[i:j], block)
         return log_sum - np.log(k)

@@ -21,10 +21,10 @@ import numpy as np
 import onnx
 import torch
 
-from . import atomic, checkpoint, data, graphs, rng, tuning
+from . import atomic, checkpoint, data, graphs, priors, rng, tuning
 from .config import ModelConfig, to_dict
 from .errors import ExportError, VaeEngineError
-from .model import VAE, gaussian_kl
+from .model import VAE
 
 FP32_ATOL = 1e-4  # ORT vs PyTorch, fp32: both sum the same products in different orders; errors seen ~1e-5
 FP16_ATOL = 0.1  # fp16 keeps ~3 significant digits; logits of magnitude ~20 round to steps of ~0.01
@@ -130,8 +130,9 @@ def _int8(fp32: dict[str, onnx.ModelProto], model_dir: Path, cfg: ModelConfig, s
     ref = tuning.reference(model_dir, threads)
     cand_dir = scratch / "int8-candidate"
     cand_dir.mkdir()
-    for name in (checkpoint.CONFIG, checkpoint.WEIGHTS):
-        atomic.write_bytes(cand_dir / name, (model_dir / name).read_bytes())
+    for name in checkpoint.INFERENCE_FILES:
+        if (model_dir / name).exists():
+            atomic.write_bytes(cand_dir / name, (model_dir / name).read_bytes())
     every = [layer for role in found for layer in found[role]]
     if not every:
         raise ExportError("--quantize int8: this model has no fully connected (Gemm) layer with constant weights "
@@ -216,14 +217,16 @@ def _validate(model: onnx.ModelProto, net: torch.nn.Module, inputs: np.ndarray, 
     return worst
 
 
-def _test_nelbo(encoder: onnx.ModelProto, decoder: onnx.ModelProto, x_bin: np.ndarray, seed: int, lk) -> tuple:
-    """(test -ELBO, decoder params) of a graph pair on the model's test items, eps from the counter stream."""
+def _test_nelbo(encoder: onnx.ModelProto, decoder: onnx.ModelProto, x_bin: np.ndarray, seed: int, lk,
+                prior) -> tuple:
+    """(test -ELBO, decoder params) of a graph pair on the model's test items, eps from the counter stream;
+    `prior` as the engine runs it (`priors.load`)."""
     mu, logvar = _run(encoder, x_bin)
     eps = rng.normal_eps(seed, 0, len(x_bin), 1, mu.shape[1])[:, 0]
-    logits = _run(decoder, (mu + np.exp(0.5 * logvar) * eps).astype(np.float32))[0]
-    t = torch.from_numpy
-    nelbo = -(lk.log_prob(t(x_bin).double(), t(logits).double()) - gaussian_kl(t(mu).double(), t(logvar).double()))
-    nelbo = nelbo.mean().item()
+    z = (mu + np.exp(0.5 * logvar) * eps).astype(np.float32)
+    logits = _run(decoder, z)[0]
+    log_px = lk.log_prob(torch.from_numpy(x_bin).double(), torch.from_numpy(logits).double()).numpy()
+    nelbo = float(np.mean(-(log_px - prior.kl(mu, logvar, z, eps))))
     return nelbo, logits
 
 
@@ -299,7 +302,8 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
 
     step("accuracy on the test set")
     lk = model.likelihood
-    base, base_logits = _test_nelbo(built["encoder", "fp32"], built["decoder", "fp32"], x_bin, seed, lk)
+    prior = priors.load(model_dir, cfg)
+    base, base_logits = _test_nelbo(built["encoder", "fp32"], built["decoder", "fp32"], x_bin, seed, lk, prior)
     with torch.no_grad():
         mu, logvar = model.encode(torch.from_numpy(x_bin))
         eps = torch.from_numpy(rng.normal_eps(seed, 0, len(x_bin), 1, cfg.latent_dim)[:, 0])
@@ -309,7 +313,7 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
     for variant in graphs.VARIANTS:
         if ("encoder", variant) not in built:
             continue
-        nelbo, logits = _test_nelbo(built["encoder", variant], built["decoder", variant], x_bin, seed, lk)
+        nelbo, logits = _test_nelbo(built["encoder", variant], built["decoder", variant], x_bin, seed, lk, prior)
         report["variants"].append({
             "variant": variant,
             "files": {role: graphs.graph_path(out_dir, role, variant).name for role in nets},
@@ -331,7 +335,8 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
     # weights too, so it is a complete model directory
     files: dict[str, bytes] = {}
     if out_dir.resolve() != model_dir.resolve():
-        files.update({name: (model_dir / name).read_bytes() for name in (checkpoint.CONFIG, checkpoint.WEIGHTS)})
+        files.update({name: (model_dir / name).read_bytes() for name in checkpoint.INFERENCE_FILES
+                      if (model_dir / name).exists()})
     for (role, variant), proto in built.items():
         files[graphs.graph_path(out_dir, role, variant).name] = proto.SerializeToString()
     report["seconds"] = round(time.perf_counter() - t_start, 2)

@@ -20,6 +20,7 @@ _F = np.float32
 _HALF, _ONE, _TWO, _ZERO = _F(0.5), _F(1.0), _F(2.0), _F(0.0)
 _EXP_MIN = _F(-17.0)  # log1p(exp(a)) < 4.2e-8 below this: far under float32 resolution of a ~100-nat sum
 _INV32 = _F(1.0 / 32.0)
+_LOG_2PI = math.log(2.0 * math.pi)
 # polynomial coefficients, highest power first (the order _horner consumes them)
 _EXP_C = tuple(_F(1.0 / math.factorial(i)) for i in reversed(range(8)))  # Taylor series of exp on [-0.54, 0]
 _ATANH_C = tuple(_F(2.0 / (2 * i + 1)) for i in reversed(range(7)))  # 2 atanh(s) = sum 2 s^(2i+1) / (2i+1)
@@ -70,16 +71,25 @@ _ROWS: dict = {}  # likelihood name -> compiled per-row log-probability kernel
 
 
 def _make_log_weights(row, name: str, parallel: bool):
-    def kernel(x, params, z, mu, logvar, out):
-        """out[b, k] = log p(x_b|z_bk) + log p(z_bk) - log q(z_bk|x_b), one fused pass, no temporaries."""
+    def kernel(x, params, z, mu, logvar, log_pz, out):
+        """out[b, k] = log p(x_b|z_bk) + log p(z_bk) - log q(z_bk|x_b), one fused pass, no temporaries. An empty
+        log_pz means p = N(0, I), fused here; else log_pz[b, k] is log p(z_bk) (a mixture prior's kernel)."""
         n, k, d = z.shape
+        standard = log_pz.shape[0] == 0
+        half_d_log_2pi = _HALF * d * _F(_LOG_2PI)
         for b in numba.prange(n):
             for s in range(k):
                 lw = row(x[b], params[b, s])
-                for i in range(d):  # log N(z; 0, 1) - log N(z; mu, var): the log(2 pi) terms cancel
-                    zi = z[b, s, i]
-                    diff = zi - mu[b, i]
-                    lw += _HALF * (logvar[b, i] + diff * diff * math.exp(-logvar[b, i]) - zi * zi)
+                if standard:
+                    for i in range(d):  # log N(z; 0, 1) - log N(z; mu, var): the log(2 pi) terms cancel
+                        zi = z[b, s, i]
+                        diff = zi - mu[b, i]
+                        lw += _HALF * (logvar[b, i] + diff * diff * math.exp(-logvar[b, i]) - zi * zi)
+                else:
+                    for i in range(d):  # - log N(z; mu, var), its log(2 pi) terms added once below
+                        diff = z[b, s, i] - mu[b, i]
+                        lw += _HALF * (logvar[b, i] + diff * diff * math.exp(-logvar[b, i]))
+                    lw += log_pz[b, s] + half_d_log_2pi
                 out[b, s] = lw
     kernel.__qualname__ = _cache_name("log_weights", row, name)
     return _jit(kernel, parallel, fastmath=True)
@@ -155,16 +165,25 @@ def reparameterize(mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> np.nd
     return out
 
 
+_NO_LOG_PZ = np.empty((0, 0), np.float32)
+
+
 def log_weights(x: np.ndarray, params: np.ndarray, z: np.ndarray, mu: np.ndarray, logvar: np.ndarray,
-                likelihood=None) -> np.ndarray:
+                likelihood=None, log_pz: np.ndarray | None = None) -> np.ndarray:
     """Importance log-weights (B, K) float32 = log p(x|z) + log p(z) - log q(z|x); params (B, K, P*D) from the
-    decoder, likelihood from `likelihoods` (default Bernoulli)."""
+    decoder, likelihood from `likelihoods` (default Bernoulli); log_pz (B, K) the prior's log-density of z, or
+    None for N(0, I) (computed inside, fused)."""
     lk = _likelihood(likelihood)
     if lk.name not in _LOG_WEIGHTS:
         _LOG_WEIGHTS[lk.name] = tuple(_make_log_weights(lk.row, lk.name, p) for p in (False, True))
     out = np.empty(z.shape[:2], np.float32)
     _check_rows(x, params, z.shape[:2], lk)
-    _pick(_LOG_WEIGHTS[lk.name], params.size)(_f32(x), _f32(params), _f32(z), _f32(mu), _f32(logvar), out)
+    if log_pz is None:
+        log_pz = _NO_LOG_PZ
+    elif log_pz.shape != z.shape[:2]:
+        raise ValueError(f"log_pz {log_pz.shape} does not fit z {z.shape}")
+    _pick(_LOG_WEIGHTS[lk.name], params.size)(_f32(x), _f32(params), _f32(z), _f32(mu), _f32(logvar), _f32(log_pz),
+                                              out)
     return out
 
 
@@ -205,11 +224,12 @@ def reparameterize_numpy(mu, logvar, eps):
     return (mu[:, None, :] + np.exp(0.5 * logvar)[:, None, :] * eps).astype(np.float32)
 
 
-def log_weights_numpy(x, params, z, mu, logvar, likelihood=None):
+def log_weights_numpy(x, params, z, mu, logvar, likelihood=None, log_pz=None):
     x, params, z = (np.asarray(a, np.float64) for a in (x, params, z))
     mu, logvar = np.asarray(mu, np.float64)[:, None], np.asarray(logvar, np.float64)[:, None]
     log_px = _likelihood(likelihood).log_prob_numpy(x[:, None, :], params)
-    log_pz = -0.5 * np.sum(np.log(2 * np.pi) + z**2, axis=-1)
+    if log_pz is None:
+        log_pz = -0.5 * np.sum(np.log(2 * np.pi) + z**2, axis=-1)
     log_qz = -0.5 * np.sum(np.log(2 * np.pi) + logvar + (z - mu) ** 2 * np.exp(-logvar), axis=-1)
     return log_px + log_pz - log_qz
 

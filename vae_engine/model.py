@@ -1,4 +1,4 @@
-"""The VAE: Gaussian encoder q(z|x), Bernoulli decoder p(x|z) returning logits, N(0, I) prior, and its losses."""
+"""The VAE: Gaussian encoder q(z|x), the configured likelihood p(x|z), N(0, I) or VampPrior p(z), and its losses."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import math
 import torch
 from torch import nn
 
-from . import likelihoods
+from . import likelihoods, priors
 from .config import LOGVAR_MAX, LOGVAR_MIN, ModelConfig
+from .priors import LOG_2PI, gaussian_kl, gaussian_log_prob, standard_normal_log_prob  # noqa: F401 (re-exported)
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "softplus": nn.Softplus}
-LOG_2PI = math.log(2.0 * math.pi)
 DEC_LOGVAR_MIN, DEC_LOGVAR_MAX = -9.0, 3.0  # Gaussian decoder, standardized units: std between 0.011 and 4.5
 STD_FLOOR = 1e-3  # standardization: a feature's std is at least this fraction of the largest one
 
@@ -91,7 +91,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.standardize:
             x = (x - self.shift) / self.scale
-        mu, logvar = self.net(x).chunk(2, dim=-1)
+        mu, logvar = self.net(x).float().chunk(2, dim=-1)  # fp32 out of a bf16 autocast network
         # bounded so exp(logvar) and exp(-logvar) stay finite in float32 for any input
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
@@ -120,7 +120,7 @@ class Decoder(nn.Module):
             self.net = nn.Sequential(*layers, _ConvDecoderHead(cfg, n_params))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.net(z)
+        out = self.net(z).float()  # the likelihood's maths in fp32 even when the network runs in bf16 autocast
         if self.likelihood.n_params == 1:
             return out
         mean, pre = out.chunk(2, dim=-1)
@@ -135,7 +135,7 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """Kingma & Welling (2013) VAE: diagonal Gaussian posterior, N(0, I) prior, the configured likelihood."""
+    """Kingma & Welling (2013) VAE: diagonal Gaussian posterior, the configured prior and likelihood."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -143,6 +143,15 @@ class VAE(nn.Module):
         self.likelihood = likelihoods.get(cfg.likelihood)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        self.prior = priors.make(cfg, self.encoder)  # p(z); a VampPrior holds the pseudo-inputs
+
+    @torch.no_grad()
+    def init_pseudo_inputs(self, x: torch.Tensor, generator: torch.Generator) -> None:
+        """Start a VampPrior's pseudo-inputs at distinct training items x (N, D), drawn by `generator`."""
+        if self.cfg.prior == "vamp":
+            c = self.cfg.pseudo_inputs
+            index = torch.randperm(len(x), generator=generator)[:c]
+            self.prior.pseudo_inputs.copy_(x[index.repeat(-(-c // len(index)))[:c]])
 
     @torch.no_grad()
     def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -179,34 +188,45 @@ def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return likelihoods.get("bernoulli").log_prob(x, logits)
 
 
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, diag(exp(logvar))) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - exp(logvar)), K&W 2013 appendix B."""
-    return -0.5 * torch.sum(1.0 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
-
-
-def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; mu, diag(exp(logvar))), summed over latent dims."""
-    return -0.5 * torch.sum(LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar), dim=-1)
-
-
-def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
-    """log N(z; 0, I), summed over latent dims."""
-    return -0.5 * torch.sum(LOG_2PI + z.pow(2), dim=-1)
-
-
 def elbo(model: VAE, x: torch.Tensor, eps: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
-    """ELBO per input with the analytic KL: E_q[log p(x|z)] - KL(q||p), K&W 2013 eq. 10; eps (K, B, D) averaged."""
+    """ELBO per input: E_q[log p(x|z)] - KL(q||p), K&W 2013 eq. 10, eps (K, B, D) averaged; the KL analytic for
+    N(0, I), estimated with the same samples for a VampPrior."""
     mu, logvar = model.encode(x)
-    params = model.decode(model.reparameterize(mu, logvar, eps))  # (K, B, P*D)
-    return model.likelihood.log_prob(x, params).mean(0) - kl_weight * gaussian_kl(mu, logvar)
+    z = model.reparameterize(mu, logvar, eps)
+    params = model.decode(z)  # (K, B, P*D)
+    return model.likelihood.log_prob(x, params).mean(0) - kl_weight * model.prior.kl(mu, logvar, z)
 
 
 def log_weights(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Importance log-weights log p(x|z_k) + log p(z_k) - log q(z_k|x), shape (K, B), for eps (K, B, D)."""
+    return _log_weights(model, x, eps)[0]
+
+
+def _log_weights(model: VAE, x: torch.Tensor, eps: torch.Tensor, detach_q: bool = False):
+    """(log-weights (K, B), samples z (K, B, D)). detach_q: q's parameters enter log q as constants (z still
+    depends on them), as DReG needs."""
     mu, logvar = model.encode(x)
     z = model.reparameterize(mu, logvar, eps)
     log_px = model.likelihood.log_prob(x, model.decode(z))
-    return log_px + standard_normal_log_prob(z) - gaussian_log_prob(z, mu, logvar)
+    q_mu, q_logvar = (mu.detach(), logvar.detach()) if detach_q else (mu, logvar)
+    return log_px + model.prior.log_prob(z) - gaussian_log_prob(z, q_mu, q_logvar), z
+
+
+def dreg_bound(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The IWAE bound per input (B,) with doubly reparameterized gradients (Tucker et al. 2018, eq. 5): its value
+    is `iwae_bound`'s; its gradient gives the decoder and prior sum_k w~_k d log w_k and the encoder
+    sum_k w~_k^2 (d log w_k / d z_k) dz_k (w~ the normalized weights; no score-function term).
+
+    One backward pass: log q takes its parameters as constants, the surrogate sum_k w~_k log w_k gives the
+    decoder its gradient, and a hook on z scales the gradient that reaches the encoder through z by a further
+    w~_k. z depends on the encoder alone, so the hook touches nothing else (a VampPrior's pseudo-inputs reach the
+    encoder through log p, not through z)."""
+    log_w, z = _log_weights(model, x, eps, detach_q=True)
+    w = torch.softmax(log_w.detach(), dim=0)  # (K, B)
+    if z.requires_grad:
+        z.register_hook(lambda grad: grad * w.unsqueeze(-1))
+    surrogate = (w * log_w).sum(0)
+    return iwae_bound(log_w.detach()) + surrogate - surrogate.detach()
 
 
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:

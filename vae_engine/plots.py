@@ -113,9 +113,10 @@ def _image_figures(model: Any, plots: Path, x_test: torch.Tensor, seed: int) -> 
     _save(fig, plots / "reconstructions.png")
 
     # samples from the prior
-    z = torch.randn((64, d), generator=g)
+    z = model.prior.sample(64, d, g)
     fig, ax = plt.subplots(figsize=(5, 5))
-    _show_grid(ax, grid(mean(model.decode(z)), 8), "samples: z ~ N(0, I)")
+    _show_grid(ax, grid(mean(model.decode(z)), 8), "samples: z ~ " + ("N(0, I)" if model.cfg.prior == "normal"
+                                                                         else "VampPrior"))
     _save(fig, plots / "samples.png")
 
     # latent traversal: vary each of the first 8 latent dims over [-3, 3] around a test item's posterior mean

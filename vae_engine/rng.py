@@ -17,7 +17,7 @@ import numpy as np
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
-EPS_STREAM, BINARIZE_STREAM = 0, 1
+EPS_STREAM, BINARIZE_STREAM, PRIOR_STREAM = 0, 1, 2  # PRIOR_STREAM: a mixture prior's component
 PARALLEL_MIN = 1 << 20  # elements; a parallel launch costs 0.1-8 ms on 2 busy cores, so only big work pays
 
 
@@ -165,6 +165,11 @@ def binarize(x: np.ndarray, seed: int, start: int) -> np.ndarray:
     out = np.empty_like(x)
     _binarize_kernels[x.size >= PARALLEL_MIN](stream_key(seed, BINARIZE_STREAM), np.int64(start), x, out)
     return out
+
+
+def uniforms(seed: int, stream: int, start: int, n: int) -> np.ndarray:
+    """One uniform in (0, 1) per item start..start+n-1 of a stream, float64 (n,) (small draws: NumPy is enough)."""
+    return _uniform_numpy(stream_key(seed, stream), np.uint64(start) + np.arange(n, dtype=np.uint64))
 
 
 # ---- NumPy twins (the reference the kernels are tested against) ----

@@ -357,8 +357,7 @@ class App:
             return np.split(a, cuts)
 
         if op == "sample":
-            streams = rng.Streams.concat([rng.Streams.contiguous(p["seed"], p["start"], p["n"]) for p in payloads])
-            z = streams.eps(0, len(streams), 1, eng.latent_dim)[:, 0]
+            z = np.concatenate([eng.prior.sample(p["seed"], p["start"], p["n"]) for p in payloads])  # own streams
             return [{"items": part} for part in split(eng.decode(z))]
         x = np.concatenate([p["x"] for p in payloads]) if len(payloads) > 1 else payloads[0]["x"]
         if op == "encode":
@@ -392,7 +391,7 @@ class App:
             except (VaeEngineError, OSError):
                 items, labels = None, None
             if items is None:
-                z = rng.normal_eps(0, 0, n, 1, self.engine.latent_dim)[:, 0]
+                z = self.engine.prior.sample(0, 0, n)
                 labels = None
             else:
                 idx = np.linspace(0, len(items) - 1, min(n, len(items))).astype(int)

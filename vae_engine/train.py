@@ -16,10 +16,11 @@ import torch
 from . import checkpoint, data, distributed, likelihoods, rng
 from .config import IMAGE_SHAPE, INPUT_DIM, ModelConfig, TrainConfig
 from .errors import Interrupted, VaeEngineError
-from .hardware import available_cpus
-from .model import VAE, elbo, iwae_bound, log_weights
+from .hardware import available_cpus, native_bf16
+from .model import VAE, dreg_bound, elbo, iwae_bound, log_weights
 
 TEST_SEED = 0  # the test -ELBO of every epoch: evaluate's default seed, so the two report the same estimate
+PEAK_AFTER_S = 10.0  # the GEMM peak (~2 s to measure) is measured once a run has trained this long
 
 
 class Callbacks:
@@ -51,18 +52,39 @@ def kl_weight_at(cfg: TrainConfig, epoch: int, step: int, steps: int) -> float:
     return min(1.0, (epoch + step / steps) / cfg.kl_warmup_epochs)
 
 
-class Objective(torch.nn.Module):
-    """The training loss as a module's forward, so DistributedDataParallel can wrap it."""
+def auto_precision() -> str:
+    """What `--precision auto` trains in here: bf16 autocast where the CPU multiplies bf16 natively (AVX512_BF16
+    or AMX), else fp32 (emulated bf16 is slower than fp32)."""
+    return "bf16" if native_bf16() else "fp32"
 
-    def __init__(self, model: VAE, objective: str):
+
+class Objective(torch.nn.Module):
+    """The training loss as a module's forward, so DistributedDataParallel can wrap it. In bf16 the networks run
+    under autocast; their outputs, every log-density, the log-sum-exp and the optimizer stay fp32."""
+
+    def __init__(self, model: VAE, objective: str, precision: str = "fp32"):
         super().__init__()
-        self.model, self.objective = model, objective
+        self.model, self.objective, self.bf16 = model, objective, precision == "bf16"
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor, kl_weight: float) -> torch.Tensor:
-        """Mean negative objective over a batch x (B, 784), eps (K, B, D)."""
-        if self.objective == "iwae":
-            return -iwae_bound(log_weights(self.model, x, eps)).mean()
-        return -elbo(self.model, x, eps, kl_weight).mean()
+        """Mean negative objective over a batch x (B, D), eps (K, B, L)."""
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            if self.objective == "dreg":
+                return -dreg_bound(self.model, x, eps).mean()
+            if self.objective == "iwae":
+                return -iwae_bound(log_weights(self.model, x, eps)).mean()
+            return -elbo(self.model, x, eps, kl_weight).mean()
+
+
+def step_flops(cfg: ModelConfig, batch: int, k: int) -> float:
+    """FLOPs of one training step (2 per multiply-add): the forward pass is the encoder on the batch (and on a
+    VampPrior's pseudo-inputs) plus the decoder on its k samples; the backward pass is counted as twice the forward
+    (a gradient for the inputs and one for the weights of each layer), the usual 3x."""
+    from .bench import model_flops
+
+    per_item = model_flops(cfg)
+    items = batch + (cfg.pseudo_inputs if cfg.prior == "vamp" else 0)
+    return 3.0 * (items * per_item["encode"] + k * batch * per_item["decode"])
 
 
 def binarize_mode(model: VAE, cfg: TrainConfig) -> str:
@@ -151,7 +173,7 @@ def train(
 
 def _remove_run(out_dir: Path) -> None:
     """Delete what a run writes into a model folder (and the folder itself if that leaves it empty)."""
-    for name in (checkpoint.CONFIG, checkpoint.WEIGHTS, checkpoint.STATE, checkpoint.METRICS, checkpoint.EVALUATION,
+    for name in (checkpoint.CONFIG, checkpoint.WEIGHTS, checkpoint.PRIOR, checkpoint.STATE, checkpoint.METRICS, checkpoint.EVALUATION,
                  checkpoint.EXPORT_REPORT, *(path.name for path in _graph_files(out_dir))):
         (out_dir / name).unlink(missing_ok=True)
     shutil.rmtree(out_dir / checkpoint.PLOTS, ignore_errors=True)
@@ -190,6 +212,8 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     why = None
     if not resume:
         model_cfg, why = resolve_model(model_cfg, dataset)
+        if train_cfg.precision == "auto":
+            train_cfg = replace(train_cfg, precision=auto_precision())
     elif dataset.item_shape != model_cfg.input_shape and math.prod(dataset.item_shape) != model_cfg.input_dim:
         raise VaeEngineError(f"{out_dir}: the model takes items of shape {list(model_cfg.input_shape)}, the data "
                              f"has {list(dataset.item_shape)}")
@@ -211,6 +235,7 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     model = VAE(model_cfg)
     if model_cfg.standardize:  # measured on the training split; stored as buffers, so every graph carries them
         model.set_standardization(x_train.mean(0), x_train.std(0))
+    model.init_pseudo_inputs(x_train, torch.Generator().manual_seed(2**63 + train_cfg.seed))  # VampPrior only
     # the fused CPU kernel: ~0.6 ms per step for the default MLP against ~4 ms for the for-each one
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, fused=True)
     start_epoch, rows = 0, []
@@ -234,7 +259,7 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
         checkpoint.write_config(out_dir, model_cfg, train_cfg, described)
         checkpoint.write_metrics(out_dir, rows)  # the checkpoint's rows: a kill may have cut the file short
 
-    objective = Objective(model, train_cfg.objective)
+    objective = Objective(model, train_cfg.objective, train_cfg.precision)
     if world.size > 1:  # averages gradients over ranks: one step on W x b inputs, as one process would take it
         objective = torch.nn.parallel.DistributedDataParallel(objective)
     mine = slice(world.rank * b, (world.rank + 1) * b)  # this rank's share of each global batch
@@ -242,6 +267,7 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     callbacks.on_train_start(train_cfg.epochs, start_epoch, steps)
     model.train()
     epoch = start_epoch
+    flops, peak, trained_s = step_flops(model_cfg, global_batch, train_cfg.k) * steps, None, 0.0
     try:
         for epoch in range(start_epoch, train_cfg.epochs):
             g = epoch_generator(train_cfg.seed, epoch)  # identical on every rank: same permutation, same noise
@@ -267,10 +293,19 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
                 total += value
                 callbacks.on_batch_end(epoch, step, value, b)
             seconds = time.perf_counter() - t0
+            trained_s += seconds
             if world.is_main:
+                if peak is None and trained_s >= PEAK_AFTER_S and world.size == 1:
+                    from .bench import measured_peaks
+
+                    peak = measured_peaks(threads).get(train_cfg.precision)  # the same measurement as bench
+                gflops = flops / seconds / 1e9
                 row = {"epoch": epoch + 1, "train_loss": total / steps,
                        "test_nelbo": test_elbo(model, x_test, train_cfg), "seconds": round(seconds, 3),
-                       "samples_per_s": round(steps * global_batch / seconds, 1), "lr": lr_at(train_cfg, epoch)}
+                       "samples_per_s": round(steps * global_batch / seconds, 1), "lr": lr_at(train_cfg, epoch),
+                       "precision": train_cfg.precision, "gflops": round(gflops, 2),
+                       "peak_gflops": round(peak, 1) if peak else None,
+                       "fraction_of_peak": round(gflops / peak, 4) if peak else None}
                 rows.append(row)
                 # weights, then the resume state (which carries the metrics rows), then metrics.jsonl; each
                 # atomic, and a resume rewrites metrics.jsonl from the state, so a kill between them loses nothing

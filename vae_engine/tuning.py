@@ -76,7 +76,7 @@ def validation_items(model_dir: Path, n: int = VALIDATION_ITEMS, seed: int = 0) 
     models, as evaluate does); if that data is gone, n samples from the model itself. Returns (x, source)."""
     import numpy as np
 
-    from . import data, rng
+    from . import data, priors, rng
     from .likelihoods import get
 
     cfg, train_cfg = checkpoint.model_config(model_dir), checkpoint.train_config(model_dir)
@@ -89,7 +89,7 @@ def validation_items(model_dir: Path, n: int = VALIDATION_ITEMS, seed: int = 0) 
 
         model = checkpoint.load_model(model_dir)
         with torch.inference_mode():
-            params = model.decoder(torch.from_numpy(rng.normal_eps(seed, 0, n, 1, cfg.latent_dim)[:, 0]))
+            params = model.decoder(torch.from_numpy(priors.load(model_dir, cfg).sample(seed, 0, n)))
             x = lk.mean(params.numpy())
         source = f"{n} samples of the model (its test data is not readable)"
     if lk.binarized and train_cfg.binarize == "dynamic":

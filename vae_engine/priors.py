@@ -1,0 +1,233 @@
+"""Priors p(z): the standard normal and the VampPrior, each defined once with its PyTorch form (training and the
+reference), what the engine runs (a Numba log-density kernel with its NumPy twin, and sampling from the counter
+streams), side by side.
+
+The VampPrior (Tomczak & Welling 2018, eq. 9) is the encoder's own posterior averaged over C learned
+pseudo-inputs u_c: p(z) = 1/C sum_c q(z | u_c). Training learns the u_c with everything else; the model folder
+stores the mixture it stands for (each component's mean and log-variance, `prior.safetensors`), so the engine
+never runs the encoder on the pseudo-inputs and the exported graphs stay the two plain networks.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+from torch import nn
+
+from . import kernels, rng
+from .config import LOGVAR_MAX, LOGVAR_MIN, ModelConfig
+from .errors import ModelDirError
+from .kernels import _exp
+from .rng import PARALLEL_MIN, _jit
+
+LOG_2PI = math.log(2.0 * math.pi)
+from .checkpoint import PRIOR  # noqa: E402  (the file name is the model folder's; its contents are ours)
+
+
+# ---- Gaussian densities (PyTorch), summed over latent dims ----
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - exp(logvar)), K&W 2013 appendix B."""
+    return -0.5 * torch.sum(1.0 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+
+
+def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))), summed over latent dims."""
+    return -0.5 * torch.sum(LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar), dim=-1)
+
+
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I), summed over latent dims."""
+    return -0.5 * torch.sum(LOG_2PI + z.pow(2), dim=-1)
+
+
+def mixture_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log (1/C) sum_c N(z; mu_c, diag(exp(logvar_c))) for z (..., L) and components (C, L) -> (...).
+
+    The quadratic form is expanded, sum_l a (z - m)^2 = z^2 @ a.T - 2 z @ (m a).T + sum_l m^2 a with
+    a = exp(-logvar), so a batch costs two matrix products instead of a (..., C, L) tensor (and its gradient). In
+    fp32 even under autocast: the log-sum-exp over C and the cancelling terms need its mantissa.
+    """
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z, mu, logvar = z.float(), mu.float(), logvar.float()
+        flat = z.reshape(-1, z.shape[-1])  # (N, L)
+        inv = torch.exp(-logvar)  # (C, L)
+        quad = (flat * flat) @ inv.T - 2.0 * flat @ (mu * inv).T + (mu * mu * inv).sum(-1)  # (N, C)
+        log_n = -0.5 * (quad.clamp_min(0.0) + logvar.sum(-1) + z.shape[-1] * LOG_2PI)
+        return (torch.logsumexp(log_n, dim=-1) - math.log(mu.shape[0])).view(z.shape[:-1])
+
+
+class StandardNormal(nn.Module):
+    """p(z) = N(0, I): the KL of a Gaussian posterior is analytic."""
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return standard_normal_log_prob(z)
+
+    def kl(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) || p(z)) per input (B,); analytic here, so the samples z (K, B, L) are not used."""
+        return gaussian_kl(mu, logvar)
+
+    def sample(self, n: int, latent_dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn((n, latent_dim), generator=generator)
+
+    def components(self) -> None:
+        return None
+
+
+class VampPrior(nn.Module):
+    """p(z) = 1/C sum_c q(z | u_c), the encoder's posterior on C learned pseudo-inputs u_c (Tomczak & Welling
+    2018). The pseudo-inputs are in the encoder's input units (raw data); `VAE.init_pseudo_inputs` starts them
+    at training items."""
+
+    def __init__(self, cfg: ModelConfig, encoder: nn.Module):
+        super().__init__()
+        self.pseudo_inputs = nn.Parameter(torch.rand(cfg.pseudo_inputs, cfg.input_dim))  # (C, D)
+        self._encoder = (encoder,)  # a tuple, so not a submodule: its weights are the VAE's encoder's
+
+    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixture's (mu, logvar), each (C, L): the encoder on the pseudo-inputs."""
+        return self._encoder[0](self.pseudo_inputs)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return mixture_log_prob(z, *self.components())
+
+    def kl(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) || p(z)) per input (B,), estimated with the samples z (K, B, L): no closed form for a mixture."""
+        return (gaussian_log_prob(z, mu, logvar) - self.log_prob(z)).mean(0)
+
+    def sample(self, n: int, latent_dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        mu, logvar = self.components()
+        c = torch.randint(len(mu), (n,), generator=generator)
+        return mu[c] + torch.exp(0.5 * logvar[c]) * torch.randn((n, latent_dim), generator=generator)
+
+
+def make(cfg: ModelConfig, encoder: nn.Module) -> nn.Module:
+    """The PyTorch prior a config names."""
+    return VampPrior(cfg, encoder) if cfg.prior == "vamp" else StandardNormal()
+
+
+# ---- what the engine runs: NumPy arrays, Numba kernels, counter streams ----
+
+
+def _make_mixture_kernel(parallel: bool):
+    def kernel(z, mu, inv_var, norm, out):
+        """out[n] = log (1/C) sum_c exp(norm[c] - 1/2 sum_l (z[n, l] - mu[c, l])^2 inv_var[c, l]), max-shifted; the
+        direct form, so no terms cancel."""
+        n, d = z.shape
+        c = mu.shape[0]
+        log_c = math.log(c)
+        for i in numba.prange(n):
+            terms = np.empty(c, np.float32)
+            top = np.float32(-np.inf)
+            for j in range(c):
+                acc = np.float32(0.0)
+                for l in range(d):  # noqa: E741
+                    diff = z[i, l] - mu[j, l]
+                    acc += diff * diff * inv_var[j, l]
+                terms[j] = norm[j] - np.float32(0.5) * acc
+                top = max(top, terms[j])
+            total = np.float32(0.0)
+            for j in range(c):
+                total += _exp(terms[j] - top)
+            out[i] = top + math.log(total) - log_c
+    return _jit(kernel, parallel, fastmath=True)
+
+
+_MIXTURE = (_make_mixture_kernel(False), _make_mixture_kernel(True))
+
+
+class NormalPrior:
+    """N(0, I) as the engine runs it."""
+
+    standard = True  # the log-weights kernel fuses log N(z; 0, I) itself, and the KL is analytic
+
+    def __init__(self, latent_dim: int):
+        self.latent_dim = latent_dim
+
+    def log_prob(self, z: np.ndarray) -> np.ndarray:
+        """log p(z) per row (N,) float64 for z (N, L)."""
+        z = np.asarray(z, np.float64)
+        return -0.5 * np.sum(LOG_2PI + z * z, axis=-1)
+
+    def kl(self, mu: np.ndarray, logvar: np.ndarray, z: np.ndarray, eps: np.ndarray) -> np.ndarray:
+        """KL(q || p) per row (B,), analytic (K&W 2013 appendix B); z and eps are not used."""
+        return kernels.gaussian_kl(mu, logvar)
+
+    def sample(self, seed: int, start: int, n: int) -> np.ndarray:
+        """z (n, L) for items start..start+n-1 of seed: the eps stream's first sample."""
+        return rng.normal_eps(seed, start, n, 1, self.latent_dim)[:, 0]
+
+
+class MixturePrior:
+    """The VampPrior's mixture as the engine runs it: C diagonal Gaussians (mu, logvar), each (C, L) float32."""
+
+    standard = False
+
+    def __init__(self, mu: np.ndarray, logvar: np.ndarray):
+        self.mu = np.ascontiguousarray(mu, np.float32)
+        self.logvar = np.ascontiguousarray(logvar, np.float32)
+        self.latent_dim = self.mu.shape[1]
+        self._inv_var = np.exp(-self.logvar).astype(np.float32)
+        self._norm = (-0.5 * (self.logvar.astype(np.float64).sum(1) + self.latent_dim * LOG_2PI)).astype(np.float32)
+
+    def log_prob(self, z: np.ndarray) -> np.ndarray:
+        """log p(z) per row (N,) float32 for z (N, L), one Numba pass (no (N, C, L) temporaries)."""
+        z = np.ascontiguousarray(z, np.float32)
+        out = np.empty(len(z), np.float32)
+        _MIXTURE[z.size * len(self.mu) >= PARALLEL_MIN](z, self.mu, self._inv_var, self._norm, out)
+        return out
+
+    def log_prob_numpy(self, z: np.ndarray) -> np.ndarray:
+        """NumPy twin of `log_prob` in float64: the textbook density of each component, then log-sum-exp."""
+        z = np.asarray(z, np.float64)[:, None, :]
+        mu, logvar = self.mu.astype(np.float64), self.logvar.astype(np.float64)
+        log_n = -0.5 * np.sum(LOG_2PI + logvar + (z - mu) ** 2 * np.exp(-logvar), axis=-1)  # (N, C)
+        top = log_n.max(-1, keepdims=True)
+        return (top + np.log(np.mean(np.exp(log_n - top), axis=-1, keepdims=True)))[:, 0]
+
+    def kl(self, mu: np.ndarray, logvar: np.ndarray, z: np.ndarray, eps: np.ndarray) -> np.ndarray:
+        """log q(z|x) - log p(z) per row (B,) at one sample z = mu + sigma eps: the KL's one-sample estimate
+        ((z - mu)^2 / sigma^2 is eps^2 exactly)."""
+        log_q = -0.5 * np.sum(LOG_2PI + logvar.astype(np.float64) + eps.astype(np.float64) ** 2, axis=-1)
+        return log_q - self.log_prob(z)
+
+    def sample(self, seed: int, start: int, n: int) -> np.ndarray:
+        """z (n, L) for items start..start+n-1 of seed: a component from the item's prior stream, then that
+        component's mean plus its sigma times the item's first eps."""
+        c = np.minimum((rng.uniforms(seed, rng.PRIOR_STREAM, start, n) * len(self.mu)).astype(np.int64),
+                       len(self.mu) - 1)
+        eps = rng.normal_eps(seed, start, n, 1, self.latent_dim)[:, 0]
+        return (self.mu[c] + np.exp(0.5 * self.logvar[c]) * eps).astype(np.float32)
+
+
+def save(model_dir: Path, model: nn.Module) -> None:
+    """Write prior.safetensors (the mixture of a VampPrior model, computed in fp32) atomically; nothing else has one."""
+    from .checkpoint import _save_tensors
+
+    if model.cfg.prior == "vamp":
+        with torch.no_grad():
+            mu, logvar = model.prior.components()
+        _save_tensors(model_dir / PRIOR, {"mu": mu.float(), "logvar": logvar.float()}, {"format": "pt"})
+
+
+def load(model_dir: str | Path, cfg: ModelConfig) -> NormalPrior | MixturePrior:
+    """The prior a model folder's config names; a VampPrior's mixture from prior.safetensors, every value checked
+    (shape (C, L) from config.json, finite, log-variances in the encoder's bounds)."""
+    if cfg.prior != "vamp":
+        return NormalPrior(cfg.latent_dim)
+    from .checkpoint import _load_tensors, check_tensors
+
+    path = Path(model_dir) / PRIOR
+    tensors, _ = _load_tensors(path)
+    shape = (cfg.pseudo_inputs, cfg.latent_dim)
+    check_tensors(tensors, {"mu": (shape, torch.float32), "logvar": (shape, torch.float32)}, path, "prior tensors")
+    logvar = tensors["logvar"].numpy()
+    if logvar.min() < LOGVAR_MIN or logvar.max() > LOGVAR_MAX:
+        raise ModelDirError(f"{path}: logvar lies outside [{LOGVAR_MIN:g}, {LOGVAR_MAX:g}]; the file was not "
+                            "written by train")
+    return MixturePrior(tensors["mu"].numpy(), logvar)
