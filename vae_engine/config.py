@@ -162,7 +162,8 @@ class TrainConfig:
             if value is not None:
                 check_int(name, value, 1, MAX_THREADS if name == "threads" else None)
         for name, value in (("dataset", self.dataset), ("binarize", self.binarize), ("objective", self.objective),
-                            ("lr_schedule", self.lr_schedule), ("precision", self.precision), ("data_dir", self.data_dir), ("data", self.data),
+                            ("lr_schedule", self.lr_schedule), ("precision", self.precision),
+                            ("data_dir", self.data_dir), ("data", self.data),
                             ("test_data", self.test_data)):
             if not isinstance(value, str) and not (name in ("data_dir", "data", "test_data") and value is None):
                 raise VaeEngineError(f"{name} must be a string, got {value!r}")

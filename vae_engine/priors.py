@@ -27,7 +27,6 @@ from .rng import PARALLEL_MIN, _jit
 LOG_2PI = math.log(2.0 * math.pi)
 from .checkpoint import PRIOR  # noqa: E402  (the file name is the model folder's; its contents are ours)
 
-
 # ---- Gaussian densities (PyTorch), summed over latent dims ----
 
 

@@ -173,7 +173,7 @@ def train(
 
 def _remove_run(out_dir: Path) -> None:
     """Delete what a run writes into a model folder (and the folder itself if that leaves it empty)."""
-    for name in (checkpoint.CONFIG, checkpoint.WEIGHTS, checkpoint.PRIOR, checkpoint.STATE, checkpoint.METRICS, checkpoint.EVALUATION,
+    for name in (*checkpoint.INFERENCE_FILES, checkpoint.STATE, checkpoint.METRICS, checkpoint.EVALUATION,
                  checkpoint.EXPORT_REPORT, *(path.name for path in _graph_files(out_dir))):
         (out_dir / name).unlink(missing_ok=True)
     shutil.rmtree(out_dir / checkpoint.PLOTS, ignore_errors=True)
