@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,3 +279,27 @@ def test_bad_prior_files_are_refused(vamp_dir, tmp_path, damage, match):
         save_file(tensors, str(path))
     with pytest.raises(ModelDirError, match=match):
         Engine.load(broken, backend="torch")
+
+
+def test_nll_checks_land_in_the_metrics_and_the_plot(tiny_data, tmp_path):
+    from vae_engine import train as train_mod
+
+    out = tmp_path / "m"
+    rows = train(ModelConfig(latent_dim=4, hidden=(32,)),
+                 TrainConfig(dataset="dir", data_dir=str(tiny_data), epochs=3, batch_size=32, nll_every=2), out,
+                 plots=True)
+    assert ["test_nll_k1000" in r for r in rows] == [False, True, True]  # every 2nd epoch and the last
+    model = checkpoint.load_model(out)
+    x = train_mod.data.to_unit(train_mod.data.load_test_data(checkpoint.train_config(out))[0])
+    assert rows[-1]["test_nll_k1000"] == pytest.approx(train_mod.test_nll(model, x, checkpoint.train_config(out)))
+    assert rows[-1]["test_nll_k1000"] < rows[-1]["test_nelbo"]  # k=1000 is a tighter bound than the ELBO
+    assert all(r["precision"] == "fp32" and r["gflops"] > 0 for r in rows)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nll_vs_time", Path(__file__).parents[1] / "bench" /
+                                                  "nll_vs_time.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(out), "--out", str(tmp_path / "curve.png")]) == 0
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert script.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")]) == 2

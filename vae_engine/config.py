@@ -151,12 +151,14 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads (None: all cores)
     limit: int | None = None  # train on the first N training images only (for quick runs and tests)
     precision: str = "fp32"  # "fp32" or "bf16" autocast (loss, log-sum-exp, optimizer in fp32); runs before it: fp32
+    nll_every: int = 0  # epochs between IWAE NLL checks (k=1000, first 1,000 test items) in metrics; 0: none
 
     def __post_init__(self) -> None:
         for name, value, lo, hi in (("epochs", self.epochs, 1, MAX_EPOCHS),
                                     ("batch size", self.batch_size, 1, MAX_BATCH),
                                     ("k", self.k, 1, MAX_TRAIN_K), ("seed", self.seed, 0, SEED_MAX),
-                                    ("KL warm-up epochs", self.kl_warmup_epochs, 0, MAX_EPOCHS)):
+                                    ("KL warm-up epochs", self.kl_warmup_epochs, 0, MAX_EPOCHS),
+                                    ("NLL check interval", self.nll_every, 0, MAX_EPOCHS)):
             check_int(name, value, lo, hi)
         for name, value in (("threads", self.threads), ("limit", self.limit)):
             if value is not None:

@@ -76,11 +76,36 @@ def training_curve(rows: list[dict[str, Any]], path: Path) -> None:
     style = ("o-", "s-") if len(rows) <= 50 else ("-", "-")
     ax.plot(epochs, [r["train_loss"] for r in rows], style[0], label="train loss (-objective)")
     ax.plot(epochs, [r["test_nelbo"] for r in rows], style[1], label="test -ELBO")
+    checked = [r for r in rows if "test_nll_k1000" in r]
+    if checked:
+        ax.plot([r["epoch"] for r in checked], [r["test_nll_k1000"] for r in checked], "^-",
+                label="test NLL (k=1000, 1,000 items)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per image")
     ax.set_title("Training curve")
     ax.grid(alpha=0.3)
     ax.legend()
+    _save(fig, path)
+
+
+def nll_against_time(runs: dict[str, list[dict[str, Any]]], path: Path,
+                     targets: dict[str, float] | None = None) -> None:
+    """Test NLL (the runs' `test_nll_k1000` checks) against cumulative training time, one line per run (label ->
+    metrics rows); `targets` draws labelled horizontal reference lines (e.g. published NLLs)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, rows in runs.items():
+        elapsed = np.cumsum([r["seconds"] for r in rows]) / 60.0
+        points = [(t, r["test_nll_k1000"]) for t, r in zip(elapsed, rows, strict=True) if "test_nll_k1000" in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), "o-", ms=3, label=label)
+    for name, value in (targets or {}).items():
+        ax.axhline(value, ls="--", lw=0.8, color="grey")
+        ax.annotate(name, (ax.get_xlim()[0], value), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlabel("training time (minutes; evaluation excluded)")
+    ax.set_ylabel("test NLL, nats (k=1000, first 1,000 items)")
+    ax.set_title("Test NLL against training time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     _save(fig, path)
 
 

@@ -20,6 +20,7 @@ from .hardware import available_cpus, native_bf16
 from .model import VAE, dreg_bound, elbo, iwae_bound, log_weights
 
 TEST_SEED = 0  # the test -ELBO of every epoch: evaluate's default seed, so the two report the same estimate
+NLL_ITEMS, NLL_K = 1000, 1000  # the --nll-every check: IWAE NLL of the first 1,000 test items, k=1000
 PEAK_AFTER_S = 10.0  # the GEMM peak (~2 s to measure) is measured once a run has trained this long
 
 
@@ -140,6 +141,20 @@ def test_elbo(model: VAE, x_test: torch.Tensor, cfg: TrainConfig, batch_size: in
     return total / len(x_all)
 
 
+@torch.no_grad()
+def test_nll(model: VAE, x_test: torch.Tensor, cfg: TrainConfig) -> float:
+    """Mean IWAE NLL (k=NLL_K) of the first NLL_ITEMS test items, seed-0 streams: the `evaluate --k 1000 --limit
+    1000` number, cheap enough to track during a run (the NLL-against-time curve of a recipe)."""
+    from .evaluate import evaluate, reference_scores
+
+    model.eval()
+    x = x_test[:NLL_ITEMS].numpy()
+    nll = evaluate(lambda xb, start, k, seed: reference_scores(model, xb, start, k, seed), x, NLL_K, TEST_SEED,
+                   binarize=binarize_mode(model, cfg) == "dynamic")[1]
+    model.train()
+    return float(nll.mean())
+
+
 def train(
     model_cfg: ModelConfig | None,
     train_cfg: TrainConfig,
@@ -214,6 +229,9 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
         model_cfg, why = resolve_model(model_cfg, dataset)
         if train_cfg.precision == "auto":
             train_cfg = replace(train_cfg, precision=auto_precision())
+            callbacks.on_message(f"precision auto: training in {train_cfg.precision} ("
+                                 + ("native bf16 on this CPU)" if train_cfg.precision == "bf16" else
+                                    "no native bf16 on this CPU)"))
     elif dataset.item_shape != model_cfg.input_shape and math.prod(dataset.item_shape) != model_cfg.input_dim:
         raise VaeEngineError(f"{out_dir}: the model takes items of shape {list(model_cfg.input_shape)}, the data "
                              f"has {list(dataset.item_shape)}")
@@ -306,6 +324,8 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
                        "precision": train_cfg.precision, "gflops": round(gflops, 2),
                        "peak_gflops": round(peak, 1) if peak else None,
                        "fraction_of_peak": round(gflops / peak, 4) if peak else None}
+                if train_cfg.nll_every and ((epoch + 1) % train_cfg.nll_every == 0 or epoch + 1 == train_cfg.epochs):
+                    row["test_nll_k1000"] = test_nll(model, x_test, train_cfg)
                 rows.append(row)
                 # weights, then the resume state (which carries the metrics rows), then metrics.jsonl; each
                 # atomic, and a resume rewrites metrics.jsonl from the state, so a kill between them loses nothing

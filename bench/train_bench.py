@@ -1,0 +1,149 @@
+"""Training per precision: how fast (samples/s, GFLOP/s and % of this machine's GEMM peak for that precision, on the
+trainer's own step) and how good (the test NLL that fp32 and bf16 autocast training reach at equal epochs).
+
+    python bench/train_bench.py --speed                    # ~2 min: every step kind below, fp32 and bf16
+    python bench/train_bench.py --parity --epochs 10       # trains 2 precisions x 2 seeds, then scores each
+
+Speed: one step is the trainer's (`train.Objective` forward, backward, fused Adam) on bundled-MNIST batches,
+dynamically binarized; warmed up, then timed for --seconds, threads set explicitly; the GEMM peaks are measured in
+the same run (`bench.measured_peaks`, the numbers `vae-engine bench` compares with). FLOPs per step:
+`train.step_flops` (forward multiply-adds x 2 x 3 for the backward pass).
+Parity: `train.train` on the 60,000 training images, then the IWAE NLL (k=1000) of the first 1,000 test images with
+the fp32 PyTorch reference (seed 0 streams, the same for every model). The seed-to-seed spread within a precision
+is the noise a bf16-fp32 difference is judged against; the per-image paired difference gives its standard error.
+Results: bench/results/train_bench.json (merged with what is there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vae_engine import data, hardware
+from vae_engine.bench import measured_peaks
+from vae_engine.config import ModelConfig, TrainConfig
+from vae_engine.evaluate import evaluate, reference_scores
+from vae_engine.model import VAE
+from vae_engine.train import Objective, step_flops, train
+
+RESULTS = Path(__file__).parent / "results" / "train_bench.json"
+NETWORK = {"latent_dim": 50, "hidden": (500, 500)}  # the shipped model's network
+# (name, objective, k, batch, prior)
+STEPS = [("elbo k=1 b=100", "elbo", 1, 100, "normal"), ("elbo k=1 b=500", "elbo", 1, 500, "normal"),
+         ("iwae k=5 b=500", "iwae", 5, 500, "normal"), ("dreg k=5 b=500", "dreg", 5, 500, "normal"),
+         ("dreg k=5 b=500 vamp", "dreg", 5, 500, "vamp")]
+
+
+def _trainer_step(cfg: ModelConfig, objective: str, precision: str, x_train: torch.Tensor, batch: int, k: int):
+    """One training step of a fresh seeded model, as the trainer takes it: a random binarized batch, the loss,
+    backward, fused Adam."""
+    torch.manual_seed(0)
+    model = VAE(cfg)
+    model.init_pseudo_inputs(x_train, torch.Generator().manual_seed(1))
+    loss_fn = Objective(model, objective, precision)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        x = data.binarize(x_train[torch.randint(len(x_train), (batch,), generator=g)], "dynamic", g)
+        loss = loss_fn(x, torch.randn((k, batch, cfg.latent_dim), generator=g), 1.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def speed(threads: int, seconds: float) -> list[dict]:
+    """samples/s, GFLOP/s and fraction of peak of each step kind in fp32 and bf16."""
+    torch.set_num_threads(threads)
+    x_train = data.to_unit(data.load_training_data(TrainConfig()).train_images)
+    peaks = measured_peaks(threads)
+    rows = []
+    for name, objective, k, batch, prior in STEPS:
+        cfg = ModelConfig(**NETWORK, prior=prior)
+        for precision in ("fp32", "bf16"):
+            step = _trainer_step(cfg, objective, precision, x_train, batch, k)
+            for _ in range(5):  # warm-up: allocator, oneDNN kernels
+                step()
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                step()
+                n += 1
+            elapsed = time.perf_counter() - t0
+            gflops = step_flops(cfg, batch, k) * n / elapsed / 1e9
+            rows.append({"step": name, "precision": precision, "samples_per_s": round(n * batch / elapsed, 1),
+                         "gflops": round(gflops, 1), "peak_gflops": round(peaks[precision], 1),
+                         "fraction_of_peak": round(gflops / peaks[precision], 4)})
+            print(f"{name:22s} {precision}  {rows[-1]['samples_per_s']:9,.0f} samples/s  {gflops:6.1f} GFLOP/s  "
+                  f"{gflops / peaks[precision]:5.1%} of {peaks[precision]:.0f}", flush=True)
+    return rows
+
+
+def parity(threads: int, epochs: int, objective: str, k: int, batch: int, seeds: tuple[int, ...]) -> dict:
+    """Train each precision with each seed for `epochs`, then score every model on the same 1,000 test images."""
+    test = data.load_test_data(TrainConfig())[0][:1000]
+    nll: dict[tuple[str, int], np.ndarray] = {}
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            for precision in ("fp32", "bf16"):
+                out = Path(tmp) / f"{precision}-{seed}"
+                t0 = time.perf_counter()
+                rows = train(ModelConfig(**NETWORK), TrainConfig(epochs=epochs, batch_size=batch, objective=objective,
+                                                                  k=k, seed=seed, threads=threads,
+                                                                  precision=precision), out, plots=False)
+                train_s = sum(r["seconds"] for r in rows)
+                from vae_engine import checkpoint
+
+                model = checkpoint.load_model(out)
+                nll[precision, seed] = evaluate(partial(reference_scores, model), test, 1000, 0)[1]
+                runs.append({"precision": precision, "seed": seed, "train_seconds": round(train_s, 1),
+                             "wall_seconds": round(time.perf_counter() - t0, 1),
+                             "test_nelbo_last_epoch": rows[-1]["test_nelbo"],
+                             "test_nll_k1000": float(nll[precision, seed].mean())})
+                print(json.dumps(runs[-1]), flush=True)
+    diffs = [nll["bf16", s] - nll["fp32", s] for s in seeds]  # per image, paired by seed
+    mean = {p: float(np.mean([nll[p, s].mean() for s in seeds])) for p in ("fp32", "bf16")}
+    spread = {p: float(np.ptp([nll[p, s].mean() for s in seeds])) for p in ("fp32", "bf16")}
+    return {"epochs": epochs, "objective": objective, "k": k, "batch_size": batch, "seeds": list(seeds),
+            "runs": runs, "mean_nll": mean, "bf16_minus_fp32": mean["bf16"] - mean["fp32"],
+            "paired_stderr": float(np.std(np.concatenate(diffs)) / np.sqrt(sum(len(d) for d in diffs))),
+            "seed_spread": spread}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--speed", action="store_true", help="throughput of each step kind per precision")
+    p.add_argument("--parity", action="store_true", help="test NLL of fp32 vs bf16 training at equal epochs")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=4.0, help="timed seconds per speed row")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--objective", default="elbo")
+    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seeds", default="0,1")
+    args = p.parse_args(argv)
+    report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    report["machine"] = hardware.describe(args.threads)
+    if args.speed:
+        report["speed"] = speed(args.threads, args.seconds)
+    if args.parity:
+        key = f"parity {args.objective} k={args.k} b={args.batch_size} e={args.epochs}"
+        report.setdefault("parity", {})[key] = parity(args.threads, args.epochs, args.objective, args.k,
+                                                      args.batch_size, tuple(int(s) for s in args.seeds.split(",")))
+        print(json.dumps({k: v for k, v in report["parity"][key].items() if k != "runs"}, indent=1))
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
