@@ -19,8 +19,10 @@ def _train(args, out, nproc=1):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                 "--master-port", "29517", "-m", "vae_engine"] if nproc > 1 else [sys.executable, "-m", "vae_engine"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # fp32: the equalities below are exact up to reduction order, which bf16 rounding would blur
     result = subprocess.run([*launcher, "train", "--out", str(out), "--no-plots", "--latent-dim", "4", "--hidden", "32",
-                             "--seed", "5", "--precision", "fp32", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+                             "--seed", "5", "--precision", "fp32", *map(str, args)], capture_output=True, text=True,
+                            env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -303,3 +303,15 @@ def test_nll_checks_land_in_the_metrics_and_the_plot(tiny_data, tmp_path):
     assert script.main([str(out), "--out", str(tmp_path / "curve.png")]) == 0
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert script.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_auto_precision_is_resolved_and_recorded(tiny_data, tmp_path):
+    avx2 = hardware.Machine("AMD EPYC (AVX2)", frozenset({"avx2", "fma"}))
+    with hardware.pretend(avx2):
+        train(ModelConfig(latent_dim=4, hidden=(32,)),
+              TrainConfig(dataset="dir", data_dir=str(tiny_data), epochs=1, batch_size=64, precision="auto"),
+              tmp_path / "m", plots=False)
+    saved = checkpoint.read_config(tmp_path / "m")
+    assert saved["train"]["precision"] == "fp32"  # the resolved precision, so --resume trains on in it
+    assert saved["data"]["precision_auto"] == "fp32: this CPU has no native bf16"
+    assert checkpoint.read_metrics(tmp_path / "m")[0]["precision"] == "fp32"

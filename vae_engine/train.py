@@ -225,13 +225,13 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
 
     dataset = data.load_training_data(train_cfg, fetch=download)
     why = None
+    precision_why = None
     if not resume:
         model_cfg, why = resolve_model(model_cfg, dataset)
         if train_cfg.precision == "auto":
             train_cfg = replace(train_cfg, precision=auto_precision())
-            callbacks.on_message(f"precision auto: training in {train_cfg.precision} ("
-                                 + ("native bf16 on this CPU)" if train_cfg.precision == "bf16" else
-                                    "no native bf16 on this CPU)"))
+            precision_why = f"{train_cfg.precision}: " + ("this CPU has native bf16" if train_cfg.precision == "bf16"
+                                                         else "this CPU has no native bf16")
     elif dataset.item_shape != model_cfg.input_shape and math.prod(dataset.item_shape) != model_cfg.input_dim:
         raise VaeEngineError(f"{out_dir}: the model takes items of shape {list(model_cfg.input_shape)}, the data "
                              f"has {list(dataset.item_shape)}")
@@ -274,6 +274,10 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
             checkpoint.read_config(out_dir).get("data", {}).get("likelihood_auto") if resume else None
         if auto:
             described["likelihood_auto"] = auto
+        if precision_why:  # why `--precision auto` trains in what it does (recorded on the first launch)
+            described["precision_auto"] = precision_why
+        elif resume and "precision_auto" in checkpoint.read_config(out_dir).get("data", {}):
+            described["precision_auto"] = checkpoint.read_config(out_dir)["data"]["precision_auto"]
         checkpoint.write_config(out_dir, model_cfg, train_cfg, described)
         checkpoint.write_metrics(out_dir, rows)  # the checkpoint's rows: a kill may have cut the file short
 
