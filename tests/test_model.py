@@ -77,7 +77,7 @@ def test_iwae_bound_is_tighter_and_uses_logsumexp(model):
     torch.testing.assert_close(iwae_bound(big), torch.tensor([1000.0]))
 
 
-@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("arch", ["mlp", "conv", "resnet"])
 def test_shapes_and_no_nan_for_extreme_inputs(arch):
     torch.manual_seed(6)
     m = VAE(ModelConfig(arch=arch, latent_dim=5, hidden=(16,)))

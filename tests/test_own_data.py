@@ -121,6 +121,12 @@ def own_models(tmp_path_factory):
         "continuous-bernoulli": (grey, ModelConfig(latent_dim=2, hidden=(16,), likelihood="continuous-bernoulli")),
         "bernoulli-conv": (rgb, ModelConfig(arch="conv", latent_dim=2, hidden=(16,), likelihood="bernoulli")),
         "gaussian-conv": (rgb, ModelConfig(arch="conv", latent_dim=2, hidden=(16,), likelihood="gaussian")),
+        # the ResNet arch and the VampPrior with the likelihoods other than Bernoulli
+        "continuous-bernoulli-resnet-vamp": (grey, ModelConfig(arch="resnet", latent_dim=2, hidden=(16,),
+                                                               likelihood="continuous-bernoulli", prior="vamp",
+                                                               pseudo_inputs=5)),
+        "gaussian-vamp": (table, ModelConfig(latent_dim=2, hidden=(16,), likelihood="gaussian", prior="vamp",
+                                             pseudo_inputs=5)),
     }
     out = {}
     for name, (arr, model_cfg) in specs.items():
@@ -132,11 +138,13 @@ def own_models(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["gaussian", "continuous-bernoulli", "bernoulli-conv", "gaussian-conv"])
+@pytest.mark.parametrize("name", ["gaussian", "continuous-bernoulli", "bernoulli-conv", "gaussian-conv",
+                                  "continuous-bernoulli-resnet-vamp", "gaussian-vamp"])
 def test_every_stage_follows_the_spec(own_models, name, tmp_path):
     folder, data = own_models[name]
     cfg = checkpoint.model_config(folder)
-    assert cfg.input_shape == ((12,) if name == "gaussian" else (1, 9, 7) if "continuous" in name else (3, 12, 10))
+    table = name.startswith("gaussian") and "conv" not in name
+    assert cfg.input_shape == ((12,) if table else (1, 9, 7) if "continuous" in name else (3, 12, 10))
     assert cfg.standardize == cfg.likelihood.startswith("gaussian")
     x = np.load(data)[:9]
     onnx_engine, torch_engine = (Engine.load(folder, backend=b, threads=1) for b in ("onnxruntime", "torch"))
@@ -150,7 +158,8 @@ def test_every_stage_follows_the_spec(own_models, name, tmp_path):
     assert abs(report["test_nelbo_fp32"] - checkpoint.read_metrics(folder)[-1]["test_nelbo"]) < 0.5 * abs(
         report["test_nelbo_fp32"]) + 5
     plots = {p.name for p in (folder / "plots").iterdir()}
-    assert plots >= ({"features.png", "latent.png"} if name == "gaussian" else {"reconstructions.png", "samples.png"})
+    assert plots >= ({"features.png", "latent.png"} if cfg.image_shape is None
+                     else {"reconstructions.png", "samples.png"})
     out = tmp_path / "r.npy"
     assert runner.invoke(app, ["reconstruct", str(folder), "-i", str(data), "-o", str(out)]).exit_code == 0
     assert np.load(out).shape == (160, cfg.input_dim)

@@ -148,7 +148,7 @@ def train(
     likelihood: Annotated[str, typer.Option(help="p(x|z): auto (IDX images -> bernoulli; other data in [0, 1], uint8 or float -> continuous-bernoulli; anything else -> gaussian; the reason goes to config.json), bernoulli (binary; [0, 1] data dynamically binarized), continuous-bernoulli ([0, 1] intensities), gaussian (real values, standardized inside the model).")] = "auto",
     download: Annotated[bool, typer.Option(help="Fetch --dataset into the cache ($VAE_ENGINE_CACHE or ~/.cache/vae-engine) if missing. Off: no network.")] = False,
     binarize: Annotated[str, typer.Option(help="dynamic: re-sample Bernoulli pixels every use (Burda et al.). none: keep grayscale; BCE on grayscale is not a proper likelihood, so its numbers are not comparable NLLs.")] = "dynamic",
-    arch: Annotated[str, typer.Option(help="Architecture: mlp or conv.")] = "mlp",
+    arch: Annotated[str, typer.Option(help="Architecture: mlp; conv (two stride-2 convolutions, then --hidden fully connected layers); or resnet (the same strided layers with a residual block after each and a full-resolution stem: a ResNet-style encoder and a mirrored decoder). Images only.")] = "mlp",
     latent_dim: Annotated[int, typer.Option(help="Size of the latent z.")] = 20,
     hidden: Annotated[str, typer.Option(help="Hidden layer sizes of the encoder, comma-separated; the decoder mirrors them.")] = "400,400",
     activation: Annotated[str, typer.Option(help="Nonlinearity: relu, tanh, elu or softplus.")] = "relu",

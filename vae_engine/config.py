@@ -35,7 +35,7 @@ RULES = ("nll", "nll-complexity", "reconstruction", "latent")  # the anomaly det
 # the benchmark's choice (bench/detect_bench.py, README "Side by side"): as accurate as "nll" there, and one
 # encoder and one decoder pass per item instead of k decoder passes (fast enough to serve)
 DEFAULT_RULE = "reconstruction"
-ARCHS = ("mlp", "conv")
+ARCHS = ("mlp", "conv", "resnet")  # resnet: residual conv blocks around the conv arch's strided layers
 ACTIVATIONS = ("relu", "tanh", "elu", "softplus")
 # dreg: the IWAE bound with doubly reparameterized gradients for the encoder (Tucker et al. 2018)
 OBJECTIVES = ("elbo", "iwae", "dreg")
@@ -50,7 +50,7 @@ LR_SCHEDULES = ("constant", "cosine")
 class ModelConfig:
     """Everything needed to rebuild a VAE from its weights."""
 
-    arch: str = "mlp"  # "mlp" or "conv"
+    arch: str = "mlp"  # "mlp", "conv" or "resnet"
     latent_dim: int = 20  # size of z
     hidden: tuple[int, ...] = (400, 400)  # encoder hidden sizes; the decoder mirrors them
     activation: str = "relu"  # nonlinearity between hidden layers
@@ -65,7 +65,7 @@ class ModelConfig:
             if not isinstance(getattr(self, name), (list, tuple)):
                 raise VaeEngineError(f"{name} must be a list of sizes, got {getattr(self, name)!r}")
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.arch == "conv" and self.input_shape == (INPUT_DIM,):  # conv folders from before input_shape
+        if self.arch != "mlp" and self.input_shape == (INPUT_DIM,):  # conv folders from before input_shape
             object.__setattr__(self, "input_shape", (1, *IMAGE_SHAPE))
         if len(self.input_shape) not in (1, 3):
             raise VaeEngineError(f"input_shape must be (D,) or (C, H, W), got {list(self.input_shape)}")
@@ -94,8 +94,8 @@ class ModelConfig:
                                  f"{', '.join(LIKELIHOODS)}")
         if self.prior not in PRIORS:
             raise VaeEngineError(f"unknown prior {self.prior!r}: choose one of {', '.join(PRIORS)}")
-        if self.arch == "conv" and (len(self.input_shape) != 3 or min(self.input_shape[1:]) < 4):
-            raise VaeEngineError(f"the conv architecture needs (C, H, W) images of at least 4x4, got "
+        if self.arch != "mlp" and (len(self.input_shape) != 3 or min(self.input_shape[1:]) < 4):
+            raise VaeEngineError(f"the {self.arch} architecture needs (C, H, W) images of at least 4x4, got "
                                  f"{list(self.input_shape)}; use --arch mlp")
         sizes = (self.input_dim, *self.hidden)
         params = 2 * sum(a * b for a, b in zip(sizes, sizes[1:], strict=False)) + 3 * self.hidden[-1] * self.latent_dim

@@ -67,6 +67,63 @@ class _ConvDecoderHead(nn.Module):
         return self.net(h.view(-1, *self.start)).flatten(1)
 
 
+class _ResBlock(nn.Module):
+    """x + conv3x3(act(conv3x3(act(x)))): a pre-activation residual block at constant shape (He et al. 2016)."""
+
+    def __init__(self, channels: int, activation: str):
+        super().__init__()
+        act = _ACTIVATIONS[activation]
+        self.net = nn.Sequential(act(), nn.Conv2d(channels, channels, 3, padding=1),
+                                 act(), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+class _ResNetEncoderTrunk(nn.Module):
+    """(B, C*H*W) -> (B, 64 * H/4 * W/4): the conv trunk's two stride-2 convolutions, each followed by a
+    residual block, after a 3x3 stem with a residual block at full resolution."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        act = cfg.activation
+        self.shape = cfg.input_shape
+        self.net = nn.Sequential(
+            nn.Conv2d(self.shape[0], 32, 3, padding=1), _ResBlock(32, act),  # (B, 32, H, W)
+            nn.Conv2d(32, 64, 4, stride=2, padding=1), _ResBlock(64, act),  # (B, 64, H/2, W/2)
+            nn.Conv2d(64, 64, 4, stride=2, padding=1), _ResBlock(64, act), _ACTIVATIONS[act](),  # (B, 64, H/4, W/4)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.view(-1, *self.shape)).flatten(1)
+
+
+class _ResNetDecoderHead(nn.Module):
+    """(B, 64 * H/4 * W/4) -> (B, P*C*H*W), parameter-major: the mirror of the ResNet trunk, transposed
+    convolutions whose output_padding restores odd sizes exactly, a residual block after each."""
+
+    def __init__(self, cfg: ModelConfig, n_params: int):
+        super().__init__()
+        act = cfg.activation
+        c, h, w, h4, w4 = _conv_sizes(cfg)
+        self.start = (64, h4, w4)
+        h2, w2 = h // 2, w // 2
+        self.net = nn.Sequential(
+            _ResBlock(64, act),
+            nn.ConvTranspose2d(64, 64, 4, stride=2, padding=1, output_padding=(h2 - 2 * h4, w2 - 2 * w4)),
+            _ResBlock(64, act),  # (B, 64, H/2, W/2)
+            nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1, output_padding=(h - 2 * h2, w - 2 * w2)),
+            _ResBlock(32, act), _ACTIVATIONS[act](),  # (B, 32, H, W)
+            nn.Conv2d(32, n_params * c, 3, padding=1),
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h.view(-1, *self.start)).flatten(1)
+
+
+_TRUNKS = {"conv": (_ConvEncoderTrunk, _ConvDecoderHead), "resnet": (_ResNetEncoderTrunk, _ResNetDecoderHead)}
+
+
 class Encoder(nn.Module):
     """x (B, D) raw features -> (mu, logvar), each (B, latent_dim); standardizes inside when configured."""
 
@@ -82,7 +139,7 @@ class Encoder(nn.Module):
         else:
             act = _ACTIVATIONS[cfg.activation]
             _, _, _, h4, w4 = _conv_sizes(cfg)
-            trunk = [_ConvEncoderTrunk(cfg)]
+            trunk = [_TRUNKS[cfg.arch][0](cfg)]
             sizes = [64 * h4 * w4, *cfg.hidden]
             for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
                 trunk += [nn.Linear(n_in, n_out), act()]
@@ -117,7 +174,7 @@ class Decoder(nn.Module):
             layers: list[nn.Module] = []
             for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
                 layers += [nn.Linear(n_in, n_out), act()]
-            self.net = nn.Sequential(*layers, _ConvDecoderHead(cfg, n_params))
+            self.net = nn.Sequential(*layers, _TRUNKS[cfg.arch][1](cfg, n_params))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         out = self.net(z).float()  # the likelihood's maths in fp32 even when the network runs in bf16 autocast
