@@ -36,10 +36,11 @@ from vae_engine.train import Objective, step_flops, train
 
 RESULTS = Path(__file__).parent / "results" / "train_bench.json"
 NETWORK = {"latent_dim": 50, "hidden": (500, 500)}  # the shipped model's network
-# (name, objective, k, batch, prior)
-STEPS = [("elbo k=1 b=100", "elbo", 1, 100, "normal"), ("elbo k=1 b=500", "elbo", 1, 500, "normal"),
-         ("iwae k=5 b=500", "iwae", 5, 500, "normal"), ("dreg k=5 b=500", "dreg", 5, 500, "normal"),
-         ("dreg k=5 b=500 vamp", "dreg", 5, 500, "vamp")]
+# (name, objective, k, batch, prior, arch)
+STEPS = [("elbo k=1 b=100", "elbo", 1, 100, "normal", "mlp"), ("elbo k=1 b=500", "elbo", 1, 500, "normal", "mlp"),
+         ("iwae k=5 b=500", "iwae", 5, 500, "normal", "mlp"), ("dreg k=5 b=500", "dreg", 5, 500, "normal", "mlp"),
+         ("dreg k=5 b=500 vamp", "dreg", 5, 500, "vamp", "mlp"),
+         ("resnet dreg k=5 b=100", "dreg", 5, 100, "normal", "resnet")]
 
 
 def _trainer_step(cfg: ModelConfig, objective: str, precision: str, x_train: torch.Tensor, batch: int, k: int):
@@ -51,9 +52,14 @@ def _trainer_step(cfg: ModelConfig, objective: str, precision: str, x_train: tor
     loss_fn = Objective(model, objective, precision)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(x_train), generator=g)  # one shuffle, as the trainer's epoch has
+    at = [0]
 
     def step():
-        x = data.binarize(x_train[torch.randint(len(x_train), (batch,), generator=g)], "dynamic", g)
+        if at[0] + batch > len(order):
+            at[0] = 0
+        x = data.binarize(x_train[order[at[0] : at[0] + batch]], "dynamic", g)
+        at[0] += batch
         loss = loss_fn(x, torch.randn((k, batch, cfg.latent_dim), generator=g), 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -67,8 +73,8 @@ def speed(threads: int, seconds: float) -> list[dict]:
     x_train = data.to_unit(data.load_training_data(TrainConfig()).train_images)
     peaks = measured_peaks(threads)
     rows = []
-    for name, objective, k, batch, prior in STEPS:
-        cfg = ModelConfig(**NETWORK, prior=prior)
+    for name, objective, k, batch, prior, arch in STEPS:
+        cfg = ModelConfig(**NETWORK, prior=prior, arch=arch)
         for precision in ("fp32", "bf16"):
             step = _trainer_step(cfg, objective, precision, x_train, batch, k)
             for _ in range(5):  # warm-up: allocator, oneDNN kernels
@@ -85,6 +91,40 @@ def speed(threads: int, seconds: float) -> list[dict]:
             print(f"{name:22s} {precision}  {rows[-1]['samples_per_s']:9,.0f} samples/s  {gflops:6.1f} GFLOP/s  "
                   f"{gflops / peaks[precision]:5.1%} of {peaks[precision]:.0f}", flush=True)
     return rows
+
+
+def prior_cost(threads: int, k: int = 1000, n: int = 64, components: int = 500) -> dict:
+    """What a VampPrior adds to scoring: `Engine.log_likelihood` (k samples of n items) of one network with N(0, I)
+    and with a `components`-Gaussian mixture prior (random weights, torch backend, same eps), and the mixture
+    kernel alone on one block of decoder rows."""
+    from vae_engine import checkpoint, priors
+    from vae_engine.bench import measure
+    from vae_engine.config import SCORE_ROWS
+    from vae_engine.engine import Engine
+
+    torch.set_num_threads(threads)
+    x = (np.random.default_rng(0).random((n, 784)) < 0.2).astype(np.float32)
+    out: dict = {"k": k, "items": n, "components": components}
+    with tempfile.TemporaryDirectory() as tmp:
+        for prior in ("normal", "vamp"):
+            cfg = ModelConfig(**NETWORK, prior=prior, pseudo_inputs=components)
+            folder = Path(tmp) / prior
+            folder.mkdir()
+            torch.manual_seed(0)
+            model = VAE(cfg)
+            checkpoint.write_config(folder, cfg, TrainConfig(), {})
+            checkpoint.save_weights(folder, model)
+            engine = Engine.load(folder, backend="torch", threads=threads)
+            t = measure(lambda e=engine: e.log_likelihood(x, k=k), min_time=2.0, warmup=1, min_repeats=3)
+            out[f"{prior}_seconds"] = float(np.median(t.seconds))
+        z = np.random.default_rng(1).standard_normal((SCORE_ROWS, NETWORK["latent_dim"])).astype(np.float32)
+        mixture = priors.load(Path(tmp) / "vamp", cfg)
+        t = measure(lambda: mixture.log_prob(z), min_time=1.0, warmup=1, min_repeats=3)
+        out["mixture_kernel_us_per_row"] = float(np.median(t.seconds)) / SCORE_ROWS * 1e6
+    out["extra_fraction"] = out["vamp_seconds"] / out["normal_seconds"] - 1.0
+    out["extra_us_per_sample"] = (out["vamp_seconds"] - out["normal_seconds"]) / (k * n) * 1e6
+    print(json.dumps(out), flush=True)
+    return out
 
 
 def parity(threads: int, epochs: int, objective: str, k: int, batch: int, seeds: tuple[int, ...]) -> dict:
@@ -123,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--speed", action="store_true", help="throughput of each step kind per precision")
     p.add_argument("--parity", action="store_true", help="test NLL of fp32 vs bf16 training at equal epochs")
+    p.add_argument("--prior-cost", action="store_true", help="what a VampPrior adds to the engine's scoring")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seconds", type=float, default=4.0, help="timed seconds per speed row")
     p.add_argument("--epochs", type=int, default=10)
@@ -135,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"] = hardware.describe(args.threads)
     if args.speed:
         report["speed"] = speed(args.threads, args.seconds)
+    if args.prior_cost:
+        report["prior_cost"] = prior_cost(args.threads)
     if args.parity:
         key = f"parity {args.objective} k={args.k} b={args.batch_size} e={args.epochs}"
         report.setdefault("parity", {})[key] = parity(args.threads, args.epochs, args.objective, args.k,

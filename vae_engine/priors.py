@@ -48,16 +48,18 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
 def mixture_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log (1/C) sum_c N(z; mu_c, diag(exp(logvar_c))) for z (..., L) and components (C, L) -> (...).
 
-    The quadratic form is expanded, sum_l a (z - m)^2 = z^2 @ a.T - 2 z @ (m a).T + sum_l m^2 a with
-    a = exp(-logvar), so a batch costs two matrix products instead of a (..., C, L) tensor (and its gradient). In
-    fp32 even under autocast: the log-sum-exp over C and the cancelling terms need its mantissa.
+    Each component's log-density is expanded into one matrix product plus a constant,
+    log N(z; m, s^2) = [z^2, z] @ [-a/2, m a]^T - 1/2 (sum_l m^2 a + sum_l logvar + L log 2 pi), a = exp(-logvar),
+    so a batch costs one GEMM (inner size 2L) instead of a (..., C, L) tensor and its gradient. In fp32 even under
+    autocast: the log-sum-exp over C and the cancelling terms need its mantissa.
     """
     with torch.autocast(device_type=z.device.type, enabled=False):
         z, mu, logvar = z.float(), mu.float(), logvar.float()
         flat = z.reshape(-1, z.shape[-1])  # (N, L)
         inv = torch.exp(-logvar)  # (C, L)
-        quad = (flat * flat) @ inv.T - 2.0 * flat @ (mu * inv).T + (mu * mu * inv).sum(-1)  # (N, C)
-        log_n = -0.5 * (quad.clamp_min(0.0) + logvar.sum(-1) + z.shape[-1] * LOG_2PI)
+        weights = torch.cat([-0.5 * inv, mu * inv], dim=-1)  # (C, 2L)
+        const = -0.5 * ((mu * mu * inv).sum(-1) + logvar.sum(-1) + z.shape[-1] * LOG_2PI)  # (C,)
+        log_n = torch.addmm(const, torch.cat([flat * flat, flat], dim=-1), weights.T)  # (N, C)
         return (torch.logsumexp(log_n, dim=-1) - math.log(mu.shape[0])).view(z.shape[:-1])
 
 
