@@ -269,15 +269,12 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     world.barrier()  # every rank has checked the directory before the main rank writes into it
     if world.is_main:
         described = {**dataset.describe(), "world_size": world.size}
-        # why `auto` chose this likelihood (a resumed run keeps what its first run recorded)
-        auto = f"{model_cfg.likelihood}: {why}" if why else \
-            checkpoint.read_config(out_dir).get("data", {}).get("likelihood_auto") if resume else None
-        if auto:
-            described["likelihood_auto"] = auto
-        if precision_why:  # why `--precision auto` trains in what it does (recorded on the first launch)
-            described["precision_auto"] = precision_why
-        elif resume and "precision_auto" in checkpoint.read_config(out_dir).get("data", {}):
-            described["precision_auto"] = checkpoint.read_config(out_dir)["data"]["precision_auto"]
+        # why `auto` chose this likelihood and this precision (a resumed run keeps what its first run recorded)
+        first = checkpoint.read_config(out_dir).get("data", {}) if resume else {}
+        for key, reason in (("likelihood_auto", f"{model_cfg.likelihood}: {why}" if why else None),
+                            ("precision_auto", precision_why)):
+            if reason or first.get(key):
+                described[key] = reason or first[key]
         checkpoint.write_config(out_dir, model_cfg, train_cfg, described)
         checkpoint.write_metrics(out_dir, rows)  # the checkpoint's rows: a kill may have cut the file short
 
