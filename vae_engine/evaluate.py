@@ -137,9 +137,9 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
 
 def hardware_limit(model_dir, path: str, n: int, k: int, threads: int, seconds: float, device: str = "cpu") -> dict:
     """The evaluation's multiply-adds (each item: the encoder twice, the decoder k + 1 times, as `Engine.scores`
-    runs them) by precision, and the time they take at this machine's GEMM peak of each precision (measured once
-    per process, `bench.measured_peaks`): `fraction_of_limit` = that time / the time taken. `path`: e.g.
-    'onnxruntime/int8'."""
+    runs them, and a VampPrior's C x L per sample) by precision, and the time they take at this machine's GEMM
+    peak of each precision (measured once per process, `bench.measured_peaks`): `fraction_of_limit` = that time /
+    the time taken. `path`: e.g. 'onnxruntime/int8'."""
     from pathlib import Path
 
     from . import checkpoint
@@ -152,6 +152,8 @@ def hardware_limit(model_dir, path: str, n: int, k: int, threads: int, seconds: 
     for role, calls in (("encoder", 2 * n), ("decoder", (k + 1) * n)):
         for p, m in macs_by_precision(Path(model_dir), cfg, role, precision, backend).items():
             macs[key(p)] = macs.get(key(p), 0.0) + m * calls
+    if cfg.prior == "vamp":  # log p(z) of every sample: C x L multiply-adds in fp32 (the mixture kernel)
+        macs[key("fp32")] = macs.get(key("fp32"), 0.0) + (k + 1) * n * cfg.pseudo_inputs * cfg.latent_dim
     peaks = measured_peaks(threads)
     limit = limit_seconds(macs, peaks)
     return {"multiply_adds": macs, "gemm_peak_gflops": {p: peaks.get(p) for p in macs},
