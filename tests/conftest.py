@@ -98,3 +98,25 @@ def start_serve(args: list[str], ready_path: str = "/readyz"):
             time.sleep(0.1)
     proc.kill()
     pytest.fail("server did not start: " + proc.stdout.read().decode()[-2000:])
+
+
+# ---- the process exit: skip interpreter teardown once the results are in ----
+# One `.ci/run` of four on 2026-12-03 passed every test and then died with SIGSEGV (rc 139) while the
+# interpreter tore down after the summary (native libraries' static destructors: torch/oneDNN, ONNX Runtime,
+# OpenVINO, Numba's thread pool; not reproduced or pinned down yet). The exit status is the session's own.
+_EXIT: dict[str, int] = {}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT["status"] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    import os
+    import sys
+
+    if "status" in _EXIT:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT["status"])
