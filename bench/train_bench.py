@@ -3,6 +3,7 @@ trainer's own step) and how good (the test NLL that fp32 and bf16 autocast train
 
     python bench/train_bench.py --speed                    # ~2 min: every step kind below, fp32 and bf16
     python bench/train_bench.py --parity --epochs 10       # trains 2 precisions x 2 seeds, then scores each
+    python bench/train_bench.py --ablation --epochs 20     # the recipe, then the recipe less one ingredient each
 
 Speed: one step is the trainer's (`train.Objective` forward, backward, fused Adam) on bundled-MNIST batches,
 dynamically binarized; warmed up, then timed for --seconds, threads set explicitly; the GEMM peaks are measured in
@@ -11,6 +12,9 @@ the same run (`bench.measured_peaks`, the numbers `vae-engine bench` compares wi
 Parity: `train.train` on the 60,000 training images, then the IWAE NLL (k=1000) of the first 1,000 test images with
 the fp32 PyTorch reference (seed 0 streams, the same for every model). The seed-to-seed spread within a precision
 is the noise a bf16-fp32 difference is judged against; the per-image paired difference gives its standard error.
+Ablation: the README recipe (VampPrior, DReG k=5, bf16, batch 500, cosine lr) and variants that each change one
+ingredient, trained for the same epochs; each row has its training seconds and the test NLL the trainer's
+`--nll-every` check measures (k=1000, first 1,000 test images, fp32 reference, seed-0 streams).
 Results: bench/results/train_bench.json (merged with what is there).
 """
 
@@ -127,6 +131,30 @@ def prior_cost(threads: int, k: int = 1000, n: int = 64, components: int = 500) 
     return out
 
 
+RECIPE = {"prior": "vamp", "arch": "mlp", "objective": "dreg", "k": 5, "precision": "bf16"}
+ABLATIONS = {"recipe": {}, "iwae gradients (not DReG)": {"objective": "iwae"}, "normal prior": {"prior": "normal"},
+             "k=1 ELBO": {"objective": "elbo", "k": 1}, "fp32": {"precision": "fp32"}, "resnet conv": {"arch": "resnet"}}
+
+
+def ablation(threads: int, epochs: int, names: list[str]) -> list[dict]:
+    """Train the recipe and each named variant for `epochs` (seed 0, 60,000 images), one row each."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            v = {**RECIPE, **ABLATIONS[name]}
+            model_cfg = ModelConfig(**NETWORK, prior=v["prior"], pseudo_inputs=500, arch=v["arch"])
+            train_cfg = TrainConfig(epochs=epochs, batch_size=500, lr=1e-3, lr_schedule="cosine",
+                                    objective=v["objective"], k=v["k"], seed=0, threads=threads,
+                                    precision=v["precision"], nll_every=epochs)
+            metrics = train(model_cfg, train_cfg, Path(tmp) / str(len(rows)), plots=False)
+            rows.append({"variant": name, **v, "epochs": epochs,
+                         "train_seconds": round(sum(r["seconds"] for r in metrics), 1),
+                         "samples_per_s": round(float(np.median([r["samples_per_s"] for r in metrics])), 1),
+                         "test_nelbo": metrics[-1]["test_nelbo"], "test_nll_k1000": metrics[-1]["test_nll_k1000"]})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def parity(threads: int, epochs: int, objective: str, k: int, batch: int, seeds: tuple[int, ...]) -> dict:
     """Train each precision with each seed for `epochs`, then score every model on the same 1,000 test images."""
     test = data.load_test_data(TrainConfig())[0][:1000]
@@ -164,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed", action="store_true", help="throughput of each step kind per precision")
     p.add_argument("--parity", action="store_true", help="test NLL of fp32 vs bf16 training at equal epochs")
     p.add_argument("--prior-cost", action="store_true", help="what a VampPrior adds to the engine's scoring")
+    p.add_argument("--ablation", action="store_true", help="the recipe and the recipe less one ingredient each")
+    p.add_argument("--variants", default=",".join(ABLATIONS), help="ablation variants, comma-separated")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seconds", type=float, default=4.0, help="timed seconds per speed row")
     p.add_argument("--epochs", type=int, default=10)
@@ -178,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         report["speed"] = speed(args.threads, args.seconds)
     if args.prior_cost:
         report["prior_cost"] = prior_cost(args.threads)
+    if args.ablation:
+        names = [n.strip() for n in args.variants.split(",")]
+        if unknown := set(names) - set(ABLATIONS):
+            p.error(f"unknown variants {sorted(unknown)}; choose from {list(ABLATIONS)}")
+        report.setdefault("ablation", {})[f"e={args.epochs}"] = ablation(args.threads, args.epochs, names)
     if args.parity:
         key = f"parity {args.objective} k={args.k} b={args.batch_size} e={args.epochs}"
         report.setdefault("parity", {})[key] = parity(args.threads, args.epochs, args.objective, args.k,

@@ -15,9 +15,9 @@ from vae_engine.engine import Engine
 from vae_engine.evaluate import evaluate
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "mnist-vae"
-NLL_200_RANGE = (83.70, 83.79)  # measured: 83.745 with both backends (seed 0, 200 images, k=200)
-FILES = ("config.json", "model.safetensors", "metrics.jsonl", "encoder.onnx", "decoder.onnx", "encoder.int8.onnx",
-         "decoder.int8.onnx", "export_report.json", "evaluation.json", "plots/training_curve.png",
+NLL_200_RANGE = (80.47, 80.56)  # measured: 80.514 with both backends (seed 0, 200 images, k=200)
+FILES = ("config.json", "model.safetensors", "prior.safetensors", "metrics.jsonl", "encoder.onnx", "decoder.onnx",
+         "encoder.int8.onnx", "decoder.int8.onnx", "export_report.json", "evaluation.json", "plots/training_curve.png",
          "plots/reconstructions.png", "plots/samples.png", "plots/latent_traversal.png")
 
 
@@ -41,7 +41,7 @@ def test_graphs_match_the_weights():
 def test_recorded_quality():
     ev = json.loads((SHIPPED / "evaluation.json").read_text())
     assert ev["n"] == 10000 and ev["k"] == 5000
-    assert ev["test_nll"] <= 86.0
+    assert ev["test_nll"] <= 82.9  # the trainer issue's target (Burda et al.'s two-layer IWAE)
     variants = json.loads((SHIPPED / "export_report.json").read_text())["variants"]
     int8 = next(v for v in variants if v["variant"] == "int8")
     assert abs(int8["test_nelbo_change_nats"]) <= 0.1
