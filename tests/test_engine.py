@@ -161,6 +161,25 @@ def test_thread_setting_does_not_leak_into_results(model):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend,precision", [("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+                                               ("openvino", "fp32")])
+def test_raw_call_is_the_same_computation(model, images, backend, precision):
+    """bench's raw runtime call (backends.RAW_CALL) computes what the engine's call does, without its checks."""
+    from vae_engine.backends import openvino_installed
+
+    if backend == "openvino" and not openvino_installed():
+        pytest.skip("OpenVINO not installed")
+    engine = Engine.load(model, backend=backend, precision=precision, threads=1)
+    x = _x(images, 3)
+    z = np.random.default_rng(0).standard_normal((3, engine.latent_dim)).astype(np.float32)
+    want = {"encode": engine.encode(x)[0], "decode": engine.decode(z, params=True),
+            "reconstruct": engine.decode(engine.encode(x)[0], params=True)}
+    for op, expected in want.items():
+        got = engine.backend.raw_call(op, z if op == "decode" else x)()
+        got = got.float().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=op)
+
+
 def test_cli_bench_and_info(model, tmp_path):
     import json
 
@@ -183,8 +202,13 @@ def test_cli_bench_and_info(model, tmp_path):
             assert lo - 1e-9 <= r["peak_gflops"] <= hi + 1e-9
         else:
             assert r["peak_gflops"] == best[r["precision"]]
+        if r["batch"] == 1:  # the engine's overhead over the runtime alone, at batch 1 only
+            assert r["raw_p50_us"] > 0 and r["overhead_us"] == pytest.approx(r["p50_us"] - r["raw_p50_us"])
+        else:
+            assert "raw_p50_us" not in r
     assert {r["backend"] for r in report["postprocess"]} == {"numba", "numpy", "torch", "numba-gaussian"}
     assert (tmp_path / "b.png").stat().st_size > 1000 and "| decode |" in (tmp_path / "b.md").read_text()
+    assert "(+" in (tmp_path / "b.md").read_text() or "(-" in (tmp_path / "b.md").read_text()
     _one_line(_cli("bench", model, "--backends", "tensorflow"), "unknown backend")
     info = _cli("info", model)
     assert info.exit_code == 0 and "decoder.int8.onnx" in info.output and "match" in info.output

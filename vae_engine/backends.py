@@ -81,6 +81,22 @@ class TorchBackend:
         mu, logvar = self._run(self.encoder, x)
         return mu.cpu().numpy(), logvar.cpu().numpy()
 
+    def raw_call(self, op: str, a: np.ndarray):
+        """The network alone on `a` (already a tensor on the device): see `RAW_CALL`."""
+        import torch
+
+        t = _tensor(a).to(self.device, self.dtype)
+        net = {"encode": lambda: self.encoder(t)[0], "decode": lambda: self.decoder(t),
+               "reconstruct": lambda: self.decoder(self.encoder(t)[0])}[op]
+
+        def call():
+            with torch.inference_mode():
+                out = net()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+            return out
+        return call
+
     def decode(self, z):
         return self._run(self.decoder, z).cpu().numpy()
 
@@ -173,6 +189,14 @@ class OrtBackend(_GraphBackend):
     def _infer(self, role, a):
         return self.sessions[role].run(None, {self.inputs[role]: a})
 
+    def raw_call(self, op: str, a: np.ndarray):
+        """One `InferenceSession.run` of the op's graph (the fused one for reconstruct): see `RAW_CALL`."""
+        if op == "reconstruct":
+            self.reconstruct_params(a)  # builds the fused session
+        role = {"encode": "encoder", "decode": "decoder", "reconstruct": "reconstruct"}[op]
+        session, feed = self.sessions[role], {self.inputs[role]: a}
+        return lambda: session.run(None, feed)[0]
+
     def reconstruct_params(self, x: np.ndarray) -> np.ndarray:
         """Decoder parameters at the posterior mean, x (B, D) -> (B, P*D), in one ONNX Runtime call: the two
         checked graphs merged (encoder's mu feeding the decoder's z), built on first use. One call instead of two
@@ -239,6 +263,25 @@ class OpenVinoBackend(_GraphBackend):
         # the request reuses its output buffers on the next call: hand out copies. get_output_tensor(i), not the
         # output_tensors property, which costs ~30 us a call (measured, OpenVINO 2026.4): a third of a batch-1 call
         return [np.array(req.get_output_tensor(i).data, copy=True) for i in range(outputs)]
+
+    def raw_call(self, op: str, a: np.ndarray):
+        """The infer request(s) alone, outputs left in OpenVINO's buffers (mu handed to the decoder in place for
+        reconstruct): see `RAW_CALL`."""
+        def run(role: str, arr: np.ndarray) -> np.ndarray:
+            req = self.requests[role][0]
+            req.set_input_tensor(self.ov.Tensor(arr, shared_memory=True))
+            req.infer()
+            return req.get_output_tensor(0).data
+
+        a = np.array(a)  # writable, so shared
+        return {"encode": lambda: run("encoder", a), "decode": lambda: run("decoder", a),
+                "reconstruct": lambda: run("decoder", run("encoder", a))}[op]
+
+
+RAW_CALL = """Every backend's `raw_call(op, a)` returns a zero-argument callable that runs the runtime alone on the
+prepared input `a` for op "encode", "decode" or "reconstruct" and returns the runtime's first output in the
+runtime's own type (mu; the decoder's parameters): no input rule, no output checks, conversions or copies.
+`vae-engine bench` times it beside the engine's own call to report the engine's per-call overhead."""
 
 
 def set_threads(threads: int | None) -> int:

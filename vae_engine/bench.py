@@ -19,6 +19,7 @@ from .engine import Engine
 OPS = ("encode", "decode", "reconstruct")
 BATCHES = (1, 64, 1024, 8192)
 QUICK_BATCHES = (1, 1024)
+OVERHEAD_BATCHES = (1,)  # where the engine's per-call cost over the raw runtime matters
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,16 @@ def measure(fn: Callable[[], Any], min_time: float = 0.5, warmup: int = 3, min_r
 
 
 def op_call(engine: Engine, op: str, x: np.ndarray, z: np.ndarray) -> Callable[[], Any]:
-    """The measured call of an op: backend encode/decode, or the engine's whole reconstruct as the `reconstruct` job
-    runs it (input checks, encode, decode of the posterior mean, the likelihood's mean; one fused call on ONNX
-    Runtime)."""
-    be = engine.backend
-    return {"encode": lambda: be.encode(x), "decode": lambda: be.decode(z),
+    """The measured call of an op, as a user makes it: `Engine.encode`, `Engine.decode` (the likelihood's
+    parameters) or `Engine.reconstruct` as the `reconstruct` job runs it (the input rule, encode, decode of the
+    posterior mean, the likelihood's mean; one fused call on ONNX Runtime). Each includes the engine's checks."""
+    return {"encode": lambda: engine.encode(x), "decode": lambda: engine.decode(z, params=True),
             "reconstruct": lambda: engine.reconstruct(x)}[op]
+
+
+def raw_call(engine: Engine, op: str, x: np.ndarray, z: np.ndarray) -> Callable[[], Any]:
+    """The same op on the runtime alone (`backends.RAW_CALL`), for the engine's overhead over it."""
+    return engine.backend.raw_call(op, z if op == "decode" else x)
 
 
 def _layer_flops(module: torch.nn.Module, x: torch.Tensor) -> float:
@@ -347,6 +352,10 @@ def benchmark(model_dir: str | Path, labels: tuple[str, ...] | None = None, batc
                 row = {"op": op, "backend": label, "engine_backend": c.backend, "precision": c.precision,
                        "device": c.device, "provider": be.provider, "batch": n, "threads": threads,
                        **t.summary(n, flops[op])}
+                if n in OVERHEAD_BATCHES:  # the runtime alone, timed right after the engine's call
+                    raw = measure(raw_call(engine, op, x_all[:n], z_all[:n]), min_time=min_time, warmup=5)
+                    row["raw_p50_us"] = float(np.median(raw.seconds) * 1e6)
+                    row["overhead_us"] = row["p50_us"] - row["raw_p50_us"]
                 row["peak_gflops"] = path_peak(model_dir, cfg, c, op, best_peak)
                 row["fraction_of_peak"] = row["gflops"] / row["peak_gflops"] if row["peak_gflops"] else None
                 results.append(row)
@@ -387,14 +396,16 @@ def peaks_line(peaks: dict[str, dict[str, float]]) -> str:
 
 def markdown(report: dict[str, Any], batches: tuple[int, ...] = (1, 1024)) -> str:
     """A Markdown table of a report (for the README), rows at the given batch sizes."""
-    lines = ["| op | batch | backend | p50 / p90 / p99 us | samples/s | GFLOP/s | % of peak | x torch |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| op | batch | backend | p50 / p90 / p99 us | samples/s | GFLOP/s | % of peak | x torch "
+             "| raw runtime p50 us (engine overhead) |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
         if r["batch"] in batches:
             ratio = f"{r['speedup_vs_torch']:.2f}" if r["speedup_vs_torch"] else "-"
+            raw = f"{r['raw_p50_us']:.0f} ({r['overhead_us']:+.0f})" if "raw_p50_us" in r else "-"
             lines.append(f"| {r['op']} | {r['batch']} | {r['backend']} | {r['p50_us']:.0f} / {r['p90_us']:.0f} / "
                          f"{r['p99_us']:.0f} | {r['samples_per_s']:,.0f} | {r['gflops']:.0f} | "
-                         f"{_percent(r['fraction_of_peak'])} | {ratio} |")
+                         f"{_percent(r['fraction_of_peak'])} | {ratio} | {raw} |")
     lines += ["", peaks_line(report["gemm_peak_gflops"])]
     lines += ["", "| ELBO/IWAE math, B=1024, K=64 | p50 ms | x Numba | max rel. error vs NumPy |",
               "| --- | ---: | ---: | ---: |"]
@@ -428,6 +439,15 @@ def render(report: dict[str, Any]) -> list:
                       f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}", f"{r['samples_per_s'] / 1e3:.1f}k",
                       f"{r['gflops']:.0f}", _percent(r["fraction_of_peak"]), ratio)
     parts.append(table)
+    raw_rows = [r for r in report["results"] if "raw_p50_us" in r]
+    if raw_rows:
+        over = Table(title="engine overhead: the engine's call against the runtime alone (backends.RAW_CALL)")
+        for col in ("op", "B", "backend", "engine p50 us", "raw p50 us", "overhead us"):
+            over.add_column(col, justify="right", no_wrap=True)
+        for r in raw_rows:
+            over.add_row({"reconstruct": "recon"}.get(r["op"], r["op"]), str(r["batch"]), r["backend"],
+                          f"{r['p50_us']:.0f}", f"{r['raw_p50_us']:.0f}", f"{r['overhead_us']:+.1f}")
+        parts.append(over)
     post = Table(title="ELBO/IWAE math on decoder outputs (B=1024, K=64)")
     for col in ("implementation", "p50 ms", "x numba", "max rel err vs NumPy"):
         post.add_column(col, justify="right")
