@@ -87,7 +87,7 @@ class TorchBackend:
 
         t = _tensor(a).to(self.device, self.dtype)
         net = {"encode": lambda: self.encoder(t)[0], "decode": lambda: self.decoder(t),
-               "reconstruct": lambda: self.decoder(self.encoder(t)[0])}[op]
+               "reconstruct": lambda: self.decoder(self.encoder(t)[0].to(self.dtype))}[op]
 
         def call():
             with torch.inference_mode():
