@@ -133,7 +133,8 @@ def prior_cost(threads: int, k: int = 1000, n: int = 64, components: int = 500) 
 
 RECIPE = {"prior": "vamp", "arch": "mlp", "objective": "dreg", "k": 5, "precision": "bf16"}
 ABLATIONS = {"recipe": {}, "iwae gradients (not DReG)": {"objective": "iwae"}, "normal prior": {"prior": "normal"},
-             "k=1 ELBO": {"objective": "elbo", "k": 1}, "fp32": {"precision": "fp32"}, "resnet conv": {"arch": "resnet"}}
+             "k=1 ELBO": {"objective": "elbo", "k": 1}, "fp32": {"precision": "fp32"},
+             "resnet conv": {"arch": "resnet"}}
 
 
 def ablation(threads: int, epochs: int, names: list[str]) -> list[dict]:
