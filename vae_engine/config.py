@@ -13,6 +13,7 @@ from .errors import VaeEngineError
 
 IMAGE_SHAPE = (28, 28)  # (H, W) of every IDX dataset we read
 INPUT_DIM = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]  # 784 pixels, the flat input of every model
+LOG_2PI = math.log(2.0 * math.pi)  # the Gaussian normalizer, for every log-density in torch, NumPy and Numba
 LOGVAR_MIN, LOGVAR_MAX = -16.0, 10.0  # logvar is clamped here so exp(logvar) can never overflow/underflow
 # decoder rows per call when scoring with K samples (bounds memory at ~50 MB of logits). Smaller calls run the
 # GEMMs faster in isolation (784-500-500-50 decoder, 2 threads: ~204 GFLOP/s at 1024 rows, ~161 at 15000), but

@@ -29,7 +29,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import atomic, checkpoint, kernels, rng
-from .config import DEFAULT_RULE, RULES  # listed in config, so the CLI needs no scikit-learn import for them
+from .config import DEFAULT_RULE, LOG_2PI, RULES  # listed in config, so the CLI needs no scikit-learn import for them
 from .errors import ModelDirError
 
 DETECTOR = "detector.json"
@@ -262,7 +262,7 @@ def gaussian_log_density(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np
     """log N(x; mean, cov) per row, by a Cholesky factor."""
     chol = np.linalg.cholesky(cov)
     sol = np.linalg.solve(chol, (x - mean).T)  # (L, n)
-    return -0.5 * (np.sum(sol**2, 0) + len(mean) * np.log(2 * np.pi)) - np.sum(np.log(np.diag(chol)))
+    return -0.5 * (np.sum(sol**2, 0) + len(mean) * LOG_2PI) - np.sum(np.log(np.diag(chol)))
 
 
 def write_detector(folder: Path, det: VAEOutlierDetector) -> None:

@@ -14,13 +14,13 @@ import math
 import numba
 import numpy as np
 
+from .config import LOG_2PI
 from .rng import PARALLEL_MIN, _jit
 
 _F = np.float32
 _HALF, _ONE, _TWO, _ZERO = _F(0.5), _F(1.0), _F(2.0), _F(0.0)
 _EXP_MIN = _F(-17.0)  # log1p(exp(a)) < 4.2e-8 below this: far under float32 resolution of a ~100-nat sum
 _INV32 = _F(1.0 / 32.0)
-_LOG_2PI = math.log(2.0 * math.pi)
 # polynomial coefficients, highest power first (the order _horner consumes them)
 _EXP_C = tuple(_F(1.0 / math.factorial(i)) for i in reversed(range(8)))  # Taylor series of exp on [-0.54, 0]
 _ATANH_C = tuple(_F(2.0 / (2 * i + 1)) for i in reversed(range(7)))  # 2 atanh(s) = sum 2 s^(2i+1) / (2i+1)
@@ -76,7 +76,7 @@ def _make_log_weights(row, name: str, parallel: bool):
         log_pz means p = N(0, I), fused here; else log_pz[b, k] is log p(z_bk) (a mixture prior's kernel)."""
         n, k, d = z.shape
         standard = log_pz.shape[0] == 0
-        half_d_log_2pi = _HALF * d * _F(_LOG_2PI)
+        half_d_log_2pi = _HALF * d * _F(LOG_2PI)
         for b in numba.prange(n):
             for s in range(k):
                 lw = row(x[b], params[b, s])
@@ -229,8 +229,8 @@ def log_weights_numpy(x, params, z, mu, logvar, likelihood=None, log_pz=None):
     mu, logvar = np.asarray(mu, np.float64)[:, None], np.asarray(logvar, np.float64)[:, None]
     log_px = _likelihood(likelihood).log_prob_numpy(x[:, None, :], params)
     if log_pz is None:
-        log_pz = -0.5 * np.sum(np.log(2 * np.pi) + z**2, axis=-1)
-    log_qz = -0.5 * np.sum(np.log(2 * np.pi) + logvar + (z - mu) ** 2 * np.exp(-logvar), axis=-1)
+        log_pz = -0.5 * np.sum(LOG_2PI + z**2, axis=-1)
+    log_qz = -0.5 * np.sum(LOG_2PI + logvar + (z - mu) ** 2 * np.exp(-logvar), axis=-1)
     return log_px + log_pz - log_qz
 
 

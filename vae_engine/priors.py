@@ -19,13 +19,11 @@ import torch
 from torch import nn
 
 from . import kernels, rng
-from .config import LOGVAR_MAX, LOGVAR_MIN, ModelConfig
+from .checkpoint import PRIOR  # (the file name is the model folder's; its contents are ours)
+from .config import LOG_2PI, LOGVAR_MAX, LOGVAR_MIN, ModelConfig
 from .errors import ModelDirError
 from .kernels import _exp
 from .rng import PARALLEL_MIN, _jit
-
-LOG_2PI = math.log(2.0 * math.pi)
-from .checkpoint import PRIOR  # noqa: E402  (the file name is the model folder's; its contents are ours)
 
 # ---- Gaussian densities (PyTorch), summed over latent dims ----
 

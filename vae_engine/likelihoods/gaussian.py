@@ -8,8 +8,6 @@ log N(x; m, v) = -1/2 (log 2 pi + log v + (x - m)^2 / v), summed over features.
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 
@@ -17,7 +15,7 @@ from .. import config
 from ..kernels import _exp
 from .base import Likelihood
 
-LOG_2PI = math.log(2.0 * math.pi)
+LOG_2PI = config.LOG_2PI
 _HALF_LOG_2PI = np.float32(0.5 * LOG_2PI)
 _HALF = np.float32(0.5)
 
