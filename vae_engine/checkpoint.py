@@ -49,7 +49,10 @@ def resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python and the libraries a model directory depends on."""
+    """Versions of Python and the libraries a model directory depends on (openvino: None when not installed; read
+    from the package metadata, not imported)."""
+    import importlib.metadata as md
+
     import numba
     import numpy
     import onnx
@@ -61,8 +64,15 @@ def versions() -> dict[str, str]:
     return {
         "vae_engine": __version__, "python": platform.python_version(), "torch": torch.__version__,
         "numpy": numpy.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-        "numba": numba.__version__,
+        "numba": numba.__version__, "openvino": _installed_version(md, "openvino"),
     }
+
+
+def _installed_version(md, name: str) -> str | None:
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
 
 
 def write_config(model_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data: dict[str, Any]) -> None:

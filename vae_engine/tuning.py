@@ -100,13 +100,8 @@ def validation_items(model_dir: Path, n: int = VALIDATION_ITEMS, seed: int = 0) 
 def key(model_dir: Path, backend: str, device: str, threads: int, batch: int, budget: float,
         int8: bool | None) -> dict[str, Any]:
     """What a decision depends on: a saved decision is reused only when all of it is equal."""
-    import importlib.metadata as md
-
-    versions = {name: checkpoint.versions()[name] for name in ("vae_engine", "torch", "onnxruntime", "numba")}
-    try:
-        versions["openvino"] = md.version("openvino")
-    except md.PackageNotFoundError:
-        versions["openvino"] = None
+    every = checkpoint.versions()
+    versions = {name: every[name] for name in ("vae_engine", "torch", "onnxruntime", "numba", "openvino")}
     cpu, _ = hardware.cpu_info()
     graph_files = {}  # re-exported (or replaced) graphs are other paths: their decision is measured again
     for variant in graphs.VARIANTS:
