@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from typer.testing import CliRunner
 
 from vae_engine.cli import app
@@ -59,6 +60,11 @@ def test_bad_inputs_give_one_line(tmp_path, tiny_data):
     _one_line_error(invoke("train", "--hidden", "a,b", "--out", tmp_path / "o"), "--hidden")
     _one_line_error(invoke("train", "--data-dir", tiny_data, "--batch-size", 100000, "--out", tmp_path / "o"),
                     "larger than the training set")
+    _one_line_error(invoke("train", "--data-dir", tiny_data, "--device", "tpu", "--out", tmp_path / "o"),
+                    "unknown device 'tpu'")
+    if not torch.cuda.is_available():
+        _one_line_error(invoke("train", "--data-dir", tiny_data, "--device", "cuda", "--out", tmp_path / "o"),
+                        "--device cuda: torch sees no CUDA GPU here")
     _one_line_error(invoke("evaluate", tmp_path / "nomodel"), "not found")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text("{not json")

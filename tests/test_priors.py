@@ -180,7 +180,47 @@ def test_auto_precision_follows_the_cpu():
     amx = hardware.Machine("Intel Xeon", frozenset({"avx2", "avx512f", "amx_bf16", "amx_tile", "avx512_bf16"}))
     for machine, want in ((avx2, "fp32"), (bf16, "bf16"), (amx, "bf16")):
         with hardware.pretend(machine):
-            assert auto_precision() == want
+            assert auto_precision()[0] == want
+            assert auto_precision("cpu")[1] == f"this CPU has {'' if want == 'bf16' else 'no '}native bf16"
+
+
+def test_auto_precision_on_a_gpu_follows_the_gpu_not_the_cpu():
+    avx2 = frozenset({"avx2", "fma"})
+    h100 = hardware.Machine("AMD EPYC (AVX2)", avx2, gpu="NVIDIA H100 80GB HBM3")
+    t4 = hardware.Machine("Intel Xeon", frozenset({"avx2", "avx512f", "avx512_bf16"}), gpu="Tesla T4", gpu_bf16=False)
+    with hardware.pretend(h100):
+        assert auto_precision("cuda") == ("bf16", "this GPU has native bf16")
+        assert auto_precision("cpu")[0] == "fp32"  # the same machine training on its CPU
+    with hardware.pretend(t4):
+        assert auto_precision("cuda") == ("fp32", "this GPU has no native bf16")
+        assert auto_precision("cpu")[0] == "bf16"
+
+
+def test_resolve_device_names_and_refusals():
+    gpu = hardware.Machine("x", frozenset(), gpu="NVIDIA H100")
+    with hardware.pretend(gpu):
+        assert hardware.resolve_device("auto") == "cuda"
+        assert hardware.resolve_device("CUDA:1") == "cuda:1"
+        assert hardware.resolve_device("cpu") == "cpu"
+    with hardware.pretend(hardware.Machine("x", frozenset())):
+        assert hardware.resolve_device("auto") == "cpu"
+        with pytest.raises(VaeEngineError, match="torch sees no CUDA GPU here"):
+            hardware.resolve_device("cuda")
+    for bad in ("gpu", "cuda:x", "cuda:", "mps:0", ""):
+        with pytest.raises(VaeEngineError, match="unknown device"):
+            hardware.resolve_device(bad)
+
+
+def test_train_device_cpu_is_the_default_run_and_recorded(tiny_data, tmp_path):
+    cfg = TrainConfig(dataset="dir", data_dir=str(tiny_data), epochs=1, batch_size=64, precision="fp32", limit=256)
+    for name, device in (("default", None), ("cpu", "cpu"), ("auto", "auto")):
+        train(ModelConfig(latent_dim=4, hidden=(16,)), cfg, tmp_path / name, plots=False,
+              **({"device": device} if device else {}))
+    want = checkpoint.read_metrics(tmp_path / "default")[0]
+    assert want["device"] == "cpu"
+    for name in ("cpu",) + (() if torch.cuda.is_available() else ("auto",)):
+        row = checkpoint.read_metrics(tmp_path / name)[0]
+        assert (row["train_loss"], row["test_nelbo"]) == (want["train_loss"], want["test_nelbo"])
 
 
 def test_step_flops_counts_the_prior_and_the_samples():

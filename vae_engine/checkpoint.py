@@ -199,7 +199,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     """Serialize in memory, then write atomically (safetensors' own file writer leaves temps of its own)."""
     from safetensors.torch import save
 
-    atomic.write_bytes(path, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata))
+    atomic.write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def save_weights(model_dir: Path, model: VAE) -> None:

@@ -159,12 +159,13 @@ def train(
     objective: Annotated[str, typer.Option(help="elbo (K&W 2013), iwae (Burda et al. 2015 bound with --k samples) or dreg (the IWAE bound with doubly reparameterized encoder gradients, Tucker et al. 2018: lower-variance, better encoders at large --k).")] = "elbo",
     prior: Annotated[str, typer.Option(help="p(z): normal (N(0, I)) or vamp (VampPrior, Tomczak & Welling 2018: a mixture of the encoder's posteriors on --pseudo-inputs learned inputs; stored in the model folder, used for sampling and scoring).")] = "normal",
     pseudo_inputs: Annotated[int, typer.Option(help="With --prior vamp: the number of pseudo-inputs (mixture components); each adds an encoder pass per training step and a Gaussian per scored sample.")] = 500,
-    precision: Annotated[str, typer.Option(help="auto (bf16 where the CPU has native bf16: AVX512_BF16 or AMX; else fp32), fp32, or bf16 (autocast: the networks in bf16; the likelihood, log-densities, log-sum-exp, weights and optimizer in fp32). Recorded in config.json. bf16 reached a test NLL as good as fp32 at equal epochs (README: Training).")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 where the device has native bf16: a CPU with AVX512_BF16 or AMX, a GPU of compute capability 8.0+; else fp32), fp32, or bf16 (autocast: the networks in bf16; the likelihood, log-densities, log-sum-exp, weights and optimizer in fp32). Recorded in config.json. bf16 reached a test NLL as good as fp32 at equal epochs (README: Training).")] = "auto",
     k: Annotated[int, typer.Option("--k", help="Samples per input: IWAE importance samples, or eps samples averaged by the ELBO.")] = 1,
     kl_warmup: Annotated[int, typer.Option(help="Epochs of linear KL warm-up from 0 to 1 (ELBO objective).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for init, shuffling, binarization and eps; same seed, same weights on CPU.")] = 0,
     nll_every: Annotated[int, typer.Option(help="Every N epochs (and after the last), also record the IWAE NLL (k=1000) of the first 1,000 test items in metrics.jsonl (test_nll_k1000): the NLL-against-time curve. 0: off.")] = 0,
     threads: Annotated[int | None, typer.Option(help="Torch intra-op threads (default: the CPUs this process may use: affinity mask and cgroup quota).")] = None,
+    device: Annotated[str, typer.Option(help="Where to train: cpu, cuda, cuda:N, or auto (the first CUDA GPU torch sees, else the CPU). The noise is drawn on the CPU either way, so a run can be resumed on another device. Under torchrun with cuda: one GPU per process (LOCAL_RANK).")] = "cpu",
     limit: Annotated[int | None, typer.Option(help="Use only the first N training images (quick runs).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last complete epoch (a run killed before its first checkpoint starts again).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete the model already in --out (weights, graphs, plots, metrics) and train a new one there.")] = False,
@@ -218,13 +219,14 @@ def train(
             self.bar.console.print(
                 f"epoch {row['epoch']:3d}  train {row['train_loss']:8.3f}  test -ELBO {row['test_nelbo']:8.3f}{nll}  "
                 f"{row['seconds']:6.2f} s  {row['samples_per_s']:,.0f} samples/s  {row['precision']} "
+                f"{'' if row['device'] == 'cpu' else row['device'] + ' '}"
                 f"{row['gflops']:,.0f} GFLOP/s" + (f" ({row['fraction_of_peak']:.0%} of peak)"
                                                    if row.get("fraction_of_peak") else ""))
 
     bar = Bar()
     try:
         run_train(model_cfg, train_cfg, out_dir, resume=resume, callbacks=bar, plots=plots, download=download,
-                  overwrite=overwrite)
+                  overwrite=overwrite, device=device)
     finally:
         if hasattr(bar, "bar"):
             bar.bar.stop()

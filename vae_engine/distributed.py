@@ -20,6 +20,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_size: int = 1
+    local_rank: int = 0  # this process's index on its machine: its GPU when training on CUDA
 
     @property
     def is_main(self) -> bool:
@@ -34,13 +35,16 @@ class World:
 def from_env() -> World:
     """The world torchrun describes in the environment (size 1 without torchrun)."""
     return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                 int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+                 int(os.environ.get("LOCAL_WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init(world: World) -> None:
-    """Join the process group: gloo on CPU, nccl when CUDA is available."""
+def init(world: World, device: str = "cpu") -> None:
+    """Join the process group: nccl when training on CUDA GPUs, gloo on CPUs (even where a GPU is present: nccl
+    cannot reduce CPU tensors)."""
     if world.size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
 def shutdown(world: World) -> None:

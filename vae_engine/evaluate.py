@@ -22,12 +22,13 @@ def reference_scores(model: VAE, x: np.ndarray, start: int, k: int, seed: int) -
     `start` is the global index of x[0]: it keys the eps streams, so results do not depend on chunking.
     -ELBO uses the analytic KL and the first eps of a k=1 stream; the IWAE estimate its own k-sample stream.
     """
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    device = _device(model)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks (the engine's blocking, same streams)
     for i, j, s, eps in rng.iwae_blocks(rng.Streams.contiguous(seed, start, len(x)), k, model.cfg.latent_dim,
                                             SCORE_ROWS):
-        log_w = log_weights(model, xt[i:j], torch.from_numpy(eps).transpose(0, 1)).double()  # (K', b)
-        block = torch.logsumexp(log_w, dim=0).numpy()
+        log_w = log_weights(model, xt[i:j], torch.from_numpy(eps).to(device).transpose(0, 1)).double()  # (K', b)
+        block = torch.logsumexp(log_w, dim=0).cpu().numpy()
         log_sum[i:j] = block if s == 0 else np.logaddexp(log_sum[i:j], block)
     return reference_nelbo(model, x, start, seed), -(log_sum - np.log(k))
 
@@ -37,9 +38,15 @@ def reference_nelbo(model: VAE, x: np.ndarray, start: int, seed: int) -> np.ndar
     """Per-item -ELBO (n,) float64: the analytic KL and one eps per item from the k=1 stream (seed, index).
 
     The one estimator of the test -ELBO: `evaluate`, `export` and the per-epoch metrics all use it."""
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    eps1 = torch.from_numpy(rng.normal_eps(seed, start, len(x), 1, model.cfg.latent_dim)).transpose(0, 1)  # (1, n, D)
-    return -elbo(model, xt, eps1).double().numpy()
+    device = _device(model)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    eps1 = torch.from_numpy(rng.normal_eps(seed, start, len(x), 1, model.cfg.latent_dim)).to(device).transpose(0, 1)
+    return -elbo(model, xt, eps1).double().cpu().numpy()  # eps1 is (1, n, D)
+
+
+def _device(model: VAE) -> torch.device:
+    """Where the model's weights are (the trainer checks its test numbers on the device it trains on)."""
+    return next(model.parameters()).device
 
 
 def summarize(nelbo: np.ndarray, nll: np.ndarray, k: int, seed: int, seconds: float, backend: str) -> dict:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import VaeEngineError
+
 # instruction sets that decide which precision is fast here (Linux /proc/cpuinfo names)
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # native bf16 dot products (Zen 4+, Cooper Lake, Sapphire Rapids+)
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # native int8 dot products (u8 x s8 -> s32)
@@ -26,6 +28,7 @@ class Machine:
     cpu: str
     flags: frozenset[str]
     gpu: str | None = None
+    gpu_bf16: bool = True  # does that GPU multiply bf16 natively (Ampere and later)?
 
 
 _pretended: Machine | None = None  # set by `pretend`: decisions for machine classes this one is not
@@ -104,6 +107,34 @@ def cuda_available() -> bool:
     except ImportError:
         return False
     return bool(torch.cuda.is_available())
+
+
+def gpu_bf16() -> bool:
+    """Does the CUDA GPU multiply bf16 natively (compute capability 8.0+: A100, H100, L4, RTX 30xx and later)?"""
+    if _pretended is not None:
+        return _pretended.gpu is not None and _pretended.gpu_bf16
+    return cuda_available() and bool(sys.modules["torch"].cuda.is_bf16_supported())
+
+
+def resolve_device(device: str) -> str:
+    """The torch device a `--device` option names, as a string: "cpu", "cuda" or "cuda:N" as given, "auto" the
+    first CUDA GPU where torch sees one (else the CPU). A GPU that is not there is a clear error, not a traceback
+    from deep inside torch."""
+    name = device.strip().lower() if isinstance(device, str) else device
+    if name == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    kind, colon, index = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if kind != "cuda" or (colon and not index.isdigit()):
+        raise VaeEngineError(f"unknown device {device!r}: choose cpu, cuda, cuda:N or auto")
+    if not cuda_available():
+        raise VaeEngineError(f"--device {device}: torch sees no CUDA GPU here (a CPU build of torch, or no "
+                             "driver); use --device cpu")
+    if index and _pretended is None and int(index) >= sys.modules["torch"].cuda.device_count():
+        raise VaeEngineError(f"--device {device}: torch sees {sys.modules['torch'].cuda.device_count()} CUDA "
+                             "GPU(s) here; choose one of them")
+    return name
 
 
 def gpu_name() -> str | None:

@@ -16,7 +16,7 @@ import torch
 from . import checkpoint, data, distributed, likelihoods, rng
 from .config import IMAGE_SHAPE, INPUT_DIM, ModelConfig, TrainConfig
 from .errors import Interrupted, VaeEngineError
-from .hardware import available_cpus, native_bf16
+from .hardware import available_cpus, gpu_bf16, gpu_name, native_bf16, resolve_device
 from .model import VAE, dreg_bound, elbo, iwae_bound, log_weights
 
 TEST_SEED = 0  # the test -ELBO of every epoch: evaluate's default seed, so the two report the same estimate
@@ -53,10 +53,13 @@ def kl_weight_at(cfg: TrainConfig, epoch: int, step: int, steps: int) -> float:
     return min(1.0, (epoch + step / steps) / cfg.kl_warmup_epochs)
 
 
-def auto_precision() -> str:
-    """What `--precision auto` trains in here: bf16 autocast where the CPU multiplies bf16 natively (AVX512_BF16
-    or AMX), else fp32 (emulated bf16 is slower than fp32)."""
-    return "bf16" if native_bf16() else "fp32"
+def auto_precision(device: str = "cpu") -> tuple[str, str]:
+    """What `--precision auto` trains in on `device`, and why: bf16 autocast where the device multiplies bf16
+    natively (a CPU with AVX512_BF16 or AMX; a GPU of compute capability 8.0+), else fp32 (emulated bf16 is
+    slower than fp32)."""
+    if device.startswith("cuda"):
+        return ("bf16", "this GPU has native bf16") if gpu_bf16() else ("fp32", "this GPU has no native bf16")
+    return ("bf16", "this CPU has native bf16") if native_bf16() else ("fp32", "this CPU has no native bf16")
 
 
 class Objective(torch.nn.Module):
@@ -164,8 +167,13 @@ def train(
     plots: bool = True,
     download: bool = False,
     overwrite: bool = False,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Train a VAE into `out_dir` (a model directory); with resume=True continue from its last checkpoint.
+
+    `device` (cpu, cuda, cuda:N, auto) is where the networks, the batches and the optimizer live; shuffling,
+    binarization and eps are still drawn on the CPU from the epoch's generator and copied over, so a run draws the
+    same noise on any device (and a run started on a GPU can be resumed on the CPU, or the other way round).
 
     On resume the model and training config come from the directory; only `epochs` is taken from train_cfg.
     Every state a killed run can leave is either resumable or restartable: a folder without a checkpoint
@@ -174,12 +182,16 @@ def train(
     """
     out_dir = Path(out_dir)
     world = distributed.from_env()
-    distributed.init(world)
+    device = resolve_device(device)
+    if device == "cuda" and world.size > 1:
+        device = f"cuda:{world.local_rank}"  # one GPU per process under torchrun
+    distributed.init(world, device)
     existed = out_dir.exists()
     try:
         # only the main rank writes, so only it locks; the others read the folder under its lock
         with checkpoint.lock(out_dir) if world.is_main else contextlib.nullcontext():
-            return _train(model_cfg, train_cfg, out_dir, resume, callbacks, plots, download, overwrite, world)
+            return _train(model_cfg, train_cfg, out_dir, resume, callbacks, plots, download, overwrite, world,
+                          torch.device(device))
     except BaseException:
         if world.is_main and not existed and not (out_dir / checkpoint.STATE).exists():
             _remove_run(out_dir)  # nothing worth keeping: leave no half-made folder behind
@@ -202,7 +214,7 @@ def _graph_files(out_dir: Path) -> list[Path]:
     return [graph_path(out_dir, role, variant) for role in ROLES for variant in VARIANTS]
 
 
-def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, download, overwrite, world):
+def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, download, overwrite, world, device):
     callbacks = callbacks if callbacks and world.is_main else Callbacks()
     has_config, has_state = (out_dir / checkpoint.CONFIG).exists(), (out_dir / checkpoint.STATE).exists()
     if resume and has_config:
@@ -229,9 +241,8 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     if not resume:
         model_cfg, why = resolve_model(model_cfg, dataset)
         if train_cfg.precision == "auto":
-            train_cfg = replace(train_cfg, precision=auto_precision())
-            precision_why = f"{train_cfg.precision}: " + ("this CPU has native bf16" if train_cfg.precision == "bf16"
-                                                         else "this CPU has no native bf16")
+            chosen, reason = auto_precision(device.type)
+            train_cfg, precision_why = replace(train_cfg, precision=chosen), f"{chosen}: {reason}"
     elif dataset.item_shape != model_cfg.input_shape and math.prod(dataset.item_shape) != model_cfg.input_dim:
         raise VaeEngineError(f"{out_dir}: the model takes items of shape {list(model_cfg.input_shape)}, the data "
                              f"has {list(dataset.item_shape)}")
@@ -254,6 +265,7 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     if model_cfg.standardize:  # measured on the training split; stored as buffers, so every graph carries them
         model.set_standardization(x_train.mean(0), x_train.std(0))
     model.init_pseudo_inputs(x_train, torch.Generator().manual_seed(2**63 + train_cfg.seed))  # VampPrior only
+    model.to(device)  # before the optimizer, so its moments live beside the weights
     # the fused CPU kernel: ~0.6 ms per step for the default MLP against ~4 ms for the for-each one
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, fused=True)
     start_epoch, rows = 0, []
@@ -262,7 +274,7 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
         if start_epoch >= train_cfg.epochs:
             if plots and world.is_main and not (out_dir / checkpoint.PLOTS).is_dir():
                 checkpoint.write_metrics(out_dir, rows)
-                _draw_plots(model.eval(), out_dir, rows, x_test, train_cfg.seed, dataset.test_labels)  # killed in plots
+                _draw_plots(model.cpu().eval(), out_dir, rows, x_test, train_cfg.seed, dataset.test_labels)  # killed in plots
                 callbacks.on_message(f"{out_dir} had finished {start_epoch} epochs; drew its missing plots")
                 return rows
             raise VaeEngineError(f"{out_dir} already finished {start_epoch} epochs; pass a larger --epochs to go on")
@@ -280,13 +292,16 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
 
     objective = Objective(model, train_cfg.objective, train_cfg.precision)
     if world.size > 1:  # averages gradients over ranks: one step on W x b inputs, as one process would take it
-        objective = torch.nn.parallel.DistributedDataParallel(objective)
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index or 0] if device.type == "cuda" else None)
     mine = slice(world.rank * b, (world.rank + 1) * b)  # this rank's share of each global batch
     steps = n // global_batch  # the last partial batch is dropped; each epoch reshuffles
     callbacks.on_train_start(train_cfg.epochs, start_epoch, steps)
     model.train()
     epoch = start_epoch
     flops, peak, trained_s = step_flops(model_cfg, global_batch, train_cfg.k) * steps, None, 0.0
+    peak_key = train_cfg.precision if device.type == "cpu" else f"cuda-{train_cfg.precision}"
+    where = "cpu" if device.type == "cpu" else f"{device} ({gpu_name()})"
     try:
         for epoch in range(start_epoch, train_cfg.epochs):
             g = epoch_generator(train_cfg.seed, epoch)  # identical on every rank: same permutation, same noise
@@ -300,7 +315,8 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
                 x = data.binarize(x_train[perm[step * global_batch : (step + 1) * global_batch]],
                                   binarize_mode(model, train_cfg), g)
                 eps = torch.randn((train_cfg.k, global_batch, model_cfg.latent_dim), generator=g)  # (K, W*b, D)
-                loss = objective(x[mine], eps[:, mine], kl_weight_at(train_cfg, epoch, step, steps))
+                loss = objective(x[mine].to(device, non_blocking=True), eps[:, mine].to(device, non_blocking=True),
+                                 kl_weight_at(train_cfg, epoch, step, steps))
                 value = loss.item()
                 if not math.isfinite(value):  # stop before a non-finite step reaches the weights
                     kept = (f"the checkpoint after epoch {epoch} is kept; " if epoch else "")
@@ -317,12 +333,12 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
                 if peak is None and trained_s >= PEAK_AFTER_S and world.size == 1:
                     from .bench import measured_peaks
 
-                    peak = measured_peaks(threads).get(train_cfg.precision)  # the same measurement as bench
+                    peak = measured_peaks(threads).get(peak_key)  # the same measurement as bench
                 gflops = flops / seconds / 1e9
                 row = {"epoch": epoch + 1, "train_loss": total / steps,
                        "test_nelbo": test_elbo(model, x_test, train_cfg), "seconds": round(seconds, 3),
                        "samples_per_s": round(steps * global_batch / seconds, 1), "lr": lr_at(train_cfg, epoch),
-                       "precision": train_cfg.precision, "gflops": round(gflops, 2),
+                       "precision": train_cfg.precision, "device": where, "gflops": round(gflops, 2),
                        "peak_gflops": round(peak, 1) if peak else None,
                        "fraction_of_peak": round(gflops / peak, 4) if peak else None}
                 if train_cfg.nll_every and ((epoch + 1) % train_cfg.nll_every == 0 or epoch + 1 == train_cfg.epochs):
@@ -343,7 +359,7 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
         raise Interrupted(f"stopped in epoch {epoch + 1}, before any checkpoint; nothing was kept") from None
     world.barrier()
     distributed.shutdown(world)
-    model.eval()
+    model.cpu().eval()
     if plots and world.is_main:
         _draw_plots(model, out_dir, rows, x_test, train_cfg.seed, dataset.test_labels)
     return rows
