@@ -7,7 +7,7 @@ trainer's own step) and how good (the test NLL that fp32 and bf16 autocast train
 
 Speed: one step is the trainer's (`train.Objective` forward, backward, fused Adam) on bundled-MNIST batches,
 dynamically binarized; warmed up, then timed for --seconds, threads set explicitly; the GEMM peaks are measured in
-the same run (`bench.measured_peaks`, the numbers `vae-engine bench` compares with). FLOPs per step:
+the same run (`peaks.measured_peaks`, the numbers `vae-engine bench` compares with). FLOPs per step:
 `train.step_flops` (forward multiply-adds x 2 x 3 for the backward pass).
 Parity: `train.train` on the 60,000 training images, then the IWAE NLL (k=1000) of the first 1,000 test images with
 the fp32 PyTorch reference (seed 0 streams, the same for every model). The seed-to-seed spread within a precision
@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from vae_engine import data, hardware
-from vae_engine.bench import measured_peaks
 from vae_engine.config import ModelConfig, TrainConfig
-from vae_engine.evaluate import evaluate, reference_scores
 from vae_engine.model import VAE
+from vae_engine.peaks import measured_peaks
+from vae_engine.reference import evaluate, reference_scores
 from vae_engine.train import Objective, step_flops, train
 
 RESULTS = Path(__file__).parent / "results" / "train_bench.json"
@@ -102,9 +102,9 @@ def prior_cost(threads: int, k: int = 1000, n: int = 64, components: int = 500) 
     and with a `components`-Gaussian mixture prior (random weights, torch backend, same eps), and the mixture
     kernel alone on one block of decoder rows."""
     from vae_engine import checkpoint, priors
-    from vae_engine.bench import measure
     from vae_engine.config import SCORE_ROWS
     from vae_engine.engine import Engine
+    from vae_engine.timing import measure
 
     torch.set_num_threads(threads)
     x = (np.random.default_rng(0).random((n, 784)) < 0.2).astype(np.float32)

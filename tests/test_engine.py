@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from vae_engine import checkpoint, data, jobs
 from vae_engine.cli import app
 from vae_engine.engine import Engine
-from vae_engine.evaluate import evaluate, reference_scores
+from vae_engine.reference import evaluate, reference_scores
 
 runner = CliRunner()
 

@@ -98,10 +98,9 @@ def test_int8_keeps_the_fastest_candidate_within_budget(exported):
         assert abs(chosen["nll_change_nats"]) == min(abs(r["nll_change_nats"]) for r in rows)
         assert "no int8 layer set" in report["warnings"][0]
     assert set(report["int8"]["layer_rounding"].values()) <= {"gptq", "nearest"}
-    from vae_engine import quantize  # the written graphs run exactly the chosen share of the work in int8
 
     cfg = checkpoint.model_config(out)
-    counts = [quantize.macs_by_precision(graphs.load_graph(graphs.graph_path(out, role, "int8"), role, cfg))
+    counts = [graphs.graph_macs(graphs.load_graph(graphs.graph_path(out, role, "int8"), role, cfg))
               for role in graphs.ROLES]
     int8_macs, all_macs = sum(c["int8"] for c in counts), sum(c["int8"] + c["float"] for c in counts)
     assert int8_macs / all_macs == pytest.approx(chosen["int8_macs_fraction"], abs=1e-4) and int8_macs > 0

@@ -218,7 +218,7 @@ def test_evaluate(model, path):
         _check(np.asarray(got[key]), np.asarray(want[key]), precision, "nats", f"evaluate {key}")
     # its work: the encoder twice and the decoder k + 1 times per item, at the precisions the path runs
     from vae_engine import checkpoint
-    from vae_engine.bench import model_flops
+    from vae_engine.work import model_flops
 
     flops = model_flops(checkpoint.model_config(model))
     macs = got["work"]["multiply_adds"]

@@ -15,9 +15,9 @@ from vae_engine import checkpoint, hardware, kernels, priors
 from vae_engine.config import ModelConfig, TrainConfig
 from vae_engine.engine import Engine
 from vae_engine.errors import ModelDirError, VaeEngineError
-from vae_engine.evaluate import reference_nelbo, reference_scores
 from vae_engine.model import VAE, dreg_bound, iwae_bound, log_weights
 from vae_engine.model import _log_weights as log_weights_and_z
+from vae_engine.reference import reference_nelbo, reference_scores
 from vae_engine.train import Objective, auto_precision, step_flops, train
 
 VAMP = ModelConfig(latent_dim=5, hidden=(24,), prior="vamp", pseudo_inputs=7)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from vae_engine import checkpoint
 from vae_engine.config import ModelConfig, TrainConfig
 from vae_engine.errors import ModelDirError, VaeEngineError
-from vae_engine.evaluate import evaluate, reference_scores
+from vae_engine.reference import evaluate, reference_scores
 from vae_engine.train import train
 
 MODEL = ModelConfig(latent_dim=4, hidden=(32,))

@@ -3,7 +3,6 @@ the machine's own GEMM peak for that precision (fp32, bf16, int8; CPU and GPU), 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,9 @@ import torch
 from . import checkpoint, graphs, hardware, kernels, rng
 from .config import INPUT_DIM, ModelConfig
 from .engine import Engine
+from .peaks import gemm_peak, limit_seconds
+from .timing import measure
+from .work import macs_by_precision, model_flops
 
 OPS = ("encode", "decode", "reconstruct")
 BATCHES = (1, 64, 1024, 8192)
@@ -70,33 +72,6 @@ def load_candidate(model_dir: Path, c: Candidate, threads: int, spin: bool = Fal
     return Engine(backend, cfg, model_dir, threads)
 
 
-@dataclass
-class Timing:
-    """Per-call latencies of one measured function."""
-
-    seconds: np.ndarray  # (repeats,)
-
-    def summary(self, items: int, flops: float = 0.0) -> dict[str, float]:
-        p50, p90, p99 = np.percentile(self.seconds, [50, 90, 99])
-        return {"repeats": len(self.seconds), "mean_us": float(self.seconds.mean() * 1e6), "p50_us": float(p50 * 1e6),
-                "p90_us": float(p90 * 1e6), "p99_us": float(p99 * 1e6), "samples_per_s": float(items / p50),
-                "gflops": float(flops * items / p50 / 1e9)}
-
-
-def measure(fn: Callable[[], Any], min_time: float = 0.5, warmup: int = 3, min_repeats: int = 5,
-            max_repeats: int = 2000) -> Timing:
-    """Warm up, then call fn repeatedly (at least min_repeats, until min_time has passed), timing each call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    t_end = time.perf_counter() + min_time
-    while len(times) < min_repeats or (time.perf_counter() < t_end and len(times) < max_repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return Timing(np.asarray(times))
-
-
 def op_call(engine: Engine, op: str, x: np.ndarray, z: np.ndarray) -> Callable[[], Any]:
     """The measured call of an op, as a user makes it: `Engine.encode`, `Engine.decode` (the likelihood's
     parameters) or `Engine.reconstruct` as the `reconstruct` job runs it (the input rule, encode, decode of the
@@ -108,128 +83,6 @@ def op_call(engine: Engine, op: str, x: np.ndarray, z: np.ndarray) -> Callable[[
 def raw_call(engine: Engine, op: str, x: np.ndarray, z: np.ndarray) -> Callable[[], Any]:
     """The same op on the runtime alone (`backends.RAW_CALL`), for the engine's overhead over it."""
     return engine.backend.raw_call(op, z if op == "decode" else x)
-
-
-def _layer_flops(module: torch.nn.Module, x: torch.Tensor) -> float:
-    """2 * multiply-adds of the Linear/Conv layers of `module` for one input row, counted with forward hooks."""
-    total = [0.0]
-
-    def hook(m, inputs, output):
-        if isinstance(m, torch.nn.Linear):
-            total[0] += 2.0 * m.in_features * m.out_features * output.shape[0]
-        elif isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
-            kh, kw = m.kernel_size
-            spatial = (output if isinstance(m, torch.nn.Conv2d) else inputs[0]).shape
-            total[0] += 2.0 * m.in_channels * m.out_channels * kh * kw * spatial[0] * spatial[2] * spatial[3]
-
-    handles = [m.register_forward_hook(hook) for m in module.modules()]
-    with torch.no_grad():
-        module(x)
-    for h in handles:
-        h.remove()
-    return total[0] / x.shape[0]
-
-
-def model_flops(cfg: ModelConfig) -> dict[str, float]:
-    """FLOPs per sample of the encoder and decoder (2 per multiply-add; activations not counted)."""
-    from .model import VAE
-
-    vae = VAE(cfg)
-    enc = _layer_flops(vae.encoder, torch.rand(2, cfg.input_dim))
-    dec = _layer_flops(vae.decoder, torch.rand(2, cfg.latent_dim))
-    return {"encode": enc, "decode": dec, "reconstruct": enc + dec}
-
-
-def _onnx_gemm(n: int, a_type: int, b_type: int, op: str = "MatMul"):
-    """An n x n x n product as a one-node ONNX graph."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    out_type = TensorProto.INT32 if op == "MatMulInteger" else TensorProto.FLOAT
-    graph = helper.make_graph(
-        [helper.make_node(op, ["a", "b"], ["c"])], "gemm",
-        [helper.make_tensor_value_info("a", a_type, [n, n]), helper.make_tensor_value_info("b", b_type, [n, n])],
-        [helper.make_tensor_value_info("c", out_type, [n, n])])
-    # IR version 8 (opset 18's own): ONNX Runtime releases older than this onnx package refuse newer IRs
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", graphs.OPSET)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model
-
-
-def _best_rate(fn: Callable[[], Any], flops: float, min_time: float) -> float:
-    t = measure(fn, min_time=min_time, warmup=2, min_repeats=3)
-    return flops / float(np.min(t.seconds)) / 1e9  # peak: the best call
-
-
-def gemm_peak(threads: int, n: int = 2048, min_time: float = 0.5) -> dict[str, dict[str, float]]:
-    """Best GEMM rate (GFLOP/s) of each library on an n x n x n product, per precision: {precision: {lib: rate}}.
-
-    fp32: NumPy, PyTorch, ONNX Runtime. bf16: PyTorch (a smaller product where bf16 is emulated, which is
-    slow). int8: ONNX Runtime's MatMulInteger (u8 x s8 -> s32, what its dynamic-quantized graphs run), counted
-    as 2 ops per multiply-add like the rest. On a GPU: PyTorch fp32 (TF32 off) and bf16, as cuda-fp32/cuda-bf16.
-    """
-    from onnx import TensorProto
-
-    g = np.random.default_rng(0)
-    a, b = g.standard_normal((n, n), np.float32), g.standard_normal((n, n), np.float32)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    sess = graphs.make_session(_onnx_gemm(n, TensorProto.FLOAT, TensorProto.FLOAT), threads)
-    peaks = {"fp32": {
-        "numpy": _best_rate(lambda: a @ b, 2.0 * n**3, min_time), "torch": _best_rate(lambda: ta @ tb, 2.0 * n**3,
-                                                                                       min_time),
-        "onnxruntime": _best_rate(lambda: sess.run(None, {"a": a, "b": b}), 2.0 * n**3, min_time)}}
-    nb = n if hardware.native_bf16() else 512
-    ha, hb = ta[:nb, :nb].bfloat16(), tb[:nb, :nb].bfloat16()
-    peaks["bf16"] = {"torch": _best_rate(lambda: ha @ hb, 2.0 * nb**3, min_time)}
-    qa, qb = g.integers(0, 255, (n, n), dtype=np.uint8), g.integers(-127, 127, (n, n), dtype=np.int8)
-    qsess = graphs.make_session(_onnx_gemm(n, TensorProto.UINT8, TensorProto.INT8, "MatMulInteger"), threads)
-    peaks["int8"] = {"onnxruntime": _best_rate(lambda: qsess.run(None, {"a": qa, "b": qb}), 2.0 * n**3, min_time)}
-    if torch.cuda.is_available():
-        m = 8192
-        ca = torch.randn(m, m, device="cuda")
-        cb = torch.randn(m, m, device="cuda")
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-        def cuda(x, y):
-            return lambda: (x @ y, torch.cuda.synchronize())
-
-        peaks["cuda-fp32"] = {"torch": _best_rate(cuda(ca, cb), 2.0 * m**3, min_time)}
-        peaks["cuda-bf16"] = {"torch": _best_rate(cuda(ca.bfloat16(), cb.bfloat16()), 2.0 * m**3, min_time)}
-        peaks["cuda-fp16"] = {"torch": _best_rate(cuda(ca.half(), cb.half()), 2.0 * m**3, min_time)}
-        del ca, cb
-    return peaks
-
-
-def macs_by_precision(model_dir: Path, cfg: ModelConfig, role: str, precision: str, backend: str) -> dict:
-    """Multiply-adds per item of one network ("encoder" or "decoder") by the precision they run in on a path:
-    all of them at the path's precision, except that an int8 ONNX graph runs its integer layers in int8 and the rest
-    (kept layers, convolutions) in fp32. {precision: multiply-adds}."""
-    total = model_flops(cfg)["encode" if role == "encoder" else "decode"] / 2
-    if backend != "onnxruntime" or precision != "int8":
-        return {precision: total}
-    from . import quantize
-
-    int8 = quantize.macs_by_precision(graphs.load_graph(graphs.graph_path(model_dir, role, "int8"), role, cfg))["int8"]
-    return {"int8": int8, "fp32": max(total - int8, 0.0)}
-
-
-def limit_seconds(macs: dict[str, float], peaks: dict[str, float]) -> float | None:
-    """Seconds for these multiply-adds at the GEMM peak (GFLOP/s, 2 FLOP each) of each one's precision, or None
-    where a precision has no measured peak here."""
-    if not all(p in peaks and peaks[p] for p, m in macs.items() if m):
-        return None
-    return sum(2 * m / (peaks[p] * 1e9) for p, m in macs.items() if m)
-
-
-_PEAKS: dict[int, dict[str, float]] = {}
-
-
-def measured_peaks(threads: int) -> dict[str, float]:
-    """The best GEMM rate per precision at `threads` (a short `gemm_peak`), measured once per process: every
-    evaluation in it is held against the same peaks, and only the first pays the ~2 s."""
-    if threads not in _PEAKS:
-        _PEAKS[threads] = {p: max(v.values()) for p, v in gemm_peak(threads, min_time=0.3).items()}
-    return dict(_PEAKS[threads])
 
 
 def path_peak(model_dir: Path, cfg: ModelConfig, c: Candidate, op: str, best_peak: dict[str, float]) -> float | None:
@@ -459,3 +312,5 @@ def render(report: dict[str, Any]) -> list:
     for note in report["notes"]:
         parts.append(f"note: {note}")
     return parts
+
+

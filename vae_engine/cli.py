@@ -619,7 +619,7 @@ def bench(
     atomic.write_json(json_path, report)
     if markdown_path:
         atomic.write_text(markdown_path, bench_mod.markdown(report) + "\n")
-    bench_chart(report, plot_path)
+    bench_chart(report, plot_path, [c.label for c in bench_mod.CANDIDATES])
     out.print(f"wrote {json_path} and {plot_path}")
 
 

@@ -244,3 +244,19 @@ def make_session(model: onnx.ModelProto | bytes, threads: int | None = None, dev
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelDirError(f"{name or 'graph'}: ONNX Runtime cannot load it ({first[:300]}); "
                             "re-export the model") from None
+
+
+INT8_OPS = ("MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeMatMul")  # this module's and ORT's quantizer's
+
+
+def graph_macs(model: onnx.ModelProto) -> dict[str, int]:
+    """Multiply-adds per item of a graph's constant-weight matrix products, by the precision they run in:
+    {"int8": ..., "float": ...} (Gemm, MatMul, and the integer products of int8 graphs)."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    out = {"int8": 0, "float": 0}
+    for node in model.graph.node:
+        if node.op_type in ("Gemm", "MatMul", *INT8_OPS) and len(node.input) > 1 and node.input[1] in shapes:
+            dims = shapes[node.input[1]]
+            if len(dims) == 2:
+                out["int8" if node.op_type in INT8_OPS else "float"] += int(dims[0] * dims[1])
+    return out

@@ -214,15 +214,45 @@ def _table_figures(model: Any, plots: Path, x_test: torch.Tensor, labels: np.nda
     _save(fig, plots / "latent.png")
 
 
-def bench_chart(report: dict[str, Any], path: Path) -> None:
+def anomaly_chart(scores: np.ndarray, threshold: float, rule: str, labels: np.ndarray | None, path: Path) -> None:
+    """Histogram of the normality scores with the threshold marked (split by label when known); with labels, the
+    ROC and precision-recall curves of finding the anomalies (low scores)."""
+    known = labels is not None and 0 < int(np.sum(labels)) < len(labels)
+    fig, axes = plt.subplots(1, 3 if known else 1, figsize=(13 if known else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    lo, hi = np.percentile(scores, [0.5, 100])
+    bins = np.linspace(lo, hi, 60)
+    if known:
+        ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="normal", color="tab:blue")
+        ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label="anomaly", color="tab:red")
+    else:
+        ax.hist(scores, bins=bins, color="tab:blue", alpha=0.8, label="items")
+    ax.axvline(threshold, color="black", ls="--", label=f"threshold {threshold:.2f}")
+    ax.set(xlabel=f"score ({rule}; higher = more normal)", ylabel="items", title="scores")
+    ax.legend(fontsize=8)
+    if known:
+        from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
+
+        fpr, tpr, _ = roc_curve(labels, -scores)
+        axes[0][1].plot(fpr, tpr, color="tab:red")
+        axes[0][1].plot([0, 1], [0, 1], color="0.6", ls=":")
+        axes[0][1].set(xlabel="false positive rate", ylabel="true positive rate",
+                       title=f"ROC (AUC {roc_auc_score(labels, -scores):.3f})")
+        precision, recall, _ = precision_recall_curve(labels, -scores)
+        axes[0][2].plot(recall, precision, color="tab:red")
+        axes[0][2].axhline(np.mean(labels), color="0.6", ls=":")
+        axes[0][2].set(xlabel="recall", ylabel="precision", title="precision-recall")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def bench_chart(report: dict[str, Any], path: Path, order: list[str]) -> None:
     """One panel per operation: throughput against batch size, one fixed colour (and marker) per backend and
     precision across panels, each precision's GEMM peak drawn as the ceiling it sets on that operation
-    (peak GFLOP/s / FLOPs per item), the legend outside the data; a last panel with batch-1 p50/p99 latency."""
-    from .bench import CANDIDATES
-
+    (peak GFLOP/s / FLOPs per item), the legend outside the data; a last panel with batch-1 p50/p99 latency.
+    `order`: the benchmark's path labels in their fixed order (their colours)."""
     rows = report["results"]
     ops = [op for op in ("encode", "decode", "reconstruct") if any(r["op"] == op for r in rows)]
-    order = [c.label for c in CANDIDATES]
     labels = sorted({r["backend"] for r in rows}, key=lambda b: order.index(b) if b in order else len(order))
     palette = plt.get_cmap("tab20").colors
     style = {b: (palette[(2 * order.index(b)) % 20 if b in order else 19], "osD^v<>ph*"[i % 10])
@@ -264,37 +294,5 @@ def bench_chart(report: dict[str, Any], path: Path) -> None:
     machine = report.get("machine", {})
     fig.suptitle(f"{machine.get('cpu', '')}, {machine.get('threads', '?')} threads"
                  + (f"; {machine['gpu']}" if machine.get("gpu") else ""), fontsize=10)
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def anomaly_chart(scores: np.ndarray, threshold: float, rule: str, labels: np.ndarray | None, path: Path) -> None:
-    """Histogram of the normality scores with the threshold marked (split by label when known); with labels, the
-    ROC and precision-recall curves of finding the anomalies (low scores)."""
-    known = labels is not None and 0 < int(np.sum(labels)) < len(labels)
-    fig, axes = plt.subplots(1, 3 if known else 1, figsize=(13 if known else 6, 4), squeeze=False)
-    ax = axes[0][0]
-    lo, hi = np.percentile(scores, [0.5, 100])
-    bins = np.linspace(lo, hi, 60)
-    if known:
-        ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="normal", color="tab:blue")
-        ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label="anomaly", color="tab:red")
-    else:
-        ax.hist(scores, bins=bins, color="tab:blue", alpha=0.8, label="items")
-    ax.axvline(threshold, color="black", ls="--", label=f"threshold {threshold:.2f}")
-    ax.set(xlabel=f"score ({rule}; higher = more normal)", ylabel="items", title="scores")
-    ax.legend(fontsize=8)
-    if known:
-        from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
-
-        fpr, tpr, _ = roc_curve(labels, -scores)
-        axes[0][1].plot(fpr, tpr, color="tab:red")
-        axes[0][1].plot([0, 1], [0, 1], color="0.6", ls=":")
-        axes[0][1].set(xlabel="false positive rate", ylabel="true positive rate",
-                       title=f"ROC (AUC {roc_auc_score(labels, -scores):.3f})")
-        precision, recall, _ = precision_recall_curve(labels, -scores)
-        axes[0][2].plot(recall, precision, color="tab:red")
-        axes[0][2].axhline(np.mean(labels), color="0.6", ls=":")
-        axes[0][2].set(xlabel="recall", ylabel="precision", title="precision-recall")
     fig.tight_layout()
     _save(fig, path)

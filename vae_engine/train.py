@@ -84,7 +84,7 @@ def step_flops(cfg: ModelConfig, batch: int, k: int) -> float:
     """FLOPs of one training step (2 per multiply-add): the forward pass is the encoder on the batch (and on a
     VampPrior's pseudo-inputs) plus the decoder on its k samples; the backward pass is counted as twice the forward
     (a gradient for the inputs and one for the weights of each layer), the usual 3x."""
-    from .bench import model_flops
+    from .work import model_flops
 
     per_item = model_flops(cfg)
     items = batch + (cfg.pseudo_inputs if cfg.prior == "vamp" else 0)
@@ -132,7 +132,7 @@ def resolve_model(model_cfg: ModelConfig, dataset: data.Dataset) -> tuple[ModelC
 def test_elbo(model: VAE, x_test: torch.Tensor, cfg: TrainConfig, batch_size: int = 1000) -> float:
     """Mean test -ELBO with the counter-based streams of seed 0 (binarization and eps keyed by test index): the
     same estimator and numbers as `vae-engine evaluate` at its default seed, and the same every epoch."""
-    from .evaluate import reference_nelbo
+    from .reference import reference_nelbo
 
     model.eval()
     x_all, binarized = x_test.numpy(), binarize_mode(model, cfg) == "dynamic"
@@ -148,7 +148,7 @@ def test_elbo(model: VAE, x_test: torch.Tensor, cfg: TrainConfig, batch_size: in
 def test_nll(model: VAE, x_test: torch.Tensor, cfg: TrainConfig) -> float:
     """Mean IWAE NLL (k=NLL_K) of the first NLL_ITEMS test items, seed-0 streams: the `evaluate --k 1000 --limit
     1000` number, cheap enough to track during a run (the NLL-against-time curve of a recipe)."""
-    from .evaluate import evaluate, reference_scores
+    from .reference import evaluate, reference_scores
 
     model.eval()
     x = x_test[:NLL_ITEMS].numpy()
@@ -274,7 +274,8 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
         if start_epoch >= train_cfg.epochs:
             if plots and world.is_main and not (out_dir / checkpoint.PLOTS).is_dir():
                 checkpoint.write_metrics(out_dir, rows)
-                _draw_plots(model.cpu().eval(), out_dir, rows, x_test, train_cfg.seed, dataset.test_labels)  # killed in plots
+                # killed while drawing its plots: draw them now
+                _draw_plots(model.cpu().eval(), out_dir, rows, x_test, train_cfg.seed, dataset.test_labels)
                 callbacks.on_message(f"{out_dir} had finished {start_epoch} epochs; drew its missing plots")
                 return rows
             raise VaeEngineError(f"{out_dir} already finished {start_epoch} epochs; pass a larger --epochs to go on")
@@ -331,7 +332,7 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
             trained_s += seconds
             if world.is_main:
                 if peak is None and trained_s >= PEAK_AFTER_S and world.size == 1:
-                    from .bench import measured_peaks
+                    from .peaks import measured_peaks
 
                     peak = measured_peaks(threads).get(peak_key)  # the same measurement as bench
                 gflops = flops / seconds / 1e9
