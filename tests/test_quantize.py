@@ -32,11 +32,11 @@ def _int8_layer_twin(x, q, scale, b, nonnegative):
     """NumPy twin of one rewritten layer: per-row scale, round half to even, integer product, rescale, bias."""
     x = x.astype(np.float64)
     if nonnegative:
-        s = np.maximum(x.max(1, keepdims=True), 1e-30) / 255
-        xq, zp = np.clip(np.round(x / s), 0, 255), 0
+        s = np.maximum(x.max(1, keepdims=True), 1e-30) / 127
+        xq, zp = np.clip(np.round(x / s), 0, 127), 0
     else:
-        s = np.maximum(np.abs(x).max(1, keepdims=True), 1e-30) / 127
-        xq, zp = np.clip(np.round((x + 128 * s) / s), 0, 255), 128
+        s = np.maximum(np.abs(x).max(1, keepdims=True), 1e-30) / 63
+        xq, zp = np.clip(np.round((x + 64 * s) / s), 0, 127), 64
     acc = (xq - zp) @ q.astype(np.float64).T
     return acc * s * scale[None, :] + b
 
@@ -75,6 +75,23 @@ def test_rewrite_matches_numpy_twin(net):
     h32 = np.maximum(x.astype(np.float64) @ w1.T + b1, 0)
     np.testing.assert_allclose(only_second, _int8_layer_twin(h32.astype(np.float32), q2, s2, b2, True),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_activations_stay_7_bit_so_no_cpu_class_saturates(net):
+    """Without VNNI, ONNX Runtime's u8 x s8 product adds pairs of products into a saturating int16: activations
+    up to 255 against weights of 127 overflow it (seen on AVX2-only CPUs). The graph's uint8 activations must
+    stay within 0..127 whatever the input, so 2 x 127 x 127 fits and every CPU class computes the same."""
+    model = _mlp(*net)
+    found = quantize.layers(model, "encoder", unit_input=False)
+    q = quantize.rewrite(model, {ly.node: quantize.nearest(ly.weight) for ly in found}, found)
+    xq = [n.output[0] for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(xq) == 2
+    q.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UINT8, None) for name in xq)
+    g = np.random.default_rng(2)
+    x = np.concatenate([g.normal(0, 1, (50, 16)), g.normal(0, 1e4, (5, 16)), np.full((2, 16), -3.0),
+                        np.zeros((1, 16))]).astype(np.float32)
+    outs = graphs.make_session(q, threads=1).run(xq, {"x": x})
+    assert max(int(o.max()) for o in outs) == 127 and min(int(o.min()) for o in outs) >= 0
 
 
 def test_an_items_answer_does_not_depend_on_its_batch(net):
