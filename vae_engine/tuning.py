@@ -140,18 +140,13 @@ def _save(model_dir: Path, decision: dict[str, Any]) -> bool:
 
 
 def _time_path(engine, x: np.ndarray, z: np.ndarray, min_time: float) -> float:
-    """Median seconds of one encode plus one decode at the job's batch size, after a warm-up."""
+    """Median seconds of one encode plus one decode at the job's batch size, timed by the benchmark's recipe."""
     import numpy as np
 
+    from .timing import measure
+
     be = engine.backend
-    for _ in range(3):
-        be.encode(x), be.decode(z)
-    times, t_end = [], time.perf_counter() + min_time
-    while len(times) < 5 or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        be.encode(x), be.decode(z)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median(measure(lambda: (be.encode(x), be.decode(z)), min_time=min_time).seconds))
 
 
 def reference(model_dir: Path, threads: int) -> dict[str, Any]:
