@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vae_engine import checkpoint
+from vae_engine.modeldir import checkpoint
 
 THREADS = 2  # set explicitly: ORT, torch and Numba threads fight each other on 2 cores
 
@@ -27,9 +27,9 @@ def bench_model(tmp_path_factory) -> Path:
     needed = ("encoder.onnx", "decoder.onnx", "encoder.int8.onnx", "decoder.int8.onnx")
     if all((shipped / n).is_file() for n in needed):
         return shipped
-    from vae_engine.config import ModelConfig, TrainConfig
-    from vae_engine.export import export
-    from vae_engine.model import VAE
+    from vae_engine.core.config import ModelConfig, TrainConfig
+    from vae_engine.export.exporter import export
+    from vae_engine.model.networks import VAE
 
     out = tmp_path_factory.mktemp("bench") / "model"
     out.mkdir()
@@ -44,7 +44,7 @@ def bench_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def engines(bench_model):
     """One engine per backend label, loaded once (torch.compile compiles on first use)."""
-    from vae_engine.bench import BY_LABEL, load_candidate
+    from vae_engine.runtime.bench import BY_LABEL, load_candidate
 
     return {label: load_candidate(bench_model, BY_LABEL[label], THREADS)
             for label in ("torch", "torch-compile", "ort-fp32", "ort-int8")}

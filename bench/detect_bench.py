@@ -22,7 +22,7 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from vae_engine import data
-from vae_engine.detector import RULES, VAEOutlierDetector
+from vae_engine.anomaly.detector import RULES, VAEOutlierDetector
 
 
 def mnist_one_class(digit: int, n_train: int, seed: int = 0):

@@ -156,7 +156,7 @@ def v2_binary(x: np.ndarray, output: str, parameters: dict | None = None) -> tup
 
 
 def grpc_infer(model: str, x: np.ndarray, parameters: dict | None = None) -> bytes:
-    from vae_engine import oip_grpc
+    from vae_engine.serving import oip_grpc
 
     msg = oip_grpc._messages()["ModelInferRequest"](model_name=model)
     msg.inputs.add(name="items", datatype="FP32", shape=x.shape)
@@ -168,7 +168,7 @@ def grpc_infer(model: str, x: np.ndarray, parameters: dict | None = None) -> byt
 
 def direct_engine(model: str, x: np.ndarray, threads: int, max_batch: int, seconds: float) -> dict:
     """p50 of in-process Engine calls on the server's own path (loaded as `serve` loads it): the compute part."""
-    from vae_engine.engine import Engine
+    from vae_engine.runtime.engine import Engine
 
     eng = Engine.load(model, backend="auto", precision="auto", threads=threads, batch_size=max_batch)
     out = {}

@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from vae_engine import checkpoint
-from vae_engine.plots import nll_against_time
+from vae_engine.modeldir import checkpoint
+from vae_engine.training.plots import nll_against_time
 
 REFERENCES = {"IWAE k=50, one stochastic layer (Burda 2015): 84.78": 84.78,
               "IWAE k=50, two stochastic layers (Burda 2015): 82.90": 82.90,

@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vae_engine import data, hardware
-from vae_engine.config import ModelConfig, TrainConfig
-from vae_engine.model import VAE
-from vae_engine.peaks import measured_peaks
-from vae_engine.reference import evaluate, reference_scores
-from vae_engine.train import Objective, step_flops, train
+from vae_engine import data
+from vae_engine.core import hardware
+from vae_engine.core.config import ModelConfig, TrainConfig
+from vae_engine.model.estimators import evaluate, reference_scores
+from vae_engine.model.networks import VAE
+from vae_engine.perf.peaks import measured_peaks
+from vae_engine.training.train import Objective, step_flops, train
 
 RESULTS = Path(__file__).parent / "results" / "train_bench.json"
 NETWORK = {"latent_dim": 50, "hidden": (500, 500)}  # the shipped model's network
@@ -101,10 +102,10 @@ def prior_cost(threads: int, k: int = 1000, n: int = 64, components: int = 500) 
     """What a VampPrior adds to scoring: `Engine.log_likelihood` (k samples of n items) of one network with N(0, I)
     and with a `components`-Gaussian mixture prior (random weights, torch backend, same eps), and the mixture
     kernel alone on one block of decoder rows."""
-    from vae_engine import checkpoint, priors
-    from vae_engine.config import SCORE_ROWS
-    from vae_engine.engine import Engine
-    from vae_engine.timing import measure
+    from vae_engine.core.config import SCORE_ROWS
+    from vae_engine.modeldir import checkpoint
+    from vae_engine.perf.timing import measure
+    from vae_engine.runtime.engine import Engine
 
     torch.set_num_threads(threads)
     x = (np.random.default_rng(0).random((n, 784)) < 0.2).astype(np.float32)
@@ -122,7 +123,7 @@ def prior_cost(threads: int, k: int = 1000, n: int = 64, components: int = 500) 
             t = measure(lambda e=engine: e.log_likelihood(x, k=k), min_time=2.0, warmup=1, min_repeats=3)
             out[f"{prior}_seconds"] = float(np.median(t.seconds))
         z = np.random.default_rng(1).standard_normal((SCORE_ROWS, NETWORK["latent_dim"])).astype(np.float32)
-        mixture = priors.load(Path(tmp) / "vamp", cfg)
+        mixture = checkpoint.load_prior(Path(tmp) / "vamp", cfg)
         t = measure(lambda: mixture.log_prob(z), min_time=1.0, warmup=1, min_repeats=3)
         out["mixture_kernel_us_per_row"] = float(np.median(t.seconds)) / SCORE_ROWS * 1e6
     out["extra_fraction"] = out["vamp_seconds"] / out["normal_seconds"] - 1.0
@@ -170,7 +171,7 @@ def parity(threads: int, epochs: int, objective: str, k: int, batch: int, seeds:
                                                                   k=k, seed=seed, threads=threads,
                                                                   precision=precision), out, plots=False)
                 train_s = sum(r["seconds"] for r in rows)
-                from vae_engine import checkpoint
+                from vae_engine.modeldir import checkpoint
 
                 model = checkpoint.load_model(out)
                 nll[precision, seed] = evaluate(partial(reference_scores, model), test, 1000, 0)[1]

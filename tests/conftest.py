@@ -50,8 +50,8 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_data) -> Path:
     """A 784-32-4 MLP VAE trained for 2 epochs on the tiny dataset."""
-    from vae_engine.config import ModelConfig, TrainConfig
-    from vae_engine.train import train
+    from vae_engine.core.config import ModelConfig, TrainConfig
+    from vae_engine.training.train import train
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     train(ModelConfig(latent_dim=4, hidden=(32,)),
@@ -64,7 +64,7 @@ def exported_model(tmp_path_factory, tiny_model) -> Path:
     """A copy of the tiny model with its fp32 and int8 ONNX graphs."""
     import shutil
 
-    from vae_engine.export import export
+    from vae_engine.export.exporter import export
 
     out = tmp_path_factory.mktemp("exported") / "m"
     out.mkdir()
@@ -72,6 +72,22 @@ def exported_model(tmp_path_factory, tiny_model) -> Path:
         shutil.copy(tiny_model / name, out / name)
     export(out, quantize="int8")
     return out
+
+
+def one_line_error(result, *fragments, code=2) -> str:
+    """A CLI result (CliRunner) that failed the way every user error must: exit code `code` (2; 130 for an
+    interruption), exactly one line on the output (the last one for 130: progress may come first) starting with
+    `error: ` (or `interrupted`), no traceback, and every fragment in that line. Returns the line."""
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    if code == 130:
+        lines = lines[-1:]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: " if code == 2 else "interrupted"), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
 
 
 def start_serve(args: list[str], ready_path: str = "/readyz"):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from vae_engine.cli import app
+
+from .conftest import one_line_error
 
 runner = CliRunner()
 
@@ -23,6 +26,7 @@ def test_help_lists_commands():
         assert name in result.output
 
 
+@pytest.mark.slow  # ~10 s: trains, exports and evaluates
 def test_train_and_evaluate_end_to_end(tiny_data, tmp_path):
     out = tmp_path / "run"
     result = invoke("train", "--data-dir", tiny_data, "--out", out, "--epochs", 2, "--batch-size", 32,
@@ -42,33 +46,24 @@ def test_train_and_evaluate_end_to_end(tiny_data, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_bad_inputs_give_one_line(tmp_path, tiny_data):
-    _one_line_error(invoke("train", "--data-dir", tmp_path / "missing", "--out", tmp_path / "o"), "not found")
+    one_line_error(invoke("train", "--data-dir", tmp_path / "missing", "--out", tmp_path / "o"), "not found")
     (tmp_path / "empty").mkdir()
-    _one_line_error(invoke("train", "--data-dir", tmp_path / "empty", "--out", tmp_path / "o"), "missing")
-    _one_line_error(invoke("train", "--epochs", 0, "--out", tmp_path / "o"), "epochs")
-    _one_line_error(invoke("train", "--latent-dim", 0, "--out", tmp_path / "o"), "latent dim")
-    _one_line_error(invoke("train", "--hidden", "a,b", "--out", tmp_path / "o"), "--hidden")
-    _one_line_error(invoke("train", "--data-dir", tiny_data, "--batch-size", 100000, "--out", tmp_path / "o"),
+    one_line_error(invoke("train", "--data-dir", tmp_path / "empty", "--out", tmp_path / "o"), "missing")
+    one_line_error(invoke("train", "--epochs", 0, "--out", tmp_path / "o"), "epochs")
+    one_line_error(invoke("train", "--latent-dim", 0, "--out", tmp_path / "o"), "latent dim")
+    one_line_error(invoke("train", "--hidden", "a,b", "--out", tmp_path / "o"), "--hidden")
+    one_line_error(invoke("train", "--data-dir", tiny_data, "--batch-size", 100000, "--out", tmp_path / "o"),
                     "larger than the training set")
-    _one_line_error(invoke("train", "--data-dir", tiny_data, "--device", "tpu", "--out", tmp_path / "o"),
+    one_line_error(invoke("train", "--data-dir", tiny_data, "--device", "tpu", "--out", tmp_path / "o"),
                     "unknown device 'tpu'")
     if not torch.cuda.is_available():
-        _one_line_error(invoke("train", "--data-dir", tiny_data, "--device", "cuda", "--out", tmp_path / "o"),
+        one_line_error(invoke("train", "--data-dir", tiny_data, "--device", "cuda", "--out", tmp_path / "o"),
                         "--device cuda: torch sees no CUDA GPU here")
-    _one_line_error(invoke("evaluate", tmp_path / "nomodel"), "not found")
+    one_line_error(invoke("evaluate", tmp_path / "nomodel"), "not found")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text("{not json")
-    _one_line_error(invoke("evaluate", tmp_path / "half"), "not valid JSON")
+    one_line_error(invoke("evaluate", tmp_path / "half"), "not valid JSON")
     assert not (tmp_path / "o").exists()
 
 
@@ -79,5 +74,5 @@ def test_corrupt_idx_gives_one_line(tmp_path, tiny_data):
     shutil.copytree(tiny_data, bad)
     path = bad / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:100])
-    _one_line_error(invoke("train", "--data-dir", bad, "--out", tmp_path / "o"), "train-images-idx3-ubyte.gz")
+    one_line_error(invoke("train", "--data-dir", bad, "--out", tmp_path / "o"), "train-images-idx3-ubyte.gz")
     assert not (tmp_path / "o").exists()

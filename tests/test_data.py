@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vae_engine import data
-from vae_engine.errors import DataError
+from vae_engine.core.errors import DataError
 
 from .conftest import idx_bytes, write_idx_dataset
 

@@ -10,10 +10,13 @@ from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from vae_engine import checkpoint, kernels
+from vae_engine.anomaly.detector import RULES, VAEOutlierDetector, complexity_nats
 from vae_engine.cli import app
-from vae_engine.detector import RULES, VAEOutlierDetector, complexity_nats
-from vae_engine.errors import ModelDirError
+from vae_engine.core.errors import ModelDirError
+from vae_engine.model import kernels
+from vae_engine.modeldir import checkpoint
+
+from .conftest import one_line_error
 
 runner = CliRunner()
 
@@ -52,7 +55,7 @@ def test_scores_are_deterministic_across_calls_batches_and_order(fitted, rule):
     assert np.array_equal(s[perm], fitted.score_samples(x[perm]))  # another position in the batch
     torch.set_num_threads(1)
     fitted._engine = None
-    from vae_engine.backends import set_threads
+    from vae_engine.runtime.backends import set_threads
 
     set_threads(1)
     try:
@@ -85,8 +88,8 @@ def test_rules_against_direct_computation(fitted):
     fitted.set_params(rule="nll")
     nll = fitted.score_samples(x)
     # the PyTorch reference with the same (shared) eps for every item
-    from vae_engine import rng
-    from vae_engine.model import iwae_bound, log_weights
+    from vae_engine.core import rng
+    from vae_engine.model.estimators import iwae_bound, log_weights
 
     vae = checkpoint.load_model(fitted.model_dir_)
     eps = np.broadcast_to(rng.normal_eps(fitted.seed_, 0, 1, fitted.k, vae.cfg.latent_dim), (20, fitted.k, 2))
@@ -171,10 +174,7 @@ def test_cli_detect_and_train_contamination(tmp_path):
     assert r.exit_code == 0 and (np.load(flags) == -1).sum() == 50
 
     def one_line(args, fragment):
-        res = runner.invoke(app, args)
-        lines = [line for line in res.output.splitlines() if line.strip()]
-        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], \
-            res.output
+        one_line_error(runner.invoke(app, args), fragment)
 
     np.save(tmp_path / "bad.npy", np.zeros((4, 3), np.float32))
     one_line(["detect", str(model), "-i", str(tmp_path / "bad.npy"), "-o", str(flags)], "features")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vae_engine import checkpoint
+from vae_engine.modeldir import checkpoint
 
 pytestmark = pytest.mark.slow
 

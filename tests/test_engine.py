@@ -7,10 +7,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vae_engine import checkpoint, data, jobs
+from vae_engine import data
 from vae_engine.cli import app
-from vae_engine.engine import Engine
-from vae_engine.reference import evaluate, reference_scores
+from vae_engine.core import rng
+from vae_engine.jobs import batch as jobs
+from vae_engine.model.estimators import evaluate, reference_scores
+from vae_engine.modeldir import checkpoint
+from vae_engine.runtime.engine import Engine
+
+from .conftest import one_line_error
 
 runner = CliRunner()
 
@@ -35,7 +40,7 @@ def test_backends_agree_with_torch_reference(model, images, backend):
     """Each engine backend against the PyTorch module itself (not through the engine)."""
     import torch
 
-    from vae_engine import checkpoint
+    from vae_engine.modeldir import checkpoint
 
     vae = checkpoint.load_model(model)
     eng = Engine.load(model, backend=backend, threads=2)
@@ -113,8 +118,17 @@ def test_cli_jobs_end_to_end(model, images, tmp_path, tiny_data):
     z = np.load(tmp_path / "z.npy")
     assert z.shape == (40, 4)
     assert _cli("decode", model, "-i", tmp_path / "z.npy", "-o", tmp_path / "d.png").exit_code == 0
-    assert _cli("decode", model, "-i", tmp_path / "z.npy", "-o", tmp_path / "d.npy", "--binary").exit_code == 0
+    torch_fp32 = ("--backend", "torch", "--precision", "fp32")
+    assert _cli("decode", model, "-i", tmp_path / "z.npy", "-o", tmp_path / "d.npy", "--binary",
+                *torch_fp32).exit_code == 0
     assert set(np.unique(np.load(tmp_path / "d.npy")).tolist()) <= {0.0, 1.0}
+    # --sample draws x ~ p(x|z) from the seed's per-item streams: for Bernoulli the same pixels as --binary
+    assert _cli("decode", model, "-i", tmp_path / "z.npy", "-o", tmp_path / "s.npy", "--sample",
+                *torch_fp32).exit_code == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), np.load(tmp_path / "d.npy"))
+    eng = Engine.load(model, backend="torch", threads=1)
+    probs = eng.decode(z)
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), rng.binarize_numpy(probs, 0, 0))
     for i in (1, 2):
         assert _cli("sample", model, "-n", 30, "--seed", 7, "-o", tmp_path / f"s{i}.npy").exit_code == 0
     assert (tmp_path / "s1.npy").read_bytes() == (tmp_path / "s2.npy").read_bytes()
@@ -123,12 +137,6 @@ def test_cli_jobs_end_to_end(model, images, tmp_path, tiny_data):
     assert _cli("score", model, "-i", src, "-o", tmp_path / "sc.npy", "--k", 8).exit_code == 0
     scores = np.load(tmp_path / "sc.npy")
     assert scores.ndim == 1 and np.all(np.isfinite(scores)) and np.all(scores > 0)
-
-
-def _one_line(result, fragment):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.output
 
 
 def test_cli_bad_inputs(model, tmp_path):
@@ -142,14 +150,14 @@ def test_cli_bad_inputs(model, tmp_path):
     }
     for name, (arr, fragment) in cases.items():
         np.save(tmp_path / name, arr)
-        _one_line(_cli("encode", model, "-i", tmp_path / name, "-o", out), fragment)
+        one_line_error(_cli("encode", model, "-i", tmp_path / name, "-o", out), fragment)
     (tmp_path / "junk.npy").write_bytes(b"junk")
-    _one_line(_cli("encode", model, "-i", tmp_path / "junk.npy", "-o", out), "not a readable .npy")
+    one_line_error(_cli("encode", model, "-i", tmp_path / "junk.npy", "-o", out), "not a readable .npy")
     np.save(tmp_path / "z.npy", np.zeros((3, 7), np.float32))
-    _one_line(_cli("decode", model, "-i", tmp_path / "z.npy", "-o", out), "(N, 4)")
-    _one_line(_cli("sample", tmp_path / "nomodel", "-o", out), "not found")
-    _one_line(_cli("sample", model, "-n", 5, "-o", tmp_path / "x.txt"), "must end in")
-    _one_line(_cli("encode", model, "-i", tmp_path / "missing.npy", "-o", out), "not found")
+    one_line_error(_cli("decode", model, "-i", tmp_path / "z.npy", "-o", out), "(N, 4)")
+    one_line_error(_cli("sample", tmp_path / "nomodel", "-o", out), "not found")
+    one_line_error(_cli("sample", model, "-n", 5, "-o", tmp_path / "x.txt"), "must end in")
+    one_line_error(_cli("encode", model, "-i", tmp_path / "missing.npy", "-o", out), "not found")
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -165,7 +173,7 @@ def test_thread_setting_does_not_leak_into_results(model):
                                                ("onnxruntime", "int8"), ("openvino", "fp32")])
 def test_raw_call_is_the_same_computation(model, images, backend, precision):
     """bench's raw runtime call (backends.RAW_CALL) computes what the engine's call does, without its checks."""
-    from vae_engine.backends import openvino_installed
+    from vae_engine.runtime.backends import openvino_installed
 
     if backend == "openvino" and not openvino_installed():
         pytest.skip("OpenVINO not installed")
@@ -180,6 +188,7 @@ def test_raw_call_is_the_same_computation(model, images, backend, precision):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=op)
 
 
+@pytest.mark.slow  # ~35 s: every benchmarked path measured
 def test_cli_bench_and_info(model, tmp_path):
     import json
 
@@ -209,6 +218,6 @@ def test_cli_bench_and_info(model, tmp_path):
     assert {r["backend"] for r in report["postprocess"]} == {"numba", "numpy", "torch", "numba-gaussian"}
     assert (tmp_path / "b.png").stat().st_size > 1000 and "| decode |" in (tmp_path / "b.md").read_text()
     assert "(+" in (tmp_path / "b.md").read_text() or "(-" in (tmp_path / "b.md").read_text()
-    _one_line(_cli("bench", model, "--backends", "tensorflow"), "unknown backend")
+    one_line_error(_cli("bench", model, "--backends", "tensorflow"), "unknown backend")
     info = _cli("info", model)
     assert info.exit_code == 0 and "decoder.int8.onnx" in info.output and "match" in info.output

@@ -10,9 +10,9 @@ import onnx
 import pytest
 import torch
 
-from vae_engine import checkpoint, graphs
-from vae_engine.errors import ModelDirError
-from vae_engine.export import FP32_ATOL, REPORT, export
+from vae_engine.core.errors import ModelDirError
+from vae_engine.export.exporter import FP32_ATOL, REPORT, export
+from vae_engine.modeldir import checkpoint, graphs
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,9 @@ def test_int8_within_stated_tolerance(exported):
     assert json.loads((out / REPORT).read_text()) == report
     by_variant = {v["variant"]: v for v in report["variants"]}
     # the fp32 graphs' test -ELBO against the PyTorch module on the same binarized items and eps
-    from vae_engine import data, rng
-    from vae_engine.model import elbo
+    from vae_engine import data
+    from vae_engine.core import rng
+    from vae_engine.model.estimators import elbo
 
     vae = checkpoint.load_model(out)
     items, _ = data.load_test_data(checkpoint.train_config(out))
@@ -80,8 +81,8 @@ def test_int8_within_stated_tolerance(exported):
 def test_int8_keeps_the_fastest_candidate_within_budget(exported):
     """The report's choice follows its own rule, and the NLL change it reports for the written graphs is what
     tuning's measure finds when it runs them again (same items, same eps: deterministic)."""
-    from vae_engine import tuning
-    from vae_engine.engine import Engine
+    from vae_engine.runtime import tuning
+    from vae_engine.runtime.engine import Engine
 
     out, report = exported
     rows = report["int8"]["candidates"]
@@ -105,7 +106,7 @@ def test_int8_keeps_the_fastest_candidate_within_budget(exported):
     int8_macs, all_macs = sum(c["int8"] for c in counts), sum(c["int8"] + c["float"] for c in counts)
     assert int8_macs / all_macs == pytest.approx(chosen["int8_macs_fraction"], abs=1e-4) and int8_macs > 0
     threads = report["int8"]["threads"]
-    ref = tuning.reference(out, threads)
+    ref = tuning.reference(Engine.load, out, threads)
     again = tuning.accuracy(Engine.load(out, backend="onnxruntime", precision="int8", threads=threads), ref)
     assert again["nll_change_nats"] == pytest.approx(chosen["nll_change_nats"], abs=1e-6)
 
@@ -152,7 +153,7 @@ def test_external_data_refused(exported, tmp_path):
 
 
 def test_failed_validation_leaves_no_files(tiny_model, tmp_path, monkeypatch):
-    import vae_engine.export as ex
+    import vae_engine.export.exporter as ex
 
     dst = tmp_path / "m"
     dst.mkdir()

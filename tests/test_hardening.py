@@ -25,14 +25,16 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from vae_engine import atomic, checkpoint, data, graphs
+from vae_engine import data
 from vae_engine.cli import app
-from vae_engine.config import ModelConfig, TrainConfig
-from vae_engine.engine import Engine
-from vae_engine.errors import DataError, Interrupted, ModelDirError, OutputError, VaeEngineError
-from vae_engine.train import train
+from vae_engine.core import atomic
+from vae_engine.core.config import ModelConfig, TrainConfig
+from vae_engine.core.errors import DataError, ModelDirError, VaeEngineError
+from vae_engine.modeldir import checkpoint, graphs
+from vae_engine.runtime.engine import Engine
+from vae_engine.training.train import train
 
-from .conftest import idx_bytes
+from .conftest import idx_bytes, one_line_error
 
 runner = CliRunner()
 MODEL = ModelConfig(latent_dim=4, hidden=(32,))
@@ -40,19 +42,6 @@ MODEL = ModelConfig(latent_dim=4, hidden=(32,))
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *fragments, code=2):
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    if code == 130:  # progress lines may come before the interruption's line
-        lines = lines[-1:]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: " if code == 2 else "interrupted"), result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -254,7 +243,7 @@ def test_resume_restores_metrics_rows_and_missing_plots(tiny_data, tmp_path):
 
 
 def test_ctrl_c_in_train_says_what_was_kept(tiny_data, tmp_path, monkeypatch):
-    import vae_engine.train as train_mod
+    import vae_engine.training.train as train_mod
 
     calls = []
     real = train_mod.test_elbo
@@ -430,7 +419,7 @@ def test_png_bombs_are_error_lines(tmp_path):
 
 
 def test_huge_k_streams_in_bounded_memory_with_the_same_numbers(exported_model, monkeypatch):
-    import vae_engine.engine as engine_mod
+    import vae_engine.runtime.engine as engine_mod
 
     engine = Engine.load(exported_model, backend="onnxruntime", threads=1)
     x = (np.random.default_rng(1).random((3, 784)) < 0.3).astype(np.float32)
@@ -513,7 +502,7 @@ def test_failed_job_leaves_no_new_folder(exported_model, tmp_path):
 
 
 def test_unreadable_files_say_permission(tmp_path):
-    from vae_engine.errors import os_error_reason
+    from vae_engine.core.errors import os_error_reason
 
     assert "permission denied" in os_error_reason(PermissionError(13, "Permission denied"))
     if os.geteuid() == 0:
@@ -562,10 +551,6 @@ def test_cli_start_imports_no_heavy_library():
     assert out.strip() == "[]"
     version = subprocess.run([sys.executable, "-m", "vae_engine", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("vae-engine ")
-
-
-def test_interrupted_is_a_vae_engine_error():
-    assert issubclass(Interrupted, VaeEngineError) and issubclass(OutputError, VaeEngineError)
 
 
 def test_malformed_checksum_file_and_mismatched_posterior(tmp_path, tiny_data, exported_model):

@@ -12,8 +12,9 @@ import shutil
 import numpy as np
 import pytest
 
-from vae_engine import backends, hardware, tuning
-from vae_engine.engine import Engine
+from vae_engine.core import hardware
+from vae_engine.runtime import backends, tuning
+from vae_engine.runtime.engine import Engine
 
 AVX2 = hardware.Machine("AMD EPYC (AVX2)", frozenset({"avx2", "fma"}))
 AVX512_BF16_VNNI = hardware.Machine("AMD EPYC (Zen 4)", frozenset({"avx2", "fma", "avx512f", "avx512_bf16",
@@ -90,7 +91,7 @@ DECISIONS = {
 def test_decision_for_each_class(model, name, budget, monkeypatch):
     measured = []
 
-    def fake_measure(model_dir, paths, threads, batch, device="cpu", min_time=0.3, progress=None):
+    def fake_measure(load, model_dir, paths, threads, batch, device="cpu", min_time=0.3, progress=None):
         measured.append(list(paths))
         rows = []
         for b, p in paths:
@@ -105,15 +106,15 @@ def test_decision_for_each_class(model, name, budget, monkeypatch):
     int8 = True if name == "avx2" else None
     device = DEVICE.get(name, "cpu")
     with hardware.pretend(CLASSES[name]):
-        d = tuning.choose(model, device=device, threads=2, batch=1024, budget=budget, int8=int8)
-        again = tuning.choose(model, device=device, threads=2, batch=1024, budget=budget, int8=int8)
+        d = tuning.choose(Engine.load, model, device=device, threads=2, batch=1024, budget=budget, int8=int8)
+        again = tuning.choose(Engine.load, model, device=device, threads=2, batch=1024, budget=budget, int8=int8)
         assert measured[0] == tuning.candidates(model, device=device, int8=int8)[0]
     assert (d["backend"], d["precision"]) == DECISIONS[name, budget]
     assert d["key"]["flags"] == sorted(f for f in hardware.KEY_FLAGS if f in CLASSES[name].flags)
     assert d["key"]["gpu"] == CLASSES[name].gpu if name == "cuda" else d["key"]["gpu"] is None
     assert again["reused"] and len(measured) == 1  # the same class reuses its saved decision
     with hardware.pretend(AVX2 if name != "avx2" else AMX):  # another class measures again
-        tuning.choose(model, threads=2, batch=1024, budget=budget)
+        tuning.choose(Engine.load, model, threads=2, batch=1024, budget=budget)
     assert len(measured) == 2
 
 
@@ -127,7 +128,7 @@ def test_every_candidate_really_runs_here(model, name):
             why = backends.unavailable(b, p, "cpu", model)
             if why:
                 pytest.skip(f"{b}/{p}: {why}")
-        d = tuning.choose(model, threads=2, batch=64, min_time=0.05)
+        d = tuning.choose(Engine.load, model, threads=2, batch=64, min_time=0.05)
         assert [(r["backend"], r["precision"]) for r in d["measurements"]] == paths
         for r in d["measurements"]:
             assert np.isfinite(r["nll_change_nats"]) and r["items_per_s"] > 0

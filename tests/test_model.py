@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from vae_engine.config import ModelConfig
-from vae_engine.errors import VaeEngineError
-from vae_engine.model import (
-    VAE,
-    bernoulli_log_prob,
-    elbo,
-    gaussian_kl,
-    gaussian_log_prob,
-    iwae_bound,
-    log_weights,
-    standard_normal_log_prob,
-)
+from vae_engine.core import rng
+from vae_engine.core.config import ModelConfig
+from vae_engine.core.errors import VaeEngineError
+from vae_engine.model import likelihoods
+from vae_engine.model.estimators import elbo, iwae_bound, log_weights
+from vae_engine.model.networks import VAE
+from vae_engine.model.posterior import gaussian_kl, gaussian_log_prob, standard_normal_log_prob
+
+BERNOULLI = likelihoods.get("bernoulli")
 
 
 @pytest.fixture
@@ -40,7 +38,7 @@ def test_bernoulli_log_prob_matches_direct_formula():
     x = torch.bernoulli(torch.full((4, 784), 0.4))
     p = torch.sigmoid(logits).double()
     direct = (x * torch.log(p) + (1 - x) * torch.log1p(-p)).sum(-1)
-    torch.testing.assert_close(bernoulli_log_prob(x, logits).double(), direct, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(BERNOULLI.log_prob(x, logits).double(), direct, rtol=1e-5, atol=1e-3)
 
 
 def test_gaussian_log_probs_match_torch_distributions():
@@ -58,7 +56,7 @@ def test_iwae_k1_equals_single_sample_elbo(model):
     eps = torch.randn(1, 8, 3)
     mu, logvar = model.encode(x)
     z = model.reparameterize(mu, logvar, eps)
-    direct = (bernoulli_log_prob(x, model.decode(z)) + standard_normal_log_prob(z)
+    direct = (BERNOULLI.log_prob(x, model.decode(z)) + standard_normal_log_prob(z)
               - gaussian_log_prob(z, mu, logvar))[0]
     torch.testing.assert_close(iwae_bound(log_weights(model, x, eps)), direct)
     # and it differs from the analytic-KL ELBO only by the KL estimate: KL(q||p) vs log q - log p at that z
@@ -98,3 +96,25 @@ def test_config_rejects_nonsense():
         ModelConfig(latent_dim=0)
     with pytest.raises(VaeEngineError, match="architecture"):
         ModelConfig(arch="transformer")
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "continuous-bernoulli", "gaussian"])
+def test_likelihood_samples_follow_the_distribution(name):
+    """x ~ p(x|params) for every likelihood: keyed by (seed, item index) alone, and distributed as the
+    likelihood says: the mean of many draws is its E[x] (`mean`), and for the Gaussian its variance exp(logvar)."""
+    lk = likelihoods.get(name)
+    g = np.random.default_rng(0)
+    one = g.standard_normal((1, 6 * lk.n_params)).astype(np.float32) * 2  # logits, or [mean | logvar]
+    params = np.repeat(one, 40000, axis=0)  # one item's parameters, drawn for 40,000 item indices
+    x = lk.sample(params, seed=3, start=0)
+    assert x.shape == (40000, 6) and x.dtype == np.float32
+    np.testing.assert_array_equal(lk.sample(params[:50], seed=3, start=100), x[100:150])  # any chunking
+    assert not np.array_equal(lk.sample(params[:50], seed=4, start=100), x[100:150])
+    sd = x.std(0) / np.sqrt(len(x))
+    np.testing.assert_array_less(np.abs(x.mean(0) - lk.mean(one)[0]), 5 * sd + 1e-6)
+    if name == "gaussian":
+        np.testing.assert_allclose(x.var(0), np.exp(one[0, 6:]), rtol=0.05)
+    else:
+        assert x.min() >= 0 and x.max() <= 1
+    if name == "bernoulli":  # pixels are u < p with the item's binarization uniforms
+        np.testing.assert_array_equal(x, rng.binarize_numpy(lk.mean(params), 3, 0))

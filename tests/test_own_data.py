@@ -12,14 +12,23 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vae_engine import checkpoint, kernels, likelihoods, readers, rng
 from vae_engine.cli import app
-from vae_engine.config import ModelConfig, TrainConfig, from_dict
-from vae_engine.engine import Engine
-from vae_engine.errors import DataError, VaeEngineError
-from vae_engine.export import export
-from vae_engine.model import VAE, gaussian_log_prob, iwae_bound, log_weights, standard_normal_log_prob
-from vae_engine.train import train
+from vae_engine.core import rng
+from vae_engine.core.config import ModelConfig, TrainConfig, from_dict
+from vae_engine.core.errors import DataError, VaeEngineError
+from vae_engine.data import readers
+from vae_engine.export.exporter import export
+from vae_engine.model import kernels, likelihoods
+from vae_engine.model.estimators import iwae_bound, log_weights
+from vae_engine.model.networks import VAE
+from vae_engine.model.posterior import gaussian_log_prob, standard_normal_log_prob
+from vae_engine.modeldir import checkpoint
+from vae_engine.runtime.engine import Engine
+from vae_engine.training.train import train
+
+from .conftest import one_line_error
+
+pytestmark = pytest.mark.slow  # ~1 min: trains one small model per likelihood x architecture
 
 runner = CliRunner()
 LIKELIHOODS = list(likelihoods.LIKELIHOODS)
@@ -99,7 +108,7 @@ def test_iwae_with_one_sample_is_the_elbo_estimate(name):
     # and its mean over many samples is the analytic-KL ELBO on the same eps: only the KL term is estimated
     # (its Monte Carlo error over 20000 samples of a 3-D Gaussian is ~0.02 nats)
     eps = torch.randn(20000, 4, 3, dtype=torch.float64)
-    from vae_engine.model import elbo
+    from vae_engine.model.estimators import elbo
 
     torch.testing.assert_close(log_weights(model, x, eps).mean(0), elbo(model, x, eps), rtol=0, atol=0.1)
 
@@ -155,8 +164,10 @@ def test_every_stage_follows_the_spec(own_models, name, tmp_path):
     assert recon.shape == (9, cfg.input_dim) and np.isfinite(recon).all()
     report = json.loads((folder / checkpoint.EXPORT_REPORT).read_text())
     assert report["test_images"] == 16  # its own 10% split of 160 items, not MNIST
-    assert abs(report["test_nelbo_fp32"] - checkpoint.read_metrics(folder)[-1]["test_nelbo"]) < 0.5 * abs(
-        report["test_nelbo_fp32"]) + 5
+    # the export's check of its fp32 graphs and the trainer's last test -ELBO: one estimator (same items, same
+    # seed-0 binarization and eps streams), ONNX Runtime against PyTorch: equal up to float32 summation order
+    assert report["test_nelbo_fp32"] == pytest.approx(checkpoint.read_metrics(folder)[-1]["test_nelbo"], rel=1e-4,
+                                                      abs=1e-3)
     plots = {p.name for p in (folder / "plots").iterdir()}
     assert plots >= ({"features.png", "latent.png"} if cfg.image_shape is None
                      else {"reconstructions.png", "samples.png"})
@@ -215,38 +226,32 @@ def test_readers_round_trip(tmp_path):
     assert items.shape == (3, 3, 4, 4)
 
 
-def _one_line(result, fragment):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.output
-
-
-def test_bad_own_data_is_one_line(tmp_path, own_models):
+def test_bad_own_data_isone_line_error(tmp_path, own_models):
     from PIL import Image
 
     (tmp_path / "text.csv").write_text("a,b\n1,x\n")
-    _one_line(runner.invoke(app, ["train", "--data", str(tmp_path / "text.csv"), "--out", str(tmp_path / "o")]),
+    one_line_error(runner.invoke(app, ["train", "--data", str(tmp_path / "text.csv"), "--out", str(tmp_path / "o")]),
               "column 'b' is not numeric")
     (tmp_path / "header.csv").write_text("a,b\n")
-    _one_line(runner.invoke(app, ["train", "--data", str(tmp_path / "header.csv"), "--out", str(tmp_path / "o")]),
+    one_line_error(runner.invoke(app, ["train", "--data", str(tmp_path / "header.csv"), "--out", str(tmp_path / "o")]),
               "no data rows")
     (tmp_path / "ragged").mkdir()
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "ragged" / "a.png")
     Image.fromarray(np.zeros((6, 5), np.uint8)).save(tmp_path / "ragged" / "b.png")
-    _one_line(runner.invoke(app, ["train", "--data", str(tmp_path / "ragged"), "--out", str(tmp_path / "o")]),
+    one_line_error(runner.invoke(app, ["train", "--data", str(tmp_path / "ragged"), "--out", str(tmp_path / "o")]),
               "--resize")
     nan = np.ones((50, 4), np.float32)
     nan[7, 2] = np.nan
     np.save(tmp_path / "nan.npy", nan)
-    _one_line(runner.invoke(app, ["train", "--data", str(tmp_path / "nan.npy"), "--out", str(tmp_path / "o")]),
+    one_line_error(runner.invoke(app, ["train", "--data", str(tmp_path / "nan.npy"), "--out", str(tmp_path / "o")]),
               "NaN")
     np.save(tmp_path / "wide.npy", np.full((50, 4), 3.0, np.float32))
-    _one_line(runner.invoke(app, ["train", "--data", str(tmp_path / "wide.npy"), "--likelihood",
+    one_line_error(runner.invoke(app, ["train", "--data", str(tmp_path / "wide.npy"), "--likelihood",
                                   "continuous-bernoulli", "--out", str(tmp_path / "o")]), "[0, 1]")
     assert not (tmp_path / "o").exists()
     folder, _ = own_models["gaussian"]
     np.save(tmp_path / "wrong.npy", np.zeros((3, 11), np.float32))
-    _one_line(runner.invoke(app, ["score", str(folder), "-i", str(tmp_path / "wrong.npy"), "-o",
+    one_line_error(runner.invoke(app, ["score", str(folder), "-i", str(tmp_path / "wrong.npy"), "-o",
                                   str(tmp_path / "s.npy")]), "(12,)")
     with pytest.raises(DataError, match="shape"):
         Engine.load(folder, backend="torch").encode(np.zeros((2, 3, 4)))
@@ -269,4 +274,4 @@ def test_evaluate_on_other_data(own_models, tmp_path):
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["n"] == 160 and ev["data"] == str(data_path)
     np.save(tmp_path / "wrong.npy", np.zeros((4, 5), np.float32))
-    _one_line(runner.invoke(app, ["evaluate", str(folder), "--data", str(tmp_path / "wrong.npy")]), "do not fit")
+    one_line_error(runner.invoke(app, ["evaluate", str(folder), "--data", str(tmp_path / "wrong.npy")]), "do not fit")

@@ -55,7 +55,7 @@ def test_wheel_holds_every_source_file(wheel):
     missing = [f for f in source_files() if f not in names]
     assert not missing, f"the wheel lacks {missing[:20]}"
     # the parts whose absence broke installs before, named so a failure reads plainly
-    for f in ("vae_engine/likelihoods/__init__.py", "vae_engine/web/index.html",
+    for f in ("vae_engine/model/likelihoods/__init__.py", "vae_engine/serving/web/index.html",
               "vae_engine/assets/mnist/t10k-images-idx3-ubyte.gz", "vae_engine/shipped/mnist-vae/config.json",
               "vae_engine/shipped/mnist-vae/encoder.onnx"):
         assert f in names
@@ -83,8 +83,8 @@ def test_info_imports_no_heavy_library():
 def test_graph_metadata_without_onnx(tmp_path):
     import onnx
 
-    from vae_engine import graphs
-    from vae_engine.errors import ModelDirError
+    from vae_engine.core.errors import ModelDirError
+    from vae_engine.modeldir import graphs
 
     for path in sorted((ROOT / "models" / "mnist-vae").glob("*.onnx")):
         assert graphs.read_metadata(path) == graphs.metadata(onnx.load(path)), path.name
@@ -101,8 +101,8 @@ def test_huge_image_is_one_error_and_no_warning(tmp_path):
 
     from PIL import Image
 
-    from vae_engine import readers
-    from vae_engine.errors import DataError
+    from vae_engine.core.errors import DataError
+    from vae_engine.data import readers
 
     Image.new("L", (12000, 12000)).save(tmp_path / "big.png")
     with warnings.catch_warnings(record=True) as caught:

@@ -19,8 +19,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import idx_bytes
-from vae_engine import backends, data, jobs, readers
-from vae_engine.engine import Engine
+from vae_engine import data
+from vae_engine.data import readers
+from vae_engine.jobs import batch as jobs
+from vae_engine.runtime import backends
+from vae_engine.runtime.engine import Engine
 
 N = 24  # items per input kind: every chunking edge is tested elsewhere, here it is the paths that matter
 BATCH = 10  # job batch size: three chunks, the last one short
@@ -46,8 +49,8 @@ PATHS = [pytest.param(p, id="/".join(p)) for p in backends.PATHS]
 @pytest.fixture(scope="module")
 def model(exported_model, tmp_path_factory) -> Path:
     """The tiny model with every graph variant (fp32, int8, fp16) and a stored detector (detector.json)."""
-    from vae_engine import detect
-    from vae_engine.export import export
+    from vae_engine.export.exporter import export
+    from vae_engine.jobs import detect
 
     out = tmp_path_factory.mktemp("paths") / "m"
     shutil.copytree(exported_model, out)
@@ -185,7 +188,7 @@ def test_latent_jobs(model, z, path, tmp_path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_detect_on_every_input_kind(model, kinds, path, tmp_path):
-    from vae_engine import detect
+    from vae_engine.jobs import detect
 
     backend, precision, device = path
     _engine(model, path)  # skips the paths that cannot run here
@@ -206,7 +209,7 @@ def test_detect_on_every_input_kind(model, kinds, path, tmp_path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_evaluate(model, path):
-    from vae_engine.evaluate import evaluate_model
+    from vae_engine.jobs.evaluate import evaluate_model
 
     backend, precision, device = path
     _engine(model, path)
@@ -217,8 +220,8 @@ def test_evaluate(model, path):
     for key in ("test_nelbo", "test_nll"):
         _check(np.asarray(got[key]), np.asarray(want[key]), precision, "nats", f"evaluate {key}")
     # its work: the encoder twice and the decoder k + 1 times per item, at the precisions the path runs
-    from vae_engine import checkpoint
-    from vae_engine.work import model_flops
+    from vae_engine.modeldir import checkpoint
+    from vae_engine.perf.work import model_flops
 
     flops = model_flops(checkpoint.model_config(model))
     macs = got["work"]["multiply_adds"]
@@ -271,7 +274,7 @@ def test_server_endpoints(model, images, x, z, path):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from vae_engine.server import create_app
+    from vae_engine.serving.server import create_app
 
     backend, precision, device = path
     _engine(model, path)
@@ -323,9 +326,9 @@ def table_model(tmp_path_factory) -> tuple[Path, dict[str, Path], np.ndarray]:
     and the table's first N rows in the float formats (read-only float32 .npy, float64 .npy, .npz, .csv, .parquet)."""
     from sklearn.datasets import load_breast_cancer
 
-    from vae_engine.config import ModelConfig, TrainConfig
-    from vae_engine.export import export
-    from vae_engine.train import train
+    from vae_engine.core.config import ModelConfig, TrainConfig
+    from vae_engine.export.exporter import export
+    from vae_engine.training.train import train
 
     folder = tmp_path_factory.mktemp("table")
     table = load_breast_cancer().data.astype(np.float32)

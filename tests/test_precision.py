@@ -13,10 +13,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vae_engine import checkpoint, data, hardware, tuning
+from vae_engine import data
 from vae_engine.cli import app
-from vae_engine.engine import Engine
-from vae_engine.errors import VaeEngineError
+from vae_engine.core import hardware
+from vae_engine.core.errors import VaeEngineError
+from vae_engine.modeldir import checkpoint
+from vae_engine.runtime import tuning
+from vae_engine.runtime.engine import Engine
+
+from .conftest import one_line_error
 
 runner = CliRunner()
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
@@ -109,58 +114,54 @@ def test_candidates_follow_the_cpu(model, monkeypatch):
 
 def test_auto_picks_only_paths_within_the_budget(model):
     # int8 measured on purpose (int8=True) with a budget it cannot meet: whatever its speed, it is not picked
-    d = tuning.choose(model, threads=2, batch=64, budget=1e-7, int8=True)
+    # (which path wins among those within budget is checked against known speeds in test_machine_classes)
+    d = tuning.choose(Engine.load, model, threads=2, batch=64, budget=1e-7, int8=True)
     rows = {(r["backend"], r["precision"]): r for r in d["measurements"]}
     assert ("onnxruntime", "int8") in rows and abs(rows["onnxruntime", "int8"]["nll_change_nats"]) > 1e-7
     assert d["precision"] != "int8" and tuning.within(rows[d["backend"], d["precision"]], 1e-7)
-    fastest_ok = max((r for r in rows.values() if tuning.within(r, 1e-7)), key=lambda r: r["items_per_s"])
-    assert (d["backend"], d["precision"]) == (fastest_ok["backend"], fastest_ok["precision"])
     # fp32 paths agree with the reference to float rounding
     for r in rows.values():
         if r["precision"] == "fp32":
             assert abs(r["nll_change_nats"]) < 1e-3 and abs(r["nelbo_change_nats"]) < 1e-3
-    # a budget that admits everything: the fastest measured path wins
-    d = tuning.choose(model, threads=2, batch=64, budget=1e9, int8=True, retune=True)
-    best = max(d["measurements"], key=lambda r: r["items_per_s"])
-    assert (d["backend"], d["precision"]) == (best["backend"], best["precision"])
+
 
 
 def test_decision_is_saved_reused_and_invalidated(model, monkeypatch):
-    first = tuning.choose(model, threads=2, batch=32)
+    first = tuning.choose(Engine.load, model, threads=2, batch=32)
     assert not first["reused"] and first["saved"] and (model / tuning.TUNING).is_file()
-    again = tuning.choose(model, threads=2, batch=32)
+    again = tuning.choose(Engine.load, model, threads=2, batch=32)
     assert again["reused"] and again["measurements"] == first["measurements"]
     assert (again["backend"], again["precision"]) == (first["backend"], first["precision"])
     # another batch size is another decision; both are kept
-    tuning.choose(model, threads=2, batch=8)
+    tuning.choose(Engine.load, model, threads=2, batch=8)
     assert len(tuning.saved(model)) == 2
     # new CPU flags or new library versions: measured again, not reused
     _no_vnni(monkeypatch, ("avx2", "avx512_vnni"))
-    assert not tuning.choose(model, threads=2, batch=32)["reused"]
+    assert not tuning.choose(Engine.load, model, threads=2, batch=32)["reused"]
     monkeypatch.undo()
     real = checkpoint.versions()
     monkeypatch.setattr(checkpoint, "versions", lambda: {**real, "onnxruntime": "99.0"})
-    assert not tuning.choose(model, threads=2, batch=32)["reused"]
+    assert not tuning.choose(Engine.load, model, threads=2, batch=32)["reused"]
     # a replaced graph file (re-export, or someone else's file): measured again, and a bad graph is an error
     monkeypatch.undo()
-    assert tuning.choose(model, threads=2, batch=32)["reused"]
+    assert tuning.choose(Engine.load, model, threads=2, batch=32)["reused"]
     import onnx
 
     graph = onnx.load(model / "decoder.int8.onnx")
     onnx.helper.set_metadata_props(graph, {"note": "re-exported"})
     onnx.save(graph, model / "decoder.int8.onnx")
-    assert not tuning.choose(model, threads=2, batch=32)["reused"]
+    assert not tuning.choose(Engine.load, model, threads=2, batch=32)["reused"]
     # retrained weights: the old decision does not apply
     monkeypatch.setattr(checkpoint, "weights_sha256", lambda d: "0" * 64)
-    assert not tuning.choose(model, threads=2, batch=32)["reused"]
+    assert not tuning.choose(Engine.load, model, threads=2, batch=32)["reused"]
 
 
 def test_damaged_or_read_only_tuning_file_is_not_fatal(model):
     (model / tuning.TUNING).write_text("{not json")
-    d = tuning.choose(model, threads=2, batch=16)
+    d = tuning.choose(Engine.load, model, threads=2, batch=16)
     assert not d["reused"] and json.loads((model / tuning.TUNING).read_text())["schema"] == tuning.SCHEMA
     (model / tuning.TUNING).write_text(json.dumps({"schema": tuning.SCHEMA, "decisions": [{"key": 3}, "x"]}))
-    assert not tuning.choose(model, threads=2, batch=16)["reused"]
+    assert not tuning.choose(Engine.load, model, threads=2, batch=16)["reused"]
 
 
 def test_engine_auto_reports_its_path(model, x):
@@ -169,12 +170,6 @@ def test_engine_auto_reports_its_path(model, x):
     assert eng.path.startswith(f"{eng.backend.name}/fp32 (auto")
     ref = Engine.load(model, backend="torch", threads=2)
     np.testing.assert_allclose(eng.log_likelihood(x, k=8), ref.log_likelihood(x, k=8), atol=1e-3)
-
-
-def _one_line(result, fragment):
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], \
-        result.output
 
 
 def test_cli_precision(model, x, tmp_path):
@@ -191,11 +186,11 @@ def test_cli_precision(model, x, tmp_path):
     np.testing.assert_allclose(np.load(out), np.load(fixed), atol=1e-3)
     info = runner.invoke(app, ["info", str(model)])
     assert info.exit_code == 0 and "--precision auto on this CPU" in " ".join(info.output.split())
-    _one_line(runner.invoke(app, ["score", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out),
+    one_line_error(runner.invoke(app, ["score", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out),
                                   "--precision", "fp8"]), "unknown precision")
-    _one_line(runner.invoke(app, ["score", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out),
+    one_line_error(runner.invoke(app, ["score", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out),
                                   "--max-nll-change", "-1"]), "--max-nll-change")
-    _one_line(runner.invoke(app, ["decode", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out),
+    one_line_error(runner.invoke(app, ["decode", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out),
                                   "--backend", "onnxruntime", "--precision", "bf16"]), "no bf16 kernels")
 
 

@@ -11,14 +11,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vae_engine import checkpoint, hardware, kernels, priors
-from vae_engine.config import ModelConfig, TrainConfig
-from vae_engine.engine import Engine
-from vae_engine.errors import ModelDirError, VaeEngineError
-from vae_engine.model import VAE, dreg_bound, iwae_bound, log_weights
-from vae_engine.model import _log_weights as log_weights_and_z
-from vae_engine.reference import reference_nelbo, reference_scores
-from vae_engine.train import Objective, auto_precision, step_flops, train
+from vae_engine.core import hardware
+from vae_engine.core.config import ModelConfig, TrainConfig
+from vae_engine.core.errors import ModelDirError, VaeEngineError
+from vae_engine.model import kernels, priors
+from vae_engine.model.estimators import dreg_bound, iwae_bound, log_weights, reference_nelbo, reference_scores
+from vae_engine.model.estimators import log_weights_and_z as log_weights_and_z
+from vae_engine.model.networks import VAE
+from vae_engine.modeldir import checkpoint
+from vae_engine.runtime.engine import Engine
+from vae_engine.training.train import Objective, auto_precision, step_flops, train
 
 VAMP = ModelConfig(latent_dim=5, hidden=(24,), prior="vamp", pseudo_inputs=7)
 
@@ -257,7 +259,7 @@ def test_vamp_model_folder_and_engine_equal_the_reference(vamp_dir):
     model = checkpoint.load_model(vamp_dir)
     with torch.no_grad():
         mu, logvar = model.prior.components()
-    stored = priors.load(vamp_dir, model.cfg)
+    stored = checkpoint.load_prior(vamp_dir, model.cfg)
     np.testing.assert_array_equal(stored.mu, mu.numpy())  # the folder's mixture is the model's
     engine = Engine.load(vamp_dir, backend="torch")
     x = (np.random.default_rng(0).random((20, 784)) < 0.2).astype(np.float32)
@@ -286,8 +288,21 @@ def test_vamp_samples_come_from_the_mixture(vamp_dir):
     assert engine.sample(3, seed=1).shape == (3, 784)
 
 
+@pytest.mark.parametrize("which", ["vamp", "normal"])
+def test_training_draws_the_samples_the_engine_draws(which, vamp_dir, tiny_model):
+    """One family of random streams: the PyTorch prior's samples (the training figures' samples.png) are the
+    engine's for the same seed and item indices (`vae-engine sample --seed`)."""
+    folder = vamp_dir if which == "vamp" else tiny_model
+    model = checkpoint.load_model(folder)
+    engine_prior = checkpoint.load_prior(folder, model.cfg)
+    with torch.no_grad():
+        z = model.prior.sample(30, model.cfg.latent_dim, 5, 7).numpy()
+    np.testing.assert_allclose(z, engine_prior.sample(5, 7, 30), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(z, engine_prior.sample(6, 7, 30))  # another seed, other draws
+
+
 def test_vamp_export_runs_the_same_prior(vamp_dir, tmp_path):
-    from vae_engine.export import export
+    from vae_engine.export.exporter import export
 
     out = tmp_path / "exported"
     report = export(vamp_dir, out)
@@ -322,7 +337,7 @@ def test_bad_prior_files_are_refused(vamp_dir, tmp_path, damage, match):
 
 
 def test_nll_checks_land_in_the_metrics_and_the_plot(tiny_data, tmp_path):
-    from vae_engine import train as train_mod
+    from vae_engine.training import train as train_mod
 
     out = tmp_path / "m"
     rows = train(ModelConfig(latent_dim=4, hidden=(32,)),

@@ -8,7 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from vae_engine import graphs, quantize
+from vae_engine.export import quantize
+from vae_engine.modeldir import graphs
 
 
 def _mlp(w1, b1, w2, b2, first_relu: bool = False) -> onnx.ModelProto:

@@ -9,8 +9,10 @@ import pytest
 
 pytest.importorskip("ray", reason="Ray is not installed (optional extra 'distributed')")
 
-from vae_engine import data, jobs, ray_jobs  # noqa: E402
-from vae_engine.engine import Engine  # noqa: E402
+from vae_engine import data
+from vae_engine.jobs import batch as jobs  # noqa: E402
+from vae_engine.jobs import ray_jobs
+from vae_engine.runtime.engine import Engine  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

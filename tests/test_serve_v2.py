@@ -18,10 +18,12 @@ httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from vae_engine import data, jobs, oip  # noqa: E402
-from vae_engine.engine import Engine  # noqa: E402
+from vae_engine import data  # noqa: E402
+from vae_engine.jobs import batch as jobs  # noqa: E402
+from vae_engine.runtime.engine import Engine  # noqa: E402
+from vae_engine.serving import oip  # noqa: E402
 
-from .conftest import start_serve  # noqa: E402
+from .conftest import one_line_error, start_serve  # noqa: E402
 
 
 def _free_port() -> int:
@@ -86,7 +88,7 @@ def _infer(clients, kind, model_name, inputs: dict, outputs=None, binary=True, *
 
 
 def test_health_and_metadata_through_tritonclient(clients, model):
-    from vae_engine import checkpoint
+    from vae_engine.modeldir import checkpoint
 
     cfg = checkpoint.model_config(model)
     for kind, c in clients.items():
@@ -303,7 +305,7 @@ def test_bad_grpc_requests_get_status_codes(clients, server):
             _infer(clients, "grpc", model_name, inputs, **params)
         assert str(code) in info.value.status() and fragment in info.value.message()
     # a raw input whose size does not match its shape, and typed contents instead of raw
-    from vae_engine import oip_grpc
+    from vae_engine.serving import oip_grpc
 
     msg = oip_grpc._messages()
     channel = grpc.insecure_channel(server["grpc"])
@@ -340,7 +342,7 @@ def test_grpc_messages_are_wire_compatible_with_triton(x):
     """Our descriptor-built messages and Triton's generated ones read each other's bytes."""
     from tritonclient.grpc import service_pb2
 
-    from vae_engine import oip_grpc
+    from vae_engine.serving import oip_grpc
 
     ours = oip_grpc._messages()
     req = ours["ModelInferRequest"](model_name="m", id="7")
@@ -376,9 +378,6 @@ def test_cli_grpc_settings_are_one_error_line(model):
                                (["--grpc-port", "0"], "--grpc-port"),
                                (["--port", str(_free_port()), "--grpc-port", str(busy.getsockname()[1])],
                                 "cannot listen")):
-            r = CliRunner().invoke(app, ["serve", str(model), *args])
-            lines = [line for line in r.output.splitlines() if line.strip()]
-            assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], \
-                r.output
+            one_line_error(CliRunner().invoke(app, ["serve", str(model), *args]), fragment)
     finally:
         busy.close()

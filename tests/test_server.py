@@ -16,11 +16,12 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from vae_engine import data, jobs  # noqa: E402
-from vae_engine.engine import Engine  # noqa: E402
-from vae_engine.server import Limits, create_app  # noqa: E402
+from vae_engine import data
+from vae_engine.jobs import batch as jobs  # noqa: E402
+from vae_engine.runtime.engine import Engine  # noqa: E402
+from vae_engine.serving.server import Limits, create_app  # noqa: E402
 
-from .conftest import start_serve  # noqa: E402
+from .conftest import one_line_error, start_serve  # noqa: E402
 
 NPY = "application/x-npy"
 
@@ -100,7 +101,7 @@ def test_npy_bodies_and_answers(client, x):
     ("detect", {"items": [[0.1] * 784]}, 404, "detector"),
 ])
 def test_bad_requests_get_one_line_4xx(client, op, body, status, fragment):
-    r = client.post(f"/v1/{op}", content=json.dumps(body).replace("NaN", "NaN"),
+    r = client.post(f"/v1/{op}", content=json.dumps(body),
                     headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     msg = r.json()["error"]
@@ -232,7 +233,7 @@ def test_ray_serve_answers_like_the_local_server(client, model, x):
     import httpx
     from ray import serve
 
-    from vae_engine import ray_serve
+    from vae_engine.serving import ray_serve
 
     port = _free_port()
     items = (x / 255).tolist()
@@ -265,10 +266,7 @@ def test_cli_serve_bad_settings_are_one_error_line(tmp_path):
     (bad_json / "config.json").write_text("{")
     for args, fragment in ((["serve", str(tmp_path / "nope")], "not found"), (["serve", str(bad_json)], "JSON"),
                            (["serve", "--max-batch", "0"], "--max-batch"), (["serve", "--max-wait-ms", "-1"], "wait")):
-        r = runner.invoke(app, args)
-        lines = [line for line in r.output.splitlines() if line.strip()]
-        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], \
-            r.output
+        one_line_error(runner.invoke(app, args), fragment)
 
 
 def test_request_timeout_is_504(model, x):

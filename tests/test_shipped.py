@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from vae_engine import checkpoint, data, graphs
+from vae_engine import data
 from vae_engine.cli import app
-from vae_engine.engine import Engine
-from vae_engine.reference import evaluate
+from vae_engine.model.estimators import evaluate
+from vae_engine.modeldir import checkpoint, graphs
+from vae_engine.runtime.engine import Engine
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "mnist-vae"
 NLL_200_RANGE = (80.47, 80.56)  # measured: 80.514 with both backends (seed 0, 200 images, k=200)

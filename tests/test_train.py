@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vae_engine import checkpoint
-from vae_engine.config import ModelConfig, TrainConfig
-from vae_engine.errors import ModelDirError, VaeEngineError
-from vae_engine.reference import evaluate, reference_scores
-from vae_engine.train import train
+from vae_engine.core.config import ModelConfig, TrainConfig
+from vae_engine.core.errors import ModelDirError, VaeEngineError
+from vae_engine.model.estimators import evaluate, reference_scores
+from vae_engine.modeldir import checkpoint
+from vae_engine.training.train import train
 
 MODEL = ModelConfig(latent_dim=4, hidden=(32,))
 
@@ -106,7 +106,7 @@ def test_reference_evaluation_is_chunk_independent(tiny_model, tiny_data):
 
 def test_metrics_test_elbo_is_evaluates_estimate(tiny_model):
     """One estimator of the test -ELBO: the per-epoch metric equals `evaluate` at its default seed."""
-    from vae_engine.evaluate import evaluate_model as run
+    from vae_engine.jobs.evaluate import evaluate_model as run
 
     result = run(tiny_model, k=2, seed=0, backend="torch", threads=1)
     assert checkpoint.read_metrics(tiny_model)[-1]["test_nelbo"] == pytest.approx(result["test_nelbo"], abs=1e-3)
@@ -116,7 +116,7 @@ def test_auto_likelihood_fits_the_data(tiny_data, tmp_path):
     """auto: IDX images -> bernoulli (binarized, the MNIST convention); other data in [0, 1] (uint8 or float,
     flat or image-shaped) -> continuous-bernoulli; anything else -> gaussian; config.json records why."""
     from vae_engine import data
-    from vae_engine.train import auto_likelihood
+    from vae_engine.training.train import auto_likelihood
 
     g = np.random.default_rng(0)
     idx = data.load_dataset("mnist", tiny_data)

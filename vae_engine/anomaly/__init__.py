@@ -1,0 +1,1 @@
+"""VAEOutlierDetector: a scikit-learn outlier detector on a VAE's scores, and its rules."""

@@ -1,0 +1,26 @@
+"""Options shared by several commands (Typer `Annotated` types), each with the help text `--help` shows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+BudgetOpt = Annotated[float, typer.Option(help="With --precision auto: the largest change of the mean NLL and mean -ELBO (nats, against fp32 on the model's validation items) a faster path may cost.")]
+
+ModelDir = Annotated[Path, typer.Argument(help="Model directory (config.json + model.safetensors, as written by train).")]
+ModelOpt = Annotated[Path | None, typer.Argument(help="Model directory; default: the shipped models/mnist-vae.", show_default=False)]
+
+BackendOpt = Annotated[str, typer.Option(help="auto, torch, torch-compile, onnxruntime or openvino (pip install 'vae-engine[openvino]'). auto with --precision auto: the fastest measured path; with a fixed precision: ONNX Runtime if exported, else torch.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (torch and onnxruntime-gpu; falls back to the CPU provider when ONNX Runtime has no CUDA).")]
+PrecisionOpt = Annotated[str, typer.Option(help="auto: the fastest path measured here within --max-nll-change of fp32 (decided once per machine and batch size, saved in MODEL/tuning.json, shown by info); fp32; bf16 (torch, or openvino on CPUs with AVX512_BF16/AMX); int8 (onnxruntime; export --quantize int8); fp16 (GPU).")]
+BatchOpt = Annotated[int, typer.Option(help="Items per chunk: memory stays bounded by this, whatever the input size.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="Threads for torch, ONNX Runtime and Numba (default: all cores).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of every random draw; results depend on it and the item index only.")]
+InputOpt = Annotated[Path, typer.Option("--input", "-i", help="Images: .npy (N,784)/(N,28,28) uint8 0..255 or float 0..1, IDX(.gz), or a folder of 28x28 PNGs.")]
+
+
+RayOpt = Annotated[str | None, typer.Option("--ray", help="Run on Ray Data: 'local' starts a local Ray, or give a cluster address (ray://host:10001, auto). Needs the 'distributed' extra.")]
+ActorsOpt = Annotated[int, typer.Option(help="With --ray: number of engine actors (each loads the model once).")]
+CpusOpt = Annotated[int, typer.Option(help="With --ray: CPUs per actor; ONNX Runtime intra-op threads are matched to it.")]

@@ -1,0 +1,214 @@
+"""Counter-based random numbers: eps and binarization noise as pure functions of (seed, item index).
+
+Every random number the engine uses is a hash of (seed, stream, counter), the counter being derived from the
+global index of the input item. So results for a seed do not depend on batch size, chunking, thread count or
+backend, and the PyTorch reference and the ONNX Runtime/Numba engine see identical eps.
+Generator: the splitmix64 finalizer over key + counter * golden ratio; normals by Box-Muller.
+Each kernel has a NumPy twin (`*_numpy`), compared in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from .fastmath import PARALLEL_MIN, jit
+
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+EPS_STREAM, BINARIZE_STREAM, PRIOR_STREAM = 0, 1, 2  # PRIOR_STREAM: a mixture prior's component
+OBSERVATION_STREAM = 3  # x ~ p(x|z) of a likelihood with real values (decode --sample)
+
+
+def _mix_int(x: int) -> int:
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def stream_key(seed: int, stream: int) -> np.uint64:
+    """The 64-bit key of one random stream of a seed."""
+    return np.uint64(_mix_int((int(seed) * _GOLDEN + stream) & _MASK))
+
+
+# ---- Numba kernels ----
+
+_G, _M1, _M2 = np.uint64(_GOLDEN), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S11, _S27, _S30, _S31 = np.uint64(11), np.uint64(27), np.uint64(30), np.uint64(31)
+_INV53 = 1.0 / 9007199254740992.0  # 2**-53
+
+
+@numba.njit(inline="always")
+def _uniform(key, counter):
+    x = key + counter * _G
+    x = (x ^ (x >> _S30)) * _M1
+    x = (x ^ (x >> _S27)) * _M2
+    x = x ^ (x >> _S31)
+    return (float(x >> _S11) + 0.5) * _INV53  # in (0, 1), never 0, so log() is finite
+
+
+def _make_normal_kernel(parallel: bool):
+    def kernel(key, start, k_total, s0, out):  # out (N, K', D) float32: samples s0..s0+K'-1 of k_total
+        n, k, d = out.shape
+        row = k * d
+        flat = out.reshape(n, row)
+        for b in numba.prange(n):
+            base = np.int64(start + b) * (k_total * d) + s0 * d
+            # Box-Muller turns one pair of uniforms into two normals: walk the pairs covering this item's range
+            first, last = base >> 1, (base + row - 1) >> 1
+            for pair in range(first, last + 1):
+                p = np.uint64(pair)
+                u1 = _uniform(key, p * np.uint64(2))
+                u2 = _uniform(key, p * np.uint64(2) + np.uint64(1))
+                r = math.sqrt(-2.0 * math.log(u1))
+                j0 = 2 * pair - base
+                if j0 >= 0:
+                    flat[b, j0] = r * math.cos(2.0 * math.pi * u2)
+                if j0 + 1 < row:
+                    flat[b, j0 + 1] = r * math.sin(2.0 * math.pi * u2)
+    return jit(kernel, parallel)
+
+
+def _make_binarize_kernel(parallel: bool):
+    def kernel(key, start, x, out):  # x, out (N, P) float32
+        n, p = x.shape
+        for b in numba.prange(n):
+            base = np.uint64(start + b) * np.uint64(p)
+            for i in range(p):
+                out[b, i] = 1.0 if _uniform(key, base + np.uint64(i)) < x[b, i] else 0.0
+    return jit(kernel, parallel)
+
+
+_normal_kernels = (_make_normal_kernel(False), _make_normal_kernel(True))
+_binarize_kernels = (_make_binarize_kernel(False), _make_binarize_kernel(True))
+
+
+def normal_eps(seed: int, start: int, n: int, k: int, d: int, s0: int = 0, s1: int | None = None,
+               stream: int = EPS_STREAM) -> np.ndarray:
+    """eps (n, s1-s0, d) float32 ~ N(0, I) for items start..start+n-1: their samples s0..s1-1 of k.
+
+    Any block of samples is the same numbers as that slice of all k, so long K streams in bounded memory.
+    """
+    s1 = k if s1 is None else s1
+    out = np.empty((n, s1 - s0, d), dtype=np.float32)
+    _normal_kernels[out.size >= PARALLEL_MIN](stream_key(seed, stream), np.int64(start), np.int64(k),
+                                              np.int64(s0), out)
+    return out
+
+
+@dataclass(frozen=True)
+class Streams:
+    """Which eps stream each item of a batch reads: runs of (seed, first item index, items, step).
+
+    step 1: consecutive item indices (a file's rows, the default everywhere); step 0: every item of the run reads
+    the same index (common random numbers, so a score depends on the item alone). Batches merged from several
+    requests (the server) concatenate their runs, so each item keeps the stream it would have had alone.
+    """
+
+    runs: tuple[tuple[int, int, int, int], ...]
+
+    @classmethod
+    def contiguous(cls, seed: int, start: int, n: int) -> Streams:
+        return cls(((int(seed), int(start), int(n), 1),))
+
+    @classmethod
+    def shared(cls, seed: int, index: int, n: int) -> Streams:
+        return cls(((int(seed), int(index), int(n), 0),))
+
+    @classmethod
+    def concat(cls, parts) -> Streams:
+        return cls(tuple(run for part in parts for run in part.runs))
+
+    def __len__(self) -> int:
+        return sum(run[2] for run in self.runs)
+
+    def eps(self, i: int, j: int, k: int, d: int, s0: int = 0, s1: int | None = None) -> np.ndarray:
+        """eps (j-i, s1-s0, d) float32 of the batch's items i..j-1: their samples s0..s1-1 of k."""
+        s1 = k if s1 is None else s1
+        pieces, offset = [], 0
+        for seed, first, n, step in self.runs:
+            a, b = max(i, offset), min(j, offset + n)
+            if a < b:
+                if step:
+                    pieces.append(normal_eps(seed, first + a - offset, b - a, k, d, s0, s1))
+                else:
+                    one = normal_eps(seed, first, 1, k, d, s0, s1)
+                    pieces.append(np.broadcast_to(one, (b - a, *one.shape[1:])))
+            offset += n
+        return np.ascontiguousarray(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
+
+    def binarize(self, x: np.ndarray) -> np.ndarray:
+        """Bernoulli(x) pixels (N, P) float32 of the batch's items, each from its own binarization stream."""
+        pieces, offset = [], 0
+        for seed, first, n, step in self.runs:
+            part = x[offset:offset + n]
+            pieces += [binarize(part, seed, first)] if step else [binarize(row[None], seed, first) for row in part]
+            offset += n
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def iwae_blocks(streams: Streams, k: int, d: int, rows: int):
+    """The eps of an IWAE estimate over a batch's items (k samples each, from their `streams`), in blocks of
+    about `rows` decoder rows: yields (i, j, s, eps) with eps (j-i, K', D) = samples s..s+K'-1 of items i..j-1.
+
+    Items are grouped rows // k at a time; when one item's k samples exceed `rows`, K itself is split. Each block
+    is a slice of the items' own streams, so any blocking gives the same numbers, in bounded memory.
+    """
+    n, per_item = len(streams), max(1, rows // k)
+    for i in range(0, n, per_item):
+        j = min(n, i + per_item)
+        for s in range(0, k, rows):
+            yield i, j, s, streams.eps(i, j, k, d, s, min(k, s + rows))
+
+
+def binarize(x: np.ndarray, seed: int, start: int) -> np.ndarray:
+    """Bernoulli(x) pixels (n, P) float32 for items start..start+n-1, x in [0, 1]."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    _binarize_kernels[x.size >= PARALLEL_MIN](stream_key(seed, BINARIZE_STREAM), np.int64(start), x, out)
+    return out
+
+
+def uniform_rows(seed: int, stream: int, start: int, n: int, d: int) -> np.ndarray:
+    """Uniforms in (0, 1), float64 (n, d): feature i of items start..start+n-1 of a stream (for BINARIZE_STREAM,
+    the very uniforms `binarize` compares with)."""
+    counters = np.uint64(start) * np.uint64(d) + np.arange(n * d, dtype=np.uint64)
+    return _uniform_numpy(stream_key(seed, stream), counters).reshape(n, d)
+
+
+def uniforms(seed: int, stream: int, start: int, n: int) -> np.ndarray:
+    """One uniform in (0, 1) per item start..start+n-1 of a stream, float64 (n,) (small draws: NumPy is enough)."""
+    return _uniform_numpy(stream_key(seed, stream), np.uint64(start) + np.arange(n, dtype=np.uint64))
+
+
+# ---- NumPy twins (the reference the kernels are tested against) ----
+
+
+def _uniform_numpy(key: np.uint64, counter: np.ndarray) -> np.ndarray:
+    x = key + counter * _G
+    x = (x ^ (x >> _S30)) * _M1
+    x = (x ^ (x >> _S27)) * _M2
+    x = x ^ (x >> _S31)
+    return ((x >> _S11).astype(np.float64) + 0.5) * _INV53
+
+
+def normal_eps_numpy(seed: int, start: int, n: int, k: int, d: int, s0: int = 0, s1: int | None = None,
+                     stream: int = EPS_STREAM) -> np.ndarray:
+    """NumPy twin of normal_eps."""
+    s1 = k if s1 is None else s1
+    item = np.uint64(start) + np.arange(n, dtype=np.uint64)[:, None]
+    j = (item * np.uint64(k * d) + np.uint64(s0 * d) + np.arange((s1 - s0) * d, dtype=np.uint64)).ravel()
+    key = stream_key(seed, stream)
+    pair = (j >> np.uint64(1)) * np.uint64(2)
+    r = np.sqrt(-2.0 * np.log(_uniform_numpy(key, pair)))
+    angle = 2.0 * np.pi * _uniform_numpy(key, pair + np.uint64(1))
+    z = np.where(j & np.uint64(1), r * np.sin(angle), r * np.cos(angle))
+    return z.astype(np.float32).reshape(n, s1 - s0, d)
+
+
+def binarize_numpy(x: np.ndarray, seed: int, start: int) -> np.ndarray:
+    """NumPy twin of binarize."""
+    return (uniform_rows(seed, BINARIZE_STREAM, start, *x.shape) < x).astype(np.float32)

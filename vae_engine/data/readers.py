@@ -1,0 +1,257 @@
+"""Readers for a user's own data: .npy/.npz, .csv, .parquet, IDX(.gz) and folders of PNG/JPEG images.
+
+Every reader returns `(items, labels)`: items (N, *item_shape) as uint8 (images, read as intensity / 255) or
+float32, with item_shape (D,) for tables and (C, H, W) for images; labels (N,) or None. Every failure is a
+DataError naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import DataError, read_error
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ARRAY_KEYS = ("x", "X", "data", "images", "features")  # .npz: the items
+LABEL_KEYS = ("y", "labels", "targets")  # .npz: optional labels
+MAX_IMAGE_PIXELS = 1 << 24  # per image, checked from the header before decoding
+
+
+def read(path: str | Path, columns: Sequence[str] | None = None,
+         resize: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Items and labels of any supported file or folder (see the module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_image_folder(path, resize)
+    if not path.exists():
+        raise DataError(f"{path}: not found")
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    suffix = suffix.lower()
+    if columns and suffix not in (".csv", ".parquet"):
+        raise DataError(f"{path}: --columns applies to .csv and .parquet files only")
+    if suffix == ".npy":
+        items = np.asarray(load_npy(path))
+        labels = None
+    elif suffix == ".npz":
+        items, labels = _read_npz(path)
+    elif suffix == ".csv":
+        items, labels = _read_csv(path, columns), None
+    elif suffix == ".parquet":
+        items, labels = _read_parquet(path, columns), None
+    else:  # IDX, raw or gzipped (MNIST-style names have no suffix)
+        from .idx import read_idx
+
+        items, labels = read_idx(path), None
+    return as_items(items, str(path)), labels
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """Memory-map a .npy array (never a pickle); a clear DataError for anything else."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except PermissionError as exc:
+        raise read_error(path, exc, ".npy file") from None
+    except (ValueError, OSError, EOFError, TypeError) as exc:
+        raise DataError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(arr, np.ndarray):  # np.load returns an NpzFile for a zip archive, whatever the name
+        if hasattr(arr, "close"):
+            arr.close()
+        raise DataError(f"{path}: is a .npz archive, not a .npy array; save one array with np.save")
+    return arr
+
+
+def as_items(arr: np.ndarray, name: str) -> np.ndarray:
+    """(N, D) tables and (N, H, W), (N, C, H, W) or (N, H, W, C) images -> (N, D) or (N, C, H, W)."""
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise DataError(f"{name}: dtype {arr.dtype} is not numeric")
+    if arr.ndim < 2 or len(arr) == 0:
+        raise DataError(f"{name}: expected N items of shape (D,), (H, W) or (C, H, W), got an array of shape "
+                        f"{arr.shape}")
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    elif arr.ndim == 4 and arr.shape[1] not in (1, 3, 4) and arr.shape[3] in (1, 3, 4):
+        arr = arr.transpose(0, 3, 1, 2)  # channels last -> first
+    elif arr.ndim > 4:
+        raise DataError(f"{name}: {arr.ndim}-D items are not supported (shape {arr.shape})")
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.float32)
+    return np.ascontiguousarray(arr)
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.keys())
+            key = next((k for k in ARRAY_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise DataError(f"{path}: holds {keys}; name the items one of {', '.join(ARRAY_KEYS)}")
+            items = archive[key]
+            label_key = next((k for k in LABEL_KEYS if k in keys), None)
+            labels = archive[label_key] if label_key else None
+    except DataError:
+        raise
+    except PermissionError as exc:
+        raise read_error(path, exc, ".npz file") from None
+    except (ValueError, OSError, EOFError, KeyError) as exc:
+        raise DataError(f"{path}: not a readable .npz archive ({str(exc).splitlines()[0][:200]})") from None
+    if labels is not None and (labels.ndim != 1 or len(labels) != len(items)):
+        raise DataError(f"{path}: labels of shape {labels.shape} do not match {len(items)} items")
+    return items, labels
+
+
+def _pick_columns(names: list[str], columns: Sequence[str] | None, path: Path) -> list[int]:
+    if not columns:
+        return list(range(len(names)))
+    picked = []
+    for col in columns:
+        if col in names:
+            picked.append(names.index(col))
+        elif col.isdigit() and int(col) < len(names):
+            picked.append(int(col))
+        else:
+            raise DataError(f"{path}: no column {col!r}; the columns are {', '.join(names[:20])}")
+    return picked
+
+
+def _read_csv(path: Path, columns: Sequence[str] | None) -> np.ndarray:
+    """Numeric columns of a CSV; a first row that is not all numbers is the header."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file; is it really a CSV?") from None
+    except OSError as exc:
+        raise read_error(path, exc, "CSV file") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed CSV ({exc})") from None
+    if not rows:
+        raise DataError(f"{path}: the file is empty")
+    header = not all(_is_number(cell) for cell in rows[0])
+    names = [c.strip() for c in rows[0]] if header else [str(i) for i in range(len(rows[0]))]
+    body = rows[1:] if header else rows
+    if not body:
+        raise DataError(f"{path}: a header row and no data rows")
+    picked = _pick_columns(names, columns, path)
+    out = np.empty((len(body), len(picked)), np.float32)
+    for r, row in enumerate(body):
+        if len(row) != len(names):
+            raise DataError(f"{path}: row {r + 1 + header} has {len(row)} fields, the header has {len(names)}")
+        for j, c in enumerate(picked):
+            try:
+                out[r, j] = float(row[c])
+            except ValueError:
+                raise DataError(f"{path}: column {names[c]!r} is not numeric (row {r + 1 + header}: "
+                                f"{row[c][:30]!r}); pick numeric columns with --columns") from None
+    return out
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_parquet(path: Path, columns: Sequence[str] | None) -> np.ndarray:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        table = pq.read_table(path)
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({str(exc)[:200]})") from None
+    names = table.column_names
+    picked = _pick_columns(names, columns, path)
+    cols = []
+    for c in picked:
+        column = table.column(c)
+        import pyarrow as pa
+
+        if pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type):  # one list column of values
+            cols.append(np.asarray(column.to_pylist(), dtype=np.float32))
+            continue
+        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+                or pa.types.is_boolean(column.type)):
+            raise DataError(f"{path}: column {names[c]!r} is {column.type}, not numeric; pick numeric columns "
+                            "with --columns")
+        cols.append(column.to_numpy(zero_copy_only=False).astype(np.float32)[:, None])
+    if not cols or not len(cols[0]):
+        raise DataError(f"{path}: no rows")
+    try:
+        return np.concatenate(cols, axis=1)
+    except ValueError:
+        raise DataError(f"{path}: list columns of different lengths") from None
+
+
+def read_image_folder(folder: Path, resize: tuple[int, int] | None = None) -> tuple[np.ndarray, None]:
+    """All PNG/JPEG images of a folder (sorted by name) as uint8 (N, C, H, W); grey gives C=1, colour C=3."""
+    try:
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    except OSError as exc:
+        raise read_error(folder, exc, "folder") from None
+    if not files:
+        raise DataError(f"{folder}: no .png or .jpg images in the folder")
+    out: np.ndarray | None = None
+    for i, f in enumerate(files):
+        pixels = read_image(f, resize)
+        if out is None:
+            out = np.empty((len(files), *pixels.shape), np.uint8)
+        elif pixels.shape != out.shape[1:]:
+            raise DataError(f"{f}: {_describe(pixels.shape)}, but {files[0].name} is {_describe(out.shape[1:])}; "
+                            "all images must match (or pass --resize H,W)")
+        out[i] = pixels
+    return out, None
+
+
+def read_image(path: Path, resize: tuple[int, int] | None = None,
+               expect: tuple[int, ...] | None = None) -> np.ndarray:
+    """One image as uint8 (C, H, W): grey stays C=1, anything else becomes RGB; size checked before decoding."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below decides
+            img = Image.open(path)
+        with img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise DataError(f"{path}: {w}x{h} pixels is too large (limit {MAX_IMAGE_PIXELS:,})")
+            if expect is not None and resize is None and (h, w) != tuple(expect[1:]):
+                raise DataError(f"{path}: images must be {expect[2]}x{expect[1]} for this model, got {w}x{h}")
+            grey = img.mode in ("1", "L", "I", "I;16", "F") or (expect is not None and expect[0] == 1)
+            img = img.convert("L" if grey else "RGB")
+            if resize is not None:
+                img = img.resize((resize[1], resize[0]), Image.BILINEAR)
+            pixels = np.asarray(img)
+    except DataError:
+        raise
+    except PermissionError as exc:
+        raise read_error(path, exc, "image") from None
+    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, bomb errors)
+        raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {str(exc)[:150]})") from None
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _describe(shape: tuple[int, ...]) -> str:
+    return f"{shape[2]}x{shape[1]} with {shape[0]} channel{'s' if shape[0] > 1 else ''}"
+
+
+def parse_shape(text: str | None, name: str = "--resize") -> tuple[int, int] | None:
+    """'H,W' -> (H, W)."""
+    if not text:
+        return None
+    try:
+        h, w = (int(t) for t in text.replace("x", ",").split(","))
+    except ValueError:
+        raise DataError(f"{name} must be H,W like 32,32, got {text!r}") from None
+    if min(h, w) < 1 or h * w > MAX_IMAGE_PIXELS:
+        raise DataError(f"{name} must be positive and at most {MAX_IMAGE_PIXELS:,} pixels, got {text!r}")
+    return h, w

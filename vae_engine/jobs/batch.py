@@ -1,0 +1,247 @@
+"""Batch jobs: stream inputs in chunks through the engine and write outputs atomically.
+
+Inputs: .npy (N, 784) or (N, 28, 28), uint8 0..255 or float 0..1 (memory-mapped, so larger than RAM is fine),
+IDX/IDX.gz image files, or a folder of 28x28 PNGs. Outputs: .npy written in order with plain writes into a temp
+file beside the target (its space reserved first) and renamed when complete, or a PNG grid for image outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import data
+from ..core import atomic, rng
+from ..core.config import IMAGE_SHAPE, ModelConfig
+from ..core.errors import DataError, OutputError, VaeEngineError, read_error
+from ..data import readers
+from ..model import likelihoods
+from ..runtime.engine import Engine
+
+MAX_PNG_IMAGES = 4096  # a PNG grid beyond this is unreadable; write .npy instead
+
+
+@dataclass
+class Source:
+    """A sized, chunkable input: `read(i, j)` returns rows i..j-1 as float32 (b, features), validated."""
+
+    name: str
+    n: int
+    features: int
+    read: Callable[[int, int], np.ndarray]
+
+    def chunks(self, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+        for i in range(0, self.n, batch_size):
+            yield i, self.read(i, min(self.n, i + batch_size))
+
+
+def open_items(path: str | Path, cfg: ModelConfig) -> Source:
+    """The model's input items from .npy (memory-mapped), .npz, .csv, .parquet, IDX(.gz) or an image folder.
+
+    Items must have the model's shape (or be flattened to its D values); each chunk passes the one input rule
+    (`data.model_input`) with the file's name and row in any error.
+    """
+    path = Path(path)
+    unit = likelihoods.get(cfg.likelihood).unit_interval
+    if path.is_dir():
+        return _image_folder(path, cfg, unit)
+    if not path.is_file():
+        raise DataError(f"{path}: input not found")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        arr = readers.load_npy(path)
+    elif suffix in (".npz", ".csv", ".parquet"):
+        arr = readers.read(path)[0]
+    else:
+        arr = data.read_idx(path)
+    if len(arr) == 0:
+        raise DataError(f"{path}: the input holds no items")
+    if not cfg.accepts(arr.shape[1:]):
+        raise DataError(f"{path}: items of shape {arr.shape[1:]} do not fit this model, which takes "
+                        f"{tuple(cfg.input_shape)} (or {cfg.input_dim} values per row)")
+    return Source(str(path), len(arr), cfg.input_dim, lambda i, j: data.model_input(arr[i:j], unit, str(path), i))
+
+
+def open_latents(path: str | Path, latent_dim: int) -> Source:
+    """A latent source: .npy (N, D) float."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: input not found")
+    arr = readers.load_npy(path)
+    if arr.ndim != 2 or arr.shape[1] != latent_dim:
+        raise DataError(f"{path}: latents must have shape (N, {latent_dim}) for this model, got {arr.shape}")
+    if len(arr) == 0:
+        raise DataError(f"{path}: the input holds no latents")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DataError(f"{path}: latents must be float, got {arr.dtype}")
+
+    def read(i: int, j: int) -> np.ndarray:
+        return data.latents(arr[i:j], latent_dim, f"{path} rows {i}..{j - 1}")
+
+    return Source(str(path), len(arr), latent_dim, read)
+
+
+def _image_folder(folder: Path, cfg: ModelConfig, unit: bool) -> Source:
+    """PNG/JPEG files of a folder, sorted by name, decoded chunk by chunk; each must have the model's size."""
+    try:
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in readers.IMAGE_SUFFIXES and f.is_file())
+    except OSError as exc:
+        raise read_error(folder, exc, "folder") from None
+    if not files:
+        raise DataError(f"{folder}: no .png or .jpg files in the folder")
+    shape = tuple(cfg.input_shape) if len(cfg.input_shape) == 3 else (1, *IMAGE_SHAPE)
+    if math.prod(shape) != cfg.input_dim:
+        raise DataError(f"{folder}: this model takes items of shape {tuple(cfg.input_shape)}, not images")
+
+    def read(i: int, j: int) -> np.ndarray:
+        out = np.stack([readers.read_image(f, expect=shape) for f in files[i:j]])
+        if out.shape[1:] != shape:
+            raise DataError(f"{folder}: images must have {shape[0]} channel(s) for this model")
+        return data.model_input(out, unit, str(folder), i)
+
+    return Source(str(folder), len(files), cfg.input_dim, read)
+
+
+def check_output(path: str | Path, images: bool) -> None:
+    """Refuse an output path before any work: wrong suffix, a folder, or a parent that cannot be written."""
+    path = Path(path)
+    allowed = (".npy", ".png") if images else (".npy",)
+    if path.suffix not in allowed:
+        raise OutputError(f"{path}: output must end in {' or '.join(allowed)}")
+    atomic.check_writable(path)
+
+
+def stream(source: Source, fn: Callable[[int, np.ndarray], np.ndarray], out_path: str | Path, item_shape: tuple,
+        batch_size: int, progress: Callable[[int], None] | None = None,
+        image_shape: tuple[int, ...] | None = None) -> Path:
+    """Stream `source` through `fn(start, chunk) -> (b, *item_shape)` into out_path (.npy, or a .png grid of
+    images of `image_shape` (C, H, W) when outputs are images)."""
+    out_path = Path(out_path)
+    check_output(out_path, image_shape is not None)
+    if batch_size < 1:
+        raise VaeEngineError(f"batch size must be at least 1, got {batch_size}")
+    if out_path.suffix == ".png" and source.n > MAX_PNG_IMAGES:
+        raise VaeEngineError(f"{source.n} images are too many for a PNG grid (max {MAX_PNG_IMAGES}); write .npy")
+    if out_path.suffix == ".png":
+        from ..training.plots import save_grid_png
+
+        grid = np.concatenate([fn(i, chunk) for i, chunk in source.chunks(batch_size)])
+        save_grid_png(out_path, grid, image_shape)
+        if progress:
+            progress(source.n)
+        return out_path
+    with atomic.npy_writer(out_path, (source.n, *item_shape)) as out:  # reserves the space before any work
+        for i, chunk in source.chunks(batch_size):
+            out.write(fn(i, chunk))
+            if progress:
+                progress(len(chunk))
+    return out_path
+
+
+def counter(n: int) -> Source:
+    """A source of n item indices (for `sample`, which has no input)."""
+    return Source("sample", n, 0, lambda i, j: np.empty((j - i, 0), np.float32))
+
+
+# ---- the jobs: each maps a chunk (start, rows) to output rows ----
+
+
+def encode_fn(engine: Engine, sample: bool, with_logvar: bool, seed: int):
+    """Posterior mean (or a posterior sample) per input; with_logvar: (N, 2, D) with [:, 0] z and [:, 1] logvar."""
+    def fn(start: int, x: np.ndarray) -> np.ndarray:
+        mu, logvar = engine.encode(x)
+        z = engine.sample_posterior(mu, logvar, 1, seed, start)[:, 0] if sample else mu
+        return np.stack([z, logvar], axis=1) if with_logvar else z
+    return fn
+
+
+def decode_fn(engine: Engine, sample: bool, seed: int, binary: bool = False):
+    """E[x|z] per latent (pixel probabilities for Bernoulli), or with `sample` one draw x ~ p(x|z) from the
+    item's counter streams (every likelihood). `binary` (the older --binary) is `sample` for Bernoulli models."""
+    if binary and engine.likelihood.name != "bernoulli":
+        raise VaeEngineError(f"--binary draws Bernoulli pixels; this model's likelihood is {engine.likelihood.name}: "
+                             "use --sample to draw from it")
+
+    def fn(start: int, z: np.ndarray) -> np.ndarray:
+        return engine.decode_sample(z, seed, start) if sample or binary else engine.decode(z)
+    return fn
+
+
+def sample_fn(engine: Engine, seed: int):
+    return lambda start, rows: engine.sample(len(rows), seed, start)
+
+
+def reconstruct_fn(engine: Engine):
+    return lambda start, x: engine.reconstruct(x)
+
+
+def score_fn(engine: Engine, k: int, seed: int, binarize: bool, rule: str = "nll"):
+    """-ELBO (k=1) or the IWAE negative log-likelihood (k>1) per input, in nats; or, with another `rule`, minus
+    that anomaly-detection rule's normality score (`detector.RULES`; higher = more unusual either way)."""
+    if rule != "nll":
+        return _rule_fn(engine, rule, k, seed)
+    def fn(start: int, x: np.ndarray) -> np.ndarray:
+        return score_items(engine, x, k, rng.Streams.contiguous(seed, start, len(x)), binarize).astype(np.float32)
+    return fn
+
+
+def score_items(engine: Engine, x: np.ndarray, k: int, streams: rng.Streams, binarize: bool) -> np.ndarray:
+    """The score job on a batch whose items read `streams` (one run per request when the server merges several):
+    -ELBO (k=1) or the IWAE NLL (k>1) per item, float64 nats; Bernoulli models' inputs binarized first."""
+    x = streams.binarize(x) if binarize and engine.likelihood.binarized else x
+    return -engine.elbo(x, streams=streams) if k == 1 else -engine.log_likelihood(x, k, streams=streams)
+
+
+def _rule_fn(engine: Engine, rule: str, k: int, seed: int):
+    """A detector scoring rule as a job: its statistics from the model folder's detector.json (the reconstruction
+    rule needs none); inputs are not binarized (the rules are deterministic)."""
+    from ..anomaly import detector
+
+    if rule not in detector.RULES:
+        raise VaeEngineError(f"unknown rule {rule!r}: choose one of {', '.join(detector.RULES)}")
+    doc = detector.read_detector(engine.model_dir) if rule != "reconstruction" else None
+    stats = (np.asarray(doc["latent_mean"]), np.asarray(doc["latent_cov"]),
+             tuple(np.asarray(r, np.float64) for r in doc["quantize_range"])) if doc else (None, None, None)
+
+    def fn(start: int, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(engine.prepare_items(x))
+        whole = lambda a: [(0, len(a), a)]  # noqa: E731 - the job already hands over one chunk
+        return -detector.rule_scores(engine, x, rule, k, seed, *stats, whole).astype(np.float32)
+    return fn
+
+
+JOB_NAMES = ("encode", "decode", "sample", "reconstruct", "score")
+
+
+def make_job_fn(job: str, engine: Engine, params: dict) -> Callable[[int, np.ndarray], np.ndarray]:
+    """The chunk function of a named job with its parameters (the single-process and Ray paths share it)."""
+    seed = params.get("seed", 0)
+    if job == "encode":
+        return encode_fn(engine, params.get("sample", False), params.get("with_logvar", False), seed)
+    if job == "decode":
+        return decode_fn(engine, params.get("sample", False), seed, params.get("binary", False))
+    if job == "sample":
+        return sample_fn(engine, seed)
+    if job == "reconstruct":
+        return reconstruct_fn(engine)
+    if job == "score":
+        return score_fn(engine, params.get("k", 1), seed, params.get("binarize", True), params.get("rule", "nll"))
+    raise VaeEngineError(f"unknown job {job!r}: choose one of {', '.join(JOB_NAMES)}")
+
+
+def item_shape(job: str, cfg: ModelConfig, params: dict) -> tuple[int, ...]:
+    """The shape of one output row of a job: latents, a score, or an item flattened to D values."""
+    if job == "encode":
+        return (2, cfg.latent_dim) if params.get("with_logvar") else (cfg.latent_dim,)
+    return () if job == "score" else (cfg.input_dim,)
+
+
+def open_input(job: str, path: str | Path | None, cfg: ModelConfig, n: int = 0) -> Source:
+    """The input of a job: latents for decode, a counter for sample, the model's items otherwise."""
+    if job == "sample":
+        return counter(n)
+    return open_latents(path, cfg.latent_dim) if job == "decode" else open_items(path, cfg)

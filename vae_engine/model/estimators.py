@@ -1,0 +1,138 @@
+"""The ELBO and IWAE estimators, written once in PyTorch: training (ELBO, IWAE, DReG), the torch backend's
+on-device log-weights, export's validation and the reference scores every other path is compared with (below).
+The engine's twins are the Numba kernels of `kernels` (same formulas, same counter-based eps streams).
+
+Shapes: x (B, D); eps (K, B, L) for K samples per input; per-input values (B,), log-weights (K, B).
+
+The reference scores: test-set -ELBO and importance-weighted NLL (Burda et al. 2015) over NumPy items, with
+binarization and eps from the counter-based streams of `rng` keyed by (seed, item index), so any backend that
+uses the same streams must reproduce these numbers exactly up to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..core import rng
+from ..core.config import SCORE_ROWS
+from .networks import VAE
+from .posterior import DiagonalGaussian
+
+
+def log_weight(likelihood, prior_log_prob, x: torch.Tensor, params: torch.Tensor, z: torch.Tensor,
+               q: DiagonalGaussian) -> torch.Tensor:
+    """log w = log p(x|z) + log p(z) - log q(z|x): the importance log-weight, per sample and input."""
+    return likelihood.log_prob(x, params) + prior_log_prob(z) - q.log_prob(z)
+
+
+def elbo(model: VAE, x: torch.Tensor, eps: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
+    """ELBO per input: E_q[log p(x|z)] - KL(q||p), K&W 2013 eq. 10, eps (K, B, D) averaged; the KL analytic for
+    N(0, I), estimated with the same samples for a VampPrior."""
+    q = model.posterior(x)
+    z = q.sample(eps)
+    params = model.decode(z)  # (K, B, P*D)
+    return model.likelihood.log_prob(x, params).mean(0) - kl_weight * model.prior.kl(q.mu, q.logvar, z)
+
+
+def log_weights(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Importance log-weights log p(x|z_k) + log p(z_k) - log q(z_k|x), shape (K, B), for eps (K, B, D)."""
+    return log_weights_and_z(model, x, eps)[0]
+
+
+def log_weights_and_z(model: VAE, x: torch.Tensor, eps: torch.Tensor, detach_q: bool = False):
+    """(log-weights (K, B), samples z (K, B, D)). detach_q: q's parameters enter log q as constants (z still
+    depends on them), as DReG needs."""
+    q = model.posterior(x)
+    z = q.sample(eps)
+    return log_weight(model.likelihood, model.prior.log_prob, x, model.decode(z), z, q.detach() if detach_q else q), z
+
+
+def dreg_bound(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The IWAE bound per input (B,) with doubly reparameterized gradients (Tucker et al. 2018, eq. 5): its value
+    is `iwae_bound`'s; its gradient gives the decoder and prior sum_k w~_k d log w_k and the encoder
+    sum_k w~_k^2 (d log w_k / d z_k) dz_k (w~ the normalized weights; no score-function term).
+
+    One backward pass: log q takes its parameters as constants, the surrogate sum_k w~_k log w_k gives the
+    decoder its gradient, and a hook on z scales the gradient that reaches the encoder through z by a further
+    w~_k. z depends on the encoder alone, so the hook touches nothing else (a VampPrior's pseudo-inputs reach the
+    encoder through log p, not through z)."""
+    log_w, z = log_weights_and_z(model, x, eps, detach_q=True)
+    w = torch.softmax(log_w.detach(), dim=0)  # (K, B)
+    if z.requires_grad:
+        z.register_hook(lambda grad: grad * w.unsqueeze(-1))
+    surrogate = (w * log_w).sum(0)
+    return iwae_bound(log_w.detach()) + surrogate - surrogate.detach()
+
+
+def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
+    """L_K = log (1/K) sum_k w_k via log-sum-exp (Burda et al. 2015, eq. 8); log_w (K, B) -> (B,)."""
+    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+
+
+# ---- the reference scores over NumPy items (the counter-based streams) ----
+
+
+@torch.no_grad()
+def reference_scores(model: VAE, x: np.ndarray, start: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-item (-ELBO, -log p(x) IWAE estimate with k samples), each (n,) float64, for x (n, D) in model units.
+
+    `start` is the global index of x[0]: it keys the eps streams, so results do not depend on chunking.
+    -ELBO uses the analytic KL and the first eps of a k=1 stream; the IWAE estimate its own k-sample stream.
+    """
+    device = _device(model)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks (the engine's blocking, same streams)
+    for i, j, s, eps in rng.iwae_blocks(rng.Streams.contiguous(seed, start, len(x)), k, model.cfg.latent_dim,
+                                            SCORE_ROWS):
+        log_w = log_weights(model, xt[i:j], torch.from_numpy(eps).to(device).transpose(0, 1)).double()  # (K', b)
+        block = torch.logsumexp(log_w, dim=0).cpu().numpy()
+        log_sum[i:j] = block if s == 0 else np.logaddexp(log_sum[i:j], block)
+    return reference_nelbo(model, x, start, seed), -(log_sum - np.log(k))
+
+
+@torch.no_grad()
+def reference_nelbo(model: VAE, x: np.ndarray, start: int, seed: int) -> np.ndarray:
+    """Per-item -ELBO (n,) float64: the analytic KL and one eps per item from the k=1 stream (seed, index).
+
+    The one estimator of the test -ELBO: `evaluate`, `export` and the per-epoch metrics all use it."""
+    device = _device(model)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    eps1 = torch.from_numpy(rng.normal_eps(seed, start, len(x), 1, model.cfg.latent_dim)).to(device).transpose(0, 1)
+    return -elbo(model, xt, eps1).double().cpu().numpy()  # eps1 is (1, n, D)
+
+
+def _device(model: VAE) -> torch.device:
+    """Where the model's weights are (the trainer checks its test numbers on the device it trains on)."""
+    return next(model.parameters()).device
+
+
+def summarize(nelbo: np.ndarray, nll: np.ndarray, k: int, seed: int, seconds: float, backend: str) -> dict:
+    """The evaluation record: means, standard errors and how they were measured."""
+    n = len(nelbo)
+    return {
+        "n": n, "k": k, "seed": seed, "backend": backend, "seconds": round(seconds, 3),
+        "test_nelbo": float(nelbo.mean()), "test_nelbo_stderr": float(nelbo.std() / np.sqrt(n)),
+        "test_nll": float(nll.mean()), "test_nll_stderr": float(nll.std() / np.sqrt(n)),
+    }
+
+
+def evaluate(score_fn, images: np.ndarray, k: int, seed: int, chunk: int = 100, progress=None,
+             binarize: bool = True) -> tuple:
+    """Run `score_fn(x, start, k, seed) -> (nelbo, nll)` over test items (uint8 images or floats) in chunks.
+
+    With `binarize` (Bernoulli models), items are binarized with the counter-based stream (seed, index);
+    returns per-item (nelbo, nll). `progress(n)` is called after each chunk with the number of items in it.
+    """
+    from ..data import to_float
+
+    x = to_float(images)
+    nelbo, nll = np.empty(len(x)), np.empty(len(x))
+    for i in range(0, len(x), chunk):
+        xb = rng.binarize(x[i : i + chunk], seed, i) if binarize else x[i : i + chunk]
+        nelbo[i : i + len(xb)], nll[i : i + len(xb)] = score_fn(xb, i, k, seed)
+        if progress:
+            progress(len(xb))
+    return nelbo, nll

@@ -1,0 +1,38 @@
+"""What every likelihood provides."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class Likelihood:
+    """A decoder distribution p(x|z) over D features, parameterized by `n_params` values per feature."""
+
+    name: str = ""
+    n_params: int = 1  # decoder outputs per feature
+    output_name: str = "params"  # the decoder graph's output
+    unit_interval: bool = False  # data must lie in [0, 1]
+    binarized: bool = False  # [0, 1] data is dynamically binarized (re-sampled Bernoulli pixels) for this one
+    row: Any = None  # Numba: row(x (D,) float32, params (n_params*D,) float32) -> float32 log p(x|params)
+
+    def log_prob(self, x, params):
+        """PyTorch: log p(x|params) summed over features; x (B, D) broadcasts against params (..., B, P*D)."""
+        raise NotImplementedError
+
+    def log_prob_numpy(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
+        """NumPy twin of `log_prob`, in float64 (the reference the kernel and the PyTorch form are tested on)."""
+        raise NotImplementedError
+
+    def mean_torch(self, params):
+        """PyTorch: E[x|z] (..., D), what reconstructions and samples show."""
+        raise NotImplementedError
+
+    def mean(self, params: np.ndarray) -> np.ndarray:
+        """NumPy: E[x|z] (..., D) float32."""
+        raise NotImplementedError
+
+    def sample(self, params: np.ndarray, seed: int = 0, start: int = 0) -> np.ndarray:
+        """NumPy: x ~ p(x|params) (B, D) float32, row b from the counter streams of item start+b of seed."""
+        raise NotImplementedError

@@ -1,0 +1,58 @@
+"""The posterior q(z|x) = N(mu, diag(exp(logvar))) as an object (as torch.distributions and diffusers'
+DiagonalGaussianDistribution): mean, sample by reparameterization, log-density, KL to N(0, I); and the Gaussian
+densities every torch estimator and prior uses, summed over latent dims. The engine's twins are the Numba kernels
+(`kernels.reparameterize`, `kernels.gaussian_kl`, the fused log-weights)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.config import LOG_2PI
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - exp(logvar)), K&W 2013 appendix B."""
+    return -0.5 * torch.sum(1.0 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+
+
+def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))), summed over latent dims."""
+    return -0.5 * torch.sum(LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar), dim=-1)
+
+
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I), summed over latent dims."""
+    return -0.5 * torch.sum(LOG_2PI + z.pow(2), dim=-1)
+
+
+class DiagonalGaussian:
+    """q(z|x) for a batch: mu and logvar (B, D). Deterministic unless sampled with explicit eps."""
+
+    def __init__(self, mu: torch.Tensor, logvar: torch.Tensor):
+        self.mu, self.logvar = mu, logvar
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The posterior mean (also its mode): mu (B, D)."""
+        return self.mu
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, eps: torch.Tensor) -> torch.Tensor:
+        """z = mu + sigma * eps (K&W 2013, eq. 4); eps (..., B, D) broadcasts over leading sample axes."""
+        return self.mu + self.std * eps
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log q(z|x) summed over latent dims, for z (..., B, D) -> (..., B)."""
+        return gaussian_log_prob(z, self.mu, self.logvar)
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per input (B,), analytic."""
+        return gaussian_kl(self.mu, self.logvar)
+
+    def detach(self) -> DiagonalGaussian:
+        """The same distribution with its parameters as constants (z drawn from it still carries gradients only
+        through the eps path of the undetached one; DReG's log q needs this)."""
+        return DiagonalGaussian(self.mu.detach(), self.logvar.detach())

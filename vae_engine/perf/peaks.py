@@ -1,0 +1,85 @@
+"""This machine's own GEMM peak per precision (fp32, bf16, int8; CPU and GPU), measured with the timing recipe:
+the ceiling every GFLOP/s in a report (bench, train, evaluate) is held against."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..core import hardware
+from ..modeldir import graphs
+from .timing import best_rate
+
+
+def _onnx_gemm(n: int, a_type: int, b_type: int, op: str = "MatMul"):
+    """An n x n x n product as a one-node ONNX graph."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    out_type = TensorProto.INT32 if op == "MatMulInteger" else TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node(op, ["a", "b"], ["c"])], "gemm",
+        [helper.make_tensor_value_info("a", a_type, [n, n]), helper.make_tensor_value_info("b", b_type, [n, n])],
+        [helper.make_tensor_value_info("c", out_type, [n, n])])
+    # IR version 8 (opset 18's own): ONNX Runtime releases older than this onnx package refuse newer IRs
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", graphs.OPSET)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def gemm_peak(threads: int, n: int = 2048, min_time: float = 0.5) -> dict[str, dict[str, float]]:
+    """Best GEMM rate (GFLOP/s) of each library on an n x n x n product, per precision: {precision: {lib: rate}}.
+
+    fp32: NumPy, PyTorch, ONNX Runtime. bf16: PyTorch (a smaller product where bf16 is emulated, which is
+    slow). int8: ONNX Runtime's MatMulInteger (u8 x s8 -> s32, what its dynamic-quantized graphs run), counted
+    as 2 ops per multiply-add like the rest. On a GPU: PyTorch fp32 (TF32 off) and bf16, as cuda-fp32/cuda-bf16.
+    """
+    from onnx import TensorProto
+
+    g = np.random.default_rng(0)
+    a, b = g.standard_normal((n, n), np.float32), g.standard_normal((n, n), np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    sess = graphs.make_session(_onnx_gemm(n, TensorProto.FLOAT, TensorProto.FLOAT), threads)
+    peaks = {"fp32": {
+        "numpy": best_rate(lambda: a @ b, 2.0 * n**3, min_time), "torch": best_rate(lambda: ta @ tb, 2.0 * n**3,
+                                                                                       min_time),
+        "onnxruntime": best_rate(lambda: sess.run(None, {"a": a, "b": b}), 2.0 * n**3, min_time)}}
+    nb = n if hardware.native_bf16() else 512
+    ha, hb = ta[:nb, :nb].bfloat16(), tb[:nb, :nb].bfloat16()
+    peaks["bf16"] = {"torch": best_rate(lambda: ha @ hb, 2.0 * nb**3, min_time)}
+    qa, qb = g.integers(0, 255, (n, n), dtype=np.uint8), g.integers(-127, 127, (n, n), dtype=np.int8)
+    qsess = graphs.make_session(_onnx_gemm(n, TensorProto.UINT8, TensorProto.INT8, "MatMulInteger"), threads)
+    peaks["int8"] = {"onnxruntime": best_rate(lambda: qsess.run(None, {"a": qa, "b": qb}), 2.0 * n**3, min_time)}
+    if torch.cuda.is_available():
+        m = 8192
+        ca = torch.randn(m, m, device="cuda")
+        cb = torch.randn(m, m, device="cuda")
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+        def cuda(x, y):
+            return lambda: (x @ y, torch.cuda.synchronize())
+
+        peaks["cuda-fp32"] = {"torch": best_rate(cuda(ca, cb), 2.0 * m**3, min_time)}
+        peaks["cuda-bf16"] = {"torch": best_rate(cuda(ca.bfloat16(), cb.bfloat16()), 2.0 * m**3, min_time)}
+        peaks["cuda-fp16"] = {"torch": best_rate(cuda(ca.half(), cb.half()), 2.0 * m**3, min_time)}
+        del ca, cb
+    return peaks
+
+
+def limit_seconds(macs: dict[str, float], peaks: dict[str, float]) -> float | None:
+    """Seconds for these multiply-adds at the GEMM peak (GFLOP/s, 2 FLOP each) of each one's precision, or None
+    where a precision has no measured peak here."""
+    if not all(p in peaks and peaks[p] for p, m in macs.items() if m):
+        return None
+    return sum(2 * m / (peaks[p] * 1e9) for p, m in macs.items() if m)
+
+
+_PEAKS: dict[int, dict[str, float]] = {}
+
+
+def measured_peaks(threads: int) -> dict[str, float]:
+    """The best GEMM rate per precision at `threads` (a short `gemm_peak`), measured once per process: every
+    evaluation in it is held against the same peaks, and only the first pays the ~2 s."""
+    if threads not in _PEAKS:
+        _PEAKS[threads] = {p: max(v.values()) for p, v in gemm_peak(threads, min_time=0.3).items()}
+    return dict(_PEAKS[threads])

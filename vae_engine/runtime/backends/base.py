@@ -1,0 +1,128 @@
+"""What every backend shares: the interface (`Backend`), the registry entry a backend module declares
+(`BackendSpec`), the checks of an ONNX graph's outputs (`GraphBackend`), and the one thread policy."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ...core import hardware
+from ...core.config import ModelConfig
+from ...core.errors import ModelDirError, VaeEngineError
+from ...modeldir import graphs
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # what the numbers inside the networks are; I/O is always fp32
+EXPORT_FLAG = {"fp32": "", "optimized": " --optimize", "int8": " --quantize int8", "fp16": " --fp16"}
+
+
+class Backend(Protocol):
+    """What every backend provides."""
+
+    name: str
+    precision: str
+    provider: str
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x (B, D) float32 raw features -> (mu, logvar), each (B, L) float32."""
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """z (B, L) float32 -> the likelihood's parameters (B, P*D) float32."""
+
+
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """One (precision, device) a backend runs; `label` names it in `vae-engine bench` (None: not benchmarked)."""
+
+    precision: str
+    device: str = "cpu"
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A backend's registry entry: its name, the paths it implements, how to open one, and what this machine
+    lacks for a path (None when nothing; the registry checks the generic facts, e.g. a CUDA GPU, itself)."""
+
+    name: str
+    paths: tuple[PathSpec, ...]
+    open: Callable[..., Backend]  # (model_dir, cfg, precision, threads, device, spin) -> Backend
+    missing: Callable[[str, str, Path | None], str | None] = lambda precision, device, model_dir: None
+
+
+def unsupported(backend: str, precision: str, why: str) -> VaeEngineError:
+    return VaeEngineError(f"--backend {backend} cannot run --precision {precision}: {why}")
+
+
+def tensor(a: np.ndarray):
+    """A torch view of a NumPy array; read-only memory (a memory-mapped .npy, a request's bytes) is copied, since
+    torch cannot mark a tensor read-only and warns instead."""
+    import torch
+
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
+class GraphBackend:
+    """What the ONNX-graph backends share: the specs, and checking every output before the kernels see it."""
+
+    name = "graph"
+
+    def __init__(self, cfg: ModelConfig):
+        self.latent_dim, self.out_dim = cfg.latent_dim, graphs.spec("decoder", cfg).outputs[0][1]
+        self.paths: dict[str, Path] = {}
+
+    @staticmethod
+    def _graph(model_dir: Path, role: str, variant: str) -> Path:
+        path = graphs.graph_path(model_dir, role, variant)
+        if not path.is_file():
+            raise VaeEngineError(f"{path} not found: run `vae-engine export {model_dir}{EXPORT_FLAG[variant]}` first")
+        return path
+
+    def _infer(self, role: str, a: np.ndarray) -> list[np.ndarray]:
+        """The graph's outputs for one input array (raises whatever the runtime raises)."""
+        raise NotImplementedError
+
+    def _run(self, role: str, a: np.ndarray, features: tuple[int, ...]) -> list[np.ndarray]:
+        """Run one graph and check what it returns: the Numba kernels downstream trust these shapes."""
+        try:
+            outs = self._infer(role, a)
+        except Exception as exc:  # a graph that loaded but cannot run (crafted shapes, unsupported ops)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelDirError(f"{self.paths[role]}: {self.name} failed to run it ({first[:300]})") from None
+        for out, width in zip(outs, features, strict=True):
+            if out.shape != (a.shape[0], width) or out.dtype != np.float32:
+                raise ModelDirError(f"{self.paths[role]}: returned {out.dtype} {out.shape} where the model needs "
+                                    f"float32 ({a.shape[0]}, {width}); re-export the model")
+        return outs
+
+    def encode(self, x):
+        mu, logvar = self._run("encoder", x, (self.latent_dim, self.latent_dim))
+        return mu, logvar
+
+    def decode(self, z):
+        return self._run("decoder", z, (self.out_dim,))[0]
+
+
+RAW_CALL = """Every backend's `raw_call(op, a)` returns a zero-argument callable that runs the runtime alone on the
+prepared input `a` for op "encode", "decode" or "reconstruct" and returns the runtime's first output in the
+runtime's own type (mu; the decoder's parameters): no input rule, no output checks, conversions or copies.
+`vae-engine bench` times it beside the engine's own call to report the engine's per-call overhead."""
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch and Numba thread counts (ORT takes its own per session); return the count used."""
+    import numba
+
+    from ...core.config import MAX_THREADS, check_int
+
+    threads = hardware.available_cpus() if threads is None else check_int("threads", threads, 1, MAX_THREADS)
+    if "torch" in sys.modules:  # torch backends set it too; a pure ONNX Runtime job never imports torch
+        sys.modules["torch"].set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    return threads

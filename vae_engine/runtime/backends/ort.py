@@ -1,0 +1,87 @@
+"""ONNX Runtime over the exported graphs: fp32, int8 (`export --quantize int8`) and fp16 (`--fp16`) files, on the
+CPU or CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ...core.config import ModelConfig
+from ...modeldir import graphs
+from .base import EXPORT_FLAG, BackendSpec, GraphBackend, PathSpec, unsupported
+
+GRAPHS = {"fp32": "fp32", "int8": "int8", "fp16": "fp16"}  # precision -> the ONNX graph variant it runs
+
+
+class OrtBackend(GraphBackend):
+    """ONNX Runtime sessions over the exported graphs (fp32, int8 or fp16 files), created once per backend."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model_dir: Path, cfg: ModelConfig, precision: str = "fp32", threads: int | None = None,
+                 device: str = "cpu", spin: bool = False, variant: str | None = None):
+        super().__init__(cfg)
+        if variant is None and precision not in GRAPHS:
+            raise unsupported("onnxruntime", precision, "its CPU provider has no bf16 kernels (onnxruntime #20630); "
+                               "use --backend openvino or torch")
+        self.precision, self.variant = precision, variant or GRAPHS[precision]
+        self.sessions, self.inputs, self.models = {}, {"encoder": "x", "decoder": "z", "reconstruct": "x"}, {}
+        self.session_args = (threads, device, spin)
+        for role in graphs.ROLES:
+            path = self.paths[role] = self._graph(model_dir, role, self.variant)
+            self.models[role] = graphs.load_graph(path, role, cfg)
+            self.sessions[role] = graphs.make_session(self.models[role], *self.session_args, name=str(path))
+        self.provider = self.sessions["decoder"].get_providers()[0]
+
+    def _infer(self, role, a):
+        return self.sessions[role].run(None, {self.inputs[role]: a})
+
+    def raw_call(self, op: str, a: np.ndarray):
+        """One `InferenceSession.run` of the op's graph (the fused one for reconstruct): see `RAW_CALL`."""
+        if op == "reconstruct":
+            self.reconstruct_params(a)  # builds the fused session
+        role = {"encode": "encoder", "decode": "decoder", "reconstruct": "reconstruct"}[op]
+        session, feed = self.sessions[role], {self.inputs[role]: a}
+        return lambda: session.run(None, feed)[0]
+
+    def reconstruct_params(self, x: np.ndarray) -> np.ndarray:
+        """Decoder parameters at the posterior mean, x (B, D) -> (B, P*D), in one ONNX Runtime call: the two
+        checked graphs merged (encoder's mu feeding the decoder's z), built on first use. One call instead of two
+        halves the per-call overhead that dominates batch-1 latency."""
+        if "reconstruct" not in self.sessions:
+            import onnx
+            from onnx import compose
+
+            enc, dec = onnx.ModelProto(), compose.add_prefix(self.models["decoder"], "decoder/")
+            enc.CopyFrom(self.models["encoder"])
+            for m in (enc, dec):
+                del m.metadata_props[:]  # the graphs' own metadata differ (role); the fused one needs none
+            fused = compose.merge_models(enc, dec, io_map=[("mu", "decoder/z")], outputs=[dec.graph.output[0].name])
+            self.paths["reconstruct"] = self.paths["decoder"]
+            self.sessions["reconstruct"] = graphs.make_session(fused, *self.session_args, name="encoder+decoder")
+        return self._run("reconstruct", x, (self.out_dim,))[0]
+
+
+
+
+def _missing(precision: str, device: str, model_dir: Path | None) -> str | None:
+    if device == "cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return "onnxruntime has no CUDA provider here (pip install 'vae-engine[gpu]')"
+    variant = GRAPHS[precision]
+    if model_dir is not None and not graphs.graph_path(model_dir, "encoder", variant).is_file():
+        return f"{variant} graphs not exported (vae-engine export MODEL{EXPORT_FLAG[variant]})"
+    return None
+
+
+SPEC = BackendSpec(
+    "onnxruntime",
+    (PathSpec("fp32", "cpu", "ort-fp32"), PathSpec("int8", "cpu", "ort-int8"), PathSpec("fp16", "cpu"),
+     PathSpec("fp32", "cuda", "ort-cuda"), PathSpec("fp16", "cuda", "ort-cuda-fp16")),
+    lambda model_dir, cfg, precision, threads, device, spin: OrtBackend(model_dir, cfg, precision, threads, device,
+                                                                         spin),
+    _missing,
+)

@@ -1,0 +1,113 @@
+"""PyTorch: eager (the reference) and torch.compile, on the CPU or a CUDA GPU."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ...core.errors import VaeEngineError
+from ...modeldir import checkpoint
+from .base import BackendSpec, PathSpec, tensor, unsupported
+
+
+class TorchBackend:
+    """PyTorch eager (the reference), or torch.compile'd encoder and decoder; fp32, bf16 (CPUs with AVX512_BF16 or
+    AMX and GPUs; emulated, slowly, elsewhere) or fp16 (GPU). Inputs and outputs stay float32."""
+
+    def __init__(self, model_dir: Path, compile: bool = False, device: str = "cpu", threads: int | None = None,
+                 precision: str = "fp32"):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.name = "torch-compile" if compile else "torch"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise VaeEngineError("--device cuda: torch sees no CUDA GPU here (a CPU build of torch, or no driver)")
+        self.device = torch.device(device)
+        if precision not in ("fp32", "bf16", "fp16") or (precision == "fp16" and self.device.type != "cuda"):
+            raise unsupported(self.name, precision, "torch runs fp32 and bf16 (and fp16 on a GPU); int8 is "
+                               "--backend onnxruntime's (export --quantize int8)")
+        self.precision, self.provider = precision, self.device.type
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        model = checkpoint.load_model(model_dir).to(self.device, self.dtype)
+        self.encoder, self.decoder, self.likelihood = model.encoder, model.decoder, model.likelihood
+        # on a GPU the IWAE log-weights are computed where the decoder's outputs are (`log_weights`): copying
+        # K x D parameters per item to the host would cost more than the network itself
+        self.score_rows = 1 << 20 if self.device.type == "cuda" else None
+        if compile:  # dynamic batch axis, so a new batch size does not recompile
+            self.encoder = torch.compile(self.encoder, dynamic=True)
+            self.decoder = torch.compile(self.decoder, dynamic=True)
+
+    def _run(self, net, a: np.ndarray):
+        import torch
+
+        with torch.inference_mode():
+            out = net(tensor(a).to(self.device, self.dtype))
+            out = tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+        return out
+
+    def encode(self, x):
+        mu, logvar = self._run(self.encoder, x)
+        return mu.cpu().numpy(), logvar.cpu().numpy()
+
+    def raw_call(self, op: str, a: np.ndarray):
+        """The network alone on `a` (already a tensor on the device): see `RAW_CALL`."""
+        import torch
+
+        t = tensor(a).to(self.device, self.dtype)
+        net = {"encode": lambda: self.encoder(t)[0], "decode": lambda: self.decoder(t),
+               "reconstruct": lambda: self.decoder(self.encoder(t)[0].to(self.dtype))}[op]
+
+        def call():
+            with torch.inference_mode():
+                out = net()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+            return out
+        return call
+
+    def decode(self, z):
+        return self._run(self.decoder, z).cpu().numpy()
+
+    def log_weights(self, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> np.ndarray:
+        """IWAE log-weights (b, K) float64 on the backend's device: the network at its precision, the
+        reparameterization and every log-density in fp32 (the twin of `kernels.log_weights`)."""
+        import torch
+
+        from ...model.estimators import log_weight
+        from ...model.posterior import DiagonalGaussian, standard_normal_log_prob
+
+        with torch.inference_mode():
+            x_t, mu_t, lv_t, eps_t = (tensor(a).to(self.device, non_blocking=True)
+                                      for a in (x, mu, logvar, eps))
+            q = DiagonalGaussian(mu_t[:, None], lv_t[:, None])  # (b, 1, L): broadcasts over the K samples
+            z = q.sample(eps_t)  # (b, K, L), the kernels' eps layout
+            params = self.decoder(z.reshape(-1, z.shape[-1]).to(self.dtype)).float().reshape(*z.shape[:2], -1)
+            log_w = log_weight(self.likelihood, standard_normal_log_prob, x_t[:, None], params, z, q)
+            return log_w.double().cpu().numpy()
+
+
+
+
+def _open(compile: bool):
+    def open_(model_dir: Path, cfg, precision: str, threads: int | None, device: str, spin: bool) -> TorchBackend:
+        return TorchBackend(model_dir, compile=compile, device=device, threads=threads, precision=precision)
+    return open_
+
+
+def _compiler_missing(precision: str, device: str, model_dir: Path | None) -> str | None:
+    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "c++", "g++")):
+        return "torch.compile needs a C/C++ compiler on PATH (apt-get install gcc g++)"
+    return None
+
+
+SPECS = (
+    BackendSpec("torch", (PathSpec("fp32", "cpu", "torch"), PathSpec("bf16", "cpu", "torch-bf16"),
+                          PathSpec("fp32", "cuda", "torch-cuda"), PathSpec("bf16", "cuda", "torch-cuda-bf16"),
+                          PathSpec("fp16", "cuda", "torch-cuda-fp16")), _open(False)),
+    BackendSpec("torch-compile", (PathSpec("fp32", "cpu", "torch-compile"),), _open(True), _compiler_missing),
+)

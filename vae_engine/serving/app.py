@@ -1,0 +1,309 @@
+"""The served model, independent of transport: the engine, the detector and the batcher behind every protocol
+(/v1 JSON, the Open Inference Protocol over REST and gRPC). Each request is checked alone (`App.prepare`, the same
+input rule as the offline jobs) before it joins a batch; `App.run_batch` answers a merged batch with each item's own
+random stream, as the jobs do; `App.tracked` and `App.failure` are the one metrics and error policy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..core import rng
+from ..core.config import SEED_MAX, VERSION
+from ..core.errors import DataError, VaeEngineError
+from ..jobs.batch import score_items
+from ..modeldir import checkpoint
+from . import oip
+from .batcher import Metrics, MicroBatcher
+from .oip import RequestError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; beyond it the answer is a 4xx with the limit named."""
+
+    max_body_bytes: int = 16 << 20  # request body
+    max_items: int = 4096  # items (or latents, or samples) per request
+    max_k: int = 5000  # importance samples per item (score)
+    timeout_s: float = 30.0  # from arrival to answer; then 504
+
+
+@dataclass
+class _Tracked:
+    endpoint: str
+    code: int = 200
+    t0: float = field(default_factory=time.perf_counter)
+
+
+# ---- request parsing and checking (before batching) ----
+
+def _int(value, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise RequestError(422, f"{name} must be an integer in [{lo}, {hi}]")
+    try:
+        v = int(value)
+    except ValueError:
+        raise RequestError(422, f"{name} must be an integer in [{lo}, {hi}], got {value!r}") from None
+    if not lo <= v <= hi:
+        raise RequestError(422, f"{name} must be an integer in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _bool(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "false", "0"):
+        return value.lower() in ("true", "1")
+    raise RequestError(422, f"{name} must be true or false")
+
+
+def _array(value, name: str) -> np.ndarray:
+    """A JSON list of items (nested lists of numbers) -> a float array with at least 2 dims; the engine's input
+    rule checks its shape and values (NaN/Inf, and numbers too large for float32, become a 422)."""
+    if not isinstance(value, list) or not value:
+        raise RequestError(422, f"{name} must be a non-empty list of items")
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise RequestError(422, f"{name} must be a rectangular list of numbers") from None
+    return a if a.ndim >= 2 else a[None]
+
+
+class App:
+    """The engine, the detector (when the model folder has one) and the batcher behind the HTTP routes."""
+
+    def __init__(self, model_dir: Path, backend: str = "auto", precision: str = "auto", threads: int | None = None,
+                 max_batch: int = 256, max_wait_ms: float = 2.0, limits: Limits | None = None,
+                 max_nll_change: float | None = None, device: str = "cpu"):
+        from ..runtime.engine import Engine
+
+        self.model_dir, self.limits = Path(model_dir), limits or Limits()
+        self.engine = Engine.load(model_dir, backend=backend, precision=precision, threads=threads, device=device,
+                                  batch_size=max_batch, max_nll_change=max_nll_change)
+        self.cfg, self.metrics, self.path = self.engine.cfg, Metrics(), self.engine.path  # path: once, not per request
+        self.detector = None
+        if (self.model_dir / "detector.json").is_file():
+            from ..anomaly.detector import VAEOutlierDetector
+
+            # scored on the server's own path (its threshold was calibrated on fp32; see the detector's docs)
+            self.detector = VAEOutlierDetector.load(self.model_dir, threads=self.engine.threads,
+                                                    backend=self.engine.backend.name,
+                                                    precision=self.engine.backend.precision)
+        self.active = 0  # requests received and not yet answered (the batcher waits only while others exist)
+        self.batcher = MicroBatcher(self.run_batch, max_batch, max_wait_ms / 1000, self.metrics, lambda: self.active)
+        self.max_batch, self.max_wait_ms, self._map = max_batch, max_wait_ms, None
+        self.models = oip.model_specs(self.model_dir.name, tuple(self.cfg.input_shape), self.engine.latent_dim,
+                                      self.detector is not None)  # the Open Inference Protocol's models
+
+    # -- the Open Inference Protocol (v2): the same checks, batcher and answers as /v1 --
+
+    def model(self, name: str, version: str | None = None) -> oip.ModelSpec:
+        spec = self.models.get(name)
+        if spec is None:
+            raise RequestError(404, f"no model {name!r} here; this server has {', '.join(self.models)}")
+        if version not in (None, "", oip.VERSION):
+            raise RequestError(404, f"model {name!r} has no version {version!r}; it has version {oip.VERSION}")
+        return spec
+
+    async def infer(self, name: str, version: str | None, arrays: dict, params: dict,
+                    wanted: dict | None) -> tuple[oip.ModelSpec, dict[str, np.ndarray]]:
+        """One v2 inference request (decoded by its transport) -> (its model, the outputs by name)."""
+        spec = self.model(name, version)
+        a, options = oip.check_request(spec, arrays, params, wanted)
+        key, payload, n = self.prepare(spec.op, a, options)
+        result = await asyncio.wait_for(self.batcher.submit(key, payload, n, n * payload.get("k", 1)),
+                                        self.limits.timeout_s)
+        return spec, oip.outputs_of(spec, result)
+
+    # -- parse: request -> (key, payload, items); all checks happen here, per request --
+
+    def parse(self, op: str, body: dict, npy: np.ndarray | None) -> tuple[tuple, dict, int]:
+        """A /v1 request: the JSON body (or the query of a .npy body) and the .npy array."""
+        name = "z" if op == "decode" else "items"
+        a = None if op == "sample" else npy if npy is not None else _array(body.get(name), name)
+        return self.prepare(op, a, body)
+
+    def prepare(self, op: str, a: np.ndarray | None, options: dict) -> tuple[tuple, dict, int]:
+        """(batcher key, payload, items) of one request of any protocol: its array and options, checked."""
+        lim = self.limits
+        seed = _int(options.get("seed", 0), "seed", 0, SEED_MAX)
+        start = _int(options.get("start", 0), "start", 0, 2**40)
+        if op == "sample":
+            n = _int(options.get("n", 1), "n", 1, lim.max_items)
+            return (op,), {"n": n, "seed": seed, "start": start}, n
+        name = "z" if op == "decode" else "items"
+        if len(a) > lim.max_items:
+            raise RequestError(413, f"{len(a)} {name} in one request; the limit is {lim.max_items}")
+        try:
+            if op == "decode":
+                a = self.engine.prepare_latents(a, "z")
+            else:
+                a = self.engine.prepare_items(a, "items")
+        except DataError as exc:
+            raise RequestError(422, str(exc)) from None
+        payload = {"x": a, "seed": seed, "start": start}
+        if op == "score":
+            payload["k"] = _int(options.get("k", 1), "k", 1, lim.max_k)
+            binarize = _bool(options.get("binarize", True), "binarize")
+            return (op, payload["k"], binarize), payload, len(a)
+        if op == "detect" and self.detector is None:
+            raise RequestError(404, "this model has no detector.json; train with --contamination to add one")
+        return (op,), payload, len(a)
+
+    @contextmanager
+    def tracked(self, endpoint: str):
+        """One request of any protocol: counted as in the server while it runs, then in the metrics by endpoint
+        and status (the handler sets `.code` and may refine `.endpoint`)."""
+        t = _Tracked(endpoint)
+        self.active += 1
+        try:
+            yield t
+        finally:
+            self.active -= 1
+            self.metrics.requests.labels(t.endpoint, str(t.code)).inc()
+            self.metrics.latency.labels(t.endpoint).observe(time.perf_counter() - t.t0)
+
+    def failure(self, exc: Exception) -> tuple[int, str]:
+        """(status, one line) for an exception a request ended in; never a traceback."""
+        if isinstance(exc, RequestError):
+            return exc.status, exc.message
+        if isinstance(exc, TimeoutError):
+            return 504, f"no answer within {self.limits.timeout_s} s; try fewer items or a smaller k"
+        if isinstance(exc, VaeEngineError):
+            return 422, str(exc)
+        return 500, f"internal error ({type(exc).__name__})"
+
+    async def infer_rest(self, name: str, version: str | None, headers: Mapping[str, str],
+                         chunks: AsyncIterator[bytes]) -> tuple[int, bytes, list[tuple[str, str]]]:
+        """A v2 REST inference request -> (status, body, headers): JSON or binary tensors (the binary tensor data
+        extension), errors as {"error": "one line"}."""
+        with self.tracked("v2") as t:
+            try:
+                t.endpoint = f"v2/{self.model(name, version).op}"
+                raw = oip.decompress(await read_body(headers, chunks, self.limits.max_body_bytes),
+                                     headers.get("content-encoding"), self.limits.max_body_bytes)
+                header, binary = oip.split_body(raw, headers.get(oip.HEADER))
+                arrays, params, wanted, all_binary = oip.parse_http(header, binary)
+                spec, outputs = await self.infer(name, version, arrays, params, wanted)
+                body, json_length = oip.response_http(spec, header.get("id"), outputs, wanted, all_binary)
+            except Exception as exc:  # noqa: BLE001 - one line to the caller (App.failure), never a traceback
+                t.code, message = self.failure(exc)
+                return t.code, dumps({"error": message}), [("content-type", "application/json")]
+        if json_length is None:
+            return 200, body, [("content-type", "application/json")]
+        return 200, body, [("content-type", "application/octet-stream"), (oip.HEADER, str(json_length))]
+
+    def server_metadata(self) -> dict:
+        return {"name": "vae-engine", "version": VERSION,
+                "extensions": list(oip.EXTENSIONS)}
+
+    # -- run: one merged engine call (on the engine thread) --
+
+    def run_batch(self, key: tuple, payloads: list[dict]) -> list[dict]:
+        op, eng = key[0], self.engine
+        sizes = [p["n"] if op == "sample" else len(p["x"]) for p in payloads]
+        cuts = np.cumsum(sizes)[:-1]
+
+        def split(a):
+            return np.split(a, cuts)
+
+        if op == "sample":
+            z = np.concatenate([eng.prior.sample(p["seed"], p["start"], p["n"]) for p in payloads])  # own streams
+            return [{"items": part} for part in split(eng.decode(z))]
+        x = np.concatenate([p["x"] for p in payloads]) if len(payloads) > 1 else payloads[0]["x"]
+        if op == "encode":
+            mu, logvar = eng.backend.encode(x)
+            return [{"mu": m, "logvar": v} for m, v in zip(split(mu), split(logvar), strict=True)]
+        if op == "decode":
+            return [{"items": part} for part in split(eng.decode(x))]
+        if op == "reconstruct":
+            return [{"items": part} for part in split(eng.reconstruct(x))]
+        if op == "detect":
+            scores = self.detector.score_samples(x.reshape(len(x), -1))
+            flags = np.where(scores < self.detector.offset_, -1, 1)
+            return [{"scores": s, "flags": f} for s, f in zip(split(scores), split(flags), strict=True)]
+        # score: the score job on the merged batch, each item keeping its request's streams
+        streams = rng.Streams.concat([rng.Streams.contiguous(p["seed"], p["start"], len(p["x"])) for p in payloads])
+        scores = score_items(eng, x, key[1], streams, key[2])
+        return [{"scores": part} for part in split(scores)]
+
+    # -- the 2-D map of the model's test items for the page --
+
+    def latent_map(self, n: int = 1500) -> dict:
+        if self._map is None:
+            from .. import data
+
+            try:
+                items, labels = data.load_test_data(checkpoint.train_config(self.model_dir))
+            except (VaeEngineError, OSError):
+                items, labels = None, None
+            if items is None:
+                z = self.engine.prior.sample(0, 0, n)
+                labels = None
+            else:
+                idx = np.linspace(0, len(items) - 1, min(n, len(items))).astype(int)
+                z = self.engine.encode(data.to_float(items[idx]))[0]
+                labels = None if labels is None else labels[idx]
+            mean = z.mean(0)
+            if z.shape[1] > 2:  # PCA to 2-D; a click maps back with mean + xy @ components
+                _, _, vt = np.linalg.svd(z - mean, full_matrices=False)
+                comps = vt[:2]
+            else:
+                comps = np.eye(2, z.shape[1])
+            xy = (z - mean) @ comps.T
+            self._map = {"xy": xy.round(4).tolist(), "labels": None if labels is None else labels.tolist(),
+                         "mean": mean.tolist(), "components": comps.tolist()}
+        return self._map
+
+    def info(self) -> dict:
+        cfg = self.cfg
+        return {"model_dir": str(self.model_dir), "input_shape": list(cfg.input_shape),
+                "image_shape": list(cfg.image_shape) if cfg.image_shape else None, "latent_dim": cfg.latent_dim,
+                "likelihood": cfg.likelihood, "path": self.path, "detector": self.detector is not None,
+                "detector_rule": self.detector.rule if self.detector else None, "max_batch": self.max_batch,
+                "max_wait_ms": self.max_wait_ms, "limits": self.limits.__dict__}
+
+
+def _to_json(obj):
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(type(obj).__name__)
+
+
+try:  # orjson parses a 784-number body ~6x faster than json and writes NumPy arrays directly: it sets the
+    import orjson  # per-request cost of the event loop, which bounds requests/s once batching makes the engine cheap
+
+    def loads(raw: bytes):
+        return orjson.loads(raw)
+
+    def dumps(obj) -> bytes:
+        return orjson.dumps(obj, default=_to_json, option=orjson.OPT_SERIALIZE_NUMPY)
+except ImportError:  # pragma: no cover - the standard library does the same, slower
+    def loads(raw: bytes):
+        return json.loads(raw)
+
+    def dumps(obj) -> bytes:
+        return json.dumps(obj, default=_to_json).encode()
+
+
+async def read_body(headers: Mapping[str, str], chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """A request body of at most `limit` bytes (413 beyond, by Content-Length or as it arrives)."""
+    declared = headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise RequestError(413, f"request body over {limit} bytes")
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body over {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
