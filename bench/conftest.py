@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vae_engine.modeldir import checkpoint
+from vae_engine import modeldir
 
 THREADS = 2  # set explicitly: ORT, torch and Numba threads fight each other on 2 cores
 
@@ -35,8 +35,8 @@ def bench_model(tmp_path_factory) -> Path:
     out.mkdir()
     torch.manual_seed(0)
     model = VAE(ModelConfig())
-    checkpoint.write_config(out, model.cfg, TrainConfig(), {"name": "random-init"})
-    checkpoint.save_weights(out, model)
+    modeldir.write_config(out, model.cfg, TrainConfig(), {"name": "random-init"})
+    modeldir.save_weights(out, model)
     export(out, quantize="int8")
     return out
 

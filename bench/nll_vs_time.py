@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vae_engine.modeldir import checkpoint
+from vae_engine import modeldir
 from vae_engine.training.plots import nll_against_time
 
 REFERENCES = {"IWAE k=50, one stochastic layer (Burda 2015): 84.78": 84.78,
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     runs = {}
     for folder in args.folders:
-        rows = checkpoint.read_metrics(folder)
+        rows = modeldir.read_metrics(folder)
         if not any("test_nll_k1000" in r for r in rows):
             print(f"{folder}: no NLL checks in its metrics (train it with --nll-every N); skipped", file=sys.stderr)
             continue

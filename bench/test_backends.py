@@ -10,7 +10,7 @@ import pytest
 
 from vae_engine.core import rng
 from vae_engine.core.config import INPUT_DIM
-from vae_engine.modeldir.checkpoint import versions
+from vae_engine.modeldir import versions
 from vae_engine.runtime import bench
 
 from .conftest import THREADS

@@ -102,8 +102,8 @@ def prior_cost(threads: int, k: int = 1000, n: int = 64, components: int = 500) 
     """What a VampPrior adds to scoring: `Engine.log_likelihood` (k samples of n items) of one network with N(0, I)
     and with a `components`-Gaussian mixture prior (random weights, torch backend, same eps), and the mixture
     kernel alone on one block of decoder rows."""
+    from vae_engine import modeldir
     from vae_engine.core.config import SCORE_ROWS
-    from vae_engine.modeldir import checkpoint
     from vae_engine.perf.timing import measure
     from vae_engine.runtime.engine import Engine
 
@@ -117,13 +117,13 @@ def prior_cost(threads: int, k: int = 1000, n: int = 64, components: int = 500) 
             folder.mkdir()
             torch.manual_seed(0)
             model = VAE(cfg)
-            checkpoint.write_config(folder, cfg, TrainConfig(), {})
-            checkpoint.save_weights(folder, model)
+            modeldir.write_config(folder, cfg, TrainConfig(), {})
+            modeldir.save_weights(folder, model)
             engine = Engine.load(folder, backend="torch", threads=threads)
             t = measure(lambda e=engine: e.log_likelihood(x, k=k), min_time=2.0, warmup=1, min_repeats=3)
             out[f"{prior}_seconds"] = float(np.median(t.seconds))
         z = np.random.default_rng(1).standard_normal((SCORE_ROWS, NETWORK["latent_dim"])).astype(np.float32)
-        mixture = checkpoint.load_prior(Path(tmp) / "vamp", cfg)
+        mixture = modeldir.load_prior(Path(tmp) / "vamp", cfg)
         t = measure(lambda: mixture.log_prob(z), min_time=1.0, warmup=1, min_repeats=3)
         out["mixture_kernel_us_per_row"] = float(np.median(t.seconds)) / SCORE_ROWS * 1e6
     out["extra_fraction"] = out["vamp_seconds"] / out["normal_seconds"] - 1.0
@@ -171,9 +171,9 @@ def parity(threads: int, epochs: int, objective: str, k: int, batch: int, seeds:
                                                                   k=k, seed=seed, threads=threads,
                                                                   precision=precision), out, plots=False)
                 train_s = sum(r["seconds"] for r in rows)
-                from vae_engine.modeldir import checkpoint
+                from vae_engine import modeldir
 
-                model = checkpoint.load_model(out)
+                model = modeldir.load_model(out)
                 nll[precision, seed] = evaluate(partial(reference_scores, model), test, 1000, 0)[1]
                 runs.append({"precision": precision, "seed": seed, "train_seconds": round(train_s, 1),
                              "wall_seconds": round(time.perf_counter() - t0, 1),

@@ -10,11 +10,11 @@ from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
+from vae_engine import modeldir
 from vae_engine.anomaly.detector import RULES, VAEOutlierDetector, complexity_nats
 from vae_engine.cli import app
 from vae_engine.core.errors import ModelDirError
 from vae_engine.model import kernels
-from vae_engine.modeldir import checkpoint
 
 from .conftest import one_line_error
 
@@ -91,7 +91,7 @@ def test_rules_against_direct_computation(fitted):
     from vae_engine.core import rng
     from vae_engine.model.estimators import iwae_bound, log_weights
 
-    vae = checkpoint.load_model(fitted.model_dir_)
+    vae = modeldir.load_model(fitted.model_dir_)
     eps = np.broadcast_to(rng.normal_eps(fitted.seed_, 0, 1, fitted.k, vae.cfg.latent_dim), (20, fitted.k, 2))
     with torch.no_grad():
         ref = iwae_bound(log_weights(vae, torch.from_numpy(x), torch.from_numpy(eps.copy()).transpose(0, 1)))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vae_engine.modeldir import checkpoint
+from vae_engine import modeldir
 
 pytestmark = pytest.mark.slow
 
@@ -31,23 +31,23 @@ def test_two_ranks_equal_one_process_with_double_batch(tiny_data, tmp_path):
     common = ["--data-dir", tiny_data, "--limit", 64, "--epochs", 1, "--threads", 1]
     _train([*common, "--batch-size", 64], tmp_path / "one")  # one step on 64 images
     _train([*common, "--batch-size", 32], tmp_path / "two", nproc=2)  # one step, 2 ranks x 32 images
-    a = load_file(str(tmp_path / "one" / checkpoint.WEIGHTS))
-    b = load_file(str(tmp_path / "two" / checkpoint.WEIGHTS))
+    a = load_file(str(tmp_path / "one" / modeldir.WEIGHTS))
+    b = load_file(str(tmp_path / "two" / modeldir.WEIGHTS))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
-    rows = checkpoint.read_metrics(tmp_path / "two")
+    rows = modeldir.read_metrics(tmp_path / "two")
     assert len(rows) == 1  # only rank 0 writes metrics
 
 
 def test_two_ranks_checkpoint_and_resume(tiny_data, tmp_path):
     common = ["--data-dir", tiny_data, "--batch-size", 32, "--threads", 1]
     _train([*common, "--epochs", 1], tmp_path / "run", nproc=2)
-    assert checkpoint.read_metrics(tmp_path / "run")[-1]["epoch"] == 1
+    assert modeldir.read_metrics(tmp_path / "run")[-1]["epoch"] == 1
     _train([*common, "--epochs", 2, "--resume"], tmp_path / "run", nproc=2)
-    assert [r["epoch"] for r in checkpoint.read_metrics(tmp_path / "run")] == [1, 2]
+    assert [r["epoch"] for r in modeldir.read_metrics(tmp_path / "run")] == [1, 2]
     # the same two epochs in one process with the global batch (64) give the same weights
     _train(["--data-dir", tiny_data, "--batch-size", 64, "--threads", 1, "--epochs", 2], tmp_path / "single")
-    a = load_file(str(tmp_path / "run" / checkpoint.WEIGHTS))
-    b = load_file(str(tmp_path / "single" / checkpoint.WEIGHTS))
+    a = load_file(str(tmp_path / "run" / modeldir.WEIGHTS))
+    b = load_file(str(tmp_path / "single" / modeldir.WEIGHTS))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4)

@@ -7,12 +7,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vae_engine import data
+from vae_engine import data, modeldir
 from vae_engine.cli import app
 from vae_engine.core import rng
 from vae_engine.jobs import batch as jobs
 from vae_engine.model.estimators import evaluate, reference_scores
-from vae_engine.modeldir import checkpoint
 from vae_engine.runtime.engine import Engine
 
 from .conftest import one_line_error
@@ -40,9 +39,9 @@ def test_backends_agree_with_torch_reference(model, images, backend):
     """Each engine backend against the PyTorch module itself (not through the engine)."""
     import torch
 
-    from vae_engine.modeldir import checkpoint
+    from vae_engine import modeldir
 
-    vae = checkpoint.load_model(model)
+    vae = modeldir.load_model(model)
     eng = Engine.load(model, backend=backend, threads=2)
     x = _x(images)
     with torch.no_grad():
@@ -62,7 +61,7 @@ def test_int8_backend_close(model, images):
 
 def test_engine_scores_equal_pytorch_reference(model, images):
     """The ONNX Runtime + Numba path reproduces the PyTorch evaluation within 1e-3 nats, same eps."""
-    torch_model = checkpoint.load_model(model)
+    torch_model = modeldir.load_model(model)
     eng = Engine.load(model, backend="onnxruntime", threads=2)
     ref = evaluate(lambda x, s, k, seed: reference_scores(torch_model, x, s, k, seed), images[:30], 64, 0)
     got = evaluate(eng.scores, images[:30], 64, 0)

@@ -10,9 +10,10 @@ import onnx
 import pytest
 import torch
 
+from vae_engine import modeldir
 from vae_engine.core.errors import ModelDirError
 from vae_engine.export.exporter import FP32_ATOL, REPORT, export
-from vae_engine.modeldir import checkpoint, graphs
+from vae_engine.modeldir import graphs
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def exported(tiny_model, tmp_path_factory):
 @pytest.mark.parametrize("batch", [1, 37])
 def test_onnx_matches_pytorch(exported, batch):
     out, _ = exported
-    model = checkpoint.load_model(out)
+    model = modeldir.load_model(out)
     cfg = model.cfg
     x = torch.rand(batch, 784, generator=torch.Generator().manual_seed(batch))
     z = torch.randn(batch, cfg.latent_dim, generator=torch.Generator().manual_seed(batch))
@@ -46,12 +47,12 @@ def test_onnx_matches_pytorch(exported, batch):
 
 def test_metadata_round_trip(exported):
     out, _ = exported
-    cfg = checkpoint.model_config(out)
+    cfg = modeldir.model_config(out)
     for role in graphs.ROLES:
         for variant in ("fp32", "optimized", "int8"):
             meta = graphs.metadata(graphs.load_graph(graphs.graph_path(out, role, variant), role, cfg))
             assert meta["vae_engine.role"] == role and meta["vae_engine.variant"] == variant
-            assert meta["vae_engine.weights_sha256"] == checkpoint.weights_sha256(out)
+            assert meta["vae_engine.weights_sha256"] == modeldir.weights_sha256(out)
             assert json.loads(meta["vae_engine.model_config"])["latent_dim"] == cfg.latent_dim
             assert [n for n, _ in json.loads(meta["vae_engine.inputs"])] == ["x" if role == "encoder" else "z"]
     g = onnx.load(graphs.graph_path(out, "decoder"))
@@ -68,8 +69,8 @@ def test_int8_within_stated_tolerance(exported):
     from vae_engine.core import rng
     from vae_engine.model.estimators import elbo
 
-    vae = checkpoint.load_model(out)
-    items, _ = data.load_test_data(checkpoint.train_config(out))
+    vae = modeldir.load_model(out)
+    items, _ = data.load_test_data(modeldir.train_config(out))
     x = rng.binarize(data.to_float(items), report["seed"], 0)
     eps = torch.from_numpy(rng.normal_eps(report["seed"], 0, len(x), 1, vae.cfg.latent_dim)).transpose(0, 1)
     with torch.no_grad():
@@ -100,7 +101,7 @@ def test_int8_keeps_the_fastest_candidate_within_budget(exported):
         assert "no int8 layer set" in report["warnings"][0]
     assert set(report["int8"]["layer_rounding"].values()) <= {"gptq", "nearest"}
 
-    cfg = checkpoint.model_config(out)
+    cfg = modeldir.model_config(out)
     counts = [graphs.graph_macs(graphs.load_graph(graphs.graph_path(out, role, "int8"), role, cfg))
               for role in graphs.ROLES]
     int8_macs, all_macs = sum(c["int8"] for c in counts), sum(c["int8"] + c["float"] for c in counts)
@@ -119,7 +120,7 @@ def _copy(out, tmp_path):
 
 def test_corrupt_and_truncated_onnx_rejected(exported, tmp_path):
     dst = _copy(exported[0], tmp_path)
-    cfg = checkpoint.model_config(dst)
+    cfg = modeldir.model_config(dst)
     path = graphs.graph_path(dst, "decoder")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ModelDirError, match="corrupt or truncated"):
@@ -136,7 +137,7 @@ def test_wrong_input_shape_rejected(exported, tmp_path):
     g.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 99
     onnx.save(g, path)
     with pytest.raises(ModelDirError, match=r"input 'z' has shape \['batch', 99\]|input 'z' has shape"):
-        graphs.load_graph(path, "decoder", checkpoint.model_config(dst))
+        graphs.load_graph(path, "decoder", modeldir.model_config(dst))
 
 
 def test_external_data_refused(exported, tmp_path):
@@ -149,7 +150,7 @@ def test_external_data_refused(exported, tmp_path):
     tensor.external_data.add(key="location", value="../../etc/weights.bin")  # a path-traversal attempt
     path.write_bytes(g.SerializeToString())
     with pytest.raises(ModelDirError, match="external data"):
-        graphs.load_graph(path, "decoder", checkpoint.model_config(dst))
+        graphs.load_graph(path, "decoder", modeldir.model_config(dst))
 
 
 def test_failed_validation_leaves_no_files(tiny_model, tmp_path, monkeypatch):

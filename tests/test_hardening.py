@@ -25,12 +25,12 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from vae_engine import data
+from vae_engine import data, modeldir
 from vae_engine.cli import app
 from vae_engine.core import atomic
 from vae_engine.core.config import ModelConfig, TrainConfig
 from vae_engine.core.errors import DataError, ModelDirError, VaeEngineError
-from vae_engine.modeldir import checkpoint, graphs
+from vae_engine.modeldir import graphs
 from vae_engine.runtime.engine import Engine
 from vae_engine.training.train import train
 
@@ -54,7 +54,7 @@ def _cfg(tiny_data, **kw) -> TrainConfig:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob("*") if atomic.TMP_TAG in p.name or p.name == checkpoint.LOCK)
+    return sorted(p.name for p in folder.rglob("*") if atomic.TMP_TAG in p.name or p.name == modeldir.LOCK)
 
 
 # ---- 1. ONNX: external data anywhere, foreign operator domains ----
@@ -95,7 +95,7 @@ def test_external_data_in_subgraphs_is_refused(exported_model, tmp_path, where):
     path = graphs.graph_path(dst, "decoder")
     onnx.save(_with_if_branch(onnx.load(path), where), path)
     with pytest.raises(ModelDirError, match="external data"):
-        graphs.load_graph(path, "decoder", checkpoint.model_config(dst))
+        graphs.load_graph(path, "decoder", modeldir.model_config(dst))
     np.save(tmp_path / "z.npy", np.zeros((3, 4), np.float32))
     one_line_error(invoke("decode", dst, "-i", tmp_path / "z.npy", "-o", tmp_path / "x.npy"), "external data")
     assert not (tmp_path / "x.npy").exists()
@@ -137,7 +137,7 @@ def test_graph_returning_wrong_shape_is_refused(exported_model, tmp_path):
 def test_wrong_shape_optimizer_state_is_refused(tiny_data, tmp_path):
     out = tmp_path / "m"
     train(MODEL, _cfg(tiny_data, epochs=1), out, plots=False)
-    path = out / checkpoint.STATE
+    path = out / modeldir.STATE
     tensors = load_file(str(path))
     tensors["optim.0.exp_avg"] = torch.zeros(7)  # 7 values for a (32, 784) parameter: an out-of-bounds write
     save_file(tensors, str(path), metadata={"epoch": "1"})
@@ -151,7 +151,7 @@ def test_wrong_shape_optimizer_state_is_refused(tiny_data, tmp_path):
 @pytest.mark.parametrize("damage", ["nan", "shape", "extra", "missing"])
 def test_damaged_weights_are_refused(tiny_model, tmp_path, damage):
     dst = copy_model(tiny_model, tmp_path / "m")
-    path = dst / checkpoint.WEIGHTS
+    path = dst / modeldir.WEIGHTS
     tensors = load_file(str(path))
     name = next(iter(tensors))
     if damage == "nan":
@@ -164,7 +164,7 @@ def test_damaged_weights_are_refused(tiny_model, tmp_path, damage):
         del tensors[name]
     save_file(tensors, str(path))
     with pytest.raises(ModelDirError, match=str(path)):
-        checkpoint.load_model(dst)
+        modeldir.load_model(dst)
     one_line_error(invoke("sample", dst, "--backend", "torch", "-n", 2, "-o", tmp_path / "s.npy"), str(path))
 
 
@@ -174,11 +174,11 @@ def test_damaged_weights_are_refused(tiny_model, tmp_path, damage):
 def test_folder_without_checkpoint_restarts(tiny_data, tmp_path):
     out = tmp_path / "m"
     train(MODEL, _cfg(tiny_data, epochs=1), out, plots=False)
-    for name in (checkpoint.STATE, checkpoint.WEIGHTS, checkpoint.METRICS):  # as if killed in epoch 1
+    for name in (modeldir.STATE, modeldir.WEIGHTS, modeldir.METRICS):  # as if killed in epoch 1
         (out / name).unlink()
     rows = train(None, _cfg(tiny_data, epochs=2), out, resume=True, plots=False)
     assert [r["epoch"] for r in rows] == [1, 2]
-    for name in (checkpoint.STATE, checkpoint.WEIGHTS, checkpoint.METRICS):
+    for name in (modeldir.STATE, modeldir.WEIGHTS, modeldir.METRICS):
         (out / name).unlink()
     assert [r["epoch"] for r in train(MODEL, _cfg(tiny_data, epochs=1), out, plots=False)] == [1]  # fresh run
 
@@ -197,7 +197,7 @@ def test_diverged_run_leaves_a_restartable_folder(tiny_data, tmp_path):
     result = invoke("train", "--out", out, "--data-dir", tiny_data, "--epochs", 1, "--batch-size", 32, "--hidden",
                     16, "--latent-dim", 2, "--no-plots", "--overwrite")
     assert result.exit_code == 0, result.output
-    assert checkpoint.model_config(out).latent_dim == 2
+    assert modeldir.model_config(out).latent_dim == 2
 
 
 # ---- 4. one writer per model folder ----
@@ -205,15 +205,15 @@ def test_diverged_run_leaves_a_restartable_folder(tiny_data, tmp_path):
 
 def test_second_writer_gets_a_clear_error(tiny_data, tiny_model, tmp_path):
     out = tmp_path / "m"
-    with checkpoint.lock(out):
+    with modeldir.lock(out):
         one_line_error(invoke("train", "--out", out, "--data-dir", tiny_data), "another vae-engine process")
-    assert not (out / checkpoint.LOCK).exists()
+    assert not (out / modeldir.LOCK).exists()
     dst = copy_model(tiny_model, tmp_path / "e")
-    with checkpoint.lock(dst):
+    with modeldir.lock(dst):
         one_line_error(invoke("export", dst), "another vae-engine process")
     # a real second process: it holds the lock while this one tries
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom vae_engine import checkpoint\n"
-                               f"with checkpoint.lock({str(out)!r}):\n print('locked', flush=True); time.sleep(30)"],
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom vae_engine import modeldir\n"
+                               f"with modeldir.lock({str(out)!r}):\n print('locked', flush=True); time.sleep(30)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -231,13 +231,13 @@ def test_second_writer_gets_a_clear_error(tiny_data, tiny_model, tmp_path):
 def test_resume_restores_metrics_rows_and_missing_plots(tiny_data, tmp_path):
     out = tmp_path / "m"
     train(MODEL, _cfg(tiny_data, epochs=2), out, plots=False)
-    lines = (out / checkpoint.METRICS).read_text().splitlines()
-    (out / checkpoint.METRICS).write_text(lines[0] + "\n{broken json\n")  # killed between state and metrics
+    lines = (out / modeldir.METRICS).read_text().splitlines()
+    (out / modeldir.METRICS).write_text(lines[0] + "\n{broken json\n")  # killed between state and metrics
     train(None, _cfg(tiny_data, epochs=3), out, resume=True, plots=True)
-    assert [r["epoch"] for r in checkpoint.read_metrics(out)] == [1, 2, 3]
-    shutil.rmtree(out / checkpoint.PLOTS)  # killed while drawing the plots
+    assert [r["epoch"] for r in modeldir.read_metrics(out)] == [1, 2, 3]
+    shutil.rmtree(out / modeldir.PLOTS)  # killed while drawing the plots
     rows = train(None, _cfg(tiny_data, epochs=3), out, resume=True, plots=True)
-    assert len(rows) == 3 and (out / checkpoint.PLOTS / "training_curve.png").stat().st_size > 1000
+    assert len(rows) == 3 and (out / modeldir.PLOTS / "training_curve.png").stat().st_size > 1000
     with pytest.raises(VaeEngineError, match="already finished 3 epochs"):
         train(None, _cfg(tiny_data, epochs=3), out, resume=True, plots=True)
 
@@ -445,9 +445,9 @@ def test_huge_k_streams_in_bounded_memory_with_the_same_numbers(exported_model, 
 ])
 def test_crafted_config_values(tiny_model, tmp_path, model_section, fragment):
     dst = copy_model(tiny_model, tmp_path / "m")
-    cfg = json.loads((dst / checkpoint.CONFIG).read_text())
+    cfg = json.loads((dst / modeldir.CONFIG).read_text())
     cfg["model"] = {**cfg["model"], **model_section} if isinstance(model_section, dict) else model_section
-    (dst / checkpoint.CONFIG).write_text(json.dumps(cfg))
+    (dst / modeldir.CONFIG).write_text(json.dumps(cfg))
     one_line_error(invoke("info", dst), fragment)
     one_line_error(invoke("sample", dst, "-n", 2, "-o", tmp_path / "s.npy"), fragment)
 
@@ -455,9 +455,9 @@ def test_crafted_config_values(tiny_model, tmp_path, model_section, fragment):
 def test_malformed_reports_do_not_break_info_or_resume(tiny_data, tmp_path):
     out = tmp_path / "m"
     train(MODEL, _cfg(tiny_data, epochs=1), out, plots=False)
-    (out / checkpoint.METRICS).write_text('{"epoch": "x"}\n[1, 2]\nnot json\n')
-    (out / checkpoint.EXPORT_REPORT).write_text("[")
-    (out / checkpoint.EVALUATION).write_text('{"test_nelbo": "a lot"}')
+    (out / modeldir.METRICS).write_text('{"epoch": "x"}\n[1, 2]\nnot json\n')
+    (out / modeldir.EXPORT_REPORT).write_text("[")
+    (out / modeldir.EVALUATION).write_text('{"test_nelbo": "a lot"}')
     result = invoke("info", out)
     assert result.exit_code == 0, result.output
     assert "not valid JSON" in result.output and "Traceback" not in result.output

@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from vae_engine import modeldir
 from vae_engine.cli import app
 from vae_engine.core import rng
 from vae_engine.core.config import ModelConfig, TrainConfig, from_dict
@@ -22,7 +23,6 @@ from vae_engine.model import kernels, likelihoods
 from vae_engine.model.estimators import iwae_bound, log_weights
 from vae_engine.model.networks import VAE
 from vae_engine.model.posterior import gaussian_log_prob, standard_normal_log_prob
-from vae_engine.modeldir import checkpoint
 from vae_engine.runtime.engine import Engine
 from vae_engine.training.train import train
 
@@ -151,7 +151,7 @@ def own_models(tmp_path_factory):
                                   "continuous-bernoulli-resnet-vamp", "gaussian-vamp"])
 def test_every_stage_follows_the_spec(own_models, name, tmp_path):
     folder, data = own_models[name]
-    cfg = checkpoint.model_config(folder)
+    cfg = modeldir.model_config(folder)
     table = name.startswith("gaussian") and "conv" not in name
     assert cfg.input_shape == ((12,) if table else (1, 9, 7) if "continuous" in name else (3, 12, 10))
     assert cfg.standardize == cfg.likelihood.startswith("gaussian")
@@ -162,11 +162,11 @@ def test_every_stage_follows_the_spec(own_models, name, tmp_path):
                                torch_engine.log_likelihood(x, k=16, seed=2), rtol=1e-4, atol=1e-3)
     recon = onnx_engine.reconstruct(x)
     assert recon.shape == (9, cfg.input_dim) and np.isfinite(recon).all()
-    report = json.loads((folder / checkpoint.EXPORT_REPORT).read_text())
+    report = json.loads((folder / modeldir.EXPORT_REPORT).read_text())
     assert report["test_images"] == 16  # its own 10% split of 160 items, not MNIST
     # the export's check of its fp32 graphs and the trainer's last test -ELBO: one estimator (same items, same
     # seed-0 binarization and eps streams), ONNX Runtime against PyTorch: equal up to float32 summation order
-    assert report["test_nelbo_fp32"] == pytest.approx(checkpoint.read_metrics(folder)[-1]["test_nelbo"], rel=1e-4,
+    assert report["test_nelbo_fp32"] == pytest.approx(modeldir.read_metrics(folder)[-1]["test_nelbo"], rel=1e-4,
                                                       abs=1e-3)
     plots = {p.name for p in (folder / "plots").iterdir()}
     assert plots >= ({"features.png", "latent.png"} if cfg.image_shape is None

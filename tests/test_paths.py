@@ -220,10 +220,10 @@ def test_evaluate(model, path):
     for key in ("test_nelbo", "test_nll"):
         _check(np.asarray(got[key]), np.asarray(want[key]), precision, "nats", f"evaluate {key}")
     # its work: the encoder twice and the decoder k + 1 times per item, at the precisions the path runs
-    from vae_engine.modeldir import checkpoint
+    from vae_engine import modeldir
     from vae_engine.perf.work import model_flops
 
-    flops = model_flops(checkpoint.model_config(model))
+    flops = model_flops(modeldir.model_config(model))
     macs = got["work"]["multiply_adds"]
     assert sum(macs.values()) == pytest.approx(16 * (2 * flops["encode"] + (K + 1) * flops["decode"]) / 2)
     prefix = "" if device == "cpu" else "cuda-"

@@ -13,11 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vae_engine import data
+from vae_engine import data, modeldir
 from vae_engine.cli import app
 from vae_engine.core import hardware
 from vae_engine.core.errors import VaeEngineError
-from vae_engine.modeldir import checkpoint
 from vae_engine.runtime import tuning
 from vae_engine.runtime.engine import Engine
 
@@ -43,7 +42,7 @@ def x(tiny_data):
 
 
 def _reference(model_dir, x):
-    vae = checkpoint.load_model(model_dir)
+    vae = modeldir.load_model(model_dir)
     with torch.no_grad():
         mu, logvar = vae.encode(torch.from_numpy(x))
         return mu.numpy(), logvar.numpy(), vae.decode(mu).numpy()
@@ -139,8 +138,8 @@ def test_decision_is_saved_reused_and_invalidated(model, monkeypatch):
     _no_vnni(monkeypatch, ("avx2", "avx512_vnni"))
     assert not tuning.choose(Engine.load, model, threads=2, batch=32)["reused"]
     monkeypatch.undo()
-    real = checkpoint.versions()
-    monkeypatch.setattr(checkpoint, "versions", lambda: {**real, "onnxruntime": "99.0"})
+    real = modeldir.versions()
+    monkeypatch.setattr(modeldir, "versions", lambda: {**real, "onnxruntime": "99.0"})
     assert not tuning.choose(Engine.load, model, threads=2, batch=32)["reused"]
     # a replaced graph file (re-export, or someone else's file): measured again, and a bad graph is an error
     monkeypatch.undo()
@@ -152,7 +151,7 @@ def test_decision_is_saved_reused_and_invalidated(model, monkeypatch):
     onnx.save(graph, model / "decoder.int8.onnx")
     assert not tuning.choose(Engine.load, model, threads=2, batch=32)["reused"]
     # retrained weights: the old decision does not apply
-    monkeypatch.setattr(checkpoint, "weights_sha256", lambda d: "0" * 64)
+    monkeypatch.setattr(modeldir, "weights_sha256", lambda d: "0" * 64)
     assert not tuning.choose(Engine.load, model, threads=2, batch=32)["reused"]
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from vae_engine import modeldir
 from vae_engine.core import hardware
 from vae_engine.core.config import ModelConfig, TrainConfig
 from vae_engine.core.errors import ModelDirError, VaeEngineError
@@ -18,7 +19,6 @@ from vae_engine.model import kernels, priors
 from vae_engine.model.estimators import dreg_bound, iwae_bound, log_weights, reference_nelbo, reference_scores
 from vae_engine.model.estimators import log_weights_and_z as log_weights_and_z
 from vae_engine.model.networks import VAE
-from vae_engine.modeldir import checkpoint
 from vae_engine.runtime.engine import Engine
 from vae_engine.training.train import Objective, auto_precision, step_flops, train
 
@@ -218,10 +218,10 @@ def test_train_device_cpu_is_the_default_run_and_recorded(tiny_data, tmp_path):
     for name, device in (("default", None), ("cpu", "cpu"), ("auto", "auto")):
         train(ModelConfig(latent_dim=4, hidden=(16,)), cfg, tmp_path / name, plots=False,
               **({"device": device} if device else {}))
-    want = checkpoint.read_metrics(tmp_path / "default")[0]
+    want = modeldir.read_metrics(tmp_path / "default")[0]
     assert want["device"] == "cpu"
     for name in ("cpu",) + (() if torch.cuda.is_available() else ("auto",)):
-        row = checkpoint.read_metrics(tmp_path / name)[0]
+        row = modeldir.read_metrics(tmp_path / name)[0]
         assert (row["train_loss"], row["test_nelbo"]) == (want["train_loss"], want["test_nelbo"])
 
 
@@ -255,11 +255,11 @@ def vamp_dir(tiny_data, tmp_path_factory):
 
 
 def test_vamp_model_folder_and_engine_equal_the_reference(vamp_dir):
-    assert (vamp_dir / checkpoint.PRIOR).is_file()
-    model = checkpoint.load_model(vamp_dir)
+    assert (vamp_dir / modeldir.PRIOR).is_file()
+    model = modeldir.load_model(vamp_dir)
     with torch.no_grad():
         mu, logvar = model.prior.components()
-    stored = checkpoint.load_prior(vamp_dir, model.cfg)
+    stored = modeldir.load_prior(vamp_dir, model.cfg)
     np.testing.assert_array_equal(stored.mu, mu.numpy())  # the folder's mixture is the model's
     engine = Engine.load(vamp_dir, backend="torch")
     x = (np.random.default_rng(0).random((20, 784)) < 0.2).astype(np.float32)
@@ -293,8 +293,8 @@ def test_training_draws_the_samples_the_engine_draws(which, vamp_dir, tiny_model
     """One family of random streams: the PyTorch prior's samples (the training figures' samples.png) are the
     engine's for the same seed and item indices (`vae-engine sample --seed`)."""
     folder = vamp_dir if which == "vamp" else tiny_model
-    model = checkpoint.load_model(folder)
-    engine_prior = checkpoint.load_prior(folder, model.cfg)
+    model = modeldir.load_model(folder)
+    engine_prior = modeldir.load_prior(folder, model.cfg)
     with torch.no_grad():
         z = model.prior.sample(30, model.cfg.latent_dim, 5, 7).numpy()
     np.testing.assert_allclose(z, engine_prior.sample(5, 7, 30), rtol=1e-6, atol=1e-6)
@@ -306,7 +306,7 @@ def test_vamp_export_runs_the_same_prior(vamp_dir, tmp_path):
 
     out = tmp_path / "exported"
     report = export(vamp_dir, out)
-    assert (out / checkpoint.PRIOR).read_bytes() == (vamp_dir / checkpoint.PRIOR).read_bytes()
+    assert (out / modeldir.PRIOR).read_bytes() == (vamp_dir / modeldir.PRIOR).read_bytes()
     engine = Engine.load(out, backend="onnxruntime")
     x = (np.random.default_rng(2).random((16, 784)) < 0.2).astype(np.float32)
     torch_engine = Engine.load(vamp_dir, backend="torch")
@@ -320,7 +320,7 @@ def test_vamp_export_runs_the_same_prior(vamp_dir, tmp_path):
 def test_bad_prior_files_are_refused(vamp_dir, tmp_path, damage, match):
     broken = tmp_path / "broken"
     shutil.copytree(vamp_dir, broken)
-    path = broken / checkpoint.PRIOR
+    path = broken / modeldir.PRIOR
     mu, logvar = torch.zeros(6, 4), torch.zeros(6, 4)
     if damage == "missing":
         path.unlink()
@@ -344,9 +344,9 @@ def test_nll_checks_land_in_the_metrics_and_the_plot(tiny_data, tmp_path):
                  TrainConfig(dataset="dir", data_dir=str(tiny_data), epochs=3, batch_size=32, nll_every=2), out,
                  plots=True)
     assert ["test_nll_k1000" in r for r in rows] == [False, True, True]  # every 2nd epoch and the last
-    model = checkpoint.load_model(out)
-    x = train_mod.data.to_unit(train_mod.data.load_test_data(checkpoint.train_config(out))[0])
-    assert rows[-1]["test_nll_k1000"] == pytest.approx(train_mod.test_nll(model, x, checkpoint.train_config(out)))
+    model = modeldir.load_model(out)
+    x = train_mod.data.to_unit(train_mod.data.load_test_data(modeldir.train_config(out))[0])
+    assert rows[-1]["test_nll_k1000"] == pytest.approx(train_mod.test_nll(model, x, modeldir.train_config(out)))
     assert rows[-1]["test_nll_k1000"] < rows[-1]["test_nelbo"]  # k=1000 is a tighter bound than the ELBO
     assert all(r["precision"] == "fp32" and r["gflops"] > 0 for r in rows)
     import importlib.util
@@ -366,7 +366,7 @@ def test_auto_precision_is_resolved_and_recorded(tiny_data, tmp_path):
         train(ModelConfig(latent_dim=4, hidden=(32,)),
               TrainConfig(dataset="dir", data_dir=str(tiny_data), epochs=1, batch_size=64, precision="auto"),
               tmp_path / "m", plots=False)
-    saved = checkpoint.read_config(tmp_path / "m")
+    saved = modeldir.read_config(tmp_path / "m")
     assert saved["train"]["precision"] == "fp32"  # the resolved precision, so --resume trains on in it
     assert saved["data"]["precision_auto"] == "fp32: this CPU has no native bf16"
-    assert checkpoint.read_metrics(tmp_path / "m")[0]["precision"] == "fp32"
+    assert modeldir.read_metrics(tmp_path / "m")[0]["precision"] == "fp32"

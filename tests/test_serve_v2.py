@@ -88,9 +88,9 @@ def _infer(clients, kind, model_name, inputs: dict, outputs=None, binary=True, *
 
 
 def test_health_and_metadata_through_tritonclient(clients, model):
-    from vae_engine.modeldir import checkpoint
+    from vae_engine import modeldir
 
-    cfg = checkpoint.model_config(model)
+    cfg = modeldir.model_config(model)
     for kind, c in clients.items():
         assert c.is_server_live() and c.is_server_ready()
         meta = c.get_server_metadata()

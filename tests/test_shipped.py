@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from vae_engine import data
+from vae_engine import data, modeldir
 from vae_engine.cli import app
 from vae_engine.model.estimators import evaluate
-from vae_engine.modeldir import checkpoint, graphs
+from vae_engine.modeldir import graphs
 from vae_engine.runtime.engine import Engine
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "mnist-vae"
@@ -27,12 +27,12 @@ def test_files_present_and_small():
         assert (SHIPPED / name).is_file(), name
     size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
     assert size < 20e6
-    assert not (SHIPPED / checkpoint.STATE).exists()  # resume state is not shipped
+    assert not (SHIPPED / modeldir.STATE).exists()  # resume state is not shipped
 
 
 def test_graphs_match_the_weights():
-    sha = checkpoint.weights_sha256(SHIPPED)
-    cfg = checkpoint.model_config(SHIPPED)
+    sha = modeldir.weights_sha256(SHIPPED)
+    cfg = modeldir.model_config(SHIPPED)
     for role in graphs.ROLES:
         for variant in ("fp32", "int8"):
             meta = graphs.metadata(graphs.load_graph(graphs.graph_path(SHIPPED, role, variant), role, cfg))

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vae_engine import modeldir
 from vae_engine.core.config import ModelConfig, TrainConfig
 from vae_engine.core.errors import ModelDirError, VaeEngineError
 from vae_engine.model.estimators import evaluate, reference_scores
-from vae_engine.modeldir import checkpoint
 from vae_engine.training.train import train
 
 MODEL = ModelConfig(latent_dim=4, hidden=(32,))
@@ -26,7 +26,7 @@ def test_training_lowers_the_loss(tiny_data, tmp_path):
     rows = train(MODEL, _cfg(tiny_data, epochs=4), tmp_path / "m", plots=False)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 20
     assert rows[-1]["test_nelbo"] < rows[0]["test_nelbo"]
-    assert [r["epoch"] for r in checkpoint.read_metrics(tmp_path / "m")] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in modeldir.read_metrics(tmp_path / "m")] == [1, 2, 3, 4]
 
 
 VAMP = ModelConfig(latent_dim=4, hidden=(32,), prior="vamp", pseudo_inputs=8)
@@ -40,29 +40,29 @@ def test_resume_gives_identical_weights(tiny_data, tmp_path, objective, k, model
     train(model, cfg, tmp_path / "straight", plots=False)
     train(model, TrainConfig(**{**cfg.__dict__, "epochs": 1}), tmp_path / "resumed", plots=False)
     train(None, cfg, tmp_path / "resumed", resume=True, plots=False)
-    for name in (checkpoint.WEIGHTS, *((checkpoint.PRIOR,) if model.prior == "vamp" else ())):
+    for name in (modeldir.WEIGHTS, *((modeldir.PRIOR,) if model.prior == "vamp" else ())):
         a = load_file(str(tmp_path / "straight" / name))
         b = load_file(str(tmp_path / "resumed" / name))
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), key
-    assert checkpoint.train_config(tmp_path / "resumed").precision == precision
-    assert checkpoint.read_metrics(tmp_path / "resumed")[-1]["epoch"] == 3
+    assert modeldir.train_config(tmp_path / "resumed").precision == precision
+    assert modeldir.read_metrics(tmp_path / "resumed")[-1]["epoch"] == 3
 
 
 def test_same_seed_same_weights(tiny_data, tmp_path):
     for name in ("a", "b"):
         train(MODEL, _cfg(tiny_data, epochs=1), tmp_path / name, plots=False)
-    assert (tmp_path / "a" / checkpoint.WEIGHTS).read_bytes() == (tmp_path / "b" / checkpoint.WEIGHTS).read_bytes()
+    assert (tmp_path / "a" / modeldir.WEIGHTS).read_bytes() == (tmp_path / "b" / modeldir.WEIGHTS).read_bytes()
 
 
 def test_model_directory_layout(tiny_model):
-    cfg = json.loads((tiny_model / checkpoint.CONFIG).read_text())
+    cfg = json.loads((tiny_model / modeldir.CONFIG).read_text())
     assert cfg["model"]["latent_dim"] == 4 and cfg["train"]["epochs"] == 2
     assert cfg["data"]["train"] == 256 and "torch" in cfg["versions"]
-    model = checkpoint.load_model(tiny_model)
+    model = modeldir.load_model(tiny_model)
     assert model.cfg == MODEL
-    state = load_file(str(tiny_model / checkpoint.STATE))
+    state = load_file(str(tiny_model / modeldir.STATE))
     assert any(k.startswith("optim.") for k in state)
 
 
@@ -81,20 +81,20 @@ def test_corrupt_and_missing_weights(tiny_model, tmp_path):
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)
-    (broken / checkpoint.WEIGHTS).write_bytes(b"\x10\x00\x00\x00garbage")
+    (broken / modeldir.WEIGHTS).write_bytes(b"\x10\x00\x00\x00garbage")
     with pytest.raises(ModelDirError, match="corrupt safetensors"):
-        checkpoint.load_model(broken)
-    (broken / checkpoint.WEIGHTS).unlink()
+        modeldir.load_model(broken)
+    (broken / modeldir.WEIGHTS).unlink()
     with pytest.raises(ModelDirError, match="missing"):
-        checkpoint.load_model(broken)
+        modeldir.load_model(broken)
     with pytest.raises(ModelDirError, match="not found"):
-        checkpoint.load_model(tmp_path / "nothing")
+        modeldir.load_model(tmp_path / "nothing")
 
 
 def test_reference_evaluation_is_chunk_independent(tiny_model, tiny_data):
     from vae_engine.data import load_split
 
-    model = checkpoint.load_model(tiny_model)
+    model = modeldir.load_model(tiny_model)
     images, _ = load_split(tiny_data, "test")
     score = lambda x, start, k, seed: reference_scores(model, x, start, k, seed)  # noqa: E731
     a = evaluate(score, images, k=8, seed=0, chunk=64)
@@ -109,7 +109,7 @@ def test_metrics_test_elbo_is_evaluates_estimate(tiny_model):
     from vae_engine.jobs.evaluate import evaluate_model as run
 
     result = run(tiny_model, k=2, seed=0, backend="torch", threads=1)
-    assert checkpoint.read_metrics(tiny_model)[-1]["test_nelbo"] == pytest.approx(result["test_nelbo"], abs=1e-3)
+    assert modeldir.read_metrics(tiny_model)[-1]["test_nelbo"] == pytest.approx(result["test_nelbo"], abs=1e-3)
 
 
 def test_auto_likelihood_fits_the_data(tiny_data, tmp_path):
@@ -142,6 +142,6 @@ def test_auto_likelihood_fits_the_data(tiny_data, tmp_path):
     train(ModelConfig(latent_dim=2, hidden=(8,), likelihood="auto"),
           TrainConfig(data=str(tmp_path / "x.npy"), epochs=1, batch_size=16),
           out, plots=False)
-    doc = checkpoint.read_config(out)
+    doc = modeldir.read_config(out)
     assert doc["model"]["likelihood"] == "continuous-bernoulli"
     assert doc["data"]["likelihood_auto"].startswith("continuous-bernoulli: every value lies in [0, 1]")

@@ -31,7 +31,7 @@ MOVED = {
     "likelihoods": "model.likelihoods", "likelihoods.base": "model.likelihoods.base",
     "likelihoods.bernoulli": "model.likelihoods.bernoulli", "likelihoods.gaussian": "model.likelihoods.gaussian",
     "likelihoods.continuous_bernoulli": "model.likelihoods.continuous_bernoulli", "priors": "model.priors",
-    "kernels": "model.kernels", "reference": "model.estimators", "checkpoint": "modeldir.checkpoint",
+    "kernels": "model.kernels", "reference": "model.estimators", "checkpoint": "modeldir",
     "graphs": "modeldir.graphs", "peaks": "perf.peaks", "work": "perf.work", "train": "training.train",
     "distributed": "training.distributed", "plots": "training.plots", "backends": "runtime.backends",
     "engine": "runtime.engine", "tuning": "runtime.tuning", "bench": "runtime.bench", "quantize": "export.quantize",

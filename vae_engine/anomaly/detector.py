@@ -28,6 +28,7 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .. import modeldir
 from ..core import atomic, rng
 from ..core.config import (  # listed in config, so the CLI needs no scikit-learn import for them
     DEFAULT_RULE,
@@ -36,7 +37,6 @@ from ..core.config import (  # listed in config, so the CLI needs no scikit-lear
 )
 from ..core.errors import ModelDirError
 from ..model import kernels
-from ..modeldir import checkpoint
 
 DETECTOR = "detector.json"
 SCHEMA = "vae-engine-detector/1"
@@ -114,7 +114,7 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
                   TrainConfig(data=str(Path(tmp) / "X.npy"), val_fraction=val_fraction,
                               epochs=int(min(epochs, 10_000)), batch_size=batch, seed=seed,
                               threads=self.threads), out, plots=False, overwrite=True)
-        split = checkpoint.read_config(out)["data"].get("split", {})
+        split = modeldir.read_config(out)["data"].get("split", {})
         held = np.asarray(split.get("test_indices", []), int)
         return self.calibrate(out, X, seed, X[held] if len(held) >= 20 else None)
 
@@ -153,7 +153,7 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
 
     def _describe_likelihood(self, model_dir: str | Path) -> None:
         """`likelihood_`: the likelihood the model uses; `likelihood_reason_`: why, when `auto` chose it."""
-        doc = checkpoint.read_config(Path(model_dir))
+        doc = modeldir.read_config(Path(model_dir))
         self.likelihood_ = doc["model"]["likelihood"]
         self.likelihood_reason_ = doc.get("data", {}).get("likelihood_auto")
 
@@ -287,8 +287,8 @@ def read_detector(folder: Path) -> dict:
     if not path.is_file():
         raise ModelDirError(f"{folder}: no {DETECTOR}; train with --contamination or save a fitted "
                             "VAEOutlierDetector there")
-    doc = checkpoint.read_json(path, "detector file")
-    cfg = checkpoint.model_config(folder)
+    doc = modeldir.read_json(path, "detector file")
+    cfg = modeldir.model_config(folder)
     try:
         ok = (doc["schema"] == SCHEMA and doc["rule"] in RULES and isinstance(doc["k"], int) and doc["k"] >= 1
               and isinstance(doc["seed"], int) and np.isfinite(doc["offset"])

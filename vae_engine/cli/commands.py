@@ -263,7 +263,7 @@ def export(
 @friendly
 def info(model_dir: ModelOpt = None) -> None:
     """Show what a model directory holds: config, training metrics, graphs and their metadata, evaluation."""
-    from ..modeldir.checkpoint import resolve_model_dir
+    from ..modeldir import resolve_model_dir
     from .info import describe
 
     describe(resolve_model_dir(model_dir), out)
@@ -391,7 +391,7 @@ def serve(
     the Open Inference Protocol (KServe v2: /v2/models/NAME-OP/infer, JSON or binary tensors; gRPC with
     --grpc-port) for Triton/KServe clients; /metrics (Prometheus), /docs (OpenAPI), and a page at /."""
     from ..core.config import MAX_BATCH, MAX_SCORE_K, check_int
-    from ..modeldir.checkpoint import resolve_model_dir
+    from ..modeldir import resolve_model_dir
 
     check_int("--port", port, 0, 65535)
     check_int("--max-batch", max_batch, 1, MAX_BATCH)
@@ -445,7 +445,7 @@ def bench(
 ) -> None:
     """Compare backends on one model in one run: latency p50/p90/p99, samples/s, GFLOP/s vs this machine's GEMM peak."""
     from ..core import atomic
-    from ..modeldir.checkpoint import resolve_model_dir
+    from ..modeldir import resolve_model_dir
     from ..runtime import bench as bench_mod
     from ..training.plots import bench_chart
 

@@ -8,15 +8,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .. import modeldir
 from ..core.errors import ModelDirError
-from ..modeldir import checkpoint, graphs
+from ..modeldir import graphs
 
 
 def describe(model_dir: str | Path, console: Console) -> None:
     """Print config, metrics, graphs (with metadata, sizes and whether they match the weights) and evaluation."""
     model_dir = Path(model_dir)
-    cfg = checkpoint.read_config(model_dir)
-    model_cfg = checkpoint.model_config(model_dir)
+    cfg = modeldir.read_config(model_dir)
+    model_cfg = modeldir.model_config(model_dir)
     console.print(f"[bold]{model_dir}[/]  (format {cfg.get('format', '?')})")
     t = Table(title="configuration", show_header=False)
     for section in ("model", "train", "data"):
@@ -25,11 +26,11 @@ def describe(model_dir: str | Path, console: Console) -> None:
                 t.add_row(f"{section}.{key}", str(value)[:200])
     console.print(t)
 
-    weights = model_dir / checkpoint.WEIGHTS
-    sha = checkpoint.weights_sha256(model_dir) if weights.is_file() else None
+    weights = model_dir / modeldir.WEIGHTS
+    sha = modeldir.weights_sha256(model_dir) if weights.is_file() else None
     console.print(f"weights: {weights.name} " + (f"({weights.stat().st_size / 1e6:.2f} MB, sha256 {sha[:12]}…)"
                                                  if sha else "[red]missing[/]"))
-    rows = checkpoint.read_metrics(model_dir)
+    rows = modeldir.read_metrics(model_dir)
     if rows:
         last = rows[-1]
         console.print(f"training: {len(rows)} epochs, {sum(r['seconds'] for r in rows):.0f} s; last epoch train loss "
@@ -77,7 +78,7 @@ def _report(path: Path, console: Console) -> dict | None:
     if not path.is_file():
         return None
     try:
-        report = checkpoint.read_json(path, "report")
+        report = modeldir.read_json(path, "report")
     except ModelDirError as exc:
         console.print(f"[yellow]note:[/] {exc}")
         return None
@@ -92,7 +93,7 @@ def _num(value, fmt: str) -> str:
 
 
 def _export_accuracy(model_dir: Path, console: Console) -> None:
-    report = _report(model_dir / checkpoint.EXPORT_REPORT, console)
+    report = _report(model_dir / modeldir.EXPORT_REPORT, console)
     variants = report.get("variants") if report else None
     if not isinstance(variants, list) or not variants:
         return
@@ -129,7 +130,7 @@ def _tuning(model_dir: Path, console: Console) -> None:
 
 
 def _evaluation(model_dir: Path, console: Console) -> None:
-    ev = _report(model_dir / checkpoint.EVALUATION, console)
+    ev = _report(model_dir / modeldir.EVALUATION, console)
     if ev:
         console.print(f"evaluation: test -ELBO {_num(ev.get('test_nelbo'), '.3f')}, "
                       f"NLL {_num(ev.get('test_nll'), '.3f')} (k={ev.get('k', '?')})")

@@ -22,7 +22,7 @@ def run_job(job: str, model_dir: Path | None, input: Path | None, output: Path, 
     """Load the engine and the input, then stream the job with a progress bar (errors print before any bar)."""
     from ..core.config import MAX_BATCH, MAX_SCORE_K, MAX_THREADS, SEED_MAX, check_int
     from ..jobs import batch as jobs
-    from ..modeldir.checkpoint import model_config, resolve_model_dir
+    from ..modeldir import model_config, resolve_model_dir
 
     # everything that can be checked before loading a model or reading input, so a typo fails in milliseconds
     check_int("--batch-size", batch_size, 1, MAX_BATCH)

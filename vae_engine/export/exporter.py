@@ -21,12 +21,12 @@ import numpy as np
 import onnx
 import torch
 
-from .. import data
+from .. import data, modeldir
 from ..core import atomic, rng
 from ..core.config import ModelConfig, to_dict
 from ..core.errors import ExportError, VaeEngineError
 from ..model.networks import VAE
-from ..modeldir import checkpoint, graphs
+from ..modeldir import graphs
 from ..runtime import tuning
 
 FP32_ATOL = 1e-4  # ORT vs PyTorch, fp32: both sum the same products in different orders; errors seen ~1e-5
@@ -36,7 +36,7 @@ CALIBRATION_ITEMS = 4096  # training items whose layer inputs calibrate the int8
 # best of several noisy candidates favours the lucky ones (the shipped model's set chosen on the mean alone,
 # +0.0096 +- 0.0047 nats at k=64, measured +0.017 at k=5000 on 1,000 test images)
 CONFIDENCE_SE = 2.0
-REPORT = checkpoint.EXPORT_REPORT
+REPORT = modeldir.EXPORT_REPORT
 MAX_REPORT_ITEMS = 10_000  # test items for the accuracy report (all of MNIST's test set)
 
 
@@ -119,7 +119,7 @@ def _int8(fp32: dict[str, onnx.ModelProto], model_dir: Path, cfg: ModelConfig, s
     from ..runtime.engine import Engine
     from . import quantize
 
-    lk, train_cfg, threads = get(cfg.likelihood), checkpoint.train_config(model_dir), hardware.available_cpus()
+    lk, train_cfg, threads = get(cfg.likelihood), modeldir.train_config(model_dir), hardware.available_cpus()
     items = data.load_training_data(train_cfg).train_images
     pick = np.sort(np.random.default_rng(seed).permutation(len(items))[:CALIBRATION_ITEMS])
     x = data.to_float(items[pick]).reshape(len(pick), -1)
@@ -134,7 +134,7 @@ def _int8(fp32: dict[str, onnx.ModelProto], model_dir: Path, cfg: ModelConfig, s
     ref = tuning.reference(Engine.load, model_dir, threads)
     cand_dir = scratch / "int8-candidate"
     cand_dir.mkdir()
-    for name in checkpoint.INFERENCE_FILES:
+    for name in modeldir.INFERENCE_FILES:
         if (model_dir / name).exists():
             atomic.write_bytes(cand_dir / name, (model_dir / name).read_bytes())
     every = [layer for role in found for layer in found[role]]
@@ -245,11 +245,11 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, optimize: b
     out_dir = Path(out_dir) if out_dir else model_dir
     if quantize not in (None, "int8"):
         raise VaeEngineError(f"--quantize supports int8 only, got {quantize!r}")
-    cfg = checkpoint.model_config(model_dir)
-    model: VAE = checkpoint.load_model(model_dir)
-    sha = checkpoint.weights_sha256(model_dir)
+    cfg = modeldir.model_config(model_dir)
+    model: VAE = modeldir.load_model(model_dir)
+    sha = modeldir.weights_sha256(model_dir)
     nets = {"encoder": model.encoder, "decoder": model.decoder}
-    train_cfg = checkpoint.train_config(model_dir)
+    train_cfg = modeldir.train_config(model_dir)
     test_items, _ = data.load_test_data(train_cfg)  # the model's own test data, not always MNIST
     x_test = data.to_float(test_items[:MAX_REPORT_ITEMS])
     binarized = model.likelihood.binarized and train_cfg.binarize == "dynamic"
@@ -261,7 +261,7 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, optimize: b
 
     existed = out_dir.exists()
     try:
-        with checkpoint.lock(out_dir), atomic.temp_dir(out_dir, "export") as scratch:
+        with modeldir.lock(out_dir), atomic.temp_dir(out_dir, "export") as scratch:
             return _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir, out_dir, scratch, optimize, quantize,
                                fp16, seed, step, t_start)
     except BaseException:
@@ -306,7 +306,7 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
 
     step("accuracy on the test set")
     lk = model.likelihood
-    prior = checkpoint.load_prior(model_dir, cfg)
+    prior = modeldir.load_prior(model_dir, cfg)
     base, base_logits = _test_nelbo(built["encoder", "fp32"], built["decoder", "fp32"], x_bin, seed, lk, prior)
     with torch.no_grad():
         mu, logvar = model.encode(torch.from_numpy(x_bin))
@@ -339,7 +339,7 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
     # weights too, so it is a complete model directory
     files: dict[str, bytes] = {}
     if out_dir.resolve() != model_dir.resolve():
-        files.update({name: (model_dir / name).read_bytes() for name in checkpoint.INFERENCE_FILES
+        files.update({name: (model_dir / name).read_bytes() for name in modeldir.INFERENCE_FILES
                       if (model_dir / name).exists()})
     for (role, variant), proto in built.items():
         files[graphs.graph_path(out_dir, role, variant).name] = proto.SerializeToString()

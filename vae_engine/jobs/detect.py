@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import data
+from .. import data, modeldir
 from ..anomaly.detector import RULES, VAEOutlierDetector, write_detector
 from ..core import atomic
 from ..core.errors import DataError, VaeEngineError
-from ..modeldir import checkpoint
 
 
 def check_rule(rule: str, contamination: float | None) -> None:
@@ -37,7 +36,7 @@ def _items(path: str | Path, n_features: int) -> np.ndarray:
 
 def store_threshold(model_dir: Path, rule: str, contamination: float, k: int = 64) -> float:
     """After training: calibrate a detector on the model's own training items and write detector.json."""
-    train_cfg = checkpoint.train_config(model_dir)
+    train_cfg = modeldir.train_config(model_dir)
     ds = data.load_training_data(train_cfg)
     x = data.to_float(ds.train_images).reshape(len(ds.train_images), -1)[: train_cfg.limit]
     det = VAEOutlierDetector(rule=rule, contamination=contamination, k=k)
@@ -60,7 +59,7 @@ def run(model_dir: Path, input: Path, output: Path, scores_path: Path | None, co
     for path in (output, scores_path, plot):
         if path is not None:
             atomic.check_writable(path)
-    model_dir = checkpoint.resolve_model_dir(model_dir)
+    model_dir = modeldir.resolve_model_dir(model_dir)
     det = VAEOutlierDetector.load(model_dir, threads=set_threads(threads), backend=backend, precision=precision)
     x = _items(input, det.n_features_in_)
     labels = None

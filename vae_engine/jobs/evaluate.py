@@ -21,16 +21,15 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
     import time
     from functools import partial
 
-    from .. import data
-    from ..modeldir import checkpoint
+    from .. import data, modeldir
     from ..runtime.backends import set_threads
 
-    train_cfg = checkpoint.train_config(model_dir)
+    train_cfg = modeldir.train_config(model_dir)
     if data_path is not None:  # other data: any readable file or folder whose items fit the model
         from ..data import readers
 
         images = readers.read(data_path, columns)[0]
-        cfg = checkpoint.model_config(model_dir)
+        cfg = modeldir.model_config(model_dir)
         if not cfg.accepts(images.shape[1:]):
             raise DataError(f"{data_path}: items of shape {images.shape[1:]} do not fit this model, which takes "
                             f"{tuple(cfg.input_shape)}")
@@ -38,7 +37,7 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
         images, _ = data.load_test_data(train_cfg)
     images = images[:limit]
     threads = set_threads(threads)
-    model = checkpoint.load_model(model_dir)
+    model = modeldir.load_model(model_dir)
     binarize = model.likelihood.binarized and train_cfg.binarize == "dynamic"
     reference = partial(reference_scores, model)
     path = "torch/fp32 (reference)"
@@ -81,12 +80,12 @@ def hardware_limit(model_dir, path: str, n: int, k: int, threads: int, seconds: 
     the time taken. `path`: e.g. 'onnxruntime/int8'."""
     from pathlib import Path
 
-    from ..modeldir import checkpoint
+    from .. import modeldir
     from ..perf.peaks import limit_seconds, measured_peaks
     from ..perf.work import macs_by_precision
 
     backend, precision = path.split("/")
-    cfg = checkpoint.model_config(model_dir)
+    cfg = modeldir.model_config(model_dir)
     key = (lambda p: p) if device == "cpu" else (lambda p: f"cuda-{p}")
     macs: dict[str, float] = {}
     for role, calls in (("encoder", 2 * n), ("decoder", (k + 1) * n)):

@@ -72,7 +72,7 @@ def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: st
 
     precision="auto" is decided once, here, for an actor's thread count (`tuning.choose`); actors load that path.
     """
-    from ..modeldir import checkpoint
+    from .. import modeldir
 
     if job not in JOBS:
         raise VaeEngineError(f"unknown job {job!r}: choose one of {', '.join(JOBS)}")
@@ -81,8 +81,8 @@ def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: st
     output_path = Path(output_path)
     if output_path.suffix not in (".npy", ".parquet"):
         raise VaeEngineError(f"{output_path}: Ray job output must end in .npy or .parquet")
-    model_dir = checkpoint.resolve_model_dir(model_dir)
-    cfg = checkpoint.model_config(model_dir)
+    model_dir = modeldir.resolve_model_dir(model_dir)
+    cfg = modeldir.model_config(model_dir)
     source = _open(job, str(input_path), cfg)  # validates shape/dtype up front
     item_shape = jobs.item_shape(job, cfg, params)
     if precision == "auto":

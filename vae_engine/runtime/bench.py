@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import modeldir
 from ..core import hardware, rng
 from ..core.config import INPUT_DIM, ModelConfig
 from ..model import kernels
 from ..model.estimators import log_weight
 from ..model.posterior import DiagonalGaussian, standard_normal_log_prob
-from ..modeldir import checkpoint, graphs
+from ..modeldir import graphs
 from ..perf.peaks import gemm_peak, limit_seconds
 from ..perf.timing import measure
 from ..perf.work import macs_by_precision, model_flops
@@ -67,7 +68,7 @@ def load_candidate(model_dir: Path, c: Candidate, threads: int, spin: bool = Fal
         raise VaeEngineError(why)
     if c.precision == "bf16" and c.device == "cpu" and c.backend == "torch" and not hardware.native_bf16():
         raise VaeEngineError("no native bf16 on this CPU (torch would emulate it, far slower than fp32)")
-    cfg = checkpoint.model_config(model_dir)
+    cfg = modeldir.model_config(model_dir)
     if c.variant:
         backend = OrtBackend(model_dir, cfg, c.precision, threads, c.device, spin, variant=c.variant)
     else:
@@ -171,7 +172,7 @@ def benchmark(model_dir: str | Path, labels: tuple[str, ...] | None = None, batc
 
     step = progress or (lambda message: None)
     model_dir = Path(model_dir)
-    cfg = checkpoint.model_config(model_dir)
+    cfg = modeldir.model_config(model_dir)
     threads = threads or hardware.available_cpus()  # the affinity mask and cgroup quota, not the host's cores
     labels = labels or (QUICK if quick else tuple(c.label for c in CANDIDATES))
     batches = batches or (QUICK_BATCHES if quick else BATCHES)
@@ -224,7 +225,7 @@ def benchmark(model_dir: str | Path, labels: tuple[str, ...] | None = None, batc
         "schema": "vae-engine-bench/2", "model_dir": str(model_dir), "model": {"arch": cfg.arch,
         "latent_dim": cfg.latent_dim, "hidden": list(cfg.hidden)}, "flops_per_sample": flops,
         "machine": hardware.describe(threads),
-        "versions": {**checkpoint.versions(), "numba_threads": numba.get_num_threads(),
+        "versions": {**modeldir.versions(), "numba_threads": numba.get_num_threads(),
         "ort_providers": onnxruntime.get_available_providers()}, "gemm_peak_gflops": peaks,
         "gemm_peak_best_gflops": best_peak, "quick": quick, "spin": spin, "results": results,
         "postprocess": post, "notes": notes,

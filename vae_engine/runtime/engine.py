@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import data
+from .. import data, modeldir
 from ..core import rng
 from ..core.config import MAX_SCORE_K, SCORE_ROWS, SEED_MAX, ModelConfig, check_int
 from ..core.errors import DataError
 from ..model import kernels, likelihoods
-from ..modeldir import checkpoint
 from . import tuning
 from .backends import Backend, load_backend, set_threads
 
@@ -36,7 +35,7 @@ class Engine:
                  decision: dict | None = None):
         self.backend, self.cfg, self.model_dir, self.threads = backend, cfg, model_dir, threads
         self.likelihood = likelihoods.get(cfg.likelihood)
-        self.prior = checkpoint.load_prior(model_dir, cfg)  # N(0, I), or a VampPrior's mixture from the folder
+        self.prior = modeldir.load_prior(model_dir, cfg)  # N(0, I), or a VampPrior's mixture from the folder
         self.decision = decision  # the `--precision auto` decision (tuning.choose), or None
 
     @classmethod
@@ -48,8 +47,8 @@ class Engine:
         precision="auto" runs (or reuses from the model folder) `tuning.choose`: the fastest path here at
         `batch_size` whose mean NLL change against fp32 stays within `max_nll_change` nats (default 0.01).
         """
-        model_dir = checkpoint.resolve_model_dir(model_dir)
-        cfg = checkpoint.model_config(model_dir)
+        model_dir = modeldir.resolve_model_dir(model_dir)
+        cfg = modeldir.model_config(model_dir)
         threads = set_threads(threads)
         decision = None
         if precision == "auto":

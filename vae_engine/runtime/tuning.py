@@ -20,9 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import modeldir
 from ..core import atomic, hardware
 from ..core.errors import VaeEngineError
-from ..modeldir import checkpoint, graphs
+from ..modeldir import graphs
 
 if TYPE_CHECKING:  # NumPy is imported by the functions that measure: `info` reads saved decisions without it
     import numpy as np
@@ -84,7 +85,7 @@ def validation_items(model_dir: Path, n: int = VALIDATION_ITEMS, seed: int = 0) 
     from ..core import rng
     from ..model.likelihoods import get
 
-    cfg, train_cfg = checkpoint.model_config(model_dir), checkpoint.train_config(model_dir)
+    cfg, train_cfg = modeldir.model_config(model_dir), modeldir.train_config(model_dir)
     lk = get(cfg.likelihood)
     try:
         x = data.to_float(data.load_test_data(train_cfg)[0][:n]).reshape(-1, cfg.input_dim)
@@ -92,9 +93,9 @@ def validation_items(model_dir: Path, n: int = VALIDATION_ITEMS, seed: int = 0) 
     except (VaeEngineError, OSError):
         import torch
 
-        model = checkpoint.load_model(model_dir)
+        model = modeldir.load_model(model_dir)
         with torch.inference_mode():
-            params = model.decoder(torch.from_numpy(checkpoint.load_prior(model_dir, cfg).sample(seed, 0, n)))
+            params = model.decoder(torch.from_numpy(modeldir.load_prior(model_dir, cfg).sample(seed, 0, n)))
             x = lk.mean(params.numpy())
         source = f"{n} samples of the model (its test data is not readable)"
     if lk.binarized and train_cfg.binarize == "dynamic":
@@ -105,7 +106,7 @@ def validation_items(model_dir: Path, n: int = VALIDATION_ITEMS, seed: int = 0) 
 def key(model_dir: Path, backend: str, device: str, threads: int, batch: int, budget: float,
         int8: bool | None) -> dict[str, Any]:
     """What a decision depends on: a saved decision is reused only when all of it is equal."""
-    every = checkpoint.versions()
+    every = modeldir.versions()
     versions = {name: every[name] for name in ("vae_engine", "torch", "onnxruntime", "numba", "openvino")}
     cpu, _ = hardware.cpu_info()
     graph_files = {}  # re-exported (or replaced) graphs are other paths: their decision is measured again
@@ -115,7 +116,7 @@ def key(model_dir: Path, backend: str, device: str, threads: int, batch: int, bu
             if path.is_file():
                 graph_files[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
     return {"cpu": cpu, "flags": hardware.describe(threads)["flags"], "gpu": hardware.gpu_name() if device == "cuda"
-            else None, "versions": versions, "weights_sha256": checkpoint.weights_sha256(model_dir),
+            else None, "versions": versions, "weights_sha256": modeldir.weights_sha256(model_dir),
             "graphs_sha256": graph_files,
             "backend": backend, "device": device, "threads": threads, "batch": batch, "budget_nats": budget,
             "int8": int8}
@@ -127,7 +128,7 @@ def saved(model_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     try:
-        doc = checkpoint.read_json(path, "tuning file")
+        doc = modeldir.read_json(path, "tuning file")
     except VaeEngineError:
         return []
     ok = isinstance(doc, dict) and doc.get("schema") == SCHEMA and isinstance(doc.get("decisions"), list)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import modeldir
 from ..core import rng
 from ..core.config import SEED_MAX, VERSION
 from ..core.errors import DataError, VaeEngineError
 from ..jobs.batch import score_items
-from ..modeldir import checkpoint
 from . import oip
 from .batcher import Metrics, MicroBatcher
 from .oip import RequestError
@@ -241,7 +241,7 @@ class App:
             from .. import data
 
             try:
-                items, labels = data.load_test_data(checkpoint.train_config(self.model_dir))
+                items, labels = data.load_test_data(modeldir.train_config(self.model_dir))
             except (VaeEngineError, OSError):
                 items, labels = None, None
             if items is None:

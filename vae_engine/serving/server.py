@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import modeldir
 from ..core.config import VERSION
 from ..core.errors import VaeEngineError
-from ..modeldir import checkpoint
 from . import oip
 from .app import App, Limits, dumps, loads
 from .oip import RequestError
@@ -114,7 +114,7 @@ def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] 
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, Response
 
-    model_dir = checkpoint.resolve_model_dir(model_dir)
+    model_dir = modeldir.resolve_model_dir(model_dir)
     state: dict[str, App] = {}
 
     def load() -> App:
@@ -349,10 +349,10 @@ def serve(model_dir: Path | None, host: str = "127.0.0.1", port: int = 8000, wor
             on_ready()
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
         return
-    checkpoint.model_config(checkpoint.resolve_model_dir(model_dir))  # a bad folder fails here, once
+    modeldir.model_config(modeldir.resolve_model_dir(model_dir))  # a bad folder fails here, once
     if on_ready:
         on_ready()
-    os.environ[SERVE_ENV] = json.dumps({"model_dir": str(checkpoint.resolve_model_dir(model_dir)),
+    os.environ[SERVE_ENV] = json.dumps({"model_dir": str(modeldir.resolve_model_dir(model_dir)),
                                         "limits": limits.__dict__, "grpc": grpc, **kwargs})
     uvicorn.run("vae_engine.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level="warning", timeout_graceful_shutdown=30)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import data
+from .. import data, modeldir
 from ..core import rng
 from ..core.config import IMAGE_SHAPE, INPUT_DIM, ModelConfig, TrainConfig
 from ..core.errors import Interrupted, VaeEngineError
@@ -21,7 +21,6 @@ from ..core.hardware import available_cpus, gpu_bf16, gpu_name, native_bf16, res
 from ..model import likelihoods
 from ..model.estimators import dreg_bound, elbo, iwae_bound, log_weights
 from ..model.networks import VAE
-from ..modeldir import checkpoint
 from . import distributed
 
 TEST_SEED = 0  # the test -ELBO of every epoch: evaluate's default seed, so the two report the same estimate
@@ -194,21 +193,21 @@ def train(
     existed = out_dir.exists()
     try:
         # only the main rank writes, so only it locks; the others read the folder under its lock
-        with checkpoint.lock(out_dir) if world.is_main else contextlib.nullcontext():
+        with modeldir.lock(out_dir) if world.is_main else contextlib.nullcontext():
             return _train(model_cfg, train_cfg, out_dir, resume, callbacks, plots, download, overwrite, world,
                           torch.device(device))
     except BaseException:
-        if world.is_main and not existed and not (out_dir / checkpoint.STATE).exists():
+        if world.is_main and not existed and not (out_dir / modeldir.STATE).exists():
             _remove_run(out_dir)  # nothing worth keeping: leave no half-made folder behind
         raise
 
 
 def _remove_run(out_dir: Path) -> None:
     """Delete what a run writes into a model folder (and the folder itself if that leaves it empty)."""
-    for name in (*checkpoint.INFERENCE_FILES, checkpoint.STATE, checkpoint.METRICS, checkpoint.EVALUATION,
-                 checkpoint.EXPORT_REPORT, *(path.name for path in _graph_files(out_dir))):
+    for name in (*modeldir.INFERENCE_FILES, modeldir.STATE, modeldir.METRICS, modeldir.EVALUATION,
+                 modeldir.EXPORT_REPORT, *(path.name for path in _graph_files(out_dir))):
         (out_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / checkpoint.PLOTS, ignore_errors=True)
+    shutil.rmtree(out_dir / modeldir.PLOTS, ignore_errors=True)
     with contextlib.suppress(OSError):
         out_dir.rmdir()
 
@@ -221,10 +220,10 @@ def _graph_files(out_dir: Path) -> list[Path]:
 
 def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, download, overwrite, world, device):
     callbacks = callbacks if callbacks and world.is_main else Callbacks()
-    has_config, has_state = (out_dir / checkpoint.CONFIG).exists(), (out_dir / checkpoint.STATE).exists()
+    has_config, has_state = (out_dir / modeldir.CONFIG).exists(), (out_dir / modeldir.STATE).exists()
     if resume and has_config:
-        model_cfg = checkpoint.model_config(out_dir)
-        train_cfg = replace(checkpoint.train_config(out_dir), epochs=train_cfg.epochs)
+        model_cfg = modeldir.model_config(out_dir)
+        train_cfg = replace(modeldir.train_config(out_dir), epochs=train_cfg.epochs)
         if not has_state:  # interrupted before its first checkpoint: start it again with the saved config
             callbacks.on_message(f"{out_dir} has no checkpoint yet: starting its run again from epoch 1")
             resume = False
@@ -275,10 +274,10 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, fused=True)
     start_epoch, rows = 0, []
     if resume:
-        start_epoch, rows = checkpoint.load_state(out_dir, model, optimizer)
+        start_epoch, rows = modeldir.load_state(out_dir, model, optimizer)
         if start_epoch >= train_cfg.epochs:
-            if plots and world.is_main and not (out_dir / checkpoint.PLOTS).is_dir():
-                checkpoint.write_metrics(out_dir, rows)
+            if plots and world.is_main and not (out_dir / modeldir.PLOTS).is_dir():
+                modeldir.write_metrics(out_dir, rows)
                 # killed while drawing its plots: draw them now
                 _draw_plots(model.cpu().eval(), out_dir, rows, x_test, train_cfg.seed, dataset.test_labels)
                 callbacks.on_message(f"{out_dir} had finished {start_epoch} epochs; drew its missing plots")
@@ -288,13 +287,13 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     if world.is_main:
         described = {**dataset.describe(), "world_size": world.size}
         # why `auto` chose this likelihood and this precision (a resumed run keeps what its first run recorded)
-        first = checkpoint.read_config(out_dir).get("data", {}) if resume else {}
+        first = modeldir.read_config(out_dir).get("data", {}) if resume else {}
         for key, reason in (("likelihood_auto", f"{model_cfg.likelihood}: {why}" if why else None),
                             ("precision_auto", precision_why)):
             if reason or first.get(key):
                 described[key] = reason or first[key]
-        checkpoint.write_config(out_dir, model_cfg, train_cfg, described)
-        checkpoint.write_metrics(out_dir, rows)  # the checkpoint's rows: a kill may have cut the file short
+        modeldir.write_config(out_dir, model_cfg, train_cfg, described)
+        modeldir.write_metrics(out_dir, rows)  # the checkpoint's rows: a kill may have cut the file short
 
     objective = Objective(model, train_cfg.objective, train_cfg.precision)
     if world.size > 1:  # averages gradients over ranks: one step on W x b inputs, as one process would take it
@@ -352,9 +351,9 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
                 rows.append(row)
                 # weights, then the resume state (which carries the metrics rows), then metrics.jsonl; each
                 # atomic, and a resume rewrites metrics.jsonl from the state, so a kill between them loses nothing
-                checkpoint.save_weights(out_dir, model)
-                checkpoint.save_state(out_dir, model, optimizer, epoch + 1, rows)
-                checkpoint.write_metrics(out_dir, rows)
+                modeldir.save_weights(out_dir, model)
+                modeldir.save_state(out_dir, model, optimizer, epoch + 1, rows)
+                modeldir.write_metrics(out_dir, rows)
                 callbacks.on_epoch_end(row)
     except KeyboardInterrupt:
         done = len(rows)
@@ -377,6 +376,6 @@ def _draw_plots(model: VAE, out_dir: Path, rows: list[dict[str, Any]], x_test: t
     from ..core import atomic
     from . import plots as plotting
 
-    with atomic.temp_dir(out_dir, checkpoint.PLOTS) as staging:
+    with atomic.temp_dir(out_dir, modeldir.PLOTS) as staging:
         plotting.training_figures(model, staging, rows, x_test, seed, labels)
-        atomic.replace_dir(staging, out_dir / checkpoint.PLOTS)
+        atomic.replace_dir(staging, out_dir / modeldir.PLOTS)

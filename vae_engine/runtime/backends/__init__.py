@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ... import modeldir
 from ...core import hardware
 from ...core.errors import VaeEngineError
-from ...modeldir import checkpoint, graphs
+from ...modeldir import graphs
 from . import ort, ov, pytorch
 from .base import EXPORT_FLAG, PRECISIONS, RAW_CALL, Backend, BackendSpec, PathSpec, set_threads
 
@@ -59,7 +60,7 @@ def load_backend(model_dir: str | Path, backend: str = "auto", precision: str = 
                  device: str = "cpu", spin: bool = False) -> Backend:
     """The backend of that name at that precision (`auto`: `default_backend`)."""
     model_dir = Path(model_dir)
-    cfg = checkpoint.model_config(model_dir)
+    cfg = modeldir.model_config(model_dir)
     if backend not in BACKENDS:
         raise VaeEngineError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:

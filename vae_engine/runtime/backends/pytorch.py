@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ... import modeldir
 from ...core.errors import VaeEngineError
-from ...modeldir import checkpoint
 from .base import BackendSpec, PathSpec, tensor, unsupported
 
 
@@ -31,7 +31,7 @@ class TorchBackend:
                                "--backend onnxruntime's (export --quantize int8)")
         self.precision, self.provider = precision, self.device.type
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        model = checkpoint.load_model(model_dir).to(self.device, self.dtype)
+        model = modeldir.load_model(model_dir).to(self.device, self.dtype)
         self.encoder, self.decoder, self.likelihood = model.encoder, model.decoder, model.likelihood
         # on a GPU the IWAE log-weights are computed where the decoder's outputs are (`log_weights`): copying
         # K x D parameters per item to the host would cost more than the network itself

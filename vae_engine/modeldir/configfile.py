@@ -1,0 +1,86 @@
+"""config.json: the model's and the training's configuration, the data it saw and the library versions, written
+atomically and read back checked."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from ..core import atomic
+from ..core.config import ModelConfig, TrainConfig, from_dict, to_dict
+from ..core.errors import ModelDirError, VaeEngineError
+from .layout import CONFIG, FORMAT, read_json
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries a model directory depends on (openvino: None when not installed; read
+    from the package metadata, not imported)."""
+    import importlib.metadata as md
+
+    import numba
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+
+    from ..core.config import VERSION as __version__
+
+    return {
+        "vae_engine": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": numpy.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+        "numba": numba.__version__, "openvino": _installed_version(md, "openvino"),
+    }
+
+
+def _installed_version(md, name: str) -> str | None:
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+def write_config(model_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data: dict[str, Any]) -> None:
+    """Write config.json atomically."""
+    atomic.write_json(model_dir / CONFIG, {
+        "format": FORMAT, "model": to_dict(model_cfg), "train": to_dict(train_cfg), "data": data,
+        "versions": versions(),
+    })
+
+
+def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The parsed config.json of a model directory, checked for the fields every reader needs."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelDirError(f"{model_dir}: model directory not found" if not model_dir.exists()
+                            else f"{model_dir}: is a file, not a model directory")
+    path = model_dir / CONFIG
+    if not path.exists():
+        raise ModelDirError(f"{path}: missing; is {model_dir} a model directory made by `vae-engine train`?")
+    cfg = read_json(path, "model config")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise ModelDirError(f"{path}: has no 'model' object; it is not a vae-engine config")
+    for section in ("train", "data", "versions"):
+        if not isinstance(cfg.get(section, {}), dict):
+            raise ModelDirError(f"{path}: '{section}' must be a JSON object, got {type(cfg[section]).__name__}")
+    return cfg
+
+
+def _section(model_dir: str | os.PathLike, cls: type, name: str) -> Any:
+    try:
+        return from_dict(cls, read_config(model_dir).get(name, {}))
+    except ModelDirError:
+        raise
+    except VaeEngineError as exc:
+        raise ModelDirError(f"{Path(model_dir) / CONFIG}: '{name}' section is invalid: {exc}") from None
+
+
+def model_config(model_dir: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig stored in a model directory (types and sizes checked before anything is allocated)."""
+    return _section(model_dir, ModelConfig, "model")
+
+
+def train_config(model_dir: str | os.PathLike) -> TrainConfig:
+    """The TrainConfig stored in a model directory."""
+    return _section(model_dir, TrainConfig, "train")

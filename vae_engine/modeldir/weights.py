@@ -1,0 +1,137 @@
+"""The weights (model.safetensors) and a VampPrior's mixture (prior.safetensors): written atomically, loaded with
+every tensor checked against the model config.json describes (names, shapes, dtypes, finite values). Never a
+pickle."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..core import atomic
+from ..core.config import LOGVAR_MAX, LOGVAR_MIN, ModelConfig
+from ..core.errors import ModelDirError, os_error_reason
+from .configfile import model_config
+from .layout import PRIOR, WEIGHTS
+
+if TYPE_CHECKING:  # torch is imported where tensors are used, so `info` and `--help` start fast
+    import torch
+
+    from ..model.networks import VAE
+    from ..model.priors import MixturePrior, NormalPrior
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a clear error for missing, unreadable or corrupt files."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise ModelDirError(f"{path}: missing; train a model first (`vae-engine train --out {path.parent}`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except OSError as exc:
+        raise ModelDirError(f"{path}: cannot read it: {os_error_reason(exc)}") from None
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
+        raise ModelDirError(f"{path}: corrupt safetensors file ({str(exc)[:200]})") from None
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[tuple[int, ...], Any]],
+                  path: Path, what: str) -> None:
+    """Every loaded tensor must have exactly the expected names, shapes and dtypes, and finite values.
+
+    A crafted file must never reach a kernel: fused Adam, for one, writes through its moments with the
+    parameter's size, so a moment of the wrong shape is an out-of-bounds write.
+    """
+    import torch
+
+    missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing or extra:
+        detail = (f"missing {missing[:3]}" if missing else "") + (" and " if missing and extra else "") + \
+                 (f"unexpected {extra[:3]}" if extra else "")
+        raise ModelDirError(f"{path}: {what} do not match config.json ({detail})")
+    for name, (shape, dtype) in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            raise ModelDirError(f"{path}: {name} is {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}, "
+                                f"config.json needs {str(dtype).removeprefix('torch.')} {tuple(shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelDirError(f"{path}: {name} holds NaN or Inf values; the file is corrupt or the run diverged")
+
+
+def weight_spec(model: VAE) -> dict[str, tuple[tuple[int, ...], Any]]:
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def load_weights(model: VAE, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    check_tensors(tensors, weight_spec(model), path, "weights")
+    model.load_state_dict(tensors, strict=True)
+
+
+def load_model(model_dir: str | os.PathLike) -> VAE:
+    """Rebuild the VAE from config.json and load model.safetensors into it (eval mode), every tensor checked."""
+    from ..model.networks import VAE
+
+    model_dir = Path(model_dir)
+    model = VAE(model_config(model_dir))
+    load_weights(model, load_tensors(model_dir / WEIGHTS)[0], model_dir / WEIGHTS)
+    return model.eval()
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Serialize in memory, then write atomically (safetensors' own file writer leaves temps of its own)."""
+    from safetensors.torch import save
+
+    atomic.write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def save_weights(model_dir: Path, model: VAE) -> None:
+    """Write model.safetensors atomically (weights only), and a VampPrior model's prior.safetensors after it."""
+    save_tensors(model_dir / WEIGHTS, model.state_dict(), {"format": "pt"})
+    save_prior(model_dir, model)
+
+
+def save_prior(model_dir: Path, model: VAE) -> None:
+    """Write prior.safetensors (the mixture of a VampPrior model, computed in fp32) atomically; nothing else has one."""
+    import torch
+
+    if model.cfg.prior == "vamp":
+        with torch.no_grad():
+            mu, logvar = model.prior.components()
+        save_tensors(model_dir / PRIOR, {"mu": mu.float(), "logvar": logvar.float()}, {"format": "pt"})
+
+
+def load_prior(model_dir: str | os.PathLike, cfg: ModelConfig) -> NormalPrior | MixturePrior:
+    """The prior a model folder's config names; a VampPrior's mixture from prior.safetensors, every value checked
+    (shape (C, L) from config.json, finite, log-variances in the encoder's bounds)."""
+    import torch
+
+    from ..model.priors import MixturePrior, NormalPrior
+
+    if cfg.prior != "vamp":
+        return NormalPrior(cfg.latent_dim)
+    path = Path(model_dir) / PRIOR
+    tensors, _ = load_tensors(path)
+    shape = (cfg.pseudo_inputs, cfg.latent_dim)
+    check_tensors(tensors, {"mu": (shape, torch.float32), "logvar": (shape, torch.float32)}, path, "prior tensors")
+    logvar = tensors["logvar"].numpy()
+    if logvar.min() < LOGVAR_MIN or logvar.max() > LOGVAR_MAX:
+        raise ModelDirError(f"{path}: logvar lies outside [{LOGVAR_MIN:g}, {LOGVAR_MAX:g}]; the file was not "
+                            "written by train")
+    return MixturePrior(tensors["mu"].numpy(), logvar)
+
+
+def weights_sha256(model_dir: str | os.PathLike) -> str:
+    """SHA-256 of model.safetensors; exported graphs record it to tie them to their weights."""
+    path = Path(model_dir) / WEIGHTS
+    if not path.is_file():
+        raise ModelDirError(f"{path}: missing")
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise ModelDirError(f"{path}: cannot read it: {os_error_reason(exc)}") from None
+    return digest.hexdigest()
