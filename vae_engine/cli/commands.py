@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -29,7 +28,7 @@ from .options import (
     SeedOpt,
     ThreadsOpt,
 )
-from .progress import CONSOLE, OUT, Meter, progress_bar
+from .progress import CONSOLE, OUT, Meter, TrainingBar
 from .run import path_options, run_job
 
 app = typer.Typer(
@@ -105,7 +104,6 @@ def train(
     from ..core.atomic import check_writable
     from ..core.config import ModelConfig, TrainConfig
     from ..data.readers import parse_shape
-    from ..training.train import Callbacks
     from ..training.train import train as run_train
 
     if contamination is not None:
@@ -125,33 +123,7 @@ def train(
     )
     check_writable(out_dir, folder=True)
 
-    class Bar(Callbacks):
-        def on_train_start(self, epochs, start_epoch, steps_per_epoch):
-            self.steps, self.bar = steps_per_epoch, progress_bar("samples")
-            self.bar.start()
-            self.task = self.bar.add_task("train", total=(epochs - start_epoch) * steps_per_epoch, info="", rate="")
-            self.t0, self.seen = time.perf_counter(), 0
-
-        def on_batch_end(self, epoch, step, loss, samples):
-            self.seen += samples
-            if (step + 1) % 25 == 0 or step == self.steps - 1:
-                rate = self.seen / max(time.perf_counter() - self.t0, 1e-9)
-                self.bar.update(self.task, advance=step % 25 + 1, description=f"epoch {epoch + 1}",
-                                info=f"loss {loss:7.2f}", rate=f"{rate:,.0f}")
-
-        def on_message(self, text):
-            console.print(text)
-
-        def on_epoch_end(self, row):
-            nll = f"  NLL(k=1000) {row['test_nll_k1000']:.2f}" if "test_nll_k1000" in row else ""
-            self.bar.console.print(
-                f"epoch {row['epoch']:3d}  train {row['train_loss']:8.3f}  test -ELBO {row['test_nelbo']:8.3f}{nll}  "
-                f"{row['seconds']:6.2f} s  {row['samples_per_s']:,.0f} samples/s  {row['precision']} "
-                f"{'' if row['device'] == 'cpu' else row['device'] + ' '}"
-                f"{row['gflops']:,.0f} GFLOP/s" + (f" ({row['fraction_of_peak']:.0%} of peak)"
-                                                   if row.get("fraction_of_peak") else ""))
-
-    bar = Bar()
+    bar = TrainingBar()
     try:
         run_train(model_cfg, train_cfg, out_dir, resume=resume, callbacks=bar, plots=plots, download=download,
                   overwrite=overwrite, device=device)

@@ -14,6 +14,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ..training.callbacks import Callbacks
+
 CONSOLE = Console(stderr=True)  # progress, status and warnings
 OUT = Console()  # what a command reports: stdout
 
@@ -51,3 +53,32 @@ class Meter:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+class TrainingBar(Callbacks):
+    """The trainer's progress: a bar over the run's steps (samples/s), one line per epoch with its numbers."""
+
+    def on_train_start(self, epochs, start_epoch, steps_per_epoch):
+        self.steps, self.bar = steps_per_epoch, progress_bar("samples")
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=(epochs - start_epoch) * steps_per_epoch, info="", rate="")
+        self.t0, self.seen = time.perf_counter(), 0
+
+    def on_batch_end(self, epoch, step, loss, samples):
+        self.seen += samples
+        if (step + 1) % 25 == 0 or step == self.steps - 1:
+            rate = self.seen / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, advance=step % 25 + 1, description=f"epoch {epoch + 1}",
+                            info=f"loss {loss:7.2f}", rate=f"{rate:,.0f}")
+
+    def on_message(self, text):
+        CONSOLE.print(text)
+
+    def on_epoch_end(self, row):
+        nll = f"  NLL(k=1000) {row['test_nll_k1000']:.2f}" if "test_nll_k1000" in row else ""
+        self.bar.console.print(
+            f"epoch {row['epoch']:3d}  train {row['train_loss']:8.3f}  test -ELBO {row['test_nelbo']:8.3f}{nll}  "
+            f"{row['seconds']:6.2f} s  {row['samples_per_s']:,.0f} samples/s  {row['precision']} "
+            f"{'' if row['device'] == 'cpu' else row['device'] + ' '}"
+            f"{row['gflops']:,.0f} GFLOP/s" + (f" ({row['fraction_of_peak']:.0%} of peak)"
+                                               if row.get("fraction_of_peak") else ""))

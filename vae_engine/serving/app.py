@@ -187,7 +187,7 @@ class App:
         with self.tracked("v2") as t:
             try:
                 t.endpoint = f"v2/{self.model(name, version).op}"
-                raw = oip.decompress(await read_body(headers, chunks, self.limits.max_body_bytes),
+                raw = oip.decompress(await read_limited(headers, chunks, self.limits.max_body_bytes),
                                      headers.get("content-encoding"), self.limits.max_body_bytes)
                 header, binary = oip.split_body(raw, headers.get(oip.HEADER))
                 arrays, params, wanted, all_binary = oip.parse_http(header, binary)
@@ -295,7 +295,7 @@ except ImportError:  # pragma: no cover - the standard library does the same, sl
         return json.dumps(obj, default=_to_json).encode()
 
 
-async def read_body(headers: Mapping[str, str], chunks: AsyncIterator[bytes], limit: int) -> bytes:
+async def read_limited(headers: Mapping[str, str], chunks: AsyncIterator[bytes], limit: int) -> bytes:
     """A request body of at most `limit` bytes (413 beyond, by Content-Length or as it arrives)."""
     declared = headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):

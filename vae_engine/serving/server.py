@@ -30,7 +30,7 @@ from .. import modeldir
 from ..core.config import VERSION
 from ..core.errors import VaeEngineError
 from . import oip
-from .app import App, Limits, dumps, loads
+from .app import App, Limits, dumps, loads, read_limited
 from .oip import RequestError
 
 NPY = "application/x-npy"
@@ -156,7 +156,7 @@ def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] 
         return JSONResponse({"error": message}, status_code=status)
 
     async def read_body(request: Request, limits: Limits) -> bytes:
-        return await read_body(request.headers, request.stream(), limits.max_body_bytes)
+        return await read_limited(request.headers, request.stream(), limits.max_body_bytes)
 
     async def handle(op: str, request: Request):
         a = state["app"]

@@ -22,19 +22,11 @@ from ..model import likelihoods
 from ..model.estimators import dreg_bound, elbo, iwae_bound, log_weights
 from ..model.networks import VAE
 from . import distributed
+from .callbacks import Callbacks
 
 TEST_SEED = 0  # the test -ELBO of every epoch: evaluate's default seed, so the two report the same estimate
 NLL_ITEMS, NLL_K = 1000, 1000  # the --nll-every check: IWAE NLL of the first 1,000 test items, k=1000
 PEAK_AFTER_S = 10.0  # the GEMM peak (~2 s to measure) is measured once a run has trained this long
-
-
-class Callbacks:
-    """Hooks the trainer calls; the CLI subclasses it for progress bars (the trainer knows nothing of rich)."""
-
-    def on_train_start(self, epochs: int, start_epoch: int, steps_per_epoch: int) -> None: ...
-    def on_batch_end(self, epoch: int, step: int, loss: float, samples: int) -> None: ...
-    def on_epoch_end(self, row: dict[str, Any]) -> None: ...
-    def on_message(self, text: str) -> None: ...
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
