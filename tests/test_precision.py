@@ -189,8 +189,12 @@ def test_cli_precision(model, x, tmp_path):
                                   "--precision", "fp8"]), "unknown precision")
     one_line_error(runner.invoke(app, ["score", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out),
                                   "--max-nll-change", "-1"]), "--max-nll-change")
-    one_line_error(runner.invoke(app, ["decode", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out),
+    np.save(tmp_path / "z.npy", np.zeros((3, 4), np.float32))
+    one_line_error(runner.invoke(app, ["decode", str(model), "-i", str(tmp_path / "z.npy"), "-o", str(out),
                                   "--backend", "onnxruntime", "--precision", "bf16"]), "no bf16 kernels")
+    # a bad input is found before any path is loaded or measured
+    one_line_error(runner.invoke(app, ["decode", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out)]),
+                   "latents must have shape (N, 4)")
 
 
 def test_device_resident_log_weights_equal_the_numba_path(exported_model, x):
