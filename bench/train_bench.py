@@ -63,7 +63,7 @@ def _trainer_step(cfg: ModelConfig, objective: str, precision: str, x_train: tor
     def step():
         if at[0] + batch > len(order):
             at[0] = 0
-        x = data.binarize(x_train[order[at[0] : at[0] + batch]], "dynamic", g)
+        x = data.binarize_torch(x_train[order[at[0] : at[0] + batch]], "dynamic", g)
         at[0] += batch
         loss = loss_fn(x, torch.randn((k, batch, cfg.latent_dim), generator=g), 1.0)
         optimizer.zero_grad(set_to_none=True)

@@ -94,9 +94,9 @@ def test_named_dataset_without_download_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_dynamic_binarization_is_seeded_bernoulli():
     x = torch.full((200, 784), 0.3)
-    a = data.binarize(x, "dynamic", torch.Generator().manual_seed(5))
-    b = data.binarize(x, "dynamic", torch.Generator().manual_seed(5))
+    a = data.binarize_torch(x, "dynamic", torch.Generator().manual_seed(5))
+    b = data.binarize_torch(x, "dynamic", torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
     assert set(a.unique().tolist()) == {0.0, 1.0}
     assert abs(a.mean().item() - 0.3) < 0.01
-    assert data.binarize(x, "none", None) is x
+    assert data.binarize_torch(x, "none", None) is x

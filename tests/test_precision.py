@@ -125,42 +125,45 @@ def test_auto_picks_only_paths_within_the_budget(model):
 
 
 
+QUICK = 0.02  # seconds of timing per path: these tests check when a decision is kept, not which path wins
+
+
 def test_decision_is_saved_reused_and_invalidated(model, monkeypatch):
-    first = tuning.choose(Engine.load, model, threads=2, batch=32)
+    first = tuning.choose(Engine.load, model, threads=2, batch=32, min_time=QUICK)
     assert not first["reused"] and first["saved"] and (model / tuning.TUNING).is_file()
-    again = tuning.choose(Engine.load, model, threads=2, batch=32)
+    again = tuning.choose(Engine.load, model, threads=2, batch=32, min_time=QUICK)
     assert again["reused"] and again["measurements"] == first["measurements"]
     assert (again["backend"], again["precision"]) == (first["backend"], first["precision"])
     # another batch size is another decision; both are kept
-    tuning.choose(Engine.load, model, threads=2, batch=8)
+    tuning.choose(Engine.load, model, threads=2, batch=8, min_time=QUICK)
     assert len(tuning.saved(model)) == 2
     # new CPU flags or new library versions: measured again, not reused
     _no_vnni(monkeypatch, ("avx2", "avx512_vnni"))
-    assert not tuning.choose(Engine.load, model, threads=2, batch=32)["reused"]
+    assert not tuning.choose(Engine.load, model, threads=2, batch=32, min_time=QUICK)["reused"]
     monkeypatch.undo()
     real = modeldir.versions()
     monkeypatch.setattr(modeldir, "versions", lambda: {**real, "onnxruntime": "99.0"})
-    assert not tuning.choose(Engine.load, model, threads=2, batch=32)["reused"]
+    assert not tuning.choose(Engine.load, model, threads=2, batch=32, min_time=QUICK)["reused"]
     # a replaced graph file (re-export, or someone else's file): measured again, and a bad graph is an error
     monkeypatch.undo()
-    assert tuning.choose(Engine.load, model, threads=2, batch=32)["reused"]
+    assert tuning.choose(Engine.load, model, threads=2, batch=32, min_time=QUICK)["reused"]
     import onnx
 
     graph = onnx.load(model / "decoder.int8.onnx")
     onnx.helper.set_metadata_props(graph, {"note": "re-exported"})
     onnx.save(graph, model / "decoder.int8.onnx")
-    assert not tuning.choose(Engine.load, model, threads=2, batch=32)["reused"]
+    assert not tuning.choose(Engine.load, model, threads=2, batch=32, min_time=QUICK)["reused"]
     # retrained weights: the old decision does not apply
     monkeypatch.setattr(modeldir, "weights_sha256", lambda d: "0" * 64)
-    assert not tuning.choose(Engine.load, model, threads=2, batch=32)["reused"]
+    assert not tuning.choose(Engine.load, model, threads=2, batch=32, min_time=QUICK)["reused"]
 
 
 def test_damaged_or_read_only_tuning_file_is_not_fatal(model):
     (model / tuning.TUNING).write_text("{not json")
-    d = tuning.choose(Engine.load, model, threads=2, batch=16)
+    d = tuning.choose(Engine.load, model, threads=2, batch=16, min_time=QUICK)
     assert not d["reused"] and json.loads((model / tuning.TUNING).read_text())["schema"] == tuning.SCHEMA
     (model / tuning.TUNING).write_text(json.dumps({"schema": tuning.SCHEMA, "decisions": [{"key": 3}, "x"]}))
-    assert not tuning.choose(Engine.load, model, threads=2, batch=16)["reused"]
+    assert not tuning.choose(Engine.load, model, threads=2, batch=16, min_time=QUICK)["reused"]
 
 
 def test_engine_auto_reports_its_path(model, x):

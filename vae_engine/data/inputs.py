@@ -30,8 +30,9 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(to_float(images))
 
 
-def binarize(x: torch.Tensor, mode: str, generator: torch.Generator | None) -> torch.Tensor:
-    """Dynamic binarization: each pixel ~ Bernoulli(intensity), re-sampled on every use; "none" keeps x."""
+def binarize_torch(x: torch.Tensor, mode: str, generator: torch.Generator | None) -> torch.Tensor:
+    """Training's dynamic binarization of a batch with its epoch's torch generator (the engine's is the counter-based
+    `rng.binarize`): each pixel ~ Bernoulli(intensity), re-sampled on every use; "none" keeps x."""
     import torch
 
     if mode == "none":

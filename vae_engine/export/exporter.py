@@ -123,7 +123,7 @@ def _int8(fp32: dict[str, onnx.ModelProto], model_dir: Path, cfg: ModelConfig, s
     items = data.load_training_data(train_cfg).train_images
     pick = np.sort(np.random.default_rng(seed).permutation(len(items))[:CALIBRATION_ITEMS])
     x = data.to_float(items[pick]).reshape(len(pick), -1)
-    x = rng.binarize(x, seed, 0) if lk.binarized and train_cfg.binarize == "dynamic" else x
+    x = rng.binarize(x, seed, 0) if lk.binarizes(train_cfg.binarize) else x
     found = {role: quantize.layers(fp32[role], role, unit_input=role == "encoder" and lk.unit_interval)
              for role in fp32}  # the decoder's input z is signed
     step("int8 calibration")
@@ -252,7 +252,7 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, optimize: b
     train_cfg = modeldir.train_config(model_dir)
     test_items, _ = data.load_test_data(train_cfg)  # the model's own test data, not always MNIST
     x_test = data.to_float(test_items[:MAX_REPORT_ITEMS])
-    binarized = model.likelihood.binarized and train_cfg.binarize == "dynamic"
+    binarized = model.likelihood.binarizes(train_cfg.binarize)
     x_bin = rng.binarize(x_test, seed, 0) if binarized else x_test
     z_test = np.random.default_rng(seed).standard_normal((37, cfg.latent_dim)).astype(np.float32)
     x_check = np.concatenate([x_test] * -(-37 // len(x_test)))[:37]  # batch 37 even from a tiny test split

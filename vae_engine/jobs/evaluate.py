@@ -38,7 +38,7 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
     images = images[:limit]
     threads = set_threads(threads)
     model = modeldir.load_model(model_dir)
-    binarize = model.likelihood.binarized and train_cfg.binarize == "dynamic"
+    binarize = model.likelihood.binarizes(train_cfg.binarize)
     reference = partial(reference_scores, model)
     path = "torch/fp32 (reference)"
     if backend == "torch" and precision == "fp32" and device == "cpu":

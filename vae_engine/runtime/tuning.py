@@ -98,7 +98,7 @@ def validation_items(model_dir: Path, n: int = VALIDATION_ITEMS, seed: int = 0) 
             params = model.decoder(torch.from_numpy(modeldir.load_prior(model_dir, cfg).sample(seed, 0, n)))
             x = lk.mean(params.numpy())
         source = f"{n} samples of the model (its test data is not readable)"
-    if lk.binarized and train_cfg.binarize == "dynamic":
+    if lk.binarizes(train_cfg.binarize):
         x = rng.binarize(x, seed, 0)
     return np.ascontiguousarray(x, np.float32), source
 

@@ -87,11 +87,6 @@ def step_flops(cfg: ModelConfig, batch: int, k: int) -> float:
     return 3.0 * (items * per_item["encode"] + k * batch * per_item["decode"])
 
 
-def binarize_mode(model: VAE, cfg: TrainConfig) -> str:
-    """Dynamic binarization applies to Bernoulli models only; the others see their data as it is."""
-    return cfg.binarize if model.likelihood.binarized else "none"
-
-
 def auto_likelihood(dataset: data.Dataset) -> tuple[str, str]:
     """The likelihood `--likelihood auto` stands for on this data, and why (recorded in config.json).
 
@@ -131,7 +126,7 @@ def test_elbo(model: VAE, x_test: torch.Tensor, cfg: TrainConfig, batch_size: in
     from ..model.estimators import reference_nelbo
 
     model.eval()
-    x_all, binarized = x_test.numpy(), binarize_mode(model, cfg) == "dynamic"
+    x_all, binarized = x_test.numpy(), model.likelihood.binarizes(cfg.binarize)
     total = 0.0
     for i in range(0, len(x_all), batch_size):
         x = rng.binarize(x_all[i : i + batch_size], TEST_SEED, i) if binarized else x_all[i : i + batch_size]
@@ -149,7 +144,7 @@ def test_nll(model: VAE, x_test: torch.Tensor, cfg: TrainConfig) -> float:
     model.eval()
     x = x_test[:NLL_ITEMS].numpy()
     nll = evaluate(lambda xb, start, k, seed: reference_scores(model, xb, start, k, seed), x, NLL_K, TEST_SEED,
-                   binarize=binarize_mode(model, cfg) == "dynamic")[1]
+                   binarize=model.likelihood.binarizes(cfg.binarize))[1]
     model.train()
     return float(nll.mean())
 
@@ -309,8 +304,8 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
             for step in range(steps):
                 # every rank draws the whole global batch's noise and keeps its slice, so the result does not
                 # depend on the world size
-                x = data.binarize(x_train[perm[step * global_batch : (step + 1) * global_batch]],
-                                  binarize_mode(model, train_cfg), g)
+                x = data.binarize_torch(x_train[perm[step * global_batch : (step + 1) * global_batch]],
+                                  "dynamic" if model.likelihood.binarizes(train_cfg.binarize) else "none", g)
                 eps = torch.randn((train_cfg.k, global_batch, model_cfg.latent_dim), generator=g)  # (K, W*b, D)
                 loss = objective(x[mine].to(device, non_blocking=True), eps[:, mine].to(device, non_blocking=True),
                                  kl_weight_at(train_cfg, epoch, step, steps))

@@ -17,6 +17,11 @@ class Likelihood:
     binarized: bool = False  # [0, 1] data is dynamically binarized (re-sampled Bernoulli pixels) for this one
     row: Any = None  # Numba: row(x (D,) float32, params (n_params*D,) float32) -> float32 log p(x|params)
 
+    def binarizes(self, mode: str) -> bool:
+        """Does this model see its [0, 1] data as dynamically binarized pixels, under a TrainConfig's `binarize`
+        mode? The one answer for training, evaluation, export's checks and tuning's validation items."""
+        return self.binarized and mode == "dynamic"
+
     def log_prob(self, x, params):
         """PyTorch: log p(x|params) summed over features; x (B, D) broadcasts against params (..., B, P*D)."""
         raise NotImplementedError
