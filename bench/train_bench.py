@@ -65,7 +65,7 @@ def _trainer_step(cfg: ModelConfig, objective: str, precision: str, x_train: tor
             at[0] = 0
         x = data.binarize_torch(x_train[order[at[0] : at[0] + batch]], "dynamic", g)
         at[0] += batch
-        loss = loss_fn(x, torch.randn((k, batch, cfg.latent_dim), generator=g), 1.0)
+        loss = loss_fn(x, torch.randn((k, batch, cfg.latent_dim), generator=g).transpose(0, 1), 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -16,9 +16,16 @@ from vae_engine.core import hardware
 from vae_engine.core.config import ModelConfig, TrainConfig
 from vae_engine.core.errors import ModelDirError, VaeEngineError
 from vae_engine.model import kernels, priors
-from vae_engine.model.estimators import dreg_bound, iwae_bound, log_weights, reference_nelbo, reference_scores
-from vae_engine.model.estimators import log_weights_and_z as log_weights_and_z
+from vae_engine.model.estimators import (
+    dreg_bound,
+    iwae_bound,
+    log_weights,
+    log_weights_and_z,
+    reference_nelbo,
+    reference_scores,
+)
 from vae_engine.model.networks import VAE
+from vae_engine.model.posterior import gaussian_log_prob, standard_normal_log_prob
 from vae_engine.runtime.engine import Engine
 from vae_engine.training.train import Objective, auto_precision, step_flops, train
 
@@ -99,9 +106,10 @@ def _dreg_reference(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> dict[str,
     enc = [p for n, p in model.named_parameters() if n.startswith("encoder.")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
     mu, logvar = model.encode(x)
+    mu, logvar = mu[:, None], logvar[:, None]  # (B, 1, L) against eps (B, K, L)
     z = mu + torch.exp(0.5 * logvar) * eps
     z_fixed = z.detach()
-    log_q = priors.gaussian_log_prob
+    log_q = gaussian_log_prob
 
     # pass 1: the encoder through the samples only (the prior's components held fixed, so p enters only via z)
     if model.cfg.prior == "vamp":
@@ -109,12 +117,12 @@ def _dreg_reference(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> dict[str,
             c_mu, c_logvar = model.prior.components()
         log_p = priors.mixture_log_prob(z, c_mu, c_logvar)
     else:
-        log_p = priors.standard_normal_log_prob(z)
-    log_w1 = model.likelihood.log_prob(x, model.decode(z)) + log_p - log_q(z, mu.detach(), logvar.detach())
-    w = torch.softmax(log_w1.detach(), 0)
+        log_p = standard_normal_log_prob(z)
+    log_w1 = model.likelihood.log_prob(x[:, None], model.decode(z)) + log_p - log_q(z, mu.detach(), logvar.detach())
+    w = torch.softmax(log_w1.detach(), -1)
     g_path = torch.autograd.grad((w**2 * log_w1).sum(), enc)
     # pass 2: at fixed z, the decoder and the prior (pseudo-inputs and the encoder that maps them)
-    log_w2 = (model.likelihood.log_prob(x, model.decode(z_fixed)) + model.prior.log_prob(z_fixed)
+    log_w2 = (model.likelihood.log_prob(x[:, None], model.decode(z_fixed)) + model.prior.log_prob(z_fixed)
               - log_q(z_fixed, mu.detach(), logvar.detach()))
     g_enc_prior = torch.autograd.grad((w * log_w2).sum(), enc, retain_graph=True, allow_unused=True,
                                       materialize_grads=True)
@@ -130,7 +138,7 @@ def test_dreg_gradient_matches_the_two_pass_formula(prior):
     model = _vamp_model(2) if prior == "vamp" else VAE(ModelConfig(latent_dim=5, hidden=(24,)))
     torch.manual_seed(3)
     x = (torch.rand(6, 784) < 0.3).float()
-    eps = torch.randn(4, 6, 5)
+    eps = torch.randn(6, 4, 5)  # (B, K, L)
     model.zero_grad()
     bound = dreg_bound(model, x, eps)
     bound.sum().backward()
@@ -153,16 +161,16 @@ def test_dreg_gradient_matches_the_two_pass_formula(prior):
 
 def test_dreg_matches_the_detached_log_weights():
     model = _vamp_model(4)
-    x, eps = (torch.rand(3, 784) < 0.5).float(), torch.randn(2, 3, 5)
+    x, eps = (torch.rand(3, 784) < 0.5).float(), torch.randn(3, 2, 5)
     log_w, z = log_weights_and_z(model, x, eps, detach_q=True)
     torch.testing.assert_close(log_w, log_weights(model, x, eps))  # detaching changes gradients, not values
-    assert z.shape == (2, 3, 5)
+    assert z.shape == (3, 2, 5) and log_w.shape == (3, 2)
 
 
 def test_bf16_objective_keeps_fp32_maths():
     torch.manual_seed(0)
     model = VAE(ModelConfig(latent_dim=5, hidden=(64,)))
-    x, eps = (torch.rand(32, 784) < 0.3).float(), torch.randn(3, 32, 5)
+    x, eps = (torch.rand(32, 784) < 0.3).float(), torch.randn(32, 3, 5)
     losses = {}
     for precision in ("fp32", "bf16"):
         model.zero_grad()

@@ -2,7 +2,8 @@
 on-device log-weights, export's validation and the reference scores every other path is compared with (below).
 The engine's twins are the Numba kernels of `kernels` (same formulas, same counter-based eps streams).
 
-Shapes: x (B, D); eps (K, B, L) for K samples per input; per-input values (B,), log-weights (K, B).
+Shapes: x (B, D); eps (B, K, L) for K samples per input (the one eps layout: the counter streams' and the
+kernels'); per-input values (B,), log-weights (B, K).
 
 The reference scores: test-set -ELBO and importance-weighted NLL (Burda et al. 2015) over NumPy items, with
 binarization and eps from the counter-based streams of `rng` keyed by (seed, item index), so any backend that
@@ -29,25 +30,26 @@ def log_weight(likelihood, prior_log_prob, x: torch.Tensor, params: torch.Tensor
 
 
 def elbo(model: VAE, x: torch.Tensor, eps: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
-    """ELBO per input: E_q[log p(x|z)] - KL(q||p), K&W 2013 eq. 10, eps (K, B, D) averaged; the KL analytic for
-    N(0, I), estimated with the same samples for a VampPrior."""
+    """ELBO per input: E_q[log p(x|z)] - KL(q||p), K&W 2013 eq. 10, over the K samples of eps (B, K, L); the KL
+    analytic for N(0, I), estimated with the same samples for a VampPrior."""
     q = model.posterior(x)
-    z = q.sample(eps)
-    params = model.decode(z)  # (K, B, P*D)
-    return model.likelihood.log_prob(x, params).mean(0) - kl_weight * model.prior.kl(q.mu, q.logvar, z)
+    z = q.sample(eps)  # (B, K, L)
+    params = model.decode(z)  # (B, K, P*D)
+    return model.likelihood.log_prob(x[:, None], params).mean(-1) - kl_weight * model.prior.kl(q, z)
 
 
 def log_weights(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Importance log-weights log p(x|z_k) + log p(z_k) - log q(z_k|x), shape (K, B), for eps (K, B, D)."""
+    """Importance log-weights log p(x|z_k) + log p(z_k) - log q(z_k|x), shape (B, K), for eps (B, K, L)."""
     return log_weights_and_z(model, x, eps)[0]
 
 
 def log_weights_and_z(model: VAE, x: torch.Tensor, eps: torch.Tensor, detach_q: bool = False):
-    """(log-weights (K, B), samples z (K, B, D)). detach_q: q's parameters enter log q as constants (z still
+    """(log-weights (B, K), samples z (B, K, L)). detach_q: q's parameters enter log q as constants (z still
     depends on them), as DReG needs."""
     q = model.posterior(x)
     z = q.sample(eps)
-    return log_weight(model.likelihood, model.prior.log_prob, x, model.decode(z), z, q.detach() if detach_q else q), z
+    q_in_log_q = q.detach() if detach_q else q
+    return log_weight(model.likelihood, model.prior.log_prob, x[:, None], model.decode(z), z, q_in_log_q), z
 
 
 def dreg_bound(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -60,16 +62,16 @@ def dreg_bound(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     w~_k. z depends on the encoder alone, so the hook touches nothing else (a VampPrior's pseudo-inputs reach the
     encoder through log p, not through z)."""
     log_w, z = log_weights_and_z(model, x, eps, detach_q=True)
-    w = torch.softmax(log_w.detach(), dim=0)  # (K, B)
+    w = torch.softmax(log_w.detach(), dim=-1)  # (B, K)
     if z.requires_grad:
         z.register_hook(lambda grad: grad * w.unsqueeze(-1))
-    surrogate = (w * log_w).sum(0)
+    surrogate = (w * log_w).sum(-1)
     return iwae_bound(log_w.detach()) + surrogate - surrogate.detach()
 
 
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
-    """L_K = log (1/K) sum_k w_k via log-sum-exp (Burda et al. 2015, eq. 8); log_w (K, B) -> (B,)."""
-    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+    """L_K = log (1/K) sum_k w_k via log-sum-exp (Burda et al. 2015, eq. 8); log_w (B, K) -> (B,)."""
+    return torch.logsumexp(log_w, dim=-1) - math.log(log_w.shape[-1])
 
 
 # ---- the reference scores over NumPy items (the counter-based streams) ----
@@ -87,8 +89,8 @@ def reference_scores(model: VAE, x: np.ndarray, start: int, k: int, seed: int) -
     log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks (the engine's blocking, same streams)
     for i, j, s, eps in rng.iwae_blocks(rng.Streams.contiguous(seed, start, len(x)), k, model.cfg.latent_dim,
                                             SCORE_ROWS):
-        log_w = log_weights(model, xt[i:j], torch.from_numpy(eps).to(device).transpose(0, 1)).double()  # (K', b)
-        block = torch.logsumexp(log_w, dim=0).cpu().numpy()
+        log_w = log_weights(model, xt[i:j], torch.from_numpy(eps).to(device)).double()  # (b, K')
+        block = torch.logsumexp(log_w, dim=-1).cpu().numpy()
         log_sum[i:j] = block if s == 0 else np.logaddexp(log_sum[i:j], block)
     return reference_nelbo(model, x, start, seed), -(log_sum - np.log(k))
 
@@ -100,8 +102,8 @@ def reference_nelbo(model: VAE, x: np.ndarray, start: int, seed: int) -> np.ndar
     The one estimator of the test -ELBO: `evaluate`, `export` and the per-epoch metrics all use it."""
     device = _device(model)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
-    eps1 = torch.from_numpy(rng.normal_eps(seed, start, len(x), 1, model.cfg.latent_dim)).to(device).transpose(0, 1)
-    return -elbo(model, xt, eps1).double().cpu().numpy()  # eps1 is (1, n, D)
+    eps1 = torch.from_numpy(rng.normal_eps(seed, start, len(x), 1, model.cfg.latent_dim)).to(device)  # (n, 1, L)
+    return -elbo(model, xt, eps1).double().cpu().numpy()
 
 
 def _device(model: VAE) -> torch.device:

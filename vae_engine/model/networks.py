@@ -226,7 +226,7 @@ class VAE(nn.Module):
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """z = mu + sigma * eps (K&W 2013, eq. 4); eps (..., B, D) broadcasts over leading sample axes."""
+        """z = mu + sigma * eps (K&W 2013, eq. 4), for eps (B, K, L) or (B, L)."""
         return DiagonalGaussian(mu, logvar).sample(eps)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -26,33 +26,38 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
 
 
 class DiagonalGaussian:
-    """q(z|x) for a batch: mu and logvar (B, D). Deterministic unless sampled with explicit eps."""
+    """q(z|x) for a batch: mu and logvar (B, L). Samples come in the one eps layout of the project, (B, K, L): K
+    samples per input (the counter streams' and the Numba kernels' layout); a single sample may also be (B, L).
+    Deterministic unless sampled with explicit eps."""
 
     def __init__(self, mu: torch.Tensor, logvar: torch.Tensor):
         self.mu, self.logvar = mu, logvar
 
     @property
     def mean(self) -> torch.Tensor:
-        """The posterior mean (also its mode): mu (B, D)."""
+        """The posterior mean (also its mode): mu (B, L)."""
         return self.mu
 
     @property
     def std(self) -> torch.Tensor:
         return torch.exp(0.5 * self.logvar)
 
+    def _per_sample(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return t.unsqueeze(-2) if z.dim() == t.dim() + 1 else t  # (B, 1, L) against samples (B, K, L)
+
     def sample(self, eps: torch.Tensor) -> torch.Tensor:
-        """z = mu + sigma * eps (K&W 2013, eq. 4); eps (..., B, D) broadcasts over leading sample axes."""
-        return self.mu + self.std * eps
+        """z = mu + sigma * eps (K&W 2013, eq. 4), for eps (B, K, L) or (B, L)."""
+        return self._per_sample(self.mu, eps) + self._per_sample(self.std, eps) * eps
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """log q(z|x) summed over latent dims, for z (..., B, D) -> (..., B)."""
-        return gaussian_log_prob(z, self.mu, self.logvar)
+        """log q(z|x) summed over latent dims: z (B, K, L) -> (B, K), or (B, L) -> (B,)."""
+        return gaussian_log_prob(z, self._per_sample(self.mu, z), self._per_sample(self.logvar, z))
 
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per input (B,), analytic."""
         return gaussian_kl(self.mu, self.logvar)
 
     def detach(self) -> DiagonalGaussian:
-        """The same distribution with its parameters as constants (z drawn from it still carries gradients only
-        through the eps path of the undetached one; DReG's log q needs this)."""
+        """The same distribution with its parameters as constants (DReG's log q: z drawn from the undetached one
+        still carries the gradient of the sampling path)."""
         return DiagonalGaussian(self.mu.detach(), self.logvar.detach())

@@ -22,7 +22,7 @@ from ..core.config import LOG_2PI, ModelConfig
 from ..core.fastmath import PARALLEL_MIN, jit
 from ..core.fastmath import exp as _exp
 from . import kernels
-from .posterior import gaussian_kl, gaussian_log_prob, standard_normal_log_prob
+from .posterior import DiagonalGaussian, standard_normal_log_prob
 
 
 def mixture_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -49,9 +49,9 @@ class StandardNormal(nn.Module):
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return standard_normal_log_prob(z)
 
-    def kl(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """KL(q(z|x) || p(z)) per input (B,); analytic here, so the samples z (K, B, L) are not used."""
-        return gaussian_kl(mu, logvar)
+    def kl(self, q: DiagonalGaussian, z: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) || p(z)) per input (B,); analytic here, so the samples z (B, K, L) are not used."""
+        return q.kl()
 
     def sample(self, n: int, latent_dim: int, seed: int = 0, start: int = 0) -> torch.Tensor:
         """z (n, L) ~ N(0, I) for items start..start+n-1 of seed: the engine's draw (`NormalPrior.sample`)."""
@@ -78,9 +78,10 @@ class VampPrior(nn.Module):
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return mixture_log_prob(z, *self.components())
 
-    def kl(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """KL(q(z|x) || p(z)) per input (B,), estimated with the samples z (K, B, L): no closed form for a mixture."""
-        return (gaussian_log_prob(z, mu, logvar) - self.log_prob(z)).mean(0)
+    def kl(self, q: DiagonalGaussian, z: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) || p(z)) per input (B,), estimated with q's samples z (B, K, L): no closed form for a
+        mixture."""
+        return (q.log_prob(z) - self.log_prob(z)).mean(-1)
 
     def sample(self, n: int, latent_dim: int, seed: int = 0, start: int = 0) -> torch.Tensor:
         """z (n, L) for items start..start+n-1 of seed, from the counter streams the engine's `MixturePrior.sample`

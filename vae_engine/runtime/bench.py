@@ -127,7 +127,7 @@ def postprocess_fns(x, params, mu, logvar, eps, likelihood=None) -> dict[str, Ca
 
     def torch_path():
         with torch.inference_mode():
-            q = DiagonalGaussian(tmu[:, None], tlv[:, None])  # (B, 1, L) over eps (B, K, L)
+            q = DiagonalGaussian(tmu, tlv)
             z = q.sample(te)
             lw = log_weight(lk, standard_normal_log_prob, tx[:, None], tp, z, q)
             return (torch.logsumexp(lw, -1) - np.log(k)).numpy()

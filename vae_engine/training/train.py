@@ -67,7 +67,7 @@ class Objective(torch.nn.Module):
         self.model, self.objective, self.bf16 = model, objective, precision == "bf16"
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor, kl_weight: float) -> torch.Tensor:
-        """Mean negative objective over a batch x (B, D), eps (K, B, L)."""
+        """Mean negative objective over a batch x (B, D), eps (B, K, L)."""
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             if self.objective == "dreg":
                 return -dreg_bound(self.model, x, eps).mean()
@@ -306,8 +306,9 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
                 # depend on the world size
                 x = data.binarize_torch(x_train[perm[step * global_batch : (step + 1) * global_batch]],
                                   "dynamic" if model.likelihood.binarizes(train_cfg.binarize) else "none", g)
-                eps = torch.randn((train_cfg.k, global_batch, model_cfg.latent_dim), generator=g)  # (K, W*b, D)
-                loss = objective(x[mine].to(device, non_blocking=True), eps[:, mine].to(device, non_blocking=True),
+                # (W*b, K, L), drawn K-major as runs always have, so a run (or its resume) draws the same numbers
+                eps = torch.randn((train_cfg.k, global_batch, model_cfg.latent_dim), generator=g).transpose(0, 1)
+                loss = objective(x[mine].to(device, non_blocking=True), eps[mine].to(device, non_blocking=True),
                                  kl_weight_at(train_cfg, epoch, step, steps))
                 value = loss.item()
                 if not math.isfinite(value):  # stop before a non-finite step reaches the weights

@@ -84,7 +84,7 @@ class TorchBackend:
         with torch.inference_mode():
             x_t, mu_t, lv_t, eps_t = (tensor(a).to(self.device, non_blocking=True)
                                       for a in (x, mu, logvar, eps))
-            q = DiagonalGaussian(mu_t[:, None], lv_t[:, None])  # (b, 1, L): broadcasts over the K samples
+            q = DiagonalGaussian(mu_t, lv_t)
             z = q.sample(eps_t)  # (b, K, L), the kernels' eps layout
             params = self.decoder(z.reshape(-1, z.shape[-1]).to(self.dtype)).float().reshape(*z.shape[:2], -1)
             log_w = log_weight(self.likelihood, standard_normal_log_prob, x_t[:, None], params, z, q)
