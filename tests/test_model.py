@@ -119,3 +119,23 @@ def test_likelihood_samples_follow_the_distribution(name):
         assert x.min() >= 0 and x.max() <= 1
     if name == "bernoulli":  # pixels are u < p with the item's binarization uniforms
         np.testing.assert_array_equal(x, rng.binarize_numpy(lk.mean(params), 3, 0))
+
+
+def test_posterior_object_against_torch_distributions():
+    """DiagonalGaussian (mean, sample, log_prob, kl) against torch.distributions on seeded values, in the one eps
+    layout (B, K, L); a sample-major (K, B, L) tensor is refused instead of broadcast into (B, B, L)."""
+    from vae_engine.model.posterior import DiagonalGaussian
+
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    q, ref = DiagonalGaussian(mu, logvar), torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    eps = torch.randn(5, 7, 3, generator=g)
+    z = q.sample(eps)
+    torch.testing.assert_close(z, mu[:, None] + ref.stddev[:, None] * eps)
+    torch.testing.assert_close(q.log_prob(z), torch.distributions.Normal(mu[:, None], ref.stddev[:, None])
+                               .log_prob(z).sum(-1))
+    torch.testing.assert_close(q.kl(), torch.distributions.kl_divergence(ref, torch.distributions.Normal(0.0, 1.0))
+                               .sum(-1))
+    assert q.mean is mu and not q.detach().mu.requires_grad
+    with pytest.raises(ValueError, match=r"\(B, K, L\)"):
+        q.sample(torch.randn(7, 5, 3))

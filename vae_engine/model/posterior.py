@@ -43,7 +43,14 @@ class DiagonalGaussian:
         return torch.exp(0.5 * self.logvar)
 
     def _per_sample(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return t.unsqueeze(-2) if z.dim() == t.dim() + 1 else t  # (B, 1, L) against samples (B, K, L)
+        """t (B, L) shaped to meet z: (B, 1, L) against samples (B, K, L). A sample-major (K, B, L) tensor is
+        refused rather than broadcast into a silently wrong (B, B, L)."""
+        if z.dim() == t.dim():
+            return t
+        if z.dim() == t.dim() + 1 and z.shape[:-2] == t.shape[:-1] and z.shape[-1] == t.shape[-1]:
+            return t.unsqueeze(-2)
+        raise ValueError(f"samples of shape {tuple(z.shape)} do not fit a posterior of shape {tuple(t.shape)}: "
+                         "eps and z are (B, K, L)")
 
     def sample(self, eps: torch.Tensor) -> torch.Tensor:
         """z = mu + sigma * eps (K&W 2013, eq. 4), for eps (B, K, L) or (B, L)."""
