@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from vae_engine import data
-from vae_engine.core import hardware
+from vae_engine.core import hardware, rng
 from vae_engine.core.config import ModelConfig, TrainConfig
 from vae_engine.model.estimators import evaluate, reference_scores
 from vae_engine.model.networks import VAE
@@ -56,16 +56,16 @@ def _trainer_step(cfg: ModelConfig, objective: str, precision: str, x_train: tor
     model.init_pseudo_inputs(x_train, torch.Generator().manual_seed(1))
     loss_fn = Objective(model, objective, precision)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(x_train), generator=g)  # one shuffle, as the trainer's epoch has
+    order = torch.from_numpy(rng.permutation(0, len(x_train)))  # one shuffle, as the trainer's epoch has
     at = [0]
 
-    def step():
+    def step():  # the trainer's noise: counter streams keyed by the position in the epoch's order
         if at[0] + batch > len(order):
             at[0] = 0
-        x = data.binarize_torch(x_train[order[at[0] : at[0] + batch]], "dynamic", g)
+        x = torch.from_numpy(rng.binarize(x_train[order[at[0] : at[0] + batch]].numpy(), 0, at[0]))
+        eps = torch.from_numpy(rng.normal_eps(0, at[0], batch, k, cfg.latent_dim))  # (B, K, L)
         at[0] += batch
-        loss = loss_fn(x, torch.randn((k, batch, cfg.latent_dim), generator=g).transpose(0, 1), 1.0)
+        loss = loss_fn(x, eps, 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

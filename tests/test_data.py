@@ -7,7 +7,6 @@ import hashlib
 
 import numpy as np
 import pytest
-import torch
 
 from vae_engine import data
 from vae_engine.core.errors import DataError
@@ -92,11 +91,3 @@ def test_named_dataset_without_download_is_a_clear_error(tmp_path, monkeypatch):
         data.load_dataset("cifar")
 
 
-def test_dynamic_binarization_is_seeded_bernoulli():
-    x = torch.full((200, 784), 0.3)
-    a = data.binarize_torch(x, "dynamic", torch.Generator().manual_seed(5))
-    b = data.binarize_torch(x, "dynamic", torch.Generator().manual_seed(5))
-    assert torch.equal(a, b)
-    assert set(a.unique().tolist()) == {0.0, 1.0}
-    assert abs(a.mean().item() - 0.3) < 0.01
-    assert data.binarize_torch(x, "none", None) is x

@@ -99,3 +99,11 @@ def test_streams_merge_keeps_each_items_eps():
     for i, j, s, e in rng.iwae_blocks(merged, 6, 4, rows=4):
         blocks[i:j, s : s + e.shape[1]] = e
     np.testing.assert_array_equal(blocks, eps)
+
+
+def test_permutation_is_a_seeded_shuffle():
+    """Training's order of an epoch's items (the shuffle stream): a permutation, a function of the seed alone."""
+    p = rng.permutation(7, 1000)
+    assert sorted(p.tolist()) == list(range(1000)) and p.dtype == np.int64
+    np.testing.assert_array_equal(p, rng.permutation(7, 1000))
+    assert not np.array_equal(p, rng.permutation(8, 1000)) and not np.array_equal(p, np.arange(1000))

@@ -21,6 +21,7 @@ _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 EPS_STREAM, BINARIZE_STREAM, PRIOR_STREAM = 0, 1, 2  # PRIOR_STREAM: a mixture prior's component
 OBSERVATION_STREAM = 3  # x ~ p(x|z) of a likelihood with real values (decode --sample)
+SHUFFLE_STREAM = 4  # training: the order of an epoch's items
 
 
 def _mix_int(x: int) -> int:
@@ -170,6 +171,11 @@ def binarize(x: np.ndarray, seed: int, start: int) -> np.ndarray:
     out = np.empty_like(x)
     _binarize_kernels[x.size >= PARALLEL_MIN](stream_key(seed, BINARIZE_STREAM), np.int64(start), x, out)
     return out
+
+
+def permutation(seed: int, n: int) -> np.ndarray:
+    """A permutation of 0..n-1 (int64) keyed by seed: the items sorted by their uniform of the shuffle stream."""
+    return np.argsort(uniforms(seed, SHUFFLE_STREAM, 0, n), kind="stable")
 
 
 def uniform_rows(seed: int, stream: int, start: int, n: int, d: int) -> np.ndarray:

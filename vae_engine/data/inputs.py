@@ -30,17 +30,6 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(to_float(images))
 
 
-def binarize_torch(x: torch.Tensor, mode: str, generator: torch.Generator | None) -> torch.Tensor:
-    """Training's dynamic binarization of a batch with its epoch's torch generator (the engine's is the counter-based
-    `rng.binarize`): each pixel ~ Bernoulli(intensity), re-sampled on every use; "none" keeps x."""
-    import torch
-
-    if mode == "none":
-        return x
-    # u < x is Bernoulli(x); 2.5x faster than torch.bernoulli on CPU
-    return (torch.rand(x.shape, generator=generator) < x).to(x.dtype)
-
-
 def model_input(chunk: np.ndarray, unit_interval: bool = True, name: str = "x", start: int = 0) -> np.ndarray:
     """The one input rule, for the CLI and the Python API alike: items -> float32 (b, D) in model units.
 

@@ -29,10 +29,11 @@ NLL_ITEMS, NLL_K = 1000, 1000  # the --nll-every check: IWAE NLL of the first 1,
 PEAK_AFTER_S = 10.0  # the GEMM peak (~2 s to measure) is measured once a run has trained this long
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The generator for one epoch's shuffling, binarization and eps: a function of (seed, epoch) only,
-    so a resumed run draws exactly what a straight run would."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's counter streams (`rng`): its order of the items (the shuffle stream), and the
+    binarization and eps of the item at each position of that order. A function of (seed, epoch) and the position
+    only, so a resumed run draws exactly what a straight run would, on any number of ranks and any device."""
+    return seed * 1_000_003 + epoch
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
@@ -286,7 +287,7 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     if world.size > 1:  # averages gradients over ranks: one step on W x b inputs, as one process would take it
         objective = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index or 0] if device.type == "cuda" else None)
-    mine = slice(world.rank * b, (world.rank + 1) * b)  # this rank's share of each global batch
+    binarize = model.likelihood.binarizes(train_cfg.binarize)  # dynamic binarization: re-drawn every epoch
     steps = n // global_batch  # the last partial batch is dropped; each epoch reshuffles
     callbacks.on_train_start(train_cfg.epochs, start_epoch, steps)
     model.train()
@@ -296,19 +297,20 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     where = "cpu" if device.type == "cpu" else f"{device} ({gpu_name()})"
     try:
         for epoch in range(start_epoch, train_cfg.epochs):
-            g = epoch_generator(train_cfg.seed, epoch)  # identical on every rank: same permutation, same noise
+            es = epoch_seed(train_cfg.seed, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(train_cfg, epoch)
             t0, total = time.perf_counter(), 0.0
-            perm = torch.randperm(n, generator=g)
+            perm = torch.from_numpy(rng.permutation(es, n))  # the same on every rank
             for step in range(steps):
-                # every rank draws the whole global batch's noise and keeps its slice, so the result does not
-                # depend on the world size
-                x = data.binarize_torch(x_train[perm[step * global_batch : (step + 1) * global_batch]],
-                                  "dynamic" if model.likelihood.binarizes(train_cfg.binarize) else "none", g)
-                # (W*b, K, L), drawn K-major as runs always have, so a run (or its resume) draws the same numbers
-                eps = torch.randn((train_cfg.k, global_batch, model_cfg.latent_dim), generator=g).transpose(0, 1)
-                loss = objective(x[mine].to(device, non_blocking=True), eps[mine].to(device, non_blocking=True),
+                # this rank's items are positions first..first+b-1 of the epoch's order; their noise is keyed by
+                # those positions (the engine's counter streams), so it does not depend on the world size
+                first = step * global_batch + world.rank * b
+                x = x_train[perm[first : first + b]]
+                if binarize:
+                    x = torch.from_numpy(rng.binarize(x.numpy(), es, first))
+                eps = torch.from_numpy(rng.normal_eps(es, first, b, train_cfg.k, model_cfg.latent_dim))  # (b, K, L)
+                loss = objective(x.to(device, non_blocking=True), eps.to(device, non_blocking=True),
                                  kl_weight_at(train_cfg, epoch, step, steps))
                 value = loss.item()
                 if not math.isfinite(value):  # stop before a non-finite step reaches the weights
