@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import modeldir
 from ..core import rng
-from ..core.config import SEED_MAX, VERSION
+from ..core.config import VERSION
 from ..core.errors import DataError, VaeEngineError
 from ..jobs.batch import score_items
 from . import oip
@@ -126,36 +126,34 @@ class App:
 
     def parse(self, op: str, body: dict, npy: np.ndarray | None) -> tuple[tuple, dict, int]:
         """A /v1 request: the JSON body (or the query of a .npy body) and the .npy array."""
-        name = "z" if op == "decode" else "items"
-        a = None if op == "sample" else npy if npy is not None else _array(body.get(name), name)
+        name = oip.OPERATIONS[op][0]
+        a = None if name is None else npy if npy is not None else _array(body.get(name), name)
         return self.prepare(op, a, body)
 
     def prepare(self, op: str, a: np.ndarray | None, options: dict) -> tuple[tuple, dict, int]:
-        """(batcher key, payload, items) of one request of any protocol: its array and options, checked."""
-        lim = self.limits
-        seed = _int(options.get("seed", 0), "seed", 0, SEED_MAX)
-        start = _int(options.get("start", 0), "start", 0, 2**40)
+        """(batcher key, payload, items) of one request of any protocol: its array and options, checked against
+        the operation's declaration (`oip.OPERATIONS`, `oip.PARAMETERS`)."""
+        field, _, names, _ = oip.OPERATIONS[op]
+        opts = {name: self._option(options, name) for name in names}
         if op == "sample":
-            n = _int(options.get("n", 1), "n", 1, lim.max_items)
-            return (op,), {"n": n, "seed": seed, "start": start}, n
-        name = "z" if op == "decode" else "items"
-        if len(a) > lim.max_items:
-            raise RequestError(413, f"{len(a)} {name} in one request; the limit is {lim.max_items}")
+            return (op,), opts, opts["n"]
+        if len(a) > self.limits.max_items:
+            raise RequestError(413, f"{len(a)} {field} in one request; the limit is {self.limits.max_items}")
         try:
-            if op == "decode":
-                a = self.engine.prepare_latents(a, "z")
-            else:
-                a = self.engine.prepare_items(a, "items")
+            a = self.engine.prepare_latents(a, field) if op == "decode" else self.engine.prepare_items(a, field)
         except DataError as exc:
             raise RequestError(422, str(exc)) from None
-        payload = {"x": a, "seed": seed, "start": start}
-        if op == "score":
-            payload["k"] = _int(options.get("k", 1), "k", 1, lim.max_k)
-            binarize = _bool(options.get("binarize", True), "binarize")
-            return (op, payload["k"], binarize), payload, len(a)
         if op == "detect" and self.detector is None:
             raise RequestError(404, "this model has no detector.json; train with --contamination to add one")
-        return (op,), payload, len(a)
+        key = (op, opts["k"], opts["binarize"]) if op == "score" else (op,)
+        return key, {"x": a, **opts}, len(a)
+
+    def _option(self, options: dict, name: str) -> int | bool:
+        p = oip.PARAMETERS[name]
+        value = options.get(name, p.default)
+        if p.kind is bool:
+            return _bool(value, name)
+        return _int(value, name, p.lo, getattr(self.limits, p.hi) if isinstance(p.hi, str) else p.hi)
 
     @contextmanager
     def tracked(self, endpoint: str):

@@ -4,8 +4,9 @@ own input rule and micro-batcher, so answers equal /v1's and the offline jobs'.
 
 A model folder NAME is served as one v2 model per operation: NAME-encode, NAME-decode, NAME-reconstruct,
 NAME-sample, NAME-score and (with a detector.json) NAME-detect, each at version "1". The first dimension of every
-tensor is the batch (-1 in the metadata). Request parameters: `seed`, `start` (every model with a random draw),
-`k` and `binarize` (score). `server.py` maps this onto HTTP (/v2/...), `oip_grpc.py` onto gRPC.
+tensor is the batch (-1 in the metadata). Request parameters: each operation's from `OPERATIONS` (the one
+declaration /v1 uses too): `seed`, `start` (sample, score), `k` and `binarize` (score). `server.py` maps this onto
+HTTP (/v2/...), `oip_grpc.py` onto gRPC.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from ..core.config import SEED_MAX
 
 VERSION = "1"
 PLATFORM = "vae-engine"
@@ -33,6 +36,37 @@ INTEGERS = frozenset(n for n in DATATYPES if "INT" in n)
 # request parameters that belong to the protocol or a client library, not to an operation: accepted and ignored
 PROTOCOL_PARAMETERS = frozenset({"binary_data_output", "timeout", "priority", "sequence_id", "sequence_start",
                                  "sequence_end", "headers", "content_type"})
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A request option of an operation (/v1 JSON field or query parameter, v2 request parameter)."""
+
+    kind: type  # int or bool
+    default: int | bool
+    doc: str
+    lo: int = 0
+    hi: int | str = 0  # the largest value, or the name of the server's Limits field that bounds it
+
+
+# Every operation's request, declared once: the /v1 checks and OpenAPI bodies and the v2 model table read it.
+PARAMETERS = {
+    "seed": Parameter(int, 0, "seed of every random draw", 0, SEED_MAX),
+    "start": Parameter(int, 0, "index of the first item's (or sample's) random stream", 0, 2**40),
+    "n": Parameter(int, 1, "number of samples", 1, "max_items"),
+    "k": Parameter(int, 1, "1: -ELBO; more: the IWAE negative log-likelihood with k importance samples", 1, "max_k"),
+    "binarize": Parameter(bool, True, "binarize a Bernoulli model's inputs first, as evaluate does"),
+}
+ITEMS_DOC = "list of items, each a list (or nested lists) of numbers in the model's input shape"
+OPERATIONS = {  # op -> (its array in /v1 bodies and its doc, the parameters it reads, summary)
+    "encode": ("items", ITEMS_DOC, (), "Posterior mean and log-variance of each item"),
+    "decode": ("z", "list of latent vectors (latent_dim numbers each)", (), "E[x|z] of each latent"),
+    "reconstruct": ("items", ITEMS_DOC, (), "Decode each item's posterior mean"),
+    "sample": (None, "", ("n", "seed", "start"), "n samples from the prior, keyed by seed"),
+    "score": ("items", ITEMS_DOC, ("k", "seed", "start", "binarize"),
+              "-ELBO (k=1) or IWAE negative log-likelihood per item, nats"),
+    "detect": ("items", ITEMS_DOC, (), "Anomaly scores and flags (+1/-1) with the stored threshold"),
+}
 
 
 class RequestError(Exception):
@@ -73,20 +107,18 @@ def model_specs(name: str, input_shape: tuple[int, ...], latent_dim: int, detect
     items = TensorSpec("items", "FP32", (-1, *input_shape), NUMERIC)
     z = TensorSpec("z", "FP32", (-1, latent_dim), FLOATS)
     out_items = TensorSpec("items", "FP32", (-1, *input_shape))
-    stream = ("seed", "start")
-    specs = [ModelSpec("encode", "encode", (items,), (TensorSpec("mu", "FP32", (-1, latent_dim)),
-                                                      TensorSpec("logvar", "FP32", (-1, latent_dim))), ()),
-             ModelSpec("decode", "decode", (z,), (out_items,), ()),
-             ModelSpec("reconstruct", "reconstruct", (items,),
-                       (TensorSpec("reconstruction", "FP32", (-1, *input_shape), source="items"),), ()),
-             ModelSpec("sample", "sample", (TensorSpec("n", "INT64", (1,), INTEGERS),), (out_items,), stream),
-             ModelSpec("score", "score", (items,), (TensorSpec("scores", "FP64", (-1,)),),
-                       (*stream, "k", "binarize"))]
-    if detector:
-        specs.append(ModelSpec("detect", "detect", (items,), (TensorSpec("scores", "FP64", (-1,)),
-                                                              TensorSpec("flags", "INT64", (-1,))), ()))
-    return {f"{name}-{s.name}": ModelSpec(f"{name}-{s.name}", s.op, s.inputs, s.outputs, s.parameters)
-            for s in specs}
+    tensors = {  # op -> (inputs, outputs); its parameters are OPERATIONS' (v2 sends sample's n as a tensor)
+        "encode": ((items,), (TensorSpec("mu", "FP32", (-1, latent_dim)),
+                              TensorSpec("logvar", "FP32", (-1, latent_dim)))),
+        "decode": ((z,), (out_items,)),
+        "reconstruct": ((items,), (TensorSpec("reconstruction", "FP32", (-1, *input_shape), source="items"),)),
+        "sample": ((TensorSpec("n", "INT64", (1,), INTEGERS),), (out_items,)),
+        "score": ((items,), (TensorSpec("scores", "FP64", (-1,)),)),
+        "detect": ((items,), (TensorSpec("scores", "FP64", (-1,)), TensorSpec("flags", "INT64", (-1,)))),
+    }
+    ops = [op for op in OPERATIONS if op != "detect" or detector]
+    return {f"{name}-{op}": ModelSpec(f"{name}-{op}", op, *tensors[op],
+                                      tuple(p for p in OPERATIONS[op][2] if p != "n")) for op in ops}
 
 
 # ---- the HTTP/REST body: a JSON header, then (binary tensor data extension) raw tensors in order ----

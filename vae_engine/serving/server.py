@@ -37,27 +37,14 @@ NPY = "application/x-npy"
 WEB = Path(__file__).parent / "web"
 
 
-SCHEMAS = {  # request bodies, for the OpenAPI document (JSON; the same fields as query parameters with .npy)
-    "encode": {"items": "list of items, each a list (or nested lists) of numbers in the model's input shape"},
-    "decode": {"z": "list of latent vectors (latent_dim numbers each)"},
-    "reconstruct": {"items": "as for encode"},
-    "sample": {"n": "number of samples", "seed": "seed", "start": "index of the first sample's stream"},
-    "score": {"items": "as for encode", "k": "1: -ELBO; more: IWAE NLL with k samples", "seed": "seed",
-              "start": "index of the first item's stream", "binarize": "binarize Bernoulli inputs first"},
-    "detect": {"items": "as for encode"},
-}
-
-
-SUMMARIES = {"encode": "Posterior mean and log-variance of each item", "decode": "E[x|z] of each latent",
-             "reconstruct": "Decode each item's posterior mean", "sample": "n samples from the prior, keyed by seed",
-             "score": "-ELBO (k=1) or IWAE negative log-likelihood per item, nats",
-             "detect": "Anomaly scores and flags (+1/-1) with the stored threshold"}
-
-
 def _openapi_body(op: str) -> dict:
-    props = {name: ({"type": "array", "items": {}} if name in ("items", "z") else
-                    {"type": "boolean"} if name == "binarize" else {"type": "integer"}) | {"description": text}
-             for name, text in SCHEMAS[op].items()}
+    """The request body of /v1/OP for the OpenAPI document, from the operation's declaration (`oip.OPERATIONS`)."""
+    field, doc, names, _ = oip.OPERATIONS[op]
+    props = {} if field is None else {field: {"type": "array", "items": {}, "description": doc}}
+    for name in names:
+        p = oip.PARAMETERS[name]
+        props[name] = {"type": "boolean" if p.kind is bool else "integer", "default": p.default,
+                       "description": p.doc} | ({} if p.kind is bool else {"minimum": p.lo})
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"type": "object", "properties": props}},
         NPY: {"schema": {"type": "string", "format": "binary",
@@ -204,9 +191,9 @@ def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] 
         endpoint.__annotations__ = {"request": Request}  # a real class: FastAPI injects the raw request
         return endpoint
 
-    for op in SCHEMAS:
+    for op in oip.OPERATIONS:
         api.add_api_route(f"/v1/{op}", route(op), methods=["POST"], name=op, openapi_extra=_openapi_body(op),
-                          summary=SUMMARIES[op])
+                          summary=oip.OPERATIONS[op][3])
 
     # -- the Open Inference Protocol (KServe v2) over REST, with the binary tensor data extension --
 
