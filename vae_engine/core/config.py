@@ -33,7 +33,7 @@ DECODER_OUTPUTS = {"bernoulli": ("logits", 1), "continuous-bernoulli": ("logits"
 LIKELIHOODS = tuple(DECODER_OUTPUTS)
 MAX_THREADS, MAX_BATCH, MAX_TRAIN_K, MAX_EPOCHS = 1024, 1 << 18, 10_000, 1_000_000  # batch: ~1 GB of pixels
 
-RULES = ("nll", "nll-complexity", "reconstruction", "latent")  # the anomaly detector's scoring rules (detector.py)
+RULES = ("nll", "nll-complexity", "reconstruction", "latent")  # the detector's scoring rules (anomaly/detector.py)
 # the benchmark's choice (bench/detect_bench.py, README "Side by side"): as accurate as "nll" there, and one
 # encoder and one decoder pass per item instead of k decoder passes (fast enough to serve)
 DEFAULT_RULE = "reconstruction"
@@ -41,7 +41,7 @@ ARCHS = ("mlp", "conv", "resnet")  # resnet: residual conv blocks around the con
 ACTIVATIONS = ("relu", "tanh", "elu", "softplus")
 # dreg: the IWAE bound with doubly reparameterized gradients for the encoder (Tucker et al. 2018)
 OBJECTIVES = ("elbo", "iwae", "dreg")
-PRIORS = ("normal", "vamp")  # p(z): N(0, I), or the VampPrior mixture over learned pseudo-inputs (priors.py)
+PRIORS = ("normal", "vamp")  # p(z): N(0, I), or the VampPrior mixture over learned pseudo-inputs (model/priors.py)
 MAX_PSEUDO_INPUTS = 10_000
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast where the CPU has native bf16, else fp32
 BINARIZE = ("dynamic", "none")

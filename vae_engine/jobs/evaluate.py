@@ -1,5 +1,5 @@
 """The `evaluate` job: a model folder's test -ELBO and IWAE NLL with any backend and precision, optionally
-against the PyTorch reference (`reference`) on the same streams, and its time against the hardware limit."""
+against the PyTorch reference (`model.estimators`) on the same streams, and its time against the hardware limit."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from ..core.errors import ModelDirError, os_error_reason
 FORMAT = "vae-engine/1"
 CONFIG = "config.json"  # model + training config, data, versions
 WEIGHTS = "model.safetensors"  # inference weights only
-PRIOR = "prior.safetensors"  # a VampPrior model's mixture (priors.py), written with the weights
+PRIOR = "prior.safetensors"  # a VampPrior model's mixture (model/priors.py), written with the weights
 STATE = "train_state.safetensors"  # weights + optimizer + epoch, everything --resume needs, in one atomic file
 METRICS = "metrics.jsonl"  # one JSON line per epoch
 EVALUATION = "evaluation.json"  # written by `vae-engine evaluate`

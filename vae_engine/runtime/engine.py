@@ -160,7 +160,7 @@ class Engine:
         return log_sum - np.log(k)
 
     def scores(self, x: np.ndarray, start: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """(-ELBO, -log p(x) estimate) per input: the same quantities as `reference.reference_scores`."""
+        """(-ELBO, -log p(x) estimate) per input: the same quantities as `estimators.reference_scores`."""
         return -self.elbo(x, seed, start), -self.log_likelihood(x, k, seed, start)
 
 

@@ -22,7 +22,7 @@ _HALF = np.float32(0.5)
 
 @numba.njit(inline="always", fastmath=True)
 def gaussian_row(x, params):
-    """Row of log N(x; m, exp(lv)) from params [m | lv] (D each), with the vectorizable exp of kernels.py."""
+    """Row of log N(x; m, exp(lv)) from params [m | lv] (D each), with the vectorizable exp of core/fastmath.py."""
     d = x.shape[0]
     acc = np.float32(0.0)
     for p in range(d):
