@@ -20,8 +20,6 @@ _LAZY = {
     "VAE": "model.networks", "Engine": "runtime.engine", "VAEOutlierDetector": "anomaly.detector",
     "evaluate_model": "jobs.evaluate", "load_backend": "runtime.backends",
 }
-# public sub-modules under their names from before the layout by data flow (`from vae_engine import ray_jobs`)
-_MODULES = {"data": "data", "ray_jobs": "jobs.ray_jobs"}
 
 # Module paths of the flat layout (vae_engine.engine, vae_engine.checkpoint, ...), kept importable for users'
 # scripts: each name is the same module object as its new home, so patching one patches the other.
@@ -65,8 +63,8 @@ _exports = exports(__name__, _LAZY)
 
 
 def __getattr__(name: str):
-    if name in _MODULES:
-        return importlib.import_module(f".{_MODULES[name]}", __name__)
+    if name == "data" or name in MOVED:  # `vae_engine.data`, and the flat layout's names (`vae_engine.ray_jobs`)
+        return importlib.import_module(f".{name}", __name__)
     return _exports(name)
 
 

@@ -1,8 +1,9 @@
 """Backends behind one small interface: `encode(x) -> (mu, logvar)` and `decode(z) -> params`, NumPy float32 in
 and out, at a named precision. One module per backend, each declaring its `BackendSpec` (the paths it runs, how to
-open one, what a machine lacks for one); REGISTRY below lists them, and every other part (load_backend, the
-availability check, `--precision auto`'s candidates, bench's paths, the CLI's choices) reads it. Everything else
-(sampling, ELBO/IWAE math) lives in the engine; which path is fastest here within an accuracy budget in `tuning`.
+open one, what a machine lacks for one); REGISTRY below lists them, and load_backend, the availability check
+(`unavailable`), BACKENDS, PATHS and bench's paths read it. Everything else (sampling, ELBO/IWAE math) lives in the
+engine; which path is fastest here within an accuracy budget in `tuning` (whose per-machine-class candidate policy
+names the backends it measures).
 
 Adding a backend: a module defining a Backend class and its SPEC, and its line in REGISTRY.
 """
@@ -30,7 +31,7 @@ PATHS = tuple((name, p.precision, p.device) for name, spec in REGISTRY.items() f
 
 def openvino_installed() -> bool:
     """Is OpenVINO importable (without importing it)?"""
-    return ov.installed()
+    return hardware.installed("openvino")
 
 
 def default_backend(model_dir: Path, precision: str, device: str = "cpu") -> str:

@@ -78,13 +78,8 @@ class OpenVinoBackend(GraphBackend):
 
 
 
-def installed() -> bool:
-    """Is OpenVINO importable (without importing it)?"""
-    return hardware.installed("openvino")
-
-
 def _missing(precision: str, device: str, model_dir: Path | None) -> str | None:
-    if not installed():
+    if not hardware.installed("openvino"):
         return "OpenVINO is not installed (pip install 'vae-engine[openvino]')"
     if model_dir is not None and not graphs.graph_path(model_dir, "encoder", "fp32").is_file():
         return "fp32 graphs not exported (vae-engine export MODEL)"
