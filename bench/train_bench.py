@@ -21,6 +21,7 @@ Results: bench/results/train_bench.json (merged with what is there).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from vae_engine.core.config import ModelConfig, TrainConfig
 from vae_engine.model.estimators import evaluate, reference_scores
 from vae_engine.model.networks import VAE
 from vae_engine.perf.peaks import measured_peaks
+from vae_engine.training.feed import Feed, sync_every
 from vae_engine.training.train import Objective, step_flops, train
 
 RESULTS = Path(__file__).parent / "results" / "train_bench.json"
@@ -48,53 +50,65 @@ STEPS = [("elbo k=1 b=100", "elbo", 1, 100, "normal", "mlp"), ("elbo k=1 b=500",
          ("resnet dreg k=5 b=100", "dreg", 5, 100, "normal", "resnet")]
 
 
-def _trainer_step(cfg: ModelConfig, objective: str, precision: str, x_train: torch.Tensor, batch: int, k: int):
-    """One training step of a fresh seeded model, as the trainer takes it: a random binarized batch, the loss,
-    backward, fused Adam."""
+def _trainer_step(cfg: ModelConfig, objective: str, precision: str, x_train: torch.Tensor, batch: int, k: int,
+                  device: torch.device):
+    """One training step of a fresh seeded model, as the trainer takes it: its feed (the counter streams' batch,
+    made in line on the CPU and by worker threads ahead of the GPU), the loss, backward, fused Adam, and the loss
+    read back as often as the trainer reads it. Returns (step, finish): finish waits for queued device work."""
     torch.manual_seed(0)
     model = VAE(cfg)
     model.init_pseudo_inputs(x_train, torch.Generator().manual_seed(1))
+    model.to(device)
     loss_fn = Objective(model, objective, precision)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     order = torch.from_numpy(rng.permutation(0, len(x_train)))  # one shuffle, as the trainer's epoch has
-    at = [0]
+    feed = Feed(x_train, batch, k, cfg.latent_dim, True, device)
+    batches = feed.batches(0, order, itertools.cycle(range(0, len(x_train) - batch + 1, batch)))
+    every, taken = sync_every(device), [0]
 
-    def step():  # the trainer's noise: counter streams keyed by the position in the epoch's order
-        if at[0] + batch > len(order):
-            at[0] = 0
-        x = torch.from_numpy(rng.binarize(x_train[order[at[0] : at[0] + batch]].numpy(), 0, at[0]))
-        eps = torch.from_numpy(rng.normal_eps(0, at[0], batch, k, cfg.latent_dim))  # (B, K, L)
-        at[0] += batch
+    def step():
+        x, eps = next(batches)
         loss = loss_fn(x, eps, 1.0)
+        taken[0] += 1
+        if taken[0] % every == 0:
+            loss.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return step
+
+    def finish():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return step, finish
 
 
-def speed(threads: int, seconds: float) -> list[dict]:
+def speed(threads: int, seconds: float, device: torch.device) -> list[dict]:
     """samples/s, GFLOP/s and fraction of peak of each step kind in fp32 and bf16."""
     torch.set_num_threads(threads)
     x_train = data.to_unit(data.load_training_data(TrainConfig()).train_images)
     peaks = measured_peaks(threads)
+    key = (lambda p: p) if device.type == "cpu" else (lambda p: f"cuda-{p}")
     rows = []
     for name, objective, k, batch, prior, arch in STEPS:
         cfg = ModelConfig(**NETWORK, prior=prior, arch=arch)
         for precision in ("fp32", "bf16"):
-            step = _trainer_step(cfg, objective, precision, x_train, batch, k)
+            step, finish = _trainer_step(cfg, objective, precision, x_train, batch, k, device)
             for _ in range(5):  # warm-up: allocator, oneDNN kernels
                 step()
+            finish()
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds:
                 step()
                 n += 1
+            finish()
             elapsed = time.perf_counter() - t0
             gflops = step_flops(cfg, batch, k) * n / elapsed / 1e9
-            rows.append({"step": name, "precision": precision, "samples_per_s": round(n * batch / elapsed, 1),
-                         "gflops": round(gflops, 1), "peak_gflops": round(peaks[precision], 1),
-                         "fraction_of_peak": round(gflops / peaks[precision], 4)})
-            print(f"{name:22s} {precision}  {rows[-1]['samples_per_s']:9,.0f} samples/s  {gflops:6.1f} GFLOP/s  "
-                  f"{gflops / peaks[precision]:5.1%} of {peaks[precision]:.0f}", flush=True)
+            peak = peaks[key(precision)]
+            rows.append({"step": name, "precision": key(precision), "samples_per_s": round(n * batch / elapsed, 1),
+                         "gflops": round(gflops, 1), "peak_gflops": round(peak, 1),
+                         "fraction_of_peak": round(gflops / peak, 4)})
+            print(f"{name:22s} {key(precision):10s} {rows[-1]['samples_per_s']:10,.0f} samples/s  {gflops:7.1f} "
+                  f"GFLOP/s  {gflops / peak:5.1%} of {peak:.0f}", flush=True)
     return rows
 
 
@@ -138,7 +152,7 @@ ABLATIONS = {"recipe": {}, "iwae gradients (not DReG)": {"objective": "iwae"}, "
              "resnet conv": {"arch": "resnet"}}
 
 
-def ablation(threads: int, epochs: int, names: list[str]) -> list[dict]:
+def ablation(threads: int, epochs: int, names: list[str], device: torch.device) -> list[dict]:
     """Train the recipe and each named variant for `epochs` (seed 0, 60,000 images), one row each."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,7 +162,7 @@ def ablation(threads: int, epochs: int, names: list[str]) -> list[dict]:
             train_cfg = TrainConfig(epochs=epochs, batch_size=500, lr=1e-3, lr_schedule="cosine",
                                     objective=v["objective"], k=v["k"], seed=0, threads=threads,
                                     precision=v["precision"], nll_every=epochs)
-            metrics = train(model_cfg, train_cfg, Path(tmp) / str(len(rows)), plots=False)
+            metrics = train(model_cfg, train_cfg, Path(tmp) / str(len(rows)), plots=False, device=str(device))
             rows.append({"variant": name, **v, "epochs": epochs,
                          "train_seconds": round(sum(r["seconds"] for r in metrics), 1),
                          "samples_per_s": round(float(np.median([r["samples_per_s"] for r in metrics])), 1),
@@ -157,7 +171,8 @@ def ablation(threads: int, epochs: int, names: list[str]) -> list[dict]:
     return rows
 
 
-def parity(threads: int, epochs: int, objective: str, k: int, batch: int, seeds: tuple[int, ...]) -> dict:
+def parity(threads: int, epochs: int, objective: str, k: int, batch: int, seeds: tuple[int, ...],
+           device: torch.device) -> dict:
     """Train each precision with each seed for `epochs`, then score every model on the same 1,000 test images."""
     test = data.load_test_data(TrainConfig())[0][:1000]
     nll: dict[tuple[str, int], np.ndarray] = {}
@@ -169,11 +184,12 @@ def parity(threads: int, epochs: int, objective: str, k: int, batch: int, seeds:
                 t0 = time.perf_counter()
                 rows = train(ModelConfig(**NETWORK), TrainConfig(epochs=epochs, batch_size=batch, objective=objective,
                                                                   k=k, seed=seed, threads=threads,
-                                                                  precision=precision), out, plots=False)
+                                                                  precision=precision), out, plots=False,
+                             device=str(device))
                 train_s = sum(r["seconds"] for r in rows)
                 from vae_engine import modeldir
 
-                model = modeldir.load_model(out)
+                model = modeldir.load_model(out).to(device)
                 nll[precision, seed] = evaluate(partial(reference_scores, model), test, 1000, 0)[1]
                 runs.append({"precision": precision, "seed": seed, "train_seconds": round(train_s, 1),
                              "wall_seconds": round(time.perf_counter() - t0, 1),
@@ -203,22 +219,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the steps run (rows keyed cuda-*)")
     args = p.parse_args(argv)
     report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    device = torch.device(hardware.resolve_device(args.device))
     report["machine"] = hardware.describe(args.threads)
+    if device.type == "cuda":
+        report["gpu"] = hardware.gpu_name()
+    where = "" if device.type == "cpu" else f" {device.type}"
     if args.speed:
-        report["speed"] = speed(args.threads, args.seconds)
+        report[f"speed{where}"] = speed(args.threads, args.seconds, device)
     if args.prior_cost:
         report["prior_cost"] = prior_cost(args.threads)
     if args.ablation:
         names = [n.strip() for n in args.variants.split(",")]
         if unknown := set(names) - set(ABLATIONS):
             p.error(f"unknown variants {sorted(unknown)}; choose from {list(ABLATIONS)}")
-        report.setdefault("ablation", {})[f"e={args.epochs}"] = ablation(args.threads, args.epochs, names)
+        report.setdefault("ablation", {})[f"e={args.epochs}{where}"] = ablation(args.threads, args.epochs, names,
+                                                                                 device)
     if args.parity:
-        key = f"parity {args.objective} k={args.k} b={args.batch_size} e={args.epochs}"
+        key = f"parity {args.objective} k={args.k} b={args.batch_size} e={args.epochs}{where}"
         report.setdefault("parity", {})[key] = parity(args.threads, args.epochs, args.objective, args.k,
-                                                      args.batch_size, tuple(int(s) for s in args.seeds.split(",")))
+                                                      args.batch_size, tuple(int(s) for s in args.seeds.split(",")),
+                                                      device)
         print(json.dumps({k: v for k, v in report["parity"][key].items() if k != "runs"}, indent=1))
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=1) + "\n")

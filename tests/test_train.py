@@ -56,6 +56,24 @@ def test_same_seed_same_weights(tiny_data, tmp_path):
     assert (tmp_path / "a" / modeldir.WEIGHTS).read_bytes() == (tmp_path / "b" / modeldir.WEIGHTS).read_bytes()
 
 
+def test_feed_workers_make_the_same_batches_in_order():
+    """The GPU's feed (worker threads, steps ahead) yields exactly the in-line batches, in the step order."""
+    from vae_engine.core import rng
+    from vae_engine.training.feed import Feed
+
+    x = torch.from_numpy(np.random.default_rng(0).random((300, 20), dtype=np.float32))
+    order = torch.from_numpy(rng.permutation(7, len(x)))
+    firsts = [0, 64, 128, 192, 32]
+    with Feed(x, 32, 3, 4, True, torch.device("cpu"), workers=0) as inline, \
+            Feed(x, 32, 3, 4, True, torch.device("cpu"), workers=3) as threaded:
+        a, b = list(inline.batches(7, order, firsts)), list(threaded.batches(7, order, iter(firsts)))
+    assert len(a) == len(b) == len(firsts)
+    for (xa, ea), (xb, eb), first in zip(a, b, firsts, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ea, eb)
+        assert torch.equal(xa, torch.from_numpy(rng.binarize_numpy(x[order[first:first + 32]].numpy(), 7, first)))
+        assert torch.equal(ea, torch.from_numpy(rng.normal_eps(7, first, 32, 3, 4)))
+
+
 def test_model_directory_layout(tiny_model):
     cfg = json.loads((tiny_model / modeldir.CONFIG).read_text())
     assert cfg["model"]["latent_dim"] == 4 and cfg["train"]["epochs"] == 2

@@ -14,9 +14,10 @@ PARALLEL_MIN = 1 << 20  # elements; a parallel launch costs 0.1-8 ms on 2 busy c
 
 def jit(kernel, parallel: bool, fastmath: bool = False):
     """Compile a serial or parallel variant of a kernel. Each variant gets its own qualified name, because
-    Numba's on-disk cache keys on it: two variants of one name would load each other's machine code."""
+    Numba's on-disk cache keys on it: two variants of one name would load each other's machine code. Kernels
+    release the GIL (nogil), so threads can run them side by side (the trainer's feed on a GPU)."""
     kernel.__qualname__ = f"{kernel.__qualname__.split('.')[0]}_{'parallel' if parallel else 'serial'}"
-    return numba.njit(parallel=parallel, fastmath=fastmath, cache=True)(kernel)
+    return numba.njit(parallel=parallel, fastmath=fastmath, cache=True, nogil=True)(kernel)
 
 
 

@@ -21,7 +21,7 @@ from ..core.hardware import available_cpus, gpu_bf16, gpu_name, native_bf16, res
 from ..model import likelihoods
 from ..model.estimators import dreg_bound, elbo, iwae_bound, log_weights
 from ..model.networks import VAE
-from . import distributed
+from . import distributed, feed
 from .callbacks import Callbacks
 
 TEST_SEED = 0  # the test -ELBO of every epoch: evaluate's default seed, so the two report the same estimate
@@ -295,33 +295,36 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     flops, peak, trained_s = step_flops(model_cfg, global_batch, train_cfg.k) * steps, None, 0.0
     peak_key = train_cfg.precision if device.type == "cpu" else f"cuda-{train_cfg.precision}"
     where = "cpu" if device.type == "cpu" else f"{device} ({gpu_name()})"
+    every = feed.sync_every(device)
+    batches = feed.Feed(x_train, b, train_cfg.k, model_cfg.latent_dim, binarize, device)
     try:
         for epoch in range(start_epoch, train_cfg.epochs):
             es = epoch_seed(train_cfg.seed, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(train_cfg, epoch)
-            t0, total = time.perf_counter(), 0.0
+            t0, total, pending = time.perf_counter(), 0.0, []
             perm = torch.from_numpy(rng.permutation(es, n))  # the same on every rank
-            for step in range(steps):
-                # this rank's items are positions first..first+b-1 of the epoch's order; their noise is keyed by
-                # those positions (the engine's counter streams), so it does not depend on the world size
-                first = step * global_batch + world.rank * b
-                x = x_train[perm[first : first + b]]
-                if binarize:
-                    x = torch.from_numpy(rng.binarize(x.numpy(), es, first))
-                eps = torch.from_numpy(rng.normal_eps(es, first, b, train_cfg.k, model_cfg.latent_dim))  # (b, K, L)
-                loss = objective(x.to(device, non_blocking=True), eps.to(device, non_blocking=True),
-                                 kl_weight_at(train_cfg, epoch, step, steps))
-                value = loss.item()
-                if not math.isfinite(value):  # stop before a non-finite step reaches the weights
-                    kept = (f"the checkpoint after epoch {epoch} is kept; " if epoch else "")
-                    raise VaeEngineError(f"training diverged in epoch {epoch + 1} (loss is not finite); {kept}"
-                                         "start again with a lower --lr (add --overwrite to reuse this --out)")
+            # this rank's items are positions first..first+b-1 of the epoch's order; their noise is keyed by those
+            # positions (the engine's counter streams), so it does not depend on the world size or the device
+            firsts = (step * global_batch + world.rank * b for step in range(steps))
+            for step, (x, eps) in enumerate(batches.batches(es, perm, firsts)):
+                loss = objective(x, eps, kl_weight_at(train_cfg, epoch, step, steps))
+                pending.append(loss.detach())
+                if len(pending) == every or step == steps - 1:  # a read-back: every step on the CPU
+                    for i, value in enumerate(torch.stack(pending).tolist(), start=step + 1 - len(pending)):
+                        if not math.isfinite(value):  # stop before this window's last step reaches the weights
+                            kept = (f"the checkpoint after epoch {epoch} is kept; " if epoch else "")
+                            raise VaeEngineError(f"training diverged in epoch {epoch + 1} (loss is not finite); "
+                                                 f"{kept}start again with a lower --lr (add --overwrite to reuse "
+                                                 "this --out)")
+                        total += value
+                        callbacks.on_batch_end(epoch, i, value, b)
+                    pending = []
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += value
-                callbacks.on_batch_end(epoch, step, value, b)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the epoch's time includes its queued steps
             seconds = time.perf_counter() - t0
             trained_s += seconds
             if world.is_main:
@@ -352,6 +355,8 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
                               f"{out_dir}; continue with `vae-engine train --out {out_dir} --resume "
                               f"--epochs {train_cfg.epochs}`") from None
         raise Interrupted(f"stopped in epoch {epoch + 1}, before any checkpoint; nothing was kept") from None
+    finally:
+        batches.close()
     world.barrier()
     distributed.shutdown(world)
     model.cpu().eval()
