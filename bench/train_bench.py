@@ -37,6 +37,7 @@ from vae_engine.core import hardware, rng
 from vae_engine.core.config import ModelConfig, TrainConfig
 from vae_engine.model.estimators import evaluate, reference_scores
 from vae_engine.model.networks import VAE
+from vae_engine.perf.fraction import fraction_of, percent
 from vae_engine.perf.peaks import measured_peaks
 from vae_engine.training.feed import Feed, sync_every
 from vae_engine.training.train import Objective, step_flops, train
@@ -106,9 +107,9 @@ def speed(threads: int, seconds: float, device: torch.device) -> list[dict]:
             peak = peaks[key(precision)]
             rows.append({"step": name, "precision": key(precision), "samples_per_s": round(n * batch / elapsed, 1),
                          "gflops": round(gflops, 1), "peak_gflops": round(peak, 1),
-                         "fraction_of_peak": round(gflops / peak, 4)})
+                         "fraction_of_peak": fraction_of(gflops, peak)})
             print(f"{name:22s} {key(precision):10s} {rows[-1]['samples_per_s']:10,.0f} samples/s  {gflops:7.1f} "
-                  f"GFLOP/s  {gflops / peak:5.1%} of {peak:.0f}", flush=True)
+                  f"GFLOP/s  {percent(fraction_of(gflops, peak)):>5s} of {peak:.0f}", flush=True)
     return rows
 
 
@@ -223,10 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     device = torch.device(hardware.resolve_device(args.device))
-    report["machine"] = hardware.describe(args.threads)
+    where = "" if device.type == "cpu" else f" {device.type}"  # GPU results are keyed apart, with their machine
+    report[f"machine{where}"] = hardware.describe(args.threads)
     if device.type == "cuda":
         report["gpu"] = hardware.gpu_name()
-    where = "" if device.type == "cpu" else f" {device.type}"
     if args.speed:
         report[f"speed{where}"] = speed(args.threads, args.seconds, device)
     if args.prior_cost:

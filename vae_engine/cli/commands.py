@@ -12,6 +12,7 @@ from rich.table import Table
 from ..core.config import DEFAULT_RULE
 from ..core.config import VERSION as __version__
 from ..core.errors import VaeEngineError
+from ..perf.fraction import percent
 from .errors import OneLineErrors, friendly
 from .options import (
     ActorsOpt,
@@ -183,8 +184,8 @@ def evaluate(
         table.add_row("torch (reference)", f"{ref['test_nelbo']:.3f}", f"{ref['test_nll']:.3f}", f"{ref['seconds']:.1f}")
     out.print(table)
     work = result["work"]
-    limit = (f"{work['limit_seconds']:.1f} s at this machine's GEMM peak per precision, "
-             f"{100 * work['fraction_of_limit']:.0f}% of that limit") if work["fraction_of_limit"] else "no peak here"
+    limit = (f"{work['limit_seconds']:.3g} s at this machine's GEMM peak per precision, "
+             f"{percent(work['fraction_of_limit'])} of that limit") if work["fraction_of_limit"] else "no peak here"
     out.print(f"{sum(work['multiply_adds'].values()):.3g} multiply-adds "
               f"({', '.join(f'{p} {m:.2g}' for p, m in work['multiply_adds'].items())}): {limit}")
     if ref:

@@ -14,6 +14,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ..perf.fraction import percent
 from ..training.callbacks import Callbacks
 
 CONSOLE = Console(stderr=True)  # progress, status and warnings
@@ -80,5 +81,5 @@ class TrainingBar(Callbacks):
             f"epoch {row['epoch']:3d}  train {row['train_loss']:8.3f}  test -ELBO {row['test_nelbo']:8.3f}{nll}  "
             f"{row['seconds']:6.2f} s  {row['samples_per_s']:,.0f} samples/s  {row['precision']} "
             f"{'' if row['device'] == 'cpu' else row['device'] + ' '}"
-            f"{row['gflops']:,.0f} GFLOP/s" + (f" ({row['fraction_of_peak']:.0%} of peak)"
+            f"{row['gflops']:,.0f} GFLOP/s" + (f" ({percent(row['fraction_of_peak'])} of peak)"
                                                if row.get("fraction_of_peak") else ""))

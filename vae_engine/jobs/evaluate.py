@@ -81,6 +81,7 @@ def hardware_limit(model_dir, path: str, n: int, k: int, threads: int, seconds: 
     from pathlib import Path
 
     from .. import modeldir
+    from ..perf.fraction import fraction_of
     from ..perf.peaks import limit_seconds, measured_peaks
     from ..perf.work import macs_by_precision
 
@@ -96,5 +97,5 @@ def hardware_limit(model_dir, path: str, n: int, k: int, threads: int, seconds: 
     peaks = measured_peaks(threads)
     limit = limit_seconds(macs, peaks)
     return {"multiply_adds": macs, "gemm_peak_gflops": {p: peaks.get(p) for p in macs},
-            "limit_seconds": round(limit, 3) if limit else None,
-            "fraction_of_limit": round(limit / seconds, 4) if limit and seconds else None}
+            "limit_seconds": float(f"{limit:.4g}") if limit else None,
+            "fraction_of_limit": fraction_of(limit, seconds) if limit else None}

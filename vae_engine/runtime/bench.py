@@ -18,6 +18,7 @@ from ..model import kernels
 from ..model.estimators import log_weight
 from ..model.posterior import DiagonalGaussian, standard_normal_log_prob
 from ..modeldir import graphs
+from ..perf.fraction import fraction_of, percent
 from ..perf.peaks import gemm_peak, limit_seconds
 from ..perf.timing import measure
 from ..perf.work import macs_by_precision, model_flops
@@ -214,7 +215,7 @@ def benchmark(model_dir: str | Path, labels: tuple[str, ...] | None = None, batc
                     row["raw_p50_us"] = float(np.median(raw.seconds) * 1e6)
                     row["overhead_us"] = row["p50_us"] - row["raw_p50_us"]
                 row["peak_gflops"] = path_peak(model_dir, cfg, c, op, best_peak)
-                row["fraction_of_peak"] = row["gflops"] / row["peak_gflops"] if row["peak_gflops"] else None
+                row["fraction_of_peak"] = fraction_of(row["gflops"], row["peak_gflops"])
                 results.append(row)
     if not torch.cuda.is_available():
         notes.append("GPU rows (torch-cuda*, ort-cuda*) skipped: no CUDA GPU on this machine")
@@ -240,10 +241,6 @@ def _add_ratios(results: list[dict]) -> None:
         r["speedup_vs_torch"] = r["samples_per_s"] / ref if ref else None
 
 
-def _percent(fraction: float | None) -> str:
-    return "-" if fraction is None else f"{100 * fraction:.0f}"
-
-
 def peaks_line(peaks: dict[str, dict[str, float]]) -> str:
     """'GEMM peaks (GFLOP/s): fp32 numpy 190 torch 201 ...; bf16 torch 90; int8 onnxruntime 410'."""
     return "GEMM peaks (GFLOP/s): " + "; ".join(
@@ -262,7 +259,7 @@ def markdown(report: dict[str, Any], batches: tuple[int, ...] = (1, 1024)) -> st
             raw = f"{r['raw_p50_us']:.0f} ({r['overhead_us']:+.0f})" if "raw_p50_us" in r else "-"
             lines.append(f"| {r['op']} | {r['batch']} | {r['backend']} | {r['p50_us']:.0f} / {r['p90_us']:.0f} / "
                          f"{r['p99_us']:.0f} | {r['samples_per_s']:,.0f} | {r['gflops']:.0f} | "
-                         f"{_percent(r['fraction_of_peak'])} | {ratio} | {raw} |")
+                         f"{percent(r['fraction_of_peak'], sign=False)} | {ratio} | {raw} |")
     lines += ["", peaks_line(report["gemm_peak_gflops"])]
     lines += ["", "| ELBO/IWAE math, B=1024, K=64 | p50 ms | x Numba | max rel. error vs NumPy |",
               "| --- | ---: | ---: | ---: |"]
@@ -294,7 +291,7 @@ def render(report: dict[str, Any]) -> list:
         ratio = f"{r['speedup_vs_torch']:.2f}" if r["speedup_vs_torch"] else "-"
         table.add_row({"reconstruct": "recon"}.get(r["op"], r["op"]), str(r["batch"]), r["backend"],
                       f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}", f"{r['samples_per_s'] / 1e3:.1f}k",
-                      f"{r['gflops']:.0f}", _percent(r["fraction_of_peak"]), ratio)
+                      f"{r['gflops']:.0f}", percent(r["fraction_of_peak"], sign=False), ratio)
     parts.append(table)
     raw_rows = [r for r in report["results"] if "raw_p50_us" in r]
     if raw_rows:

@@ -143,12 +143,12 @@ class Engine:
         k = check_int("k", k, 1, MAX_SCORE_K)
         streams = _streams(streams, seed, start, len(x))
         mu, logvar = self.backend.encode(x)
-        # a GPU backend computes the log-weights itself (for N(0, I); a mixture prior's run here)
-        on_device = getattr(self.backend, "score_rows", None) if self.prior.standard else None
+        # a GPU backend computes the log-weights itself, next to the decoder's outputs (the prior's log-density too)
+        on_device = getattr(self.backend, "score_rows", None)
         log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks
         for i, j, s, eps in rng.iwae_blocks(streams, k, self.latent_dim, on_device or SCORE_ROWS):
             if on_device:
-                log_w = self.backend.log_weights(x[i:j], mu[i:j], logvar[i:j], eps)
+                log_w = self.backend.log_weights(x[i:j], mu[i:j], logvar[i:j], eps, self.prior)
             else:
                 z = kernels.reparameterize(mu[i:j], logvar[i:j], eps)  # (b, K', D)
                 params = self.backend.decode(z.reshape(-1, self.latent_dim)).reshape(j - i, eps.shape[1], -1)

@@ -21,6 +21,7 @@ from ..core.hardware import available_cpus, gpu_bf16, gpu_name, native_bf16, res
 from ..model import likelihoods
 from ..model.estimators import dreg_bound, elbo, iwae_bound, log_weights
 from ..model.networks import VAE
+from ..perf.fraction import fraction_of
 from . import distributed, feed
 from .callbacks import Callbacks
 
@@ -50,12 +51,19 @@ def kl_weight_at(cfg: TrainConfig, epoch: int, step: int, steps: int) -> float:
     return min(1.0, (epoch + step / steps) / cfg.kl_warmup_epochs)
 
 
+GPU_FP32_WHY = ("on a GPU these networks are launch-bound and autocast's casts cost more than bf16 saves "
+                "(NVIDIA H200: fp32 faster for every step kind of bench/train_bench.py --speed); --precision bf16 "
+                "trains in bf16")
+
+
 def auto_precision(device: str = "cpu") -> tuple[str, str]:
-    """What `--precision auto` trains in on `device`, and why: bf16 autocast where the device multiplies bf16
-    natively (a CPU with AVX512_BF16 or AMX; a GPU of compute capability 8.0+), else fp32 (emulated bf16 is
-    slower than fp32)."""
+    """What `--precision auto` trains in on `device`, and why: on a CPU, bf16 autocast where it multiplies bf16
+    natively (AVX512_BF16 or AMX; emulated bf16 is slower than fp32), else fp32; on a GPU, fp32. Measured on an
+    H200 (bench/results/train_bench.json, "speed cuda"): this trainer's steps (the 500-500 MLP at batch 100 and
+    500, k 1 and 5, ELBO/IWAE/DReG, VampPrior; the ResNet at batch 100) are launch-bound there, and bf16
+    autocast ran 7-21% slower than fp32 in every one."""
     if device.startswith("cuda"):
-        return ("bf16", "this GPU has native bf16") if gpu_bf16() else ("fp32", "this GPU has no native bf16")
+        return "fp32", GPU_FP32_WHY if gpu_bf16() else "this GPU has no native bf16"
     return ("bf16", "this CPU has native bf16") if native_bf16() else ("fp32", "this CPU has no native bf16")
 
 
@@ -338,7 +346,7 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
                        "samples_per_s": round(steps * global_batch / seconds, 1), "lr": lr_at(train_cfg, epoch),
                        "precision": train_cfg.precision, "device": where, "gflops": round(gflops, 2),
                        "peak_gflops": round(peak, 1) if peak else None,
-                       "fraction_of_peak": round(gflops / peak, 4) if peak else None}
+                       "fraction_of_peak": fraction_of(gflops, peak)}
                 if train_cfg.nll_every and ((epoch + 1) % train_cfg.nll_every == 0 or epoch + 1 == train_cfg.epochs):
                     row["test_nll_k1000"] = test_nll(model, x_test, train_cfg)
                 rows.append(row)

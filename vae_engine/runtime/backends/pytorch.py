@@ -73,13 +73,16 @@ class TorchBackend:
     def decode(self, z):
         return self._run(self.decoder, z).cpu().numpy()
 
-    def log_weights(self, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> np.ndarray:
+    def log_weights(self, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray,
+                    prior=None) -> np.ndarray:
         """IWAE log-weights (b, K) float64 on the backend's device: the network at its precision, the
-        reparameterization and every log-density in fp32 (the twin of `kernels.log_weights`)."""
+        reparameterization and every log-density in fp32 (the twin of `kernels.log_weights`). `prior`: the engine's
+        prior (`priors.NormalPrior` or `MixturePrior`; None is N(0, I)); a mixture's log-density runs here too,
+        as the model's own `priors.mixture_log_prob`."""
         import torch
 
         from ...model.estimators import log_weight
-        from ...model.posterior import DiagonalGaussian, standard_normal_log_prob
+        from ...model.posterior import DiagonalGaussian
 
         with torch.inference_mode():
             x_t, mu_t, lv_t, eps_t = (tensor(a).to(self.device, non_blocking=True)
@@ -87,10 +90,20 @@ class TorchBackend:
             q = DiagonalGaussian(mu_t, lv_t)
             z = q.sample(eps_t)  # (b, K, L), the kernels' eps layout
             params = self.decoder(z.reshape(-1, z.shape[-1]).to(self.dtype)).float().reshape(*z.shape[:2], -1)
-            log_w = log_weight(self.likelihood, standard_normal_log_prob, x_t[:, None], params, z, q)
+            log_w = log_weight(self.likelihood, self._prior_log_prob(prior), x_t[:, None], params, z, q)
             return log_w.double().cpu().numpy()
 
+    def _prior_log_prob(self, prior):
+        """log p(z) as a function of device tensors: N(0, I), or the mixture's components moved here once."""
+        from ...model.posterior import standard_normal_log_prob
+        from ...model.priors import mixture_log_prob
 
+        if prior is None or prior.standard:
+            return standard_normal_log_prob
+        if getattr(self, "_mixture", (None,))[0] is not prior:
+            self._mixture = (prior, tensor(prior.mu).to(self.device), tensor(prior.logvar).to(self.device))
+        _, mu_c, logvar_c = self._mixture
+        return lambda z: mixture_log_prob(z, mu_c, logvar_c)
 
 
 def _open(compile: bool):
