@@ -91,3 +91,18 @@ def test_named_dataset_without_download_is_a_clear_error(tmp_path, monkeypatch):
         data.load_dataset("cifar")
 
 
+
+
+@pytest.mark.parametrize("n", [1, 784, data.inputs.SPAN_KERNEL_MAX, data.inputs.SPAN_KERNEL_MAX + 1, 50_000])
+def test_span_of_the_input_rule_equals_numpy(n):
+    """Both forms of the input rule's one pass (Numba for small arrays, NumPy's reductions for large ones): the
+    same min, max and finiteness, with a NaN, +Inf or -Inf anywhere, and on strided views."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(np.float32)
+    for a in (x, x[::2], x.reshape(1, -1)):
+        assert data.inputs.span(a) == (float(a.min()), float(a.max()), True)
+    for bad in (np.nan, np.inf, -np.inf):
+        for at in (0, n // 2, n - 1):
+            y = x.copy()
+            y[at] = bad
+            assert data.inputs.span(y)[2] is False

@@ -5,6 +5,7 @@ jobs, the Python API (the Engine), the server and the detector's scoring all cal
 from __future__ import annotations
 
 import math
+from functools import cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -13,6 +14,36 @@ from ..core.errors import DataError
 
 if TYPE_CHECKING:
     import torch
+
+
+SPAN_KERNEL_MAX = 4096  # elements: below this one Numba pass beats NumPy's two reductions (see `span`)
+
+
+@cache
+def _span_kernel():
+    """(min, max, all finite) of a float32 array in one pass; compiled on first use (the CLI starts without Numba)."""
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def span(a):
+        lo, hi, nan = np.float32(np.inf), np.float32(-np.inf), np.float32(0.0)
+        for v in a.ravel():
+            nan += v - v  # NaN for NaN and +-Inf, 0 for every finite value
+            lo, hi = min(lo, v), max(hi, v)
+        return lo, hi, nan == 0.0
+    return span
+
+
+def span(flat: np.ndarray) -> tuple[float, float, bool]:
+    """(min, max, all finite) of float32 values. Small arrays (batch-1 requests): one Numba pass, 2.4 us against
+    9.3 us for NumPy's min and max at 784 values, and it leaves the runtime's call after it as fast as a bare call
+    (NumPy's reductions before an ONNX Runtime call slowed that call by ~10 us, measured on the 2-core AVX2 EPYC).
+    Large ones: NumPy's vectorized reductions (1 ns per value against 0.16), NaN and Inf propagating."""
+    if flat.size <= SPAN_KERNEL_MAX and flat.dtype == np.float32:
+        lo, hi, finite = _span_kernel()(flat)
+        return float(lo), float(hi), bool(finite)
+    lo, hi = float(flat.min()), float(flat.max())  # NaN propagates into both
+    return lo, hi, math.isfinite(lo) and math.isfinite(hi)
 
 
 def to_float(items: np.ndarray) -> np.ndarray:
@@ -42,8 +73,8 @@ def model_input(chunk: np.ndarray, unit_interval: bool = True, name: str = "x", 
     flat = to_float(chunk)
     if flat.size == 0:
         return flat
-    lo, hi = float(flat.min()), float(flat.max())  # NaN propagates into both: one pass each when all is well
-    if math.isfinite(lo) and math.isfinite(hi) and (not unit_interval or (lo >= 0.0 and hi <= 1.0)):
+    lo, hi, finite = span(flat)
+    if finite and (not unit_interval or (lo >= 0.0 and hi <= 1.0)):
         return flat
     bad = ~np.isfinite(flat)
     if bad.any():
@@ -73,6 +104,6 @@ def latents(z, latent_dim: int, name: str = "z") -> np.ndarray:
     if a.ndim != 2 or a.shape[1] != latent_dim or a.dtype.kind != "f":
         raise DataError(f"{name} must be float of shape (N, {latent_dim}), got {a.dtype} {a.shape}")
     a = np.ascontiguousarray(a, dtype=np.float32)
-    if not np.isfinite(a.sum(dtype=np.float64)) and not np.isfinite(a).all():  # one reduction when all is well
+    if not span(a)[2]:
         raise DataError(f"{name} holds NaN or Inf values")
     return a
