@@ -61,7 +61,7 @@ def _cache_name(kind: str, row, name: str) -> str:
     import hashlib
     import inspect
 
-    digest = hashlib.sha256(inspect.getsource(row.py_func).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(inspect.getsource(row).encode()).hexdigest()[:10]
     return f"{kind}_{name.replace('-', '_')}_{digest}"
 
 

@@ -5,6 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numba.extending import register_jitable
+
+
+def row_kernel(row):
+    """Declare a likelihood's row function: callable from Numba kernels, where it is inlined (and compiled with the
+    kernel's own flags). A plain function rather than a dispatcher, so the kernels built around it (`kernels`:
+    one per likelihood, the row in their closure) keep one on-disk cache entry: Numba keys a closure's cache on
+    the pickled closure, a function pickles by name, and a dispatcher would pickle with an id new in every process
+    (each `score` or `evaluate` recompiled its log-weights kernel, about 2 s)."""
+    return register_jitable(inline="always")(row)
 
 
 class Likelihood:
@@ -15,7 +25,7 @@ class Likelihood:
     output_name: str = "params"  # the decoder graph's output
     unit_interval: bool = False  # data must lie in [0, 1]
     binarized: bool = False  # [0, 1] data is dynamically binarized (re-sampled Bernoulli pixels) for this one
-    row: Any = None  # Numba: row(x (D,) float32, params (n_params*D,) float32) -> float32 log p(x|params)
+    row: Any = None  # `row_kernel`: row(x (D,) float32, params (n_params*D,) float32) -> float32 log p(x|params)
 
     def binarizes(self, mode: str) -> bool:
         """Does this model see its [0, 1] data as dynamically binarized pixels, under a TrainConfig's `binarize`

@@ -9,10 +9,10 @@ import numpy as np
 
 from ...core import config, rng
 from ...core.fastmath import ONE, PARALLEL_MIN, ZERO, jit, softplus_neg_abs
-from .base import Likelihood
+from .base import Likelihood, row_kernel
 
 
-@numba.njit(inline="always", fastmath=True)
+@row_kernel
 def bernoulli_row(x, logits):
     """sum_p x_p l_p - softplus(l_p) over one row (log p(x|z) with logits, stable, vectorizable)."""
     acc = ZERO
@@ -48,7 +48,7 @@ class Bernoulli(Likelihood):
     name = "bernoulli"
     output_name, n_params = config.DECODER_OUTPUTS[name]
     unit_interval, binarized = True, True
-    row = bernoulli_row
+    row = staticmethod(bernoulli_row)
 
     def log_prob(self, x, logits):
         """log p(x|z) = sum_i x_i log s(l_i) + (1 - x_i) log(1 - s(l_i)) = -BCE-with-logits."""

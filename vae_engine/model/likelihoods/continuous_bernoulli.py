@@ -16,7 +16,7 @@ import numpy as np
 
 from ...core import config, rng
 from ...core.fastmath import ZERO, softplus_neg_abs
-from .base import Likelihood
+from .base import Likelihood, row_kernel
 
 SERIES = 1e-2  # |l| below this uses the series (in float32 and float64 alike)
 _LOG2 = math.log(2.0)
@@ -31,7 +31,7 @@ def _log_norm(l):  # noqa: E741 - l is the paper's logit
     return math.log(a) - math.log(math.tanh(0.5 * a))
 
 
-@numba.njit(inline="always")
+@row_kernel
 def continuous_bernoulli_row(x, logits):
     """sum_p x_p l_p - softplus(l_p) + log C(l_p) over one row."""
     acc = ZERO
@@ -53,7 +53,7 @@ class ContinuousBernoulli(Likelihood):
     name = "continuous-bernoulli"
     output_name, n_params = config.DECODER_OUTPUTS[name]
     unit_interval, binarized = True, False
-    row = continuous_bernoulli_row
+    row = staticmethod(continuous_bernoulli_row)
 
     def log_prob(self, x, logits):
         import torch

@@ -8,19 +8,18 @@ log N(x; m, v) = -1/2 (log 2 pi + log v + (x - m)^2 / v), summed over features.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from ...core import config, rng
 from ...core.fastmath import exp as _exp
-from .base import Likelihood
+from .base import Likelihood, row_kernel
 
 LOG_2PI = config.LOG_2PI
 _HALF_LOG_2PI = np.float32(0.5 * LOG_2PI)
 _HALF = np.float32(0.5)
 
 
-@numba.njit(inline="always", fastmath=True)
+@row_kernel
 def gaussian_row(x, params):
     """Row of log N(x; m, exp(lv)) from params [m | lv] (D each), with the vectorizable exp of core/fastmath.py."""
     d = x.shape[0]
@@ -36,7 +35,7 @@ class Gaussian(Likelihood):
     name = "gaussian"
     output_name, n_params = config.DECODER_OUTPUTS[name]
     unit_interval, binarized = False, False
-    row = gaussian_row
+    row = staticmethod(gaussian_row)
 
     def log_prob(self, x, params):
         import torch
