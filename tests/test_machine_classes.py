@@ -96,9 +96,11 @@ def test_decision_for_each_class(model, name, budget, monkeypatch):
         rows = []
         for b, p in paths:
             speed, cost = SPEEDS[name].get((b, p), (1.0, 0.0))
-            rows.append({"backend": b, "precision": p, "provider": device, "seconds_per_batch": batch / speed,
-                         "items_per_s": speed, "nll_change_nats": cost, "nelbo_change_nats": cost,
-                         "max_item_nll_change_nats": abs(cost), "mean_abs_item_nll_change_nats": abs(cost)})
+            for n in threads:
+                rows.append({"backend": b, "precision": p, "threads": n, "provider": device,
+                             "seconds_per_batch": batch / speed, "items_per_s": speed, "nll_change_nats": cost,
+                             "nelbo_change_nats": cost, "max_item_nll_change_nats": abs(cost),
+                             "mean_abs_item_nll_change_nats": abs(cost)})
         return rows, "test"
 
     monkeypatch.setattr(tuning, "measure", fake_measure)
@@ -109,13 +111,40 @@ def test_decision_for_each_class(model, name, budget, monkeypatch):
         d = tuning.choose(Engine.load, model, device=device, threads=2, batch=1024, budget=budget, int8=int8)
         again = tuning.choose(Engine.load, model, device=device, threads=2, batch=1024, budget=budget, int8=int8)
         assert measured[0] == tuning.candidates(model, device=device, int8=int8)[0]
-    assert (d["backend"], d["precision"]) == DECISIONS[name, budget]
+    assert (d["backend"], d["precision"], d["threads"]) == (*DECISIONS[name, budget], 2)
     assert d["key"]["flags"] == sorted(f for f in hardware.KEY_FLAGS if f in CLASSES[name].flags)
     assert d["key"]["gpu"] == CLASSES[name].gpu if name == "cuda" else d["key"]["gpu"] is None
     assert again["reused"] and len(measured) == 1  # the same class reuses its saved decision
     with hardware.pretend(AVX2 if name != "avx2" else AMX):  # another class measures again
         tuning.choose(Engine.load, model, threads=2, batch=1024, budget=budget)
     assert len(measured) == 2
+
+
+@pytest.mark.parametrize("batch,fast_threads", [(1, 1), (1, 4), (1024, 4)])
+def test_thread_count_is_part_of_the_decision_for_small_batches(model, monkeypatch, batch, fast_threads):
+    """Unpinned threads: a small batch compares every available CPU with one thread and keeps the faster (the
+    engine then runs with it); a large batch uses every CPU without measuring one thread. Pinned: as given."""
+    seen = []
+
+    def fake_measure(load, model_dir, paths, threads, batch, device="cpu", min_time=0.3, progress=None):
+        seen.append(list(threads))
+        return [{"backend": b, "precision": p, "threads": n, "provider": "cpu", "seconds_per_batch": 1.0,
+                 "items_per_s": 2.0 if n == fast_threads else 1.0, "nll_change_nats": 0.0,
+                 "nelbo_change_nats": 0.0, "max_item_nll_change_nats": 0.0, "mean_abs_item_nll_change_nats": 0.0}
+                for b, p in paths for n in threads], "test"
+
+    monkeypatch.setattr(tuning, "measure", fake_measure)
+    monkeypatch.setattr(hardware, "available_cpus", lambda: 4)
+    d = tuning.choose(Engine.load, model, threads=None, batch=batch, retune=True)
+    assert seen[-1] == ([4, 1] if batch <= tuning.SMALL_BATCH else [4])
+    assert d["threads"] == (fast_threads if batch <= tuning.SMALL_BATCH else 4)
+    assert d["key"]["threads"] == "auto (4 CPUs)"
+    assert tuning.choose(Engine.load, model, threads=3, batch=batch, retune=True)["threads"] == 3
+    assert seen[-1] == [3]
+    engine = Engine.load(model, precision="auto", batch_size=batch)  # reuses the first decision
+    assert engine.threads == d["threads"] and engine.decision["reused"]
+    monkeypatch.undo()
+    backends.set_threads(None)  # this process's thread count as the other tests expect it
 
 
 @pytest.mark.parametrize("name", ["avx2", "avx512-bf16-vnni", "amx"])

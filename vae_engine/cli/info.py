@@ -118,12 +118,15 @@ def _tuning(model_dir: Path, console: Console) -> None:
             continue
         where = "this CPU" if k.get("cpu") == here else f"another CPU ({k.get('cpu')})"
         t = Table(title=f"--precision auto on {where}: batch {k.get('batch')}, {k.get('threads')} threads, "
-                        f"budget {k.get('budget_nats')} nats -> {d.get('backend')}/{d.get('precision')}")
-        for col in ("path", "items/s", "mean NLL change", "mean -ELBO change", "max item change"):
+                        f"budget {k.get('budget_nats')} nats -> {d.get('backend')}/{d.get('precision')}"
+                        + (f", {d['threads']} threads" if "threads" in d else ""))
+        for col in ("path", "threads", "items/s", "mean NLL change", "mean -ELBO change", "max item change"):
             t.add_column(col, justify="right")
         for r in (r for r in rows if isinstance(r, dict)):
-            chosen = (r.get("backend"), r.get("precision")) == (d.get("backend"), d.get("precision"))
+            chosen = ((r.get("backend"), r.get("precision"), r.get("threads", d.get("threads")))
+                      == (d.get("backend"), d.get("precision"), d.get("threads")))
             t.add_row(("* " if chosen else "") + f"{r.get('backend')}/{r.get('precision')}",
+                      str(r.get("threads", k.get("threads"))),
                       _num(r.get("items_per_s"), ",.0f"), _num(r.get("nll_change_nats"), "+.4f"),
                       _num(r.get("nelbo_change_nats"), "+.4f"), _num(r.get("max_item_nll_change_nats"), ".3f"))
         console.print(t)

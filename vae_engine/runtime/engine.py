@@ -45,17 +45,19 @@ class Engine:
         """Load a model directory (default: the shipped model) with the named backend and precision.
 
         precision="auto" runs (or reuses from the model folder) `tuning.choose`: the fastest path here at
-        `batch_size` whose mean NLL change against fp32 stays within `max_nll_change` nats (default 0.01).
+        `batch_size` whose mean NLL change against fp32 stays within `max_nll_change` nats (default 0.01), and,
+        when `threads` is None, the thread count it runs fastest with (one thread wins at batch 1 on some CPUs).
         """
         model_dir = modeldir.resolve_model_dir(model_dir)
         cfg = modeldir.model_config(model_dir)
-        threads = set_threads(threads)
         decision = None
         if precision == "auto":
             budget = tuning.DEFAULT_BUDGET if max_nll_change is None else max_nll_change
             decision = tuning.choose(cls.load, model_dir, backend, device, threads, batch_size, budget,
                                      progress=progress)
             backend, precision = decision["backend"], decision["precision"]
+            threads = decision.get("threads", threads)  # decisions saved before threads were part of them
+        threads = set_threads(threads)
         return cls(load_backend(model_dir, backend, precision, threads, device, spin), cfg, model_dir, threads,
                    decision)
 

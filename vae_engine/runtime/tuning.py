@@ -34,6 +34,9 @@ DEFAULT_BUDGET = 0.01  # nats: largest change of the mean NLL (and mean -ELBO) a
 VALIDATION_ITEMS = 2048
 ACCURACY_K = 64  # importance samples of the NLL compared (same eps for every path)
 KEEP = 16  # decisions kept in tuning.json (one per key: machine, versions, threads, batch, budget)
+# batches up to this size also try one thread when the thread count is not pinned: at batch 1 a second thread
+# costs more in hand-offs than it adds (ONNX Runtime, 2-core EPYC: 58 + 47 us with 2 threads, 42 + 45 with 1)
+SMALL_BATCH = 16
 # opens one path of a model: (model_dir, backend=, precision=, threads=[, device=]) -> an Engine (`Engine.load`);
 # passed in, so this module measures engines without importing the class that asks it for decisions
 Load = Callable[..., Any]
@@ -103,7 +106,7 @@ def validation_items(model_dir: Path, n: int = VALIDATION_ITEMS, seed: int = 0) 
     return np.ascontiguousarray(x, np.float32), source
 
 
-def key(model_dir: Path, backend: str, device: str, threads: int, batch: int, budget: float,
+def key(model_dir: Path, backend: str, device: str, threads: int | str, batch: int, budget: float,
         int8: bool | None) -> dict[str, Any]:
     """What a decision depends on: a saved decision is reused only when all of it is equal."""
     every = modeldir.versions()
@@ -187,21 +190,40 @@ def items_per_s(engine, ref: dict[str, Any], batch: int, min_time: float = 0.3) 
     return batch / _time_path(engine, x, z, min_time)
 
 
-def measure(load: Load, model_dir: Path, paths: list[tuple[str, str]], threads: int, batch: int,
+def thread_options(threads: int | None, batch: int) -> list[int]:
+    """The thread counts a decision compares: the pinned count; else every available CPU, and for small batches
+    (`SMALL_BATCH`) one thread too."""
+    if threads is not None:
+        return [threads]
+    every = hardware.available_cpus()
+    return [every, 1] if batch <= SMALL_BATCH and every > 1 else [every]
+
+
+def measure(load: Load, model_dir: Path, paths: list[tuple[str, str]], threads: int | list[int], batch: int,
             device: str = "cpu", min_time: float = 0.3,
             progress: Callable[[str], None] | None = None) -> tuple[list[dict], str]:
-    """Speed and accuracy of each path (see the module docstring); returns (rows, validation source)."""
+    """Speed and accuracy of each path at each thread count (`threads`: one or a list; the accuracy, which
+    threads do not change, is measured at the first); returns (rows, validation source)."""
+    from . import backends
+
     step = progress or (lambda message: None)
+    options = threads if isinstance(threads, list) else [threads]
     step("fp32 reference")
-    ref = reference(load, model_dir, threads)
+    ref = reference(load, model_dir, options[0])
     rows = []
     for backend, precision in paths:
-        step(f"{backend} {precision}")
-        engine = ref["engine"] if (backend, precision) == ("torch", "fp32") else load(
-            model_dir, backend=backend, precision=precision, threads=threads, device=device)
-        speed = items_per_s(engine, ref, batch, min_time)
-        rows.append({"backend": backend, "precision": precision, "provider": engine.backend.provider,
-                     "seconds_per_batch": batch / speed, "items_per_s": speed, **accuracy(engine, ref)})
+        changes = None
+        for n in options:
+            step(f"{backend} {precision}" + (f", {n} thread{'s' * (n > 1)}" if len(options) > 1 else ""))
+            first = (backend, precision, n) == ("torch", "fp32", options[0])
+            engine = ref["engine"] if first else load(model_dir, backend=backend, precision=precision, threads=n,
+                                                      device=device)
+            speed = items_per_s(engine, ref, batch, min_time)
+            changes = changes or accuracy(engine, ref)
+            rows.append({"backend": backend, "precision": precision, "threads": n,
+                         "provider": engine.backend.provider, "seconds_per_batch": batch / speed,
+                         "items_per_s": speed, **changes})
+    backends.set_threads(options[0])  # loading a path sets the process's thread count: leave the first one
     return rows, ref["source"]
 
 
@@ -213,9 +235,10 @@ def within(row: dict[str, Any], budget: float) -> bool:
 def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None,
            batch: int = 1024, budget: float = DEFAULT_BUDGET, int8: bool | None = None, retune: bool = False,
            progress: Callable[[str], None] | None = None, min_time: float = 0.3) -> dict[str, Any]:
-    """The decision for this model here: {"backend", "precision", "key", "measurements", ...}; reused from
-    tuning.json when its key matches, else measured (a few seconds) and saved. `load` opens a path of the model
-    (`Engine.load`, called with an explicit backend and precision)."""
+    """The decision for this model here: {"backend", "precision", "threads", "key", "measurements", ...}; reused
+    from tuning.json when its key matches, else measured (a few seconds) and saved. `load` opens a path of the
+    model (`Engine.load`, called with an explicit backend and precision). `threads` None: the thread count is
+    part of the decision (`thread_options`)."""
     import numpy as np
 
     from ..core.config import MAX_BATCH, check_int
@@ -227,16 +250,18 @@ def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str
     if not (isinstance(budget, int | float) and np.isfinite(budget) and budget >= 0):
         raise VaeEngineError(f"--max-nll-change must be a finite number of nats >= 0, got {budget!r}")
     batch = min(check_int("batch size", batch, 1, MAX_BATCH), 4096)  # larger batches run at the same rate
-    threads = backends.set_threads(threads)
-    k = key(model_dir, backend, device, threads, batch, float(budget), int8)
+    options = thread_options(None if threads is None else backends.set_threads(threads), batch)
+    k = key(model_dir, backend, device, options[0] if threads is not None else f"auto ({options[0]} CPUs)", batch,
+            float(budget), int8)
     if not retune:
         for d in saved(model_dir):
             if d["key"] == k and d.get("backend") in backends.BACKENDS:
                 return {**d, "reused": True}
     paths, notes = candidates(model_dir, backend, device, int8)
-    rows, source = measure(load, model_dir, paths, threads, batch, device, min_time=min_time, progress=progress)
+    rows, source = measure(load, model_dir, paths, options, batch, device, min_time=min_time, progress=progress)
     best = max((r for r in rows if within(r, budget)), key=lambda r: r["items_per_s"])
-    decision = {"key": k, "backend": best["backend"], "precision": best["precision"], "measurements": rows,
+    decision = {"key": k, "backend": best["backend"], "precision": best["precision"], "threads": best["threads"],
+                "measurements": rows,
                 "validation": source, "notes": notes, "accuracy_k": ACCURACY_K,
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     decision["saved"] = _save(model_dir, decision)
@@ -251,5 +276,7 @@ def describe_path(backend: str, precision: str, decision: dict[str, Any] | None 
                 if (r["backend"], r["precision"]) == (backend, precision)), None)
     cost = f", mean NLL change {row['nll_change_nats']:+.4f} nats" if row and row["precision"] != "fp32" else ""
     how = "reused from tuning.json" if decision.get("reused") else f"measured {len(decision['measurements'])} paths"
+    if isinstance(decision["key"].get("threads"), str) and "threads" in decision:  # the thread count was chosen
+        how = f"{decision['threads']} thread{'s' * (decision['threads'] > 1)}; {how}"
     return f"{backend}/{precision} (auto: fastest within {decision['key']['budget_nats']} nats{cost}; {how})"
 
