@@ -56,10 +56,16 @@ def test_same_seed_same_weights(tiny_data, tmp_path):
     assert (tmp_path / "a" / modeldir.WEIGHTS).read_bytes() == (tmp_path / "b" / modeldir.WEIGHTS).read_bytes()
 
 
-def test_feed_workers_make_the_same_batches_in_order():
-    """The GPU's feed (worker threads, steps ahead) yields exactly the in-line batches, in the step order."""
+def test_feed_workers_make_the_same_batches_in_order(monkeypatch):
+    """The GPU's feed (worker threads, steps ahead) yields exactly the in-line batches, in the step order; its
+    threads share the machine's cores with the other training processes on it."""
     from vae_engine.core import rng
+    from vae_engine.training import feed
     from vae_engine.training.feed import Feed
+
+    monkeypatch.setattr(feed, "available_cpus", lambda: 16)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert (feed.default_workers(cpu), feed.default_workers(gpu), feed.default_workers(gpu, processes=8)) == (0, 8, 1)
 
     x = torch.from_numpy(np.random.default_rng(0).random((300, 20), dtype=np.float32))
     order = torch.from_numpy(rng.permutation(7, len(x)))

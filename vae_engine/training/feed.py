@@ -23,9 +23,10 @@ MAX_WORKERS = 8
 GPU_SYNC_EVERY = 25  # steps between the GPU's loss read-backs (each one stalls the launch queue)
 
 
-def default_workers(device: torch.device) -> int:
-    """Feed threads for a device: none on the CPU, one per spare core (up to MAX_WORKERS) beside a GPU."""
-    return 0 if device.type == "cpu" else max(1, min(MAX_WORKERS, available_cpus() - 1))
+def default_workers(device: torch.device, processes: int = 1) -> int:
+    """Feed threads for a device: none on the CPU; beside a GPU, one per spare core of this process's share of
+    them (`processes`: the training processes on this machine, one per GPU under torchrun), up to MAX_WORKERS."""
+    return 0 if device.type == "cpu" else max(1, min(MAX_WORKERS, available_cpus() // processes - 1))
 
 
 def sync_every(device: torch.device) -> int:
@@ -39,10 +40,10 @@ class Feed:
     `batches(es, order, firsts)` yields them in the order of `firsts`, `workers` steps ahead (0: in line)."""
 
     def __init__(self, x_train: torch.Tensor, b: int, k: int, latent_dim: int, binarize: bool,
-                 device: torch.device, workers: int | None = None):
+                 device: torch.device, workers: int | None = None, processes: int = 1):
         self.x_train, self.b, self.k, self.latent_dim, self.binarize = x_train, b, k, latent_dim, binarize
         self.device = device
-        self.workers = default_workers(device) if workers is None else workers
+        self.workers = default_workers(device, processes) if workers is None else workers
         self.pin = device.type == "cuda"
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="feed") if self.workers else None
 

@@ -304,7 +304,7 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     peak_key = train_cfg.precision if device.type == "cpu" else f"cuda-{train_cfg.precision}"
     where = "cpu" if device.type == "cpu" else f"{device} ({gpu_name()})"
     every = feed.sync_every(device)
-    batches = feed.Feed(x_train, b, train_cfg.k, model_cfg.latent_dim, binarize, device)
+    batches = feed.Feed(x_train, b, train_cfg.k, model_cfg.latent_dim, binarize, device, processes=world.local_size)
     try:
         for epoch in range(start_epoch, train_cfg.epochs):
             es = epoch_seed(train_cfg.seed, epoch)
