@@ -88,15 +88,18 @@ _binarize_kernels = (_make_binarize_kernel(False), _make_binarize_kernel(True))
 
 
 def normal_eps(seed: int, start: int, n: int, k: int, d: int, s0: int = 0, s1: int | None = None,
-               stream: int = EPS_STREAM) -> np.ndarray:
+               stream: int = EPS_STREAM, parallel: bool | None = None) -> np.ndarray:
     """eps (n, s1-s0, d) float32 ~ N(0, I) for items start..start+n-1: their samples s0..s1-1 of k.
 
     Any block of samples is the same numbers as that slice of all k, so long K streams in bounded memory.
+    `parallel`: None picks by size (PARALLEL_MIN); False for callers that are themselves one of several threads
+    (the trainer's feed), which gain nothing from a parallel launch and must not depend on the threading layer
+    taking launches from several threads at once (Numba's fallback layer, workqueue, does not).
     """
     s1 = k if s1 is None else s1
     out = np.empty((n, s1 - s0, d), dtype=np.float32)
-    _normal_kernels[out.size >= PARALLEL_MIN](stream_key(seed, stream), np.int64(start), np.int64(k),
-                                              np.int64(s0), out)
+    _normal_kernels[out.size >= PARALLEL_MIN if parallel is None else parallel](
+        stream_key(seed, stream), np.int64(start), np.int64(k), np.int64(s0), out)
     return out
 
 
@@ -165,11 +168,12 @@ def iwae_blocks(streams: Streams, k: int, d: int, rows: int):
             yield i, j, s, streams.eps(i, j, k, d, s, min(k, s + rows))
 
 
-def binarize(x: np.ndarray, seed: int, start: int) -> np.ndarray:
-    """Bernoulli(x) pixels (n, P) float32 for items start..start+n-1, x in [0, 1]."""
+def binarize(x: np.ndarray, seed: int, start: int, parallel: bool | None = None) -> np.ndarray:
+    """Bernoulli(x) pixels (n, P) float32 for items start..start+n-1, x in [0, 1] (`parallel`: as `normal_eps`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty_like(x)
-    _binarize_kernels[x.size >= PARALLEL_MIN](stream_key(seed, BINARIZE_STREAM), np.int64(start), x, out)
+    _binarize_kernels[x.size >= PARALLEL_MIN if parallel is None else parallel](
+        stream_key(seed, BINARIZE_STREAM), np.int64(start), x, out)
     return out
 
 

@@ -50,9 +50,10 @@ class Feed:
     def host_batch(self, es: int, order: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's batch on the host: the items at positions first..first+b-1 of `order`, and their eps."""
         x = self.x_train[order[first : first + self.b]]
+        serial = False if self.workers else None  # a worker is already one of several threads
         if self.binarize:
-            x = torch.from_numpy(rng.binarize(x.numpy(), es, first))
-        eps = torch.from_numpy(rng.normal_eps(es, first, self.b, self.k, self.latent_dim))  # (b, K, L)
+            x = torch.from_numpy(rng.binarize(x.numpy(), es, first, parallel=serial))
+        eps = torch.from_numpy(rng.normal_eps(es, first, self.b, self.k, self.latent_dim, parallel=serial))
         return (x.pin_memory(), eps.pin_memory()) if self.pin else (x, eps)
 
     def batches(self, es: int, order: torch.Tensor, firsts: Iterable[int]) -> Iterator[tuple[torch.Tensor, ...]]:
