@@ -207,3 +207,12 @@ def test_device_resident_log_weights_equal_the_numba_path(exported_model, x):
     numba_path = eng.log_likelihood(x, k=50, seed=3)
     eng.backend.score_rows = 256  # force the device-resident path, in blocks (k=50 spans several)
     np.testing.assert_allclose(eng.log_likelihood(x, k=50, seed=3), numba_path, rtol=1e-5)  # fp32 sums of 784 terms
+
+
+def test_fractions_of_a_peak_keep_small_values():
+    """A small model on a GPU runs at a fraction of a percent of its peak: shown, not rounded to 0."""
+    from vae_engine.perf.fraction import fraction_of, percent
+
+    assert fraction_of(2065.3, 778550.4) == 0.00265 and fraction_of(1.0, None) is None
+    assert [percent(f) for f in (0.00265, 0.0003, 0.523, 1.06, None)] == ["0.27%", "0.03%", "52%", "106%", "-"]
+    assert percent(0.00265, sign=False) == "0.27"
