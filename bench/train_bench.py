@@ -37,7 +37,7 @@ from vae_engine.core import hardware, rng
 from vae_engine.core.config import ModelConfig, TrainConfig
 from vae_engine.model.estimators import evaluate, reference_scores
 from vae_engine.model.networks import VAE
-from vae_engine.perf.fraction import fraction_of, percent
+from vae_engine.perf.fraction import fraction_of, peak_key, percent
 from vae_engine.perf.peaks import measured_peaks
 from vae_engine.training.feed import Feed, sync_every
 from vae_engine.training.train import Objective, step_flops, train
@@ -88,7 +88,7 @@ def speed(threads: int, seconds: float, device: torch.device) -> list[dict]:
     torch.set_num_threads(threads)
     x_train = data.to_unit(data.load_training_data(TrainConfig()).train_images)
     peaks = measured_peaks(threads)
-    key = (lambda p: p) if device.type == "cpu" else (lambda p: f"cuda-{p}")
+    key = partial(peak_key, device=device.type)
     rows = []
     for name, objective, k, batch, prior, arch in STEPS:
         cfg = ModelConfig(**NETWORK, prior=prior, arch=arch)

@@ -78,16 +78,17 @@ def hardware_limit(model_dir, path: str, n: int, k: int, threads: int, seconds: 
     runs them, and a VampPrior's C x L per sample) by precision, and the time they take at this machine's GEMM
     peak of each precision (measured once per process, `peaks.measured_peaks`): `fraction_of_limit` = that time /
     the time taken. `path`: e.g. 'onnxruntime/int8'."""
+    from functools import partial
     from pathlib import Path
 
     from .. import modeldir
-    from ..perf.fraction import fraction_of
+    from ..perf.fraction import fraction_of, peak_key
     from ..perf.peaks import limit_seconds, measured_peaks
     from ..perf.work import macs_by_precision
 
     backend, precision = path.split("/")
     cfg = modeldir.model_config(model_dir)
-    key = (lambda p: p) if device == "cpu" else (lambda p: f"cuda-{p}")
+    key = partial(peak_key, device=device)
     macs: dict[str, float] = {}
     for role, calls in (("encoder", 2 * n), ("decoder", (k + 1) * n)):
         for p, m in macs_by_precision(Path(model_dir), cfg, role, precision, backend).items():

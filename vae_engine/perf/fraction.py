@@ -1,7 +1,13 @@
-"""How a measured rate is held against a peak: the fraction, and how it is shown. No heavy imports: the CLI's
-progress bar uses it at start-up."""
+"""How a measured rate is held against a peak: which peak, the fraction, and how it is shown. No heavy imports:
+the CLI's progress bar uses it at start-up."""
 
 from __future__ import annotations
+
+
+def peak_key(precision: str, device: str = "cpu") -> str:
+    """Which measured peak (`peaks.measured_peaks`) a rate in `precision` on `device` is held against: the
+    precision on a CPU, "cuda-" + the precision on a GPU ("cuda" or "cuda:N")."""
+    return precision if device == "cpu" else f"cuda-{precision}"
 
 
 def fraction_of(rate: float, peak: float | None) -> float | None:

@@ -83,4 +83,3 @@ def measured_peaks(threads: int) -> dict[str, float]:
     if threads not in _PEAKS:
         _PEAKS[threads] = {p: max(v.values()) for p, v in gemm_peak(threads, min_time=0.3).items()}
     return dict(_PEAKS[threads])
-

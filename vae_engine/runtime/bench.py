@@ -18,7 +18,7 @@ from ..model import kernels
 from ..model.estimators import log_weight
 from ..model.posterior import DiagonalGaussian, standard_normal_log_prob
 from ..modeldir import graphs
-from ..perf.fraction import fraction_of, percent
+from ..perf.fraction import fraction_of, peak_key, percent
 from ..perf.peaks import gemm_peak, limit_seconds
 from ..perf.timing import measure
 from ..perf.work import macs_by_precision, model_flops
@@ -94,18 +94,13 @@ def path_peak(model_dir: Path, cfg: ModelConfig, c: Candidate, op: str, best_pea
     """The GEMM rate a path's row is compared with: its precision's peak, or for an int8 graph pair that keeps
     some layers in fp32, the rate of doing each layer's multiply-adds at its own precision's peak."""
     if c.device != "cpu" or c.backend != "onnxruntime" or c.precision != "int8":
-        return best_peak.get(peak_key(c))
+        return best_peak.get(peak_key(c.precision, c.device))
     macs: dict[str, float] = {}
     for role in {"encode": ("encoder",), "decode": ("decoder",)}.get(op, graphs.ROLES):
         for p, m in macs_by_precision(model_dir, cfg, role, c.precision, c.backend).items():
             macs[p] = macs.get(p, 0.0) + m
     seconds = limit_seconds(macs, best_peak)
     return 2 * sum(macs.values()) / seconds / 1e9 if seconds else None
-
-
-def peak_key(c: Candidate) -> str:
-    """Which measured peak a candidate's GFLOP/s is compared with."""
-    return c.precision if c.device == "cpu" else f"cuda-{c.precision}"
 
 
 def postprocess_fns(x, params, mu, logvar, eps, likelihood=None) -> dict[str, Callable[[], Any]]:

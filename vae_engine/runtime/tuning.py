@@ -199,23 +199,20 @@ def thread_options(threads: int | None, batch: int) -> list[int]:
     return [every, 1] if batch <= SMALL_BATCH and every > 1 else [every]
 
 
-def measure(load: Load, model_dir: Path, paths: list[tuple[str, str]], threads: int | list[int], batch: int,
+def measure(load: Load, model_dir: Path, paths: list[tuple[str, str]], threads: list[int], batch: int,
             device: str = "cpu", min_time: float = 0.3,
             progress: Callable[[str], None] | None = None) -> tuple[list[dict], str]:
-    """Speed and accuracy of each path at each thread count (`threads`: one or a list; the accuracy, which
+    """Speed and accuracy of each path at each thread count of `threads` (`thread_options`; the accuracy, which
     threads do not change, is measured at the first); returns (rows, validation source)."""
-    from . import backends
-
     step = progress or (lambda message: None)
-    options = threads if isinstance(threads, list) else [threads]
     step("fp32 reference")
-    ref = reference(load, model_dir, options[0])
+    ref = reference(load, model_dir, threads[0])
     rows = []
     for backend, precision in paths:
         changes = None
-        for n in options:
-            step(f"{backend} {precision}" + (f", {n} thread{'s' * (n > 1)}" if len(options) > 1 else ""))
-            first = (backend, precision, n) == ("torch", "fp32", options[0])
+        for n in threads:
+            step(f"{backend} {precision}" + (f", {n} thread{'s' * (n > 1)}" if len(threads) > 1 else ""))
+            first = (backend, precision, n) == ("torch", "fp32", threads[0])
             engine = ref["engine"] if first else load(model_dir, backend=backend, precision=precision, threads=n,
                                                       device=device)
             speed = items_per_s(engine, ref, batch, min_time)
@@ -223,7 +220,6 @@ def measure(load: Load, model_dir: Path, paths: list[tuple[str, str]], threads: 
             rows.append({"backend": backend, "precision": precision, "threads": n,
                          "provider": engine.backend.provider, "seconds_per_batch": batch / speed,
                          "items_per_s": speed, **changes})
-    backends.set_threads(options[0])  # loading a path sets the process's thread count: leave the first one
     return rows, ref["source"]
 
 

@@ -21,7 +21,7 @@ from ..core.hardware import available_cpus, gpu_bf16, gpu_name, native_bf16, res
 from ..model import likelihoods
 from ..model.estimators import dreg_bound, elbo, iwae_bound, log_weights
 from ..model.networks import VAE
-from ..perf.fraction import fraction_of
+from ..perf.fraction import fraction_of, peak_key
 from . import distributed, feed
 from .callbacks import Callbacks
 
@@ -51,7 +51,7 @@ def kl_weight_at(cfg: TrainConfig, epoch: int, step: int, steps: int) -> float:
     return min(1.0, (epoch + step / steps) / cfg.kl_warmup_epochs)
 
 
-GPU_FP32_WHY = ("on a GPU these networks are launch-bound and autocast's casts cost more than bf16 saves "
+GPU_FP32_WHY = ("these networks use a few percent of a GPU and autocast's casts cost more than bf16 saves "
                 "(NVIDIA H200: fp32 faster for every step kind of bench/train_bench.py --speed); --precision bf16 "
                 "trains in bf16")
 
@@ -60,8 +60,8 @@ def auto_precision(device: str = "cpu") -> tuple[str, str]:
     """What `--precision auto` trains in on `device`, and why: on a CPU, bf16 autocast where it multiplies bf16
     natively (AVX512_BF16 or AMX; emulated bf16 is slower than fp32), else fp32; on a GPU, fp32. Measured on an
     H200 (bench/results/train_bench.json, "speed cuda"): this trainer's steps (the 500-500 MLP at batch 100 and
-    500, k 1 and 5, ELBO/IWAE/DReG, VampPrior; the ResNet at batch 100) are launch-bound there, and bf16
-    autocast ran 7-21% slower than fp32 in every one."""
+    500, k 1 and 5, ELBO/IWAE/DReG, VampPrior; the ResNet at batch 100) ran at 0.4-30% of its fp32 peak (most
+    likely bound by kernel launches; not profiled), and bf16 autocast ran 7-21% slower than fp32 in every one."""
     if device.startswith("cuda"):
         return "fp32", GPU_FP32_WHY if gpu_bf16() else "this GPU has no native bf16"
     return ("bf16", "this CPU has native bf16") if native_bf16() else ("fp32", "this CPU has no native bf16")
@@ -301,7 +301,6 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     model.train()
     epoch = start_epoch
     flops, peak, trained_s = step_flops(model_cfg, global_batch, train_cfg.k) * steps, None, 0.0
-    peak_key = train_cfg.precision if device.type == "cpu" else f"cuda-{train_cfg.precision}"
     where = "cpu" if device.type == "cpu" else f"{device} ({gpu_name()})"
     every = feed.sync_every(device)
     batches = feed.Feed(x_train, b, train_cfg.k, model_cfg.latent_dim, binarize, device, processes=world.local_size)
@@ -339,7 +338,7 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
                 if peak is None and trained_s >= PEAK_AFTER_S and world.size == 1:
                     from ..perf.peaks import measured_peaks
 
-                    peak = measured_peaks(threads).get(peak_key)  # the same measurement as bench
+                    peak = measured_peaks(threads).get(peak_key(train_cfg.precision, device.type))  # as bench
                 gflops = flops / seconds / 1e9
                 row = {"epoch": epoch + 1, "train_loss": total / steps,
                        "test_nelbo": test_elbo(model, x_test, train_cfg), "seconds": round(seconds, 3),

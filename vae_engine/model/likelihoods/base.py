@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 from numba.extending import register_jitable
 
+from ...core.config import DECODER_OUTPUTS
+
 
 def row_kernel(row):
     """Declare a likelihood's row function: callable from Numba kernels, where it is inlined (and compiled with the
@@ -26,6 +28,15 @@ class Likelihood:
     unit_interval: bool = False  # data must lie in [0, 1]
     binarized: bool = False  # [0, 1] data is dynamically binarized (re-sampled Bernoulli pixels) for this one
     row: Any = None  # `row_kernel`: row(x (D,) float32, params (n_params*D,) float32) -> float32 log p(x|params)
+
+    def __init_subclass__(cls, **kwargs):
+        """What a subclass's name and row imply: its decoder output and parameter count (config.DECODER_OUTPUTS,
+        shared with the graph specs), and its row kept a plain function (not bound as a method: the kernels call
+        it with (x, params))."""
+        super().__init_subclass__(**kwargs)
+        cls.output_name, cls.n_params = DECODER_OUTPUTS[cls.name]
+        if callable(cls.__dict__.get("row")):
+            cls.row = staticmethod(cls.row)
 
     def binarizes(self, mode: str) -> bool:
         """Does this model see its [0, 1] data as dynamically binarized pixels, under a TrainConfig's `binarize`

@@ -7,7 +7,7 @@ import math
 import numba
 import numpy as np
 
-from ...core import config, rng
+from ...core import rng
 from ...core.fastmath import ONE, PARALLEL_MIN, ZERO, jit, softplus_neg_abs
 from .base import Likelihood, row_kernel
 
@@ -46,9 +46,8 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 
 class Bernoulli(Likelihood):
     name = "bernoulli"
-    output_name, n_params = config.DECODER_OUTPUTS[name]
     unit_interval, binarized = True, True
-    row = staticmethod(bernoulli_row)
+    row = bernoulli_row
 
     def log_prob(self, x, logits):
         """log p(x|z) = sum_i x_i log s(l_i) + (1 - x_i) log(1 - s(l_i)) = -BCE-with-logits."""

@@ -14,7 +14,7 @@ import math
 import numba
 import numpy as np
 
-from ...core import config, rng
+from ...core import rng
 from ...core.fastmath import ZERO, softplus_neg_abs
 from .base import Likelihood, row_kernel
 
@@ -51,9 +51,8 @@ def log_norm_numpy(logits: np.ndarray) -> np.ndarray:
 
 class ContinuousBernoulli(Likelihood):
     name = "continuous-bernoulli"
-    output_name, n_params = config.DECODER_OUTPUTS[name]
     unit_interval, binarized = True, False
-    row = staticmethod(continuous_bernoulli_row)
+    row = continuous_bernoulli_row
 
     def log_prob(self, x, logits):
         import torch

@@ -33,9 +33,8 @@ def gaussian_row(x, params):
 
 class Gaussian(Likelihood):
     name = "gaussian"
-    output_name, n_params = config.DECODER_OUTPUTS[name]
     unit_interval, binarized = False, False
-    row = staticmethod(gaussian_row)
+    row = gaussian_row
 
     def log_prob(self, x, params):
         import torch

@@ -36,6 +36,7 @@ class TorchBackend:
         # on a GPU the IWAE log-weights are computed where the decoder's outputs are (`log_weights`): copying
         # K x D parameters per item to the host would cost more than the network itself
         self.score_rows = 1 << 20 if self.device.type == "cuda" else None
+        self._mixture = None  # (the engine's mixture prior, its components on the device), moved on first use
         if compile:  # dynamic batch axis, so a new batch size does not recompile
             self.encoder = torch.compile(self.encoder, dynamic=True)
             self.decoder = torch.compile(self.decoder, dynamic=True)
@@ -100,7 +101,7 @@ class TorchBackend:
 
         if prior is None or prior.standard:
             return standard_normal_log_prob
-        if getattr(self, "_mixture", (None,))[0] is not prior:
+        if self._mixture is None or self._mixture[0] is not prior:
             self._mixture = (prior, tensor(prior.mu).to(self.device), tensor(prior.logvar).to(self.device))
         _, mu_c, logvar_c = self._mixture
         return lambda z: mixture_log_prob(z, mu_c, logvar_c)
