@@ -187,6 +187,19 @@ def test_raw_call_is_the_same_computation(model, images, backend, precision):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=op)
 
 
+@pytest.mark.parametrize("backend,precision", [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")])
+def test_fused_reconstruct_equals_encode_then_decode(model, images, backend, precision):
+    """A backend's one-call reconstruct (mu kept on the device or inside one graph) is the two-call path's answer."""
+    engine = Engine.load(model, backend=backend, precision=precision, threads=1)
+    x = engine.prepare_items(_x(images, 5))
+    fused = engine.backend.reconstruct_params(x)
+    two_calls = engine.backend.decode(engine.backend.encode(x)[0])
+    np.testing.assert_allclose(fused, two_calls, rtol=1e-5, atol=1e-5)
+    mu, logvar = engine.backend.encode(x)  # one copy back for both: separate, contiguous, float32 arrays
+    assert mu.flags.c_contiguous and logvar.flags.c_contiguous and mu.dtype == logvar.dtype == np.float32
+    assert not np.shares_memory(mu, x)
+
+
 @pytest.mark.slow  # ~35 s: every benchmarked path measured
 def test_cli_bench_and_info(model, tmp_path):
     import json

@@ -41,19 +41,25 @@ class TorchBackend:
             self.encoder = torch.compile(self.encoder, dynamic=True)
             self.decoder = torch.compile(self.decoder, dynamic=True)
 
-    def _run(self, net, a: np.ndarray):
+    def _run(self, net, a: np.ndarray) -> np.ndarray:
+        """`net` on `a`, its output(s) back as one float32 host array: one copy to the device and one back (a
+        tuple is stacked on the device first), and no explicit synchronization (the copy back waits)."""
         import torch
 
         with torch.inference_mode():
             out = net(tensor(a).to(self.device, self.dtype))
-            out = tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-        return out
+            if isinstance(out, tuple):
+                out = torch.stack(out)
+            return out.float().cpu().numpy()
 
     def encode(self, x):
         mu, logvar = self._run(self.encoder, x)
-        return mu.cpu().numpy(), logvar.cpu().numpy()
+        return mu, logvar
+
+    def reconstruct_params(self, x: np.ndarray) -> np.ndarray:
+        """The decoder's parameters at each input's posterior mean, in one call: mu stays on the device (the same
+        numbers as `decode(encode(x)[0])`: mu at the network's precision is exact in float32 and back)."""
+        return self._run(lambda t: self.decoder(self.encoder(t)[0].to(self.dtype)), x)
 
     def raw_call(self, op: str, a: np.ndarray):
         """The network alone on `a` (already a tensor on the device): see `RAW_CALL`."""
@@ -72,7 +78,7 @@ class TorchBackend:
         return call
 
     def decode(self, z):
-        return self._run(self.decoder, z).cpu().numpy()
+        return self._run(self.decoder, z)
 
     def log_weights(self, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray,
                     prior=None) -> np.ndarray:
