@@ -101,6 +101,22 @@ def test_streams_merge_keeps_each_items_eps():
     np.testing.assert_array_equal(blocks, eps)
 
 
+@pytest.mark.parametrize("seed,start,n,k,d,s0,s1", [(0, 0, 3, 7, 5, 0, 7), (12345, 2**40, 4, 5000, 50, 4093, 5000),
+                                                   (2**31, 99, 2, 3, 3, 1, 2)])
+def test_eps_made_by_torch_are_the_kernels_eps(seed, start, n, k, d, s0, s1):
+    """The eps a GPU backend makes next to its decoder (`rng.normal_eps_torch`, here on the CPU) are the Numba
+    kernel's numbers bit for bit: large item indices (products past 2**63), odd pair boundaries, K split."""
+    from vae_engine.core import rng
+
+    want = rng.normal_eps(seed, start, n, k, d, s0, s1)
+    np.testing.assert_array_equal(rng.Streams.contiguous(seed, start, n).eps(0, n, k, d, s0, s1, "cpu").numpy(),
+                                  want)
+    merged = rng.Streams.concat([rng.Streams.contiguous(3, 10, 2), rng.Streams.shared(4, 7, 3),
+                                 rng.Streams.contiguous(seed, start, n)])
+    for i, j in ((0, 5 + n), (1, 4), (4, 5 + n)):
+        np.testing.assert_array_equal(merged.eps(i, j, k, d, s0, s1, "cpu").numpy(), merged.eps(i, j, k, d, s0, s1))
+
+
 def test_permutation_is_a_seeded_shuffle():
     """Training's order of an epoch's items (the shuffle stream): a permutation, a function of the seed alone."""
     p = rng.permutation(7, 1000)

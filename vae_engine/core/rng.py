@@ -103,6 +103,39 @@ def normal_eps(seed: int, start: int, n: int, k: int, d: int, s0: int = 0, s1: i
     return out
 
 
+def normal_eps_torch(keys: np.ndarray, items: np.ndarray, k: int, d: int, s0: int, s1: int, device):
+    """`normal_eps`'s numbers computed by torch on `device` (a GPU, next to the decoder that uses them, instead of
+    making and copying (n, K', d) floats on the host): item b reads stream keys[b] at item index items[b]; samples
+    s0..s1-1 of k; float32 tensor (n, s1-s0, d). The same hash in int64 arithmetic (products wrap alike, shifts
+    masked to be logical) and Box-Muller in float64, one element at a time as the NumPy twin."""
+    import torch
+
+    def logical_shift(x, bits):
+        return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+    def uniform(key, counter):
+        x = key + counter * _signed(_GOLDEN)
+        x = (x ^ logical_shift(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+        x = (x ^ logical_shift(x, 27)) * _signed(0x94D049BB133111EB)
+        x = x ^ logical_shift(x, 31)
+        return (logical_shift(x, 11).double() + 0.5) * _INV53
+
+    row = (s1 - s0) * d
+    key = torch.from_numpy(keys.view(np.int64)).to(device)[:, None]
+    item = torch.from_numpy(np.ascontiguousarray(items, np.int64)).to(device)[:, None]
+    j = item * (k * d) + s0 * d + torch.arange(row, device=device, dtype=torch.int64)  # (n, row)
+    pair = (j >> 1) * 2
+    r = torch.sqrt(-2.0 * torch.log(uniform(key, pair)))
+    angle = (2.0 * math.pi) * uniform(key, pair + 1)
+    z = torch.where((j & 1).bool(), r * torch.sin(angle), r * torch.cos(angle))
+    return z.float().reshape(len(keys), s1 - s0, d)
+
+
+def _signed(u: int) -> int:
+    """A 64-bit unsigned constant as the int64 with the same bits."""
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
 @dataclass(frozen=True)
 class Streams:
     """Which eps stream each item of a batch reads: runs of (seed, first item index, items, step).
@@ -129,9 +162,12 @@ class Streams:
     def __len__(self) -> int:
         return sum(run[2] for run in self.runs)
 
-    def eps(self, i: int, j: int, k: int, d: int, s0: int = 0, s1: int | None = None) -> np.ndarray:
-        """eps (j-i, s1-s0, d) float32 of the batch's items i..j-1: their samples s0..s1-1 of k."""
+    def eps(self, i: int, j: int, k: int, d: int, s0: int = 0, s1: int | None = None, device=None):
+        """eps (j-i, s1-s0, d) float32 of the batch's items i..j-1: their samples s0..s1-1 of k; a NumPy array, or
+        with `device` (a torch device) a tensor made there by `normal_eps_torch` (the same numbers)."""
         s1 = k if s1 is None else s1
+        if device is not None:
+            return normal_eps_torch(*self.keys_and_items(i, j), k, d, s0, s1, device=device)
         pieces, offset = [], 0
         for seed, first, n, step in self.runs:
             a, b = max(i, offset), min(j, offset + n)
@@ -144,6 +180,17 @@ class Streams:
             offset += n
         return np.ascontiguousarray(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
 
+    def keys_and_items(self, i: int, j: int, stream: int = EPS_STREAM) -> tuple[np.ndarray, np.ndarray]:
+        """Each of the batch's items i..j-1: its stream's key (uint64) and the item index it reads (int64)."""
+        keys, items, offset = [], [], 0
+        for seed, first, n, step in self.runs:
+            a, b = max(i, offset), min(j, offset + n)
+            if a < b:
+                keys.append(np.full(b - a, stream_key(seed, stream), np.uint64))
+                items.append(first + (np.arange(a, b, dtype=np.int64) - offset) * step)
+            offset += n
+        return np.concatenate(keys), np.concatenate(items)
+
     def binarize(self, x: np.ndarray) -> np.ndarray:
         """Bernoulli(x) pixels (N, P) float32 of the batch's items, each from its own binarization stream."""
         pieces, offset = [], 0
@@ -154,9 +201,10 @@ class Streams:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
-def iwae_blocks(streams: Streams, k: int, d: int, rows: int):
+def iwae_blocks(streams: Streams, k: int, d: int, rows: int, device=None):
     """The eps of an IWAE estimate over a batch's items (k samples each, from their `streams`), in blocks of
-    about `rows` decoder rows: yields (i, j, s, eps) with eps (j-i, K', D) = samples s..s+K'-1 of items i..j-1.
+    about `rows` decoder rows: yields (i, j, s, eps) with eps (j-i, K', D) = samples s..s+K'-1 of items i..j-1
+    (tensors made on `device` when one is given: see `Streams.eps`).
 
     Items are grouped rows // k at a time; when one item's k samples exceed `rows`, K itself is split. Each block
     is a slice of the items' own streams, so any blocking gives the same numbers, in bounded memory.
@@ -165,7 +213,7 @@ def iwae_blocks(streams: Streams, k: int, d: int, rows: int):
     for i in range(0, n, per_item):
         j = min(n, i + per_item)
         for s in range(0, k, rows):
-            yield i, j, s, streams.eps(i, j, k, d, s, min(k, s + rows))
+            yield i, j, s, streams.eps(i, j, k, d, s, min(k, s + rows), device)
 
 
 def binarize(x: np.ndarray, seed: int, start: int, parallel: bool | None = None) -> np.ndarray:

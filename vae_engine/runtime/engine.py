@@ -148,7 +148,8 @@ class Engine:
         # a GPU backend computes the log-weights itself, next to the decoder's outputs (the prior's log-density too)
         on_device = getattr(self.backend, "score_rows", None)
         log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks
-        for i, j, s, eps in rng.iwae_blocks(streams, k, self.latent_dim, on_device or SCORE_ROWS):
+        for i, j, s, eps in rng.iwae_blocks(streams, k, self.latent_dim, on_device or SCORE_ROWS,
+                                            self.backend.device if on_device else None):
             if on_device:
                 log_w = self.backend.log_weights(x[i:j], mu[i:j], logvar[i:j], eps, self.prior)
             else:

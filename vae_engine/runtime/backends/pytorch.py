@@ -33,8 +33,9 @@ class TorchBackend:
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         model = modeldir.load_model(model_dir).to(self.device, self.dtype)
         self.encoder, self.decoder, self.likelihood = model.encoder, model.decoder, model.likelihood
-        # on a GPU the IWAE log-weights are computed where the decoder's outputs are (`log_weights`): copying
-        # K x D parameters per item to the host would cost more than the network itself
+        # on a GPU the IWAE log-weights are computed where the decoder's outputs are (`log_weights`), from eps made
+        # there too (`rng.normal_eps_torch`): copying K x D parameters per item to the host, or K x L eps to the
+        # device, would cost more than the network itself
         self.score_rows = 1 << 20 if self.device.type == "cuda" else None
         self._mixture = None  # (the engine's mixture prior, its components on the device), moved on first use
         if compile:  # dynamic batch axis, so a new batch size does not recompile
@@ -80,9 +81,8 @@ class TorchBackend:
     def decode(self, z):
         return self._run(self.decoder, z)
 
-    def log_weights(self, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray,
-                    prior=None) -> np.ndarray:
-        """IWAE log-weights (b, K) float64 on the backend's device: the network at its precision, the
+    def log_weights(self, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, eps, prior=None) -> np.ndarray:
+        """IWAE log-weights (b, K) float64 for eps (b, K, L) (a NumPy array or a tensor), on the backend's device: the network at its precision, the
         reparameterization and every log-density in fp32 (the twin of `kernels.log_weights`). `prior`: the engine's
         prior (`priors.NormalPrior` or `MixturePrior`; None is N(0, I)); a mixture's log-density runs here too,
         as the model's own `priors.mixture_log_prob`."""
@@ -92,7 +92,7 @@ class TorchBackend:
         from ...model.posterior import DiagonalGaussian
 
         with torch.inference_mode():
-            x_t, mu_t, lv_t, eps_t = (tensor(a).to(self.device, non_blocking=True)
+            x_t, mu_t, lv_t, eps_t = (a.to(self.device) if isinstance(a, torch.Tensor) else tensor(a).to(self.device)
                                       for a in (x, mu, logvar, eps))
             q = DiagonalGaussian(mu_t, lv_t)
             z = q.sample(eps_t)  # (b, K, L), the kernels' eps layout
