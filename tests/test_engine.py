@@ -233,3 +233,27 @@ def test_cli_bench_and_info(model, tmp_path):
     one_line_error(_cli("bench", model, "--backends", "tensorflow"), "unknown backend")
     info = _cli("info", model)
     assert info.exit_code == 0 and "decoder.int8.onnx" in info.output and "match" in info.output
+
+
+def test_gemm_peaks_run_at_the_thread_count_asked_for(monkeypatch):
+    """Every library's peak is measured with the threads asked for: NumPy's BLAS would otherwise take every core
+    and the 'limit' of a 1-thread run would be a 2-thread rate."""
+    from threadpoolctl import threadpool_info
+
+    from vae_engine.perf import peaks
+
+    seen = []
+
+    def fake_rate(fn, flop, min_time):
+        fn()
+        blas = {info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"}
+        seen.append((blas, torch.get_num_threads()))
+        return 1.0
+
+    monkeypatch.setattr(peaks, "best_rate", fake_rate)
+    before = torch.get_num_threads()
+    result = peaks.gemm_peak(1, n=64)
+    assert set(result["fp32"]) == {"numpy", "torch", "onnxruntime"}
+    numpy_fp32, torch_fp32, _, torch_bf16, _ = seen  # in gemm_peak's order; ORT sessions take threads themselves
+    assert numpy_fp32[0] <= {1} and torch_fp32[1] == 1 and torch_bf16[1] == 1
+    assert torch.get_num_threads() == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from ..core import hardware
 from ..modeldir import graphs
@@ -28,7 +29,8 @@ def _onnx_gemm(n: int, a_type: int, b_type: int, op: str = "MatMul"):
 
 
 def gemm_peak(threads: int, n: int = 2048, min_time: float = 0.5) -> dict[str, dict[str, float]]:
-    """Best GEMM rate (GFLOP/s) of each library on an n x n x n product, per precision: {precision: {lib: rate}}.
+    """Best GEMM rate (GFLOP/s) of each library on an n x n x n product with `threads` threads each (NumPy's BLAS
+    and torch limited to them for the measurement), per precision: {precision: {lib: rate}}.
 
     fp32: NumPy, PyTorch, ONNX Runtime. bf16: PyTorch (a smaller product where bf16 is emulated, which is
     slow). int8: ONNX Runtime's MatMulInteger (u8 x s8 -> s32, what its dynamic-quantized graphs run), counted
@@ -40,13 +42,18 @@ def gemm_peak(threads: int, n: int = 2048, min_time: float = 0.5) -> dict[str, d
     a, b = g.standard_normal((n, n), np.float32), g.standard_normal((n, n), np.float32)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     sess = graphs.make_session(_onnx_gemm(n, TensorProto.FLOAT, TensorProto.FLOAT), threads)
-    peaks = {"fp32": {
-        "numpy": best_rate(lambda: a @ b, 2.0 * n**3, min_time), "torch": best_rate(lambda: ta @ tb, 2.0 * n**3,
-                                                                                       min_time),
-        "onnxruntime": best_rate(lambda: sess.run(None, {"a": a, "b": b}), 2.0 * n**3, min_time)}}
-    nb = n if hardware.native_bf16() else 512
-    ha, hb = ta[:nb, :nb].bfloat16(), tb[:nb, :nb].bfloat16()
-    peaks["bf16"] = {"torch": best_rate(lambda: ha @ hb, 2.0 * nb**3, min_time)}
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(threads, user_api="blas"):  # NumPy's BLAS takes every core unless told
+            numpy_rate = best_rate(lambda: a @ b, 2.0 * n**3, min_time)
+        peaks = {"fp32": {"numpy": numpy_rate, "torch": best_rate(lambda: ta @ tb, 2.0 * n**3, min_time),
+                          "onnxruntime": best_rate(lambda: sess.run(None, {"a": a, "b": b}), 2.0 * n**3, min_time)}}
+        nb = n if hardware.native_bf16() else 512
+        ha, hb = ta[:nb, :nb].bfloat16(), tb[:nb, :nb].bfloat16()
+        peaks["bf16"] = {"torch": best_rate(lambda: ha @ hb, 2.0 * nb**3, min_time)}
+    finally:
+        torch.set_num_threads(torch_threads)
     qa, qb = g.integers(0, 255, (n, n), dtype=np.uint8), g.integers(-127, 127, (n, n), dtype=np.int8)
     qsess = graphs.make_session(_onnx_gemm(n, TensorProto.UINT8, TensorProto.INT8, "MatMulInteger"), threads)
     peaks["int8"] = {"onnxruntime": best_rate(lambda: qsess.run(None, {"a": qa, "b": qb}), 2.0 * n**3, min_time)}
