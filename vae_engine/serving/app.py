@@ -6,6 +6,7 @@ random stream, as the jobs do; `App.tracked` and `App.failure` are the one metri
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -117,10 +118,11 @@ class App:
         """One v2 inference request (decoded by its transport) -> (its model, the outputs by name)."""
         spec = self.model(name, version)
         a, options = oip.check_request(spec, arrays, params, wanted)
-        key, payload, n = self.prepare(spec.op, a, options)
-        result = await asyncio.wait_for(self.batcher.submit(key, payload, n, n * payload.get("k", 1)),
-                                        self.limits.timeout_s)
-        return spec, oip.outputs_of(spec, result)
+        return spec, oip.outputs_of(spec, await self.answer(*self.prepare(spec.op, a, options)))
+
+    async def answer(self, key: tuple, payload: dict, n: int) -> dict:
+        """A prepared request's answer from the batcher, within the server's timeout (every protocol's)."""
+        return await self.batcher.submit(key, payload, n, n * payload.get("k", 1), self.limits.timeout_s)
 
     # -- parse: request -> (key, payload, items); all checks happen here, per request --
 
@@ -172,7 +174,7 @@ class App:
         """(status, one line) for an exception a request ended in; never a traceback."""
         if isinstance(exc, RequestError):
             return exc.status, exc.message
-        if isinstance(exc, TimeoutError):
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):  # distinct classes before Python 3.11
             return 504, f"no answer within {self.limits.timeout_s} s; try fewer items or a smaller k"
         if isinstance(exc, VaeEngineError):
             return 422, str(exc)
@@ -206,11 +208,12 @@ class App:
 
     def run_batch(self, key: tuple, payloads: list[dict]) -> list[dict]:
         op, eng = key[0], self.engine
-        sizes = [p["n"] if op == "sample" else len(p["x"]) for p in payloads]
-        cuts = np.cumsum(sizes)[:-1]
+        # where each request's rows end, in Python: np.split costs ~20 us even with nothing to cut, and a NumPy
+        # reduction (np.cumsum) just before an ONNX Runtime call slows that call (a lone request: ~30 us in all)
+        cuts = list(itertools.accumulate(p["n"] if op == "sample" else len(p["x"]) for p in payloads))[:-1]
 
         def split(a):
-            return np.split(a, cuts)
+            return np.split(a, cuts) if cuts else [a]
 
         if op == "sample":
             z = np.concatenate([eng.prior.sample(p["seed"], p["start"], p["n"]) for p in payloads])  # own streams

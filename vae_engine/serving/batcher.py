@@ -68,10 +68,15 @@ class MicroBatcher:
         finally:
             self.busy -= 1
 
-    async def submit(self, key: tuple, payload: dict, n: int, work: int | None = None) -> Any:
-        """The answer to one request of n items (`work`: items x importance samples, default n)."""
-        if (self.active is not None and self.active() <= 1 and not self.busy and not self.inflight
-                and (work or n) <= self.INLINE_WORK):
+    async def submit(self, key: tuple, payload: dict, n: int, work: int | None = None,
+                     timeout_s: float | None = None) -> Any:
+        """The answer to one request of n items (`work`: items x importance samples, default n), or TimeoutError
+        after `timeout_s` in the queue and the engine. The timeout wraps the future alone: no task per request
+        (`asyncio.wait_for` around the whole coroutine cost ~75 us of a 0.6 ms one-item request)."""
+        small = self.active is not None and (work or n) <= self.INLINE_WORK
+        if small and self.active() <= 1:
+            await asyncio.sleep(0)  # requests already read and scheduled run first, so "alone" is judged after them
+        if small and self.active() <= 1 and not self.busy and not self.inflight:
             # alone in the server and small: answered here, without the two thread hand-offs of the engine
             # thread (about 0.1 ms, as much as the engine call itself); nothing else is waiting meanwhile
             self.metrics.queue_wait.observe(0.0)
@@ -85,7 +90,7 @@ class MicroBatcher:
         self.inflight += 1
         try:
             await self.queues[key].put(item)
-            return await item.future
+            return await (item.future if timeout_s is None else asyncio.wait_for(item.future, timeout_s))
         finally:
             self.inflight -= 1
 

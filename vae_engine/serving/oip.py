@@ -12,6 +12,7 @@ HTTP (/v2/...), `oip_grpc.py` onto gRPC.
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ DATATYPE_OF = {np.dtype(t): name for name, t in DATATYPES.items()}
 NUMERIC = frozenset(DATATYPES)  # items: anything the input rule takes (UINT8 is intensity / 255, as in /v1)
 FLOATS = frozenset({"FP16", "FP32", "FP64"})
 INTEGERS = frozenset(n for n in DATATYPES if "INT" in n)
+_LITTLE_ENDIAN = {name: np.dtype(t).newbyteorder("<") for name, t in DATATYPES.items()}
 
 # request parameters that belong to the protocol or a client library, not to an operation: accepted and ignored
 PROTOCOL_PARAMETERS = frozenset({"binary_data_output", "timeout", "priority", "sequence_id", "sequence_start",
@@ -200,7 +202,7 @@ def tensor_from_json(t: Any, binary: memoryview, offset: int) -> tuple[str, str,
 
 def from_bytes(buf, name: str, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
     """Raw little-endian row-major tensor bytes (binary extension, gRPC raw contents) -> an array of `shape`."""
-    dtype, count = np.dtype(DATATYPES[datatype]).newbyteorder("<"), int(np.prod(shape, dtype=np.int64))
+    dtype, count = _LITTLE_ENDIAN[datatype], math.prod(shape)  # exact Python ints: no NumPy call per request
     if len(buf) != count * dtype.itemsize:
         raise RequestError(400, f"input {name!r}: {len(buf)} bytes for shape {list(shape)} {datatype} "
                                 f"({count * dtype.itemsize} expected)")
@@ -217,7 +219,7 @@ def from_values(values: Any, name: str, datatype: str, shape: tuple[int, ...]) -
         raise bad from None
     if raw.dtype.kind not in "biuf" or (datatype not in FLOATS and raw.dtype.kind == "f" and raw.size):
         raise bad
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if raw.size != count:
         raise RequestError(400, f"input {name!r}: {raw.size} values for shape {list(shape)} ({count} expected)")
     a = raw.astype(np.float64 if datatype in FLOATS else DATATYPES[datatype])

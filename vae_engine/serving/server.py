@@ -173,9 +173,7 @@ def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] 
                 raise RequestError(422, "body must be a JSON object")
         else:
             raise RequestError(415, f"content type {ctype!r}: send application/json or {NPY}")
-        key, payload, n = a.parse(op, body, npy)
-        result = await asyncio.wait_for(a.batcher.submit(key, payload, n, n * payload.get("k", 1)),
-                                        a.limits.timeout_s)
+        result = await a.answer(*a.parse(op, body, npy))
         result["path"] = a.path
         if NPY in request.headers.get("accept", ""):
             main = result.get("items", result.get("scores", result.get("mu")))
