@@ -167,8 +167,7 @@ class App:
             yield t
         finally:
             self.active -= 1
-            self.metrics.requests.labels(t.endpoint, str(t.code)).inc()
-            self.metrics.latency.labels(t.endpoint).observe(time.perf_counter() - t.t0)
+            self.metrics.answered(t.endpoint, t.code, time.perf_counter() - t.t0)
 
     def failure(self, exc: Exception) -> tuple[int, str]:
         """(status, one line) for an exception a request ended in; never a traceback."""

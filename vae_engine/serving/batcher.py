@@ -38,6 +38,17 @@ class Metrics:
         self.queue_wait = Histogram("vae_queue_wait_seconds", "Time a request waited to join an engine call",
                                     registry=self.registry,
                                     buckets=(.0001, .0005, .001, .002, .005, .01, .02, .05, .1, .5, 1, 5))
+        self._series: dict[tuple[str, int], tuple] = {}
+
+    def answered(self, endpoint: str, code: int, seconds: float) -> None:
+        """One request done: counted by endpoint and status, its latency observed. The labelled series are kept
+        (prometheus_client's `labels()` checks and locks on every call, a few us a request)."""
+        series = self._series.get((endpoint, code))
+        if series is None:
+            series = self._series[endpoint, code] = (self.requests.labels(endpoint, str(code)),
+                                                     self.latency.labels(endpoint))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
