@@ -17,7 +17,6 @@ GET /v1/info, /v1/map, /healthz, /readyz, /metrics (Prometheus), /docs (OpenAPI)
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 from collections.abc import Callable

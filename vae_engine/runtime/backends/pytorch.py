@@ -82,10 +82,10 @@ class TorchBackend:
         return self._run(self.decoder, z)
 
     def log_weights(self, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, eps, prior=None) -> np.ndarray:
-        """IWAE log-weights (b, K) float64 for eps (b, K, L) (a NumPy array or a tensor), on the backend's device: the network at its precision, the
-        reparameterization and every log-density in fp32 (the twin of `kernels.log_weights`). `prior`: the engine's
-        prior (`priors.NormalPrior` or `MixturePrior`; None is N(0, I)); a mixture's log-density runs here too,
-        as the model's own `priors.mixture_log_prob`."""
+        """IWAE log-weights (b, K) float64 for eps (b, K, L) (a NumPy array, or a tensor already on the device), on
+        the backend's device: the network at its precision, the reparameterization and every log-density in fp32
+        (the twin of `kernels.log_weights`). `prior`: the engine's prior (`priors.NormalPrior` or `MixturePrior`;
+        None is N(0, I)); a mixture's log-density runs here too, as the model's own `priors.mixture_log_prob`."""
         import torch
 
         from ...model.estimators import log_weight
