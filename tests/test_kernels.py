@@ -95,6 +95,12 @@ def test_streams_merge_keeps_each_items_eps():
     np.testing.assert_array_equal(eps[5:8], rng.normal_eps(9, 40, 3, 6, 4))
     np.testing.assert_array_equal(eps[8], rng.normal_eps(1, 7, 1, 6, 4)[0])
     np.testing.assert_array_equal(eps[9], eps[8])
+    x = np.random.default_rng(0).random((10, 30)).astype(np.float32)  # and the binarization noise likewise
+    pixels = merged.binarize(x)
+    np.testing.assert_array_equal(pixels[:5], rng.binarize_numpy(x[:5], 3, 0))
+    np.testing.assert_array_equal(pixels[5:8], rng.binarize_numpy(x[5:8], 9, 40))
+    for row in (8, 9):
+        np.testing.assert_array_equal(pixels[row], rng.binarize_numpy(x[row:row + 1], 1, 7)[0])
     blocks = np.zeros_like(eps)
     for i, j, s, e in rng.iwae_blocks(merged, 6, 4, rows=4):
         blocks[i:j, s : s + e.shape[1]] = e

@@ -52,12 +52,13 @@ def _uniform(key, counter):
 
 
 def _make_normal_kernel(parallel: bool):
-    def kernel(key, start, k_total, s0, out):  # out (N, K', D) float32: samples s0..s0+K'-1 of k_total
+    def kernel(keys, items, k_total, s0, out):  # out (N, K', D) float32: samples s0..s0+K'-1 of k_total
         n, k, d = out.shape
         row = k * d
         flat = out.reshape(n, row)
         for b in numba.prange(n):
-            base = np.int64(start + b) * (k_total * d) + s0 * d
+            key = keys[b]  # item b reads stream keys[b] at item index items[b]
+            base = items[b] * (k_total * d) + s0 * d
             # Box-Muller turns one pair of uniforms into two normals: walk the pairs covering this item's range
             first, last = base >> 1, (base + row - 1) >> 1
             for pair in range(first, last + 1):
@@ -74,10 +75,10 @@ def _make_normal_kernel(parallel: bool):
 
 
 def _make_binarize_kernel(parallel: bool):
-    def kernel(key, start, x, out):  # x, out (N, P) float32
+    def kernel(keys, items, x, out):  # x, out (N, P) float32
         n, p = x.shape
         for b in numba.prange(n):
-            base = np.uint64(start + b) * np.uint64(p)
+            key, base = keys[b], np.uint64(items[b]) * np.uint64(p)
             for i in range(p):
                 out[b, i] = 1.0 if _uniform(key, base + np.uint64(i)) < x[b, i] else 0.0
     return jit(kernel, parallel)
@@ -85,6 +86,17 @@ def _make_binarize_kernel(parallel: bool):
 
 _normal_kernels = (_make_normal_kernel(False), _make_normal_kernel(True))
 _binarize_kernels = (_make_binarize_kernel(False), _make_binarize_kernel(True))
+
+
+def run_of(seed: int, start: int, n: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, item indices) of items start..start+n-1 of one seed's stream: what the kernels take per item."""
+    return run_of_indices(stream_key(seed, stream), start, n, 1)
+
+
+def run_of_indices(key: np.uint64, first: int, n: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, item indices) of n items of one stream key reading indices first, first+step, ... (step 0: all
+    the same index)."""
+    return np.full(n, key, np.uint64), first + step * np.arange(n, dtype=np.int64)
 
 
 def normal_eps(seed: int, start: int, n: int, k: int, d: int, s0: int = 0, s1: int | None = None,
@@ -96,18 +108,25 @@ def normal_eps(seed: int, start: int, n: int, k: int, d: int, s0: int = 0, s1: i
     (the trainer's feed), which gain nothing from a parallel launch and must not depend on the threading layer
     taking launches from several threads at once (Numba's fallback layer, workqueue, does not).
     """
+    return normal_eps_items(*run_of(seed, start, n, stream), k, d, s0, s1, parallel)
+
+
+def normal_eps_items(keys: np.ndarray, items: np.ndarray, k: int, d: int, s0: int = 0, s1: int | None = None,
+                     parallel: bool | None = None) -> np.ndarray:
+    """`normal_eps` for items that each name their own stream: item b reads stream keys[b] (uint64) at item index
+    items[b] (int64); one kernel call however many requests a batch merges."""
     s1 = k if s1 is None else s1
-    out = np.empty((n, s1 - s0, d), dtype=np.float32)
+    out = np.empty((len(keys), s1 - s0, d), dtype=np.float32)
     _normal_kernels[out.size >= PARALLEL_MIN if parallel is None else parallel](
-        stream_key(seed, stream), np.int64(start), np.int64(k), np.int64(s0), out)
+        keys, items, np.int64(k), np.int64(s0), out)
     return out
 
 
 def normal_eps_torch(keys: np.ndarray, items: np.ndarray, k: int, d: int, s0: int, s1: int, device):
-    """`normal_eps`'s numbers computed by torch on `device` (a GPU, next to the decoder that uses them, instead of
-    making and copying (n, K', d) floats on the host): item b reads stream keys[b] at item index items[b]; samples
-    s0..s1-1 of k; float32 tensor (n, s1-s0, d). The same hash in int64 arithmetic (products wrap alike, shifts
-    masked to be logical) and Box-Muller in float64, one element at a time as the NumPy twin."""
+    """`normal_eps_items` computed by torch on `device` (a GPU, next to the decoder that uses them, instead of
+    making and copying (n, K', d) floats on the host); float32 tensor (n, s1-s0, d). The same hash in int64
+    arithmetic (products wrap alike, shifts masked to be logical) and Box-Muller in float64, one element at a time
+    as the NumPy twin."""
     import torch
 
     def logical_shift(x, bits):
@@ -165,40 +184,35 @@ class Streams:
     def eps(self, i: int, j: int, k: int, d: int, s0: int = 0, s1: int | None = None, device=None):
         """eps (j-i, s1-s0, d) float32 of the batch's items i..j-1: their samples s0..s1-1 of k; a NumPy array, or
         with `device` (a torch device) a tensor made there by `normal_eps_torch` (the same numbers)."""
-        s1 = k if s1 is None else s1
+        keys, items = self.keys_and_items(i, j)
         if device is not None:
-            return normal_eps_torch(*self.keys_and_items(i, j), k, d, s0, s1, device=device)
-        pieces, offset = [], 0
-        for seed, first, n, step in self.runs:
-            a, b = max(i, offset), min(j, offset + n)
-            if a < b:
-                if step:
-                    pieces.append(normal_eps(seed, first + a - offset, b - a, k, d, s0, s1))
-                else:
-                    one = normal_eps(seed, first, 1, k, d, s0, s1)
-                    pieces.append(np.broadcast_to(one, (b - a, *one.shape[1:])))
-            offset += n
-        return np.ascontiguousarray(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
+            return normal_eps_torch(keys, items, k, d, s0, k if s1 is None else s1, device=device)
+        return normal_eps_items(keys, items, k, d, s0, s1)
 
     def keys_and_items(self, i: int, j: int, stream: int = EPS_STREAM) -> tuple[np.ndarray, np.ndarray]:
-        """Each of the batch's items i..j-1: its stream's key (uint64) and the item index it reads (int64)."""
-        keys, items, offset = [], [], 0
+        """Each of the batch's items i..j-1: its stream's key (uint64) and the item index it reads (int64). The
+        runs are walked in Python and expanded by a fixed number of NumPy calls, however many requests merged."""
+        keys, bases, steps, counts, offset = [], [], [], [], 0
         for seed, first, n, step in self.runs:
             a, b = max(i, offset), min(j, offset + n)
             if a < b:
-                keys.append(np.full(b - a, stream_key(seed, stream), np.uint64))
-                items.append(first + (np.arange(a, b, dtype=np.int64) - offset) * step)
+                keys.append(stream_key(seed, stream))
+                bases.append(first + (a - offset) * step)
+                steps.append(step)
+                counts.append(b - a)
             offset += n
-        return np.concatenate(keys), np.concatenate(items)
+        if len(keys) == 1:
+            return run_of_indices(keys[0], bases[0], counts[0], steps[0])
+        counts_a = np.asarray(counts, np.int64)
+        starts = np.repeat(np.cumsum(counts_a) - counts_a, counts_a)  # where each item's run begins, per item
+        within = np.arange(len(starts), dtype=np.int64) - starts
+        items = np.repeat(np.asarray(bases, np.int64), counts_a) + within * np.repeat(np.asarray(steps, np.int64),
+                                                                                     counts_a)
+        return np.repeat(np.asarray(keys, np.uint64), counts_a), items
 
     def binarize(self, x: np.ndarray) -> np.ndarray:
         """Bernoulli(x) pixels (N, P) float32 of the batch's items, each from its own binarization stream."""
-        pieces, offset = [], 0
-        for seed, first, n, step in self.runs:
-            part = x[offset:offset + n]
-            pieces += [binarize(part, seed, first)] if step else [binarize(row[None], seed, first) for row in part]
-            offset += n
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        return binarize_items(x, *self.keys_and_items(0, len(x), BINARIZE_STREAM))
 
 
 def iwae_blocks(streams: Streams, k: int, d: int, rows: int, device=None):
@@ -218,10 +232,14 @@ def iwae_blocks(streams: Streams, k: int, d: int, rows: int, device=None):
 
 def binarize(x: np.ndarray, seed: int, start: int, parallel: bool | None = None) -> np.ndarray:
     """Bernoulli(x) pixels (n, P) float32 for items start..start+n-1, x in [0, 1] (`parallel`: as `normal_eps`)."""
+    return binarize_items(x, *run_of(seed, start, len(x), BINARIZE_STREAM), parallel)
+
+
+def binarize_items(x: np.ndarray, keys: np.ndarray, items: np.ndarray, parallel: bool | None = None) -> np.ndarray:
+    """`binarize` for items that each name their own stream (as `normal_eps_items`): one kernel call."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty_like(x)
-    _binarize_kernels[x.size >= PARALLEL_MIN if parallel is None else parallel](
-        stream_key(seed, BINARIZE_STREAM), np.int64(start), x, out)
+    _binarize_kernels[x.size >= PARALLEL_MIN if parallel is None else parallel](keys, items, x, out)
     return out
 
 
