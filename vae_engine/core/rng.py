@@ -9,6 +9,7 @@ Each kernel has a NumPy twin (`*_numpy`), compared in the tests.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ def _mix_int(x: int) -> int:
     return x ^ (x >> 31)
 
 
+@functools.lru_cache(maxsize=4096)  # a merged batch asks once per request, mostly for the same few seeds
 def stream_key(seed: int, stream: int) -> np.uint64:
     """The 64-bit key of one random stream of a seed."""
     return np.uint64(_mix_int((int(seed) * _GOLDEN + stream) & _MASK))
