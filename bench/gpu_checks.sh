@@ -14,7 +14,7 @@ set -u
 OUT=${OUT:-/tmp/gpu-checks}
 DEVICE=${DEVICE:-cuda}
 SCALE=${SCALE:-full}
-PARTS=${PARTS:-"bench evaluate ablation speed recipe parity"}
+PARTS=${PARTS:-"bench evaluate evalprofile ablation speed recipe parity"}
 mkdir -p "$OUT" runs
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}
@@ -58,6 +58,11 @@ pstats.Stats('/tmp/eval.prof').sort_stats('tottime').print_stats(25)"
     part "evaluate shipped $precision" 120 $VE evaluate models/mnist-vae --backend torch --device "$DEVICE" \
       --precision "$precision" --k "$K_EVAL" $LIMIT --json "runs/evaluation-shipped-gpu-$precision.json"
   done
+}
+evalprofile() {  # chunk sizes and a torch.profiler table of one chunk: what bounds the evaluation on the device
+  local n=2000
+  [ "$SCALE" = tiny ] && n=20
+  part "evaluation profile" 150 $PY bench/gpu_eval_profile.py "$DEVICE" "$n" "$K_EVAL"
 }
 ablation() {  # the conv model's NLL at equal epochs (about 2.5 min; unmeasured until now)
   part ablation 190 $PY bench/train_bench.py --ablation --variants "recipe,resnet conv" --device "$DEVICE" \
