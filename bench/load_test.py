@@ -5,8 +5,9 @@ One MNIST item per request, `score` (k=1) and `reconstruct`, at concurrency 1, 1
 - v2 REST (/v2/models/NAME-OP/infer) with the binary tensor data extension both ways (wrk),
 - v2 REST with JSON tensors (wrk, score only),
 - v2 gRPC (ModelInfer with raw_input_contents; h2load sends the gRPC frames over HTTP/2),
-with micro-batching on (--max-batch 256 --max-wait-ms 2) and off (--max-batch 1): requests/s, p50/p99 latency and
-the server's CPU seconds per request (from /proc). Also: the round trip of an empty request (GET
+with micro-batching on (--max-batch 256 --max-wait-ms 2) and off (--max-batch 1), and /v1 and v2 binary `score`
+again on a server of two worker processes (--workers 2): requests/s, p50/p99 latency and the server's CPU seconds
+per request (from /proc, its worker processes included). Also: the round trip of an empty request (GET
 /v2/health/live, gRPC ServerLive) and a direct in-process Engine call on the server's path, the two parts of the
 concurrency-1 target; then a soak of mixed good and bad requests (both protocols) at concurrency 64: status codes
 from the server's /metrics, the process alive, its memory before and after.
@@ -65,11 +66,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, max_batch: int, max_wait_ms: float, threads: int) -> tuple[subprocess.Popen, str, int]:
+def start_server(model: str, max_batch: int, max_wait_ms: float, threads: int,
+                 workers: int = 1) -> tuple[subprocess.Popen, str, int]:
     port, grpc_port = _free_port(), _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "vae_engine", "serve", model, "--port", str(port), "--max-batch",
                              str(max_batch), "--max-wait-ms", str(max_wait_ms), "--threads", str(threads),
-                             "--grpc-port", str(grpc_port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                             "--grpc-port", str(grpc_port), "--workers", str(workers)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -126,10 +129,18 @@ def h2load(port: int, method: str, frames: bytes, connections: int, seconds: flo
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its live children (uvicorn's worker processes)."""
     import os
 
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a process that ended meanwhile
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):  # fields[1]: the parent's pid
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
 
 
 def metric(url: str, name: str) -> dict[str, float]:
@@ -225,20 +236,25 @@ def main() -> None:
         r["cpu_ms_per_request"] = (cpu_seconds(proc.pid) - cpu0) / max(r["requests"], 1) * 1e3
         return r
 
-    for mode, max_batch, wait in (("batching on", 256, 2.0), ("batching off", 1, 0.0)):
-        proc, url, grpc_port = start_server(args.model, max_batch, wait, args.server_threads)
+    # the third server: two worker processes (each its own event loop and engine), for the protocols' main rows
+    two_workers = [("/v1 JSON", "score"), ("v2 binary", "score")]
+    for mode, max_batch, wait, workers in (("batching on", 256, 2.0, 1), ("batching off", 1, 0.0, 1),
+                                           ("batching on", 256, 2.0, 2)):
+        proc, url, grpc_port = start_server(args.model, max_batch, wait, args.server_threads, workers)
         try:
-            for case in cases:  # warm-up: first calls compile kernels and page in the model
-                run(case, 16, proc, url, grpc_port, 2)
-            if mode == "batching on":  # the parts of the concurrency-1 target, on this server
+            for case in cases if workers == 1 else two_workers:  # warm-up: first calls compile, page in the model
+                for _ in range(workers):
+                    run(case, 16, proc, url, grpc_port, 2)
+            if mode == "batching on" and workers == 1:  # the parts of the concurrency-1 target, on this server
                 baseline["empty_http_p50_ms"] = wrk(url, [Req("/v2/health/live", method="GET", headers={})], 1,
                                                     args.seconds)["p50_ms"]
                 live = grpc_frame(b"")
                 baseline["empty_grpc_p50_ms"] = h2load(grpc_port, "ServerLive", live, 1, args.seconds)["p50_ms"]
-            for case in cases:
-                for c in conc:
+            for case in cases if workers == 1 else two_workers:
+                for c in conc if workers == 1 else [c for c in conc if c > 1]:
                     r = run(case, c, proc, url, grpc_port, args.seconds)
-                    rows.append({"mode": mode, "protocol": case[0], "op": case[1], "concurrency": c, **r})
+                    rows.append({"mode": mode, "workers": workers, "protocol": case[0], "op": case[1],
+                                 "concurrency": c, **r})
                     print(rows[-1], flush=True)
         finally:
             proc.terminate()
@@ -288,10 +304,11 @@ def main() -> None:
 
 def markdown(report: dict) -> str:
     rows, b, soak = report["rows"], report["baseline"], report["soak"]
-    lines = ["| protocol | op | concurrency | batching | requests/s | p50 ms | p99 ms | server CPU ms/request |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
-    for r in sorted(rows, key=lambda r: (r["op"], r["protocol"], r["concurrency"], r["mode"])):
+    lines = ["| protocol | op | concurrency | batching | workers | requests/s | p50 ms | p99 ms | server CPU "
+             "ms/request |", "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows, key=lambda r: (r["op"], r["protocol"], r["concurrency"], r["mode"], r.get("workers", 1))):
         lines.append(f"| {r['protocol']} | {r['op']} | {r['concurrency']} | {r['mode'].split()[1]} | "
+                     f"{r.get('workers', 1)} | "
                      f"{r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                      f"{r['cpu_ms_per_request']:.3f} |")
     e = b["engine"]
