@@ -172,19 +172,24 @@ def test_rest_json_and_binary_responses_follow_the_request(server, x):
 def test_concurrent_single_items_are_batched_and_unchanged(server, clients, model, x):
     import httpx
 
-    f = (x / 255).astype(np.float32)
+    from vae_engine.serving.batcher import MicroBatcher
+
+    f, K = (x / 255).astype(np.float32), MicroBatcher.INLINE_WORK + 36
 
     def one(i):
         c = httpclient.InferenceServerClient(server["http"])
         t = httpclient.InferInput("items", [1, f.shape[1]], "FP32")
         t.set_data_from_numpy(f[i % 10][None], binary_data=True)
-        return c.infer("tiny-score", [t], parameters={"k": 4, "seed": 5, "start": i}).as_numpy("scores")[0]
+        # k above the batcher's INLINE_WORK: a request that finds the server idle is still queued, so requests
+        # that overlap are merged (a lone small one would be answered on the event loop, and with a fast server
+        # the clients' own pace decides whether any two ever overlap)
+        return c.infer("tiny-score", [t], parameters={"k": K, "seed": 5, "start": i}).as_numpy("scores")[0]
 
     before = _metric(httpx.get(f"{server['url']}/metrics").text, "vae_batch_items_count")
     with ThreadPoolExecutor(24) as pool:
         got = list(pool.map(one, range(72)))
     xs = np.stack([x[i % 10] for i in range(72)])
-    np.testing.assert_allclose(got, _job(model, "score", xs, k=4, seed=5, binarize=True), rtol=1e-5)
+    np.testing.assert_allclose(got, _job(model, "score", xs, k=K, seed=5, binarize=True), rtol=1e-5)
     text = httpx.get(f"{server['url']}/metrics").text
     assert _metric(text, "vae_batch_items_count") - before < 72  # merged into fewer engine calls
     assert 'vae_requests_total{code="200",endpoint="v2/score"}' in text

@@ -166,8 +166,12 @@ def server(model):
 def test_concurrent_requests_are_merged_and_answers_unchanged(server, model, x):
     import httpx
 
+    from vae_engine.serving.batcher import MicroBatcher
+
+    k = MicroBatcher.INLINE_WORK + 36  # queued even when the server is idle, so overlapping requests merge
+
     def one(i):
-        body = {"items": [(x[i % 12] / 255).tolist()], "k": 4, "seed": 5, "start": i}
+        body = {"items": [(x[i % 12] / 255).tolist()], "k": k, "seed": 5, "start": i}
         r = httpx.post(f"{server}/v1/score", json=body, timeout=30)
         assert r.status_code == 200, r.text
         return r.json()["scores"][0]
@@ -177,7 +181,7 @@ def test_concurrent_requests_are_merged_and_answers_unchanged(server, model, x):
     # item i alone, as item `start` = i of a file: the same eps stream whatever batch it joined
     engine = Engine.load(model, backend="onnxruntime", precision="fp32", threads=2)
     xs = data.model_input(np.stack([x[i % 12] for i in range(96)]), True)
-    want = jobs.make_job_fn("score", engine, {"k": 4, "seed": 5, "binarize": True})(0, xs)
+    want = jobs.make_job_fn("score", engine, {"k": k, "seed": 5, "binarize": True})(0, xs)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     text = httpx.get(f"{server}/metrics").text
     count = float(next(line.split()[1] for line in text.splitlines() if line.startswith("vae_batch_items_count")))
