@@ -280,3 +280,42 @@ def test_request_timeout_is_504(model, x):
         r = c.post("/v1/score", json={"items": (x / 255).tolist(), "k": 500})
         assert r.status_code == 504 and "no answer within" in r.json()["error"]
         assert c.get("/healthz").status_code == 200  # the server goes on
+
+
+def test_workers_share_the_cores_unless_threads_are_given(model, monkeypatch):
+    """`serve --workers N` without --threads gives each worker's engine cores // N threads (not all of them each)."""
+    import uvicorn
+
+    from vae_engine.core import hardware
+    from vae_engine.serving import server as srv
+
+    seen = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: seen.append(json.loads(os.environ[srv.SERVE_ENV])))
+    monkeypatch.setattr(hardware, "available_cpus", lambda: 8)
+    monkeypatch.delenv(srv.SERVE_ENV, raising=False)
+    srv.serve(model, workers=3, backend="onnxruntime", precision="fp32")
+    srv.serve(model, workers=16, backend="onnxruntime", precision="fp32")
+    srv.serve(model, workers=2, backend="onnxruntime", precision="fp32", threads=3)
+    assert [s["threads"] for s in seen] == [2, 1, 3]
+
+
+@pytest.mark.slow  # two worker processes each load the model (~20 s)
+def test_two_workers_answer_like_one(client, model, x):
+    """`serve --workers 2`: two processes on one port, each answering as the in-process app does."""
+    import httpx
+
+    items = (x / 255).tolist()
+    want = _post(client, "score", items=items, k=4, seed=1)["scores"]
+    proc, url = start_serve([str(model), "--workers", "2", "--backend", "onnxruntime", "--precision", "fp32"])
+    try:
+        with ThreadPoolExecutor(8) as pool:  # concurrent, so both workers answer some
+            got = list(pool.map(lambda _: httpx.post(f"{url}/v1/score", json={"items": items, "k": 4, "seed": 1},
+                                                     timeout=60), range(16)))
+        for r in got:
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(r.json()["scores"], want, rtol=1e-6)
+        bad = httpx.post(f"{url}/v1/score", json={"items": [[0.5]]}, timeout=60)
+        assert bad.status_code == 422 and "shape" in bad.json()["error"]
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0

@@ -349,7 +349,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_batch: Annotated[int, typer.Option(help="Micro-batching: the most items merged into one engine call (1: no batching).")] = 256,
     max_wait_ms: Annotated[float, typer.Option(help="Micro-batching: how long the first request of a batch waits for others, in ms (0: merge only what is already queued).")] = 2.0,
-    workers: Annotated[int, typer.Option(help="uvicorn worker processes, each with its own engine and batcher.")] = 1,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes, each with its own engine and batcher (one process is bounded by its interpreter: use one per core to serve more requests); without --threads each takes cores / workers threads.")] = 1,
     backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body, MiB (413 beyond).")] = 16.0,

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import modeldir
+from ..core import hardware
 from ..core.config import VERSION
 from ..core.errors import VaeEngineError
 from . import oip
@@ -310,7 +311,8 @@ def serve(model_dir: Path | None, host: str = "127.0.0.1", port: int = 8000, wor
           **kwargs) -> None:
     """Run the app with uvicorn; SIGINT/SIGTERM stop taking connections and drain the queue first. With
     workers > 1, uvicorn starts that many processes, each with its own engine and batcher, on one port (and the
-    gRPC port, shared by SO_REUSEPORT, when `grpc_port` is given)."""
+    gRPC port, shared by SO_REUSEPORT, when `grpc_port` is given); without `threads`, each engine takes its share
+    of the cores (cores // workers, at least one)."""
     import os
 
     import uvicorn
@@ -334,6 +336,8 @@ def serve(model_dir: Path | None, host: str = "127.0.0.1", port: int = 8000, wor
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
         return
     modeldir.model_config(modeldir.resolve_model_dir(model_dir))  # a bad folder fails here, once
+    if kwargs.get("threads") is None:  # the cores shared out, not every worker's engine on all of them
+        kwargs["threads"] = max(1, hardware.available_cpus() // workers)
     if on_ready:
         on_ready()
     os.environ[SERVE_ENV] = json.dumps({"model_dir": str(modeldir.resolve_model_dir(model_dir)),
