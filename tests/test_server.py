@@ -230,11 +230,26 @@ def test_page_renders_and_draws_in_chromium(server, tmp_path):
         assert not errors, errors
 
 
+def _answers_like_one(url: str, items: list, want: list, requests: int, concurrency: int) -> None:
+    """A scaled-out server (replicas, workers) answers `requests` score calls as the local app does (`want`), and a
+    bad request with one 422 line."""
+    import httpx
+
+    def one(_):
+        return httpx.post(f"{url}/v1/score", json={"items": items, "k": 4, "seed": 1}, timeout=60)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for r in pool.map(one, range(requests)):
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(r.json()["scores"], want, rtol=1e-6)
+    bad = httpx.post(f"{url}/v1/score", json={"items": [[0.5]]}, timeout=60)
+    assert bad.status_code == 422 and "shape" in bad.json()["error"]
+
+
 @pytest.mark.slow
 def test_ray_serve_answers_like_the_local_server(client, model, x):
     """`serve --ray`: the same app on Ray Serve with one, then two replicas, answers as the local server does."""
     pytest.importorskip("ray.serve")
-    import httpx
     from ray import serve
 
     from vae_engine.serving import ray_serve
@@ -245,13 +260,7 @@ def test_ray_serve_answers_like_the_local_server(client, model, x):
     try:
         for replicas in (1, 2):
             ray_serve.start(model, port=port, replicas=replicas, backend="onnxruntime", precision="fp32", threads=1)
-            for _ in range(4):  # several requests, so both replicas answer some
-                r = httpx.post(f"http://127.0.0.1:{port}/v1/score", json={"items": items, "k": 4, "seed": 1},
-                               timeout=60)
-                assert r.status_code == 200, r.text
-                np.testing.assert_allclose(r.json()["scores"], want, rtol=1e-6)
-            bad = httpx.post(f"http://127.0.0.1:{port}/v1/score", json={"items": [[0.5]]}, timeout=60)
-            assert bad.status_code == 422 and "shape" in bad.json()["error"]
+            _answers_like_one(f"http://127.0.0.1:{port}", items, want, requests=4, concurrency=1)
     finally:
         serve.shutdown()
         import ray
@@ -302,20 +311,12 @@ def test_workers_share_the_cores_unless_threads_are_given(model, monkeypatch):
 @pytest.mark.slow  # two worker processes each load the model (~20 s)
 def test_two_workers_answer_like_one(client, model, x):
     """`serve --workers 2`: two processes on one port, each answering as the in-process app does."""
-    import httpx
 
     items = (x / 255).tolist()
     want = _post(client, "score", items=items, k=4, seed=1)["scores"]
     proc, url = start_serve([str(model), "--workers", "2", "--backend", "onnxruntime", "--precision", "fp32"])
     try:
-        with ThreadPoolExecutor(8) as pool:  # concurrent, so both workers answer some
-            got = list(pool.map(lambda _: httpx.post(f"{url}/v1/score", json={"items": items, "k": 4, "seed": 1},
-                                                     timeout=60), range(16)))
-        for r in got:
-            assert r.status_code == 200, r.text
-            np.testing.assert_allclose(r.json()["scores"], want, rtol=1e-6)
-        bad = httpx.post(f"{url}/v1/score", json={"items": [[0.5]]}, timeout=60)
-        assert bad.status_code == 422 and "shape" in bad.json()["error"]
+        _answers_like_one(url, items, want, requests=16, concurrency=8)  # concurrent: both workers answer some
     finally:
         proc.terminate()
         assert proc.wait(60) == 0
