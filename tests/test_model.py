@@ -121,6 +121,35 @@ def test_likelihood_samples_follow_the_distribution(name):
         np.testing.assert_array_equal(x, rng.binarize_numpy(lk.mean(params), 3, 0))
 
 
+@pytest.mark.parametrize("name", ["bernoulli", "continuous-bernoulli", "gaussian"])
+def test_likelihood_mean_in_onnx_matches_its_numpy_twin(name):
+    """`mean_onnx`, run by ONNX Runtime on seeded parameters and on extreme logits (down to -90, where ONNX
+    Runtime's own Sigmoid loses all relative precision), is `mean` to float32 rounding; the continuous Bernoulli
+    has none (its float32 form cancels near l = 0), so graphs leave its mean to NumPy."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    lk = likelihoods.get(name)
+    d = 7
+    nodes = lk.mean_onnx("params", "mean", d)
+    if name == "continuous-bernoulli":
+        assert nodes is None
+        return
+    f = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "mean", [helper.make_tensor_value_info("params", f, ["b", lk.n_params * d])],
+                              [helper.make_tensor_value_info("mean", f, ["b", d])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    g = np.random.default_rng(0)
+    params = (g.standard_normal((64, lk.n_params * d)) * 8).astype(np.float32)
+    params[0, :d] = [-90, -40, -17, -10, 0, 17, 40]
+    got, want = session.run(None, {"params": params})[0], lk.mean(params)
+    assert got.shape == want.shape == (64, d) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=4e-7, atol=1e-37)
+
+
 def test_posterior_object_against_torch_distributions():
     """DiagonalGaussian (mean, sample, log_prob, kl) against torch.distributions on seeded values, in the one eps
     layout (B, K, L); a sample-major (K, B, L) tensor is refused instead of broadcast into (B, B, L)."""

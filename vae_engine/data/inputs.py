@@ -50,7 +50,9 @@ def to_float(items: np.ndarray) -> np.ndarray:
     """Items (N, ...) -> float32 (N, D) in model units: uint8 is intensity / 255, anything else as is."""
     flat = items.reshape(len(items), -1)
     if flat.dtype == np.uint8:
-        return flat.astype(np.float32) / np.float32(255.0)
+        out = flat.astype(np.float32)
+        out /= np.float32(255.0)  # in place: one allocation
+        return out
     return flat.astype(np.float32, copy=False)
 
 
@@ -71,7 +73,7 @@ def model_input(chunk: np.ndarray, unit_interval: bool = True, name: str = "x", 
     if chunk.dtype.kind not in "biuf":  # bool, int, uint, float: no objects, strings or complex numbers
         raise DataError(f"{name}: dtype {chunk.dtype} not supported; use uint8 (0..255) or float numbers")
     flat = to_float(chunk)
-    if flat.size == 0:
+    if flat.size == 0 or chunk.dtype == np.uint8:  # intensity / 255: finite and in [0, 1] by construction
         return flat
     lo, hi, finite = span(flat)
     if finite and (not unit_interval or (lo >= 0.0 and hi <= 1.0)):
@@ -91,6 +93,10 @@ def items(x, cfg, unit_interval: bool, name: str = "x", start: int = 0) -> np.nd
     then `model_input` -> contiguous float32 (N, D) in model units (no copy when the input already is)."""
     a = np.asarray(x)
     shape, d = cfg.input_shape, cfg.input_dim
+    if a.dtype == np.float32 and a.ndim == 2 and a.shape[1] == d and a.flags.c_contiguous and a.size:
+        lo, hi, finite = span(a)  # already model units (a batch-1 request, a prepared batch): the values alone
+        if finite and (not unit_interval or (lo >= 0.0 and hi <= 1.0)):
+            return a  # (anything wrong takes the path below, which says what)
     if a.ndim < 2 or not cfg.accepts(a.shape[1:]):
         raise DataError(f"{name} must have shape (N, {', '.join(map(str, shape))})"
                         + (f" or (N, {d})" if len(shape) > 1 else "") + f" for this model, got {a.shape}")

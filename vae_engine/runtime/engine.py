@@ -114,8 +114,8 @@ class Engine:
     def reconstruct(self, x: np.ndarray, sample: bool = False, seed: int = 0, start: int = 0) -> np.ndarray:
         """Decode the posterior mean (or one posterior sample) of each input: E[x|z] (B, D)."""
         _check_stream(seed, start)
-        if not sample and hasattr(self.backend, "reconstruct_params"):  # one fused call (ONNX Runtime, torch)
-            return self.likelihood.mean(self.backend.reconstruct_params(self.prepare_items(x)))
+        if not sample and hasattr(self.backend, "reconstruct"):  # one fused call (ONNX Runtime, torch)
+            return self.backend.reconstruct(self.prepare_items(x))
         mu, logvar = self.encode(x)  # checked by the backend: no second validation on the way to the decoder
         z = self._sample(mu, logvar, 1, seed, start)[:, 0] if sample else mu
         return self.likelihood.mean(self.backend.decode(z))

@@ -59,6 +59,12 @@ class Likelihood:
         """NumPy: E[x|z] (..., D) float32."""
         raise NotImplementedError
 
+    def mean_onnx(self, params: str, out: str, dim: int) -> list | None:
+        """ONNX: nodes appending E[x|z] as tensor `out` (B, D) to a graph whose tensor `params` holds the
+        parameters (B, n_params * D), so a backend that runs graphs does the mean inside its one call (batch-1
+        latency); None where a float32 graph cannot match `mean` (the twin the tests compare it with)."""
+        return None
+
     def sample(self, params: np.ndarray, seed: int = 0, start: int = 0) -> np.ndarray:
         """NumPy: x ~ p(x|params) (B, D) float32, row b from the counter streams of item start+b of seed."""
         raise NotImplementedError

@@ -67,6 +67,18 @@ class Bernoulli(Likelihood):
     def mean(self, logits):
         return sigmoid(logits)
 
+    def mean_onnx(self, params, out, dim):
+        """1 / (1 + exp(-l)): as accurate as `sigmoid` (1.5e-7 relative over every normal float32 result, measured
+        on l in [-90, 40]). ONNX Runtime's own Sigmoid is an approximation that loses relative precision below
+        l = -10 (0.6% there, all of it below l = -15)."""
+        from onnx import helper
+
+        return [helper.make_node("Neg", [params], [f"{out}/neg"]),
+                helper.make_node("Exp", [f"{out}/neg"], [f"{out}/exp"]),
+                helper.make_node("Constant", [], [f"{out}/one"], value_float=1.0),
+                helper.make_node("Add", [f"{out}/exp", f"{out}/one"], [f"{out}/den"]),
+                helper.make_node("Reciprocal", [f"{out}/den"], [out])]
+
     def sample(self, logits, seed=0, start=0):
         """Pixels in {0, 1}: u < sigmoid(l) with the item's binarization uniforms (`rng.binarize`)."""
         return rng.binarize(self.mean(logits), seed, start)

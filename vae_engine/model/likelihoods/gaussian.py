@@ -53,6 +53,14 @@ class Gaussian(Likelihood):
     def mean(self, params):
         return np.ascontiguousarray(np.split(np.asarray(params, np.float32), 2, axis=-1)[0])
 
+    def mean_onnx(self, params, out, dim):
+        """The first half of [mean | logvar]."""
+        from onnx import helper
+
+        consts = [helper.make_node("Constant", [], [f"{out}/{name}"], value_ints=[v])
+                  for name, v in (("start", 0), ("end", dim), ("axis", 1))]
+        return [*consts, helper.make_node("Slice", [params, f"{out}/start", f"{out}/end", f"{out}/axis"], [out])]
+
     def sample(self, params, seed=0, start=0):
         """x = mean + exp(logvar / 2) * eps, eps ~ N(0, I) from the item's observation stream."""
         mean, logvar = np.split(np.asarray(params, np.float32), 2, axis=-1)

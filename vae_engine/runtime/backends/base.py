@@ -74,7 +74,10 @@ class GraphBackend:
     name = "graph"
 
     def __init__(self, cfg: ModelConfig):
+        from ...model import likelihoods
+
         self.latent_dim, self.out_dim = cfg.latent_dim, graphs.spec("decoder", cfg).outputs[0][1]
+        self.likelihood, self.mean_width = likelihoods.get(cfg.likelihood), cfg.input_dim
         self.paths: dict[str, Path] = {}
 
     @staticmethod
@@ -111,7 +114,9 @@ class GraphBackend:
 
 RAW_CALL = """Every backend's `raw_call(op, a)` returns a zero-argument callable that runs the runtime alone on the
 prepared input `a` for op "encode", "decode" or "reconstruct" and returns the runtime's first output in the
-runtime's own type (mu; the decoder's parameters): no input rule, no output checks, conversions or copies.
+runtime's own type (mu; the decoder's parameters; for reconstruct what the backend's one call computes, E[x|z]
+where the likelihood's mean is inside the graph): no input rule, no output checks, conversions or copies, and the
+runtime's public call (ONNX Runtime: `InferenceSession.run`), as a user of the runtime alone would make it.
 `vae-engine bench` times it beside the engine's own call to report the engine's per-call overhead."""
 
 

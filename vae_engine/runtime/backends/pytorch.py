@@ -57,10 +57,11 @@ class TorchBackend:
         mu, logvar = self._run(self.encoder, x)
         return mu, logvar
 
-    def reconstruct_params(self, x: np.ndarray) -> np.ndarray:
-        """The decoder's parameters at each input's posterior mean, in one call: mu stays on the device (the same
-        numbers as `decode(encode(x)[0])`: mu at the network's precision is exact in float32 and back)."""
-        return self._run(lambda t: self.decoder(self.encoder(t)[0].to(self.dtype)), x)
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        """E[x|z] at each input's posterior mean, the networks in one call: mu stays on the device (the same
+        numbers as `decode(encode(x)[0])`: mu at the network's precision is exact in float32 and back); the mean
+        is the likelihood's NumPy form, the one every path shares."""
+        return self.likelihood.mean(self._run(lambda t: self.decoder(self.encoder(t)[0].to(self.dtype)), x))
 
     def raw_call(self, op: str, a: np.ndarray):
         """The network alone on `a` (already a tensor on the device): see `RAW_CALL`."""
