@@ -162,6 +162,9 @@ def test_every_stage_follows_the_spec(own_models, name, tmp_path):
                                torch_engine.log_likelihood(x, k=16, seed=2), rtol=1e-4, atol=1e-3)
     recon = onnx_engine.reconstruct(x)
     assert recon.shape == (9, cfg.input_dim) and np.isfinite(recon).all()
+    mu = torch_engine.encode(x)[0]  # E[x|z]: ONNX Runtime's graphs end in the likelihood's mean (or NumPy's after)
+    for got, want in ((recon, torch_engine.reconstruct(x)), (onnx_engine.decode(mu), torch_engine.decode(mu))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     report = json.loads((folder / modeldir.EXPORT_REPORT).read_text())
     assert report["test_images"] == 16  # its own 10% split of 160 items, not MNIST
     # the export's check of its fp32 graphs and the trainer's last test -ELBO: one estimator (same items, same

@@ -88,7 +88,10 @@ class Engine:
 
     def decode(self, z: np.ndarray, params: bool = False) -> np.ndarray:
         """E[x|z] (B, D) in raw units (pixel probabilities for Bernoulli), or the likelihood's parameters."""
-        out = self.backend.decode(self.prepare_latents(z))
+        z = self.prepare_latents(z)
+        if not params and hasattr(self.backend, "decode_mean"):  # the mean inside the runtime's call (ONNX Runtime)
+            return self.backend.decode_mean(z)
+        out = self.backend.decode(z)
         return out if params else self.likelihood.mean(out)
 
     def decode_sample(self, z: np.ndarray, seed: int = 0, start: int = 0) -> np.ndarray:
