@@ -78,7 +78,6 @@ class OrtBackend(GraphBackend):
 
             dec = onnx.ModelProto()
             dec.CopyFrom(self.models["decoder"])
-            del dec.graph.output[1:]
             if role == "reconstruct":
                 enc, dec = onnx.ModelProto(), compose.add_prefix(dec, "decoder/")
                 enc.CopyFrom(self.models["encoder"])
