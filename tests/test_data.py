@@ -93,6 +93,18 @@ def test_named_dataset_without_download_is_a_clear_error(tmp_path, monkeypatch):
 
 
 
+@pytest.mark.parametrize("shape", [(1, 256), (1, 28, 28), (16, 256), (17, 256), (64, 784)])
+def test_uint8_intensities_are_one_quotient_on_both_paths(shape):
+    """uint8 -> intensity / 255: the Numba pass for small inputs and NumPy's for large ones give NumPy's float32
+    quotient bit for bit, for every byte value, on contiguous and strided inputs."""
+    a = np.resize(np.arange(256, dtype=np.uint8), shape)
+    for x in (a, np.asfortranarray(a), a[:, ::-1]):
+        got = data.inputs.to_float(x)
+        want = x.reshape(len(x), -1).astype(np.float32) / np.float32(255.0)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("n", [1, 784, data.inputs.SPAN_KERNEL_MAX, data.inputs.SPAN_KERNEL_MAX + 1, 50_000])
 def test_span_of_the_input_rule_equals_numpy(n):
     """Both forms of the input rule's one pass (Numba for small arrays, NumPy's reductions for large ones): the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import numbers
@@ -110,12 +111,17 @@ class ModelConfig:
     def accepts(self, shape: tuple[int, ...]) -> bool:
         """Whether items of `shape` fit the model: its own shape, flattened to D, a grey image without its channel
         axis, or for 784-value models a 28x28 image."""
-        shape = tuple(shape)
-        if shape in (self.input_shape, (self.input_dim,)):
-            return True
-        if self.input_dim == INPUT_DIM and shape in (IMAGE_SHAPE, (1, *IMAGE_SHAPE)):
-            return True
-        return len(self.input_shape) == 3 and self.input_shape[0] == 1 and shape == self.input_shape[1:]
+        return tuple(shape) in self.item_shapes
+
+    @functools.cached_property  # asked on every call of the input rule (a batch-1 request): a set lookup
+    def item_shapes(self) -> frozenset[tuple[int, ...]]:
+        """The item shapes `accepts` takes."""
+        shapes = {self.input_shape, (self.input_dim,)}
+        if self.input_dim == INPUT_DIM:
+            shapes |= {IMAGE_SHAPE, (1, *IMAGE_SHAPE)}
+        if len(self.input_shape) == 3 and self.input_shape[0] == 1:
+            shapes.add(self.input_shape[1:])
+        return frozenset(shapes)
 
     @property
     def image_shape(self) -> tuple[int, int, int] | None:
