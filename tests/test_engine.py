@@ -261,3 +261,16 @@ def test_gemm_peaks_run_at_the_thread_count_asked_for(monkeypatch):
     numpy_fp32, torch_fp32, _, torch_bf16, _ = seen  # in gemm_peak's order; ORT sessions take threads themselves
     assert numpy_fp32[0] <= {1} and torch_fp32[1] == 1 and torch_bf16[1] == 1
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_warm_up_makes_before_the_first_request_what_is_made_on_first_use(model, images, backend):
+    """`Engine.warm_up` (the server calls it at start-up) runs every op once: afterwards the fused ONNX Runtime
+    graphs exist, and answers are the same as a cold engine's."""
+    warm, cold = (Engine.load(model, backend=backend, threads=1) for _ in range(2))
+    warm.warm_up()
+    if backend == "onnxruntime":
+        assert {"reconstruct", "decode-mean"} <= set(warm.backend.sessions)
+    x = _x(images, 3)
+    np.testing.assert_array_equal(warm.reconstruct(x), cold.reconstruct(x))
+    np.testing.assert_array_equal(warm.log_likelihood(x, k=4), cold.log_likelihood(x, k=4))

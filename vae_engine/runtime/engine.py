@@ -165,6 +165,17 @@ class Engine:
             log_sum[i:j] = block if s == 0 else np.logaddexp(log_sum[i:j], block)
         return log_sum - np.log(k)
 
+    def warm_up(self) -> None:
+        """Run every op once on one item, so that a server's first requests do not pay for what is made on first
+        use: Numba kernels loaded from their cache, the fused ONNX Runtime graphs (measured on the 2-core AVX2
+        EPYC: a first encode 446 ms, reconstruct 42 ms, E[x|z] 6.6 ms, against 0.1-0.2 ms after)."""
+        for x in (np.zeros((1, self.cfg.input_dim), np.uint8), np.zeros((1, self.cfg.input_dim), np.float32)):
+            self.reconstruct(x)
+            self.scores(x, 0, 2, 0)
+        z = np.zeros((1, self.latent_dim), np.float32)
+        self.decode(z)
+        self.decode(z, params=True)
+
     def scores(self, x: np.ndarray, start: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """(-ELBO, -log p(x) estimate) per input: the same quantities as `estimators.reference_scores`."""
         return -self.elbo(x, seed, start), -self.log_likelihood(x, k, seed, start)

@@ -88,6 +88,7 @@ class App:
         self.model_dir, self.limits = Path(model_dir), limits or Limits()
         self.engine = Engine.load(model_dir, backend=backend, precision=precision, threads=threads, device=device,
                                   batch_size=max_batch, max_nll_change=max_nll_change)
+        self.engine.warm_up()  # before the first request, not in it
         self.cfg, self.metrics, self.path = self.engine.cfg, Metrics(), self.engine.path  # path: once, not per request
         self.detector = None
         if (self.model_dir / "detector.json").is_file():
