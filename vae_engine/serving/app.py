@@ -98,6 +98,7 @@ class App:
             self.detector = VAEOutlierDetector.load(self.model_dir, threads=self.engine.threads,
                                                     backend=self.engine.backend.name,
                                                     precision=self.engine.backend.precision)
+            self.detector.score_samples(np.zeros((1, self.cfg.input_dim), np.float32))  # its engine, loaded now
         self.active = 0  # requests received and not yet answered (the batcher waits only while others exist)
         self.batcher = MicroBatcher(self.run_batch, max_batch, max_wait_ms / 1000, self.metrics, lambda: self.active)
         self.max_batch, self.max_wait_ms, self._map = max_batch, max_wait_ms, None
