@@ -79,6 +79,12 @@ class GraphBackend:
         self.latent_dim, self.out_dim = cfg.latent_dim, graphs.spec("decoder", cfg).outputs[0][1]
         self.likelihood, self.mean_width = likelihoods.get(cfg.likelihood), cfg.input_dim
         self.paths: dict[str, Path] = {}
+        self.models: dict = {}  # role -> the checked onnx.ModelProto
+        self.ends_in_mean: dict[str, bool] = {}  # for each mean graph made: does it end in E[x|z] itself?
+
+    def _open(self, role: str, model, name: str) -> None:
+        """Make `model` (an onnx.ModelProto) runnable as `role` in this backend's runtime."""
+        raise NotImplementedError
 
     @staticmethod
     def _graph(model_dir: Path, role: str, variant: str) -> Path:
@@ -110,6 +116,48 @@ class GraphBackend:
 
     def decode(self, z):
         return self._run("decoder", z, (self.out_dim,))[0]
+
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        """E[x|z] at the posterior mean, x (B, D) -> (B, D), in one runtime call: the two checked graphs merged
+        (the encoder's mu feeding the decoder's z), ending in the likelihood's mean (`_mean_graph`). One call
+        instead of two, and no NumPy pass after it, is what batch-1 latency needs: the runtime's fixed cost per
+        call is most of the time there."""
+        return self._mean_call("reconstruct", x)
+
+    def decode_mean(self, z: np.ndarray) -> np.ndarray:
+        """E[x|z] (B, D) in one call: the decoder graph ending in the likelihood's mean (`_mean_graph`)."""
+        return self._mean_call("decode-mean", z)
+
+    def _mean_call(self, role: str, a: np.ndarray) -> np.ndarray:
+        if role not in self.ends_in_mean:
+            self._open(role, self._mean_graph(role), f"{role} graph")
+        if self.ends_in_mean[role]:
+            return self._run(role, a, (self.mean_width,))[0]
+        return self.likelihood.mean(self._run(role, a, (self.out_dim,))[0])
+
+    def _mean_graph(self, role: str):
+        """`role`'s graph, made on first use: the decoder (after the encoder for "reconstruct") with the
+        likelihood's `mean_onnx` appended, or, for a likelihood without one, its parameters (`mean` follows in
+        NumPy). A graph of its own, not a second output of the decoder's: ONNX Runtime runs every node of a graph
+        whatever outputs are asked for, so the IWAE blocks would pay for a mean they never read."""
+        import onnx
+        from onnx import compose
+
+        dec = onnx.ModelProto()
+        dec.CopyFrom(self.models["decoder"])
+        if role == "reconstruct":
+            enc, dec = onnx.ModelProto(), compose.add_prefix(dec, "decoder/")
+            enc.CopyFrom(self.models["encoder"])
+            for m in (enc, dec):
+                del m.metadata_props[:]  # the graphs' own metadata differ (role); the fused one needs none
+            dec = compose.merge_models(enc, dec, io_map=[("mu", "decoder/z")], outputs=[dec.graph.output[0].name])
+        nodes = self.likelihood.mean_onnx(dec.graph.output[0].name, "mean", self.mean_width)
+        if nodes:
+            dec.graph.node.extend(nodes)
+            dec.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info(
+                "mean", onnx.TensorProto.FLOAT, ["batch", self.mean_width]))
+        self.paths[role], self.ends_in_mean[role] = self.paths["decoder"], bool(nodes)
+        return dec
 
 
 RAW_CALL = """Every backend's `raw_call(op, a)` returns a zero-argument callable that runs the runtime alone on the

@@ -26,8 +26,7 @@ class OrtBackend(GraphBackend):
             raise unsupported("onnxruntime", precision, "its CPU provider has no bf16 kernels (onnxruntime #20630); "
                                "use --backend openvino or torch")
         self.precision, self.variant = precision, variant or GRAPHS[precision]
-        self.sessions, self.calls, self.outputs, self.models = {}, {}, {}, {}
-        self.inputs = {"encoder": "x", "decoder": "z"}
+        self.sessions, self.calls, self.outputs, self.inputs = {}, {}, {}, {}
         self.session_args = (threads, device, spin)
         for role in graphs.ROLES:
             path = self.paths[role] = self._graph(model_dir, role, self.variant)
@@ -40,7 +39,7 @@ class OrtBackend(GraphBackend):
         `InferenceSession.run` re-validates the feed on every call (5-8 us at batch 1 on the 2-core AVX2 EPYC)
         and exists to retry a failed GPU provider; the engine's feed is always the graph's one checked input."""
         session = self.sessions[role] = graphs.make_session(model, *self.session_args, name=name)
-        self.outputs[role] = [o.name for o in session.get_outputs()]
+        self.inputs[role], self.outputs[role] = model.graph.input[0].name, [o.name for o in session.get_outputs()]
         core = getattr(session, "_sess", None)
         cpu = session.get_providers()[0] == "CPUExecutionProvider"
         self.calls[role] = core.run if cpu and callable(getattr(core, "run", None)) else session.run
@@ -55,45 +54,6 @@ class OrtBackend(GraphBackend):
         role = {"encode": "encoder", "decode": "decoder", "reconstruct": "reconstruct"}[op]
         session, feed = self.sessions[role], {self.inputs[role]: a}
         return lambda: session.run(None, feed)[0]
-
-    def reconstruct(self, x: np.ndarray) -> np.ndarray:
-        """E[x|z] at the posterior mean, x (B, D) -> (B, D), in one ONNX Runtime call: the two checked graphs
-        merged (the encoder's mu feeding the decoder's z), ending in the likelihood's mean (`_mean_session`).
-        One call instead of two, and no NumPy pass after it, is what batch-1 latency needs: the runtime's fixed
-        cost per call is most of the time there."""
-        return self._mean_session("reconstruct", x)
-
-    def decode_mean(self, z: np.ndarray) -> np.ndarray:
-        """E[x|z] (B, D) in one call: the decoder graph ending in the likelihood's mean (`_mean_session`)."""
-        return self._mean_session("decode-mean", z)
-
-    def _mean_session(self, role: str, a: np.ndarray) -> np.ndarray:
-        """Run `role`'s graph, built on first use: the decoder (after the encoder for "reconstruct") with the
-        likelihood's `mean_onnx` appended, or, for a likelihood without one, its parameters and then `mean`. A
-        graph of its own, not a second output of the decoder's: ONNX Runtime runs every node of a graph whatever
-        outputs are asked for, so the IWAE blocks would pay for a mean they never read."""
-        if role not in self.sessions:
-            import onnx
-            from onnx import compose
-
-            dec = onnx.ModelProto()
-            dec.CopyFrom(self.models["decoder"])
-            if role == "reconstruct":
-                enc, dec = onnx.ModelProto(), compose.add_prefix(dec, "decoder/")
-                enc.CopyFrom(self.models["encoder"])
-                for m in (enc, dec):
-                    del m.metadata_props[:]  # the graphs' own metadata differ (role); the fused one needs none
-                dec = compose.merge_models(enc, dec, io_map=[("mu", "decoder/z")], outputs=[dec.graph.output[0].name])
-            nodes = self.likelihood.mean_onnx(dec.graph.output[0].name, "mean", self.mean_width)
-            if nodes:
-                dec.graph.node.extend(nodes)
-                dec.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info(
-                    "mean", onnx.TensorProto.FLOAT, ["batch", self.mean_width]))
-            self.paths[role], self.inputs[role] = self.paths["decoder"], dec.graph.input[0].name
-            self._open(role, dec, f"{role} graph")
-        if self.outputs[role] == ["mean"]:
-            return self._run(role, a, (self.mean_width,))[0]
-        return self.likelihood.mean(self._run(role, a, (self.out_dim,))[0])
 
 
 def _missing(precision: str, device: str, model_dir: Path | None) -> str | None:

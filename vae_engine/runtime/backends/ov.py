@@ -35,22 +35,27 @@ class OpenVinoBackend(GraphBackend):
                                "OpenVINO would quietly run fp32; use --precision fp32")
         if device != "cpu":
             raise VaeEngineError("--backend openvino runs on the CPU here; use torch or onnxruntime for a GPU")
-        self.precision, self.provider, self.ov = precision, "CPU", ov
-        core = ov.Core()
-        props = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-                 "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]}
+        self.precision, self.provider, self.ov, self.core = precision, "CPU", ov, ov.Core()
+        self.props = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+                      "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]}
         if threads:
-            props["INFERENCE_NUM_THREADS"] = threads
+            self.props["INFERENCE_NUM_THREADS"] = threads
         self.requests = {}
         for role in graphs.ROLES:
             path = self.paths[role] = self._graph(model_dir, role, "fp32")
-            raw = graphs.load_graph(path, role, cfg).SerializeToString()
-            try:
-                compiled = core.compile_model(core.read_model(raw, ov.Tensor(np.empty(0, np.uint8))), "CPU", props)
-            except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise ModelDirError(f"{path}: OpenVINO cannot load it ({first[:300]}); re-export the model") from None
-            self.requests[role] = compiled.create_infer_request(), len(compiled.outputs)
+            self.models[role] = graphs.load_graph(path, role, cfg)
+            self._open(role, self.models[role], str(path))
+
+    def _open(self, role: str, model, name: str) -> None:
+        """One compiled model and infer request for `role`, from the checked graph's bytes."""
+        ov = self.ov
+        try:
+            compiled = self.core.compile_model(
+                self.core.read_model(model.SerializeToString(), ov.Tensor(np.empty(0, np.uint8))), "CPU", self.props)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelDirError(f"{name}: OpenVINO cannot load it ({first[:300]}); re-export the model") from None
+        self.requests[role] = compiled.create_infer_request(), len(compiled.outputs)
 
     def _infer(self, role, a):
         req, outputs = self.requests[role]
@@ -63,17 +68,18 @@ class OpenVinoBackend(GraphBackend):
         return [np.array(req.get_output_tensor(i).data, copy=True) for i in range(outputs)]
 
     def raw_call(self, op: str, a: np.ndarray):
-        """The infer request(s) alone, outputs left in OpenVINO's buffers (mu handed to the decoder in place for
-        reconstruct): see `RAW_CALL`."""
-        def run(role: str, arr: np.ndarray) -> np.ndarray:
-            req = self.requests[role][0]
-            req.set_input_tensor(self.ov.Tensor(arr, shared_memory=True))
+        """The op's infer request alone (the fused graph's for reconstruct), its output left in OpenVINO's buffer:
+        see `RAW_CALL`."""
+        if op == "reconstruct":
+            self.reconstruct(a)  # compiles the fused graph
+        req = self.requests[{"encode": "encoder", "decode": "decoder", "reconstruct": "reconstruct"}[op]][0]
+        tensor = self.ov.Tensor(np.array(a), shared_memory=True)  # a writable copy, so shared
+
+        def run() -> np.ndarray:
+            req.set_input_tensor(tensor)
             req.infer()
             return req.get_output_tensor(0).data
-
-        a = np.array(a)  # writable, so shared
-        return {"encode": lambda: run("encoder", a), "decode": lambda: run("decoder", a),
-                "reconstruct": lambda: run("decoder", run("encoder", a))}[op]
+        return run
 
 
 
