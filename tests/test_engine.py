@@ -279,3 +279,30 @@ def test_warm_up_makes_before_the_first_request_what_is_made_on_first_use(model,
     x = _x(images, 3)
     np.testing.assert_array_equal(warm.reconstruct(x), cold.reconstruct(x))
     np.testing.assert_array_equal(warm.log_likelihood(x, k=4), cold.log_likelihood(x, k=4))
+
+
+def test_bench_names_the_row_auto_takes():
+    """A tuning decision maps to its bench row's label, and tables mark that row (and say what the mark means)."""
+    from vae_engine.runtime import bench
+
+    assert bench.auto_label({"backend": "onnxruntime", "precision": "int8"}) == "ort-int8"
+    assert bench.auto_label({"backend": "openvino", "precision": "bf16"}) == "ov-bf16"
+    assert bench.auto_label({"backend": "torch", "precision": "fp32"}) == "torch"
+    row = {"op": "decode", "batch": 8, "p50_us": 10.0, "p90_us": 11.0, "p99_us": 12.0, "samples_per_s": 8e5,
+           "gflops": 1.0, "fraction_of_peak": 0.5, "speedup_vs_torch": 1.0}
+    report = {"results": [{**row, "backend": "torch", "auto": False}, {**row, "backend": "ort-fp32", "auto": True}],
+              "gemm_peak_gflops": {"fp32": {"numpy": 100.0}}, "auto": {"8": {"label": "ort-fp32"}},
+              "postprocess": [{"backend": "numba", "p50_us": 1.0, "max_rel_err_vs_numpy": 0.0}]}
+    table = bench.markdown(report, batches=(8,))
+    assert "| ort-fp32* |" in table and "| torch |" in table and bench.AUTO_MARK in table
+
+
+@pytest.mark.slow  # ~30 s: GEMM peaks, two paths timed, and the auto decision measured
+def test_bench_marks_what_auto_takes_at_each_batch(model):
+    from vae_engine.runtime import bench
+
+    report = bench.benchmark(model, ("torch", "ort-fp32"), (2,), ("decode",), threads=1)
+    decision = report["auto"]["2"]
+    assert decision["path"].startswith(("torch/fp32", "onnxruntime/fp32", "openvino/fp32"))
+    marked = [r["backend"] for r in report["results"] if r["auto"]]
+    assert marked == ([decision["label"]] if decision["label"] in ("torch", "ort-fp32") else [])

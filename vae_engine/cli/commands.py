@@ -415,6 +415,7 @@ def bench(
     json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON report.")] = Path("bench.json"),
     plot_path: Annotated[Path, typer.Option("--plot", help="Where to write the PNG chart: one panel per operation (items/s vs batch, GEMM-peak ceilings), batch-1 latency.")] = Path("bench.png"),
     markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Also write the results as a Markdown table (as in the README).")] = None,
+    auto: Annotated[bool, typer.Option(help="Mark with * the row --precision auto takes at each batch size (its decision reused from the model's tuning.json, or measured: ~10 s per batch size); not with --quick.")] = True,
 ) -> None:
     """Compare backends on one model in one run: latency p50/p90/p99, samples/s, GFLOP/s vs this machine's GEMM peak."""
     from ..core import atomic
@@ -448,7 +449,7 @@ def bench(
         check_int("batch size", b, 1, MAX_BATCH)
     with console.status("benchmarking") as status:
         report = bench_mod.benchmark(resolve_model_dir(model_dir), labels, batch_list, op_list, threads, quick, spin,
-                               progress=lambda message: status.update(f"benchmarking: {message}"))
+                               progress=lambda message: status.update(f"benchmarking: {message}"), auto=auto)
     for renderable in bench_mod.render(report):
         out.print(renderable)
     atomic.write_json(json_path, report)

@@ -22,6 +22,7 @@ from ..perf.fraction import fraction_of, peak_key, percent
 from ..perf.peaks import gemm_peak, limit_seconds
 from ..perf.timing import measure
 from ..perf.work import macs_by_precision, model_flops
+from . import tuning
 from .engine import Engine
 
 OPS = ("encode", "decode", "reconstruct")
@@ -159,10 +160,18 @@ def postprocess_bench(b: int = 1024, k: int = 64, d: int = 20, min_time: float =
     return rows
 
 
+def auto_label(decision: dict[str, Any]) -> str | None:
+    """The bench label of the path a `tuning.choose` decision takes (None: a path bench does not time)."""
+    return next((c.label for c in CANDIDATES if c.variant is None
+                 and (c.backend, c.precision, c.device) == (decision["backend"], decision["precision"], "cpu")), None)
+
+
 def benchmark(model_dir: str | Path, labels: tuple[str, ...] | None = None, batches: tuple[int, ...] | None = None,
         ops: tuple[str, ...] = OPS, threads: int | None = None, quick: bool = False, spin: bool = False,
-        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Benchmark every (backend, op, batch) in one process with one recipe; returns the report (fixed schema)."""
+        progress: Callable[[str], None] | None = None, auto: bool = True) -> dict[str, Any]:
+    """Benchmark every (backend, op, batch) in one process with one recipe; returns the report (fixed schema).
+    `auto` (not with `quick`): also mark, at each batch size, the row `--precision auto` takes on the CPU at
+    this thread count (`tuning.choose`: reused from tuning.json, or measured, ~10 s per batch size)."""
     import numba
     import onnxruntime
 
@@ -214,6 +223,17 @@ def benchmark(model_dir: str | Path, labels: tuple[str, ...] | None = None, batc
                 results.append(row)
     if not torch.cuda.is_available():
         notes.append("GPU rows (torch-cuda*, ort-cuda*) skipped: no CUDA GPU on this machine")
+    chosen = {}
+    if auto and not quick:
+        for n in batches:
+            step(f"--precision auto at batch {n}")
+            decision = tuning.choose(Engine.load, model_dir, "auto", "cpu", threads, n, tuning.DEFAULT_BUDGET)
+            chosen[str(n)] = {"label": auto_label(decision), "path": tuning.describe_path(
+                decision["backend"], decision["precision"], decision)}
+            for r in results:
+                r["auto"] = r.get("auto", False) or (r["batch"] == n and r["backend"] == chosen[str(n)]["label"])
+            if not any(r.get("auto") and r["batch"] == n for r in results):
+                notes.append(f"batch {n}: --precision auto takes {chosen[str(n)]['path']}, not among these rows")
     step("ELBO/IWAE post-processing")
     post = postprocess_bench(min_time=min_time)
     _add_ratios(results)
@@ -223,7 +243,7 @@ def benchmark(model_dir: str | Path, labels: tuple[str, ...] | None = None, batc
         "machine": hardware.describe(threads),
         "versions": {**modeldir.versions(), "numba_threads": numba.get_num_threads(),
         "ort_providers": onnxruntime.get_available_providers()}, "gemm_peak_gflops": peaks,
-        "gemm_peak_best_gflops": best_peak, "quick": quick, "spin": spin, "results": results,
+        "gemm_peak_best_gflops": best_peak, "quick": quick, "spin": spin, "auto": chosen, "results": results,
         "postprocess": post, "notes": notes,
     }
 
@@ -234,6 +254,14 @@ def _add_ratios(results: list[dict]) -> None:
     for r in results:
         ref = base.get((r["op"], r["batch"]))
         r["speedup_vs_torch"] = r["samples_per_s"] / ref if ref else None
+
+
+AUTO_MARK = (f"* the path --precision auto takes at that batch size (the fastest within {tuning.DEFAULT_BUDGET} "
+             "nats, this thread count)")
+
+
+def _name(row: dict[str, Any]) -> str:
+    return row["backend"] + ("*" if row.get("auto") else "")
 
 
 def peaks_line(peaks: dict[str, dict[str, float]]) -> str:
@@ -252,10 +280,10 @@ def markdown(report: dict[str, Any], batches: tuple[int, ...] = (1, 1024)) -> st
         if r["batch"] in batches:
             ratio = f"{r['speedup_vs_torch']:.2f}" if r["speedup_vs_torch"] else "-"
             raw = f"{r['raw_p50_us']:.0f} ({r['overhead_us']:+.0f})" if "raw_p50_us" in r else "-"
-            lines.append(f"| {r['op']} | {r['batch']} | {r['backend']} | {r['p50_us']:.0f} / {r['p90_us']:.0f} / "
+            lines.append(f"| {r['op']} | {r['batch']} | {_name(r)} | {r['p50_us']:.0f} / {r['p90_us']:.0f} / "
                          f"{r['p99_us']:.0f} | {r['samples_per_s']:,.0f} | {r['gflops']:.0f} | "
                          f"{percent(r['fraction_of_peak'], sign=False)} | {ratio} | {raw} |")
-    lines += ["", peaks_line(report["gemm_peak_gflops"])]
+    lines += ["", peaks_line(report["gemm_peak_gflops"])] + ([AUTO_MARK] if report.get("auto") else [])
     lines += ["", "| ELBO/IWAE math, B=1024, K=64 | p50 ms | x Numba | max rel. error vs NumPy |",
               "| --- | ---: | ---: | ---: |"]
     numba_p50 = next(r["p50_us"] for r in report["postprocess"] if r["backend"] == "numba")
@@ -284,10 +312,12 @@ def render(report: dict[str, Any]) -> list:
         table.add_column(col, justify="right", no_wrap=True)
     for r in report["results"]:
         ratio = f"{r['speedup_vs_torch']:.2f}" if r["speedup_vs_torch"] else "-"
-        table.add_row({"reconstruct": "recon"}.get(r["op"], r["op"]), str(r["batch"]), r["backend"],
+        table.add_row({"reconstruct": "recon"}.get(r["op"], r["op"]), str(r["batch"]), _name(r),
                       f"{r['p50_us']:.0f}", f"{r['p99_us']:.0f}", f"{r['samples_per_s'] / 1e3:.1f}k",
                       f"{r['gflops']:.0f}", percent(r["fraction_of_peak"], sign=False), ratio)
     parts.append(table)
+    if report.get("auto"):
+        parts.append(AUTO_MARK)
     raw_rows = [r for r in report["results"] if "raw_p50_us" in r]
     if raw_rows:
         over = Table(title="engine overhead: the engine's call against the runtime alone (backends.RAW_CALL)")
