@@ -89,10 +89,14 @@ class Engine:
     def decode(self, z: np.ndarray, params: bool = False) -> np.ndarray:
         """E[x|z] (B, D) in raw units (pixel probabilities for Bernoulli), or the likelihood's parameters."""
         z = self.prepare_latents(z)
-        if not params and hasattr(self.backend, "decode_mean"):  # the mean inside the runtime's call (ONNX Runtime)
+        return self.backend.decode(z) if params else self._mean(z)
+
+    def _mean(self, z: np.ndarray) -> np.ndarray:
+        """E[x|z] of checked latents: inside the runtime's call where the backend has a mean graph (ONNX Runtime,
+        OpenVINO), else the likelihood's NumPy mean of the decoder's parameters."""
+        if hasattr(self.backend, "decode_mean"):
             return self.backend.decode_mean(z)
-        out = self.backend.decode(z)
-        return out if params else self.likelihood.mean(out)
+        return self.likelihood.mean(self.backend.decode(z))
 
     def decode_sample(self, z: np.ndarray, seed: int = 0, start: int = 0) -> np.ndarray:
         """One draw x ~ p(x|z) (B, D) per latent, row b from the counter streams of item start+b of seed: Bernoulli
@@ -121,7 +125,7 @@ class Engine:
             return self.backend.reconstruct(self.prepare_items(x))
         mu, logvar = self.encode(x)  # checked by the backend: no second validation on the way to the decoder
         z = self._sample(mu, logvar, 1, seed, start)[:, 0] if sample else mu
-        return self.likelihood.mean(self.backend.decode(z))
+        return self._mean(z)
 
     def elbo(self, x: np.ndarray, seed: int = 0, start: int = 0, streams: rng.Streams | None = None) -> np.ndarray:
         """ELBO per input (B,): one posterior sample for log p(x|z), the KL analytic for N(0, I) (K&W 2013, eq. 10)
