@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
 
 
-SPAN_KERNEL_MAX = 4096  # elements: below this one Numba pass beats NumPy's two reductions (see `span`)
+SPAN_KERNEL_MAX = 4096  # elements: below this one Numba pass beats NumPy's two passes (`span`, `to_float`)
 
 
 @cache
@@ -62,6 +62,12 @@ def span(flat: np.ndarray) -> tuple[float, float, bool]:
     return lo, hi, math.isfinite(lo) and math.isfinite(hi)
 
 
+def in_range(flat: np.ndarray, unit_interval: bool) -> bool:
+    """Are all values finite, and (`unit_interval`) in [0, 1]? One `span` pass."""
+    lo, hi, finite = span(flat)
+    return finite and (not unit_interval or (lo >= 0.0 and hi <= 1.0))
+
+
 def to_float(items: np.ndarray) -> np.ndarray:
     """Items (N, ...) -> float32 (N, D) in model units: uint8 is intensity / 255, anything else as is."""
     flat = items.reshape(len(items), -1)
@@ -91,8 +97,7 @@ def model_input(chunk: np.ndarray, unit_interval: bool = True, name: str = "x", 
     flat = to_float(chunk)
     if flat.size == 0 or chunk.dtype == np.uint8:  # intensity / 255: finite and in [0, 1] by construction
         return flat
-    lo, hi, finite = span(flat)
-    if finite and (not unit_interval or (lo >= 0.0 and hi <= 1.0)):
+    if in_range(flat, unit_interval):
         return flat
     bad = ~np.isfinite(flat)
     if bad.any():
@@ -109,10 +114,9 @@ def items(x, cfg, unit_interval: bool, name: str = "x", start: int = 0) -> np.nd
     then `model_input` -> contiguous float32 (N, D) in model units (no copy when the input already is)."""
     a = np.asarray(x)
     shape, d = cfg.input_shape, cfg.input_dim
-    if a.dtype == np.float32 and a.ndim == 2 and a.shape[1] == d and a.flags.c_contiguous and a.size:
-        lo, hi, finite = span(a)  # already model units (a batch-1 request, a prepared batch): the values alone
-        if finite and (not unit_interval or (lo >= 0.0 and hi <= 1.0)):
-            return a  # (anything wrong takes the path below, which says what)
+    if (a.dtype == np.float32 and a.ndim == 2 and a.shape[1] == d and a.flags.c_contiguous and a.size
+            and in_range(a, unit_interval)):
+        return a  # already model units (a batch-1 request, a prepared batch); anything wrong: the path below says
     if a.ndim < 2 or not cfg.accepts(a.shape[1:]):
         raise DataError(f"{name} must have shape (N, {', '.join(map(str, shape))})"
                         + (f" or (N, {d})" if len(shape) > 1 else "") + f" for this model, got {a.shape}")

@@ -224,16 +224,16 @@ def benchmark(model_dir: str | Path, labels: tuple[str, ...] | None = None, batc
     if not torch.cuda.is_available():
         notes.append("GPU rows (torch-cuda*, ort-cuda*) skipped: no CUDA GPU on this machine")
     chosen = {}
-    if auto and not quick:
-        for n in batches:
-            step(f"--precision auto at batch {n}")
-            decision = tuning.choose(Engine.load, model_dir, "auto", "cpu", threads, n, tuning.DEFAULT_BUDGET)
-            chosen[str(n)] = {"label": auto_label(decision), "path": tuning.describe_path(
-                decision["backend"], decision["precision"], decision)}
-            for r in results:
-                r["auto"] = r.get("auto", False) or (r["batch"] == n and r["backend"] == chosen[str(n)]["label"])
-            if not any(r.get("auto") and r["batch"] == n for r in results):
-                notes.append(f"batch {n}: --precision auto takes {chosen[str(n)]['path']}, not among these rows")
+    for n in batches if auto and not quick else ():
+        step(f"--precision auto at batch {n}")
+        decision = tuning.choose(Engine.load, model_dir, "auto", "cpu", threads, n, tuning.DEFAULT_BUDGET)
+        chosen[n] = {"label": auto_label(decision),
+                     "path": tuning.describe_path(decision["backend"], decision["precision"], decision)}
+    for r in results:
+        r["auto"] = r["batch"] in chosen and r["backend"] == chosen[r["batch"]]["label"]
+    for n, c in chosen.items():
+        if not any(r["auto"] and r["batch"] == n for r in results):
+            notes.append(f"batch {n}: --precision auto takes {c['path']}, not among these rows")
     step("ELBO/IWAE post-processing")
     post = postprocess_bench(min_time=min_time)
     _add_ratios(results)
@@ -243,7 +243,8 @@ def benchmark(model_dir: str | Path, labels: tuple[str, ...] | None = None, batc
         "machine": hardware.describe(threads),
         "versions": {**modeldir.versions(), "numba_threads": numba.get_num_threads(),
         "ort_providers": onnxruntime.get_available_providers()}, "gemm_peak_gflops": peaks,
-        "gemm_peak_best_gflops": best_peak, "quick": quick, "spin": spin, "auto": chosen, "results": results,
+        "gemm_peak_best_gflops": best_peak, "quick": quick, "spin": spin,
+        "auto": {str(n): c for n, c in chosen.items()}, "results": results,
         "postprocess": post, "notes": notes,
     }
 
