@@ -209,6 +209,31 @@ def test_fused_reconstruct_equals_encode_then_decode(model, images, backend, pre
     assert not np.shares_memory(mu, x)
 
 
+@pytest.mark.parametrize("backend,precision", [("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+                                               ("openvino", "fp32")])
+def test_chunked_calls_equal_one_call(model, images, backend, precision):
+    """A call of more than `chunk_rows` rows runs chunk by chunk into one output (config.CHUNK_ROWS): the same
+    numbers as one call, for every graph (two outputs for the encoder, the mean graphs), a short last chunk too."""
+    from vae_engine.runtime.backends import openvino_installed
+
+    if backend == "openvino" and not openvino_installed():
+        pytest.skip("OpenVINO not installed")
+    engine = Engine.load(model, backend=backend, precision=precision, threads=2)
+    x = engine.prepare_items(_x(images, 23))
+    z = np.random.default_rng(0).standard_normal((23, engine.latent_dim)).astype(np.float32)
+    ops = {"encode": lambda: engine.backend.encode(x), "decode": lambda: [engine.backend.decode(z)],
+           "E[x|z]": lambda: [engine.decode(z)], "reconstruct": lambda: [engine.reconstruct(x)]}
+    for name, op in ops.items():
+        engine.backend.chunk_rows = None
+        whole = op()
+        engine.backend.chunk_rows = 5  # chunks of 5, 5, 5, 5 and 3 rows
+        chunked = op()
+        for a, b in zip(chunked, whole, strict=True):
+            assert a.shape == b.shape and a.dtype == np.float32 and a.flags.c_contiguous
+            # the same graph per row; only the GEMM's row blocking may differ between batch sizes
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
 @pytest.mark.slow  # ~35 s: every benchmarked path measured
 def test_cli_bench_and_info(model, tmp_path):
     import json

@@ -129,6 +129,9 @@ def test_graph_returning_wrong_shape_is_refused(exported_model, tmp_path):
     engine = Engine.load(dst, backend="onnxruntime")
     with pytest.raises(ModelDirError, match="returned float32 \\(2, 7\\)"):
         engine.decode(np.zeros((2, 4), np.float32))
+    engine.backend.chunk_rows = 1  # a call in chunks: its first chunk is checked the same way
+    with pytest.raises(ModelDirError, match="returned float32 \\(1, 7\\)"):
+        engine.decode(np.zeros((3, 4), np.float32))
 
 
 # ---- 2. every loaded tensor is checked: weights and optimizer state ----

@@ -21,6 +21,11 @@ LOGVAR_MIN, LOGVAR_MAX = -16.0, 10.0  # logvar is clamped here so exp(logvar) ca
 # GEMMs faster in isolation (784-500-500-50 decoder, 2 threads: ~204 GFLOP/s at 1024 rows, ~161 at 15000), but
 # the full k=5000 evaluation took 555 s with 2048 rows against 500 s with 16384: per-call overhead wins.
 SCORE_ROWS = 16384
+# ...and the graph backends (CPU) run any call of more rows than this in chunks of it, each written into one
+# preallocated output, so each chunk's activations stay in cache: the 16,384-row decoder call went 194 -> 128-133
+# ms (112 -> 164-171 GFLOP/s) on the 2-core AVX2 EPYC (ONNX Runtime, 2 threads, spinning off), OpenVINO 175-187 ->
+# 154-158 ms. 512 rows ran as fast for ONNX Runtime, slower for OpenVINO; 2048 and 4096 slower for both.
+CHUNK_ROWS = 1024
 MAX_SCORE_K = 100_000_000  # importance samples per input when scoring (streamed over K, so memory stays bounded)
 
 SEED_MAX = 2**32 - 1  # seeds are 0..2^32-1: every generator (torch, NumPy, the counter streams) takes them

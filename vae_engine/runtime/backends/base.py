@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from ...core import hardware
-from ...core.config import ModelConfig
+from ...core.config import CHUNK_ROWS, ModelConfig
 from ...core.errors import ModelDirError, VaeEngineError
 from ...modeldir import graphs
 
@@ -93,14 +93,30 @@ class GraphBackend:
             raise VaeEngineError(f"{path} not found: run `vae-engine export {model_dir}{EXPORT_FLAG[variant]}` first")
         return path
 
-    def _infer(self, role: str, a: np.ndarray) -> list[np.ndarray]:
-        """The graph's outputs for one input array (raises whatever the runtime raises)."""
+    chunk_rows: int | None = CHUNK_ROWS  # calls of more rows run in chunks of this many (None: in one call)
+
+    def _infer(self, role: str, a: np.ndarray, out: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """The graph's outputs for one input array, written into `out` (arrays of the right shape) when given
+        (raises whatever the runtime raises)."""
         raise NotImplementedError
 
     def _run(self, role: str, a: np.ndarray, features: tuple[int, ...]) -> list[np.ndarray]:
-        """Run one graph and check what it returns: the Numba kernels downstream trust these shapes."""
+        """Run one graph and check what it returns: the Numba kernels downstream trust these shapes. More than
+        `chunk_rows` rows run chunk by chunk into one output (`config.CHUNK_ROWS`: the chunk's activations stay
+        in cache), the first chunk checked, the others written in place, where a wrong shape cannot fit."""
+        rows = self.chunk_rows
         try:
-            outs = self._infer(role, a)
+            if not rows or len(a) <= rows:
+                outs = self._infer(role, a)
+            else:
+                first = self._run(role, a[:rows], features)
+                outs = [np.empty((len(a), width), np.float32) for width in features]
+                for out, part in zip(outs, first, strict=True):
+                    out[:rows] = part
+                for i in range(rows, len(a), rows):
+                    self._infer(role, a[i:i + rows], [out[i:i + rows] for out in outs])
+        except ModelDirError:
+            raise
         except Exception as exc:  # a graph that loaded but cannot run (crafted shapes, unsupported ops)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelDirError(f"{self.paths[role]}: {self.name} failed to run it ({first[:300]})") from None

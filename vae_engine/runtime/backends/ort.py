@@ -33,6 +33,8 @@ class OrtBackend(GraphBackend):
             self.models[role] = graphs.load_graph(path, role, cfg)
             self._open(role, self.models[role], str(path))
         self.provider = self.sessions["decoder"].get_providers()[0]
+        if self.provider != "CPUExecutionProvider":
+            self.chunk_rows = None  # a GPU runs a large call best whole; its outputs are not in host memory
 
     def _open(self, role: str, model, name: str) -> None:
         """A session for `role`, and how it is called. On the CPU, the session's compiled core is called directly:
@@ -44,8 +46,15 @@ class OrtBackend(GraphBackend):
         cpu = session.get_providers()[0] == "CPUExecutionProvider"
         self.calls[role] = core.run if cpu and callable(getattr(core, "run", None)) else session.run
 
-    def _infer(self, role, a):
-        return self.calls[role](self.outputs[role], {self.inputs[role]: a}, None)
+    def _infer(self, role, a, out=None):
+        if out is None:
+            return self.calls[role](self.outputs[role], {self.inputs[role]: a}, None)
+        binding = self.sessions[role].io_binding()  # the outputs written in place: no copy of a chunk's result
+        binding.bind_cpu_input(self.inputs[role], a)
+        for name, o in zip(self.outputs[role], out, strict=True):
+            binding.bind_output(name, "cpu", 0, np.float32, o.shape, o.ctypes.data)
+        self.sessions[role].run_with_iobinding(binding)
+        return out
 
     def raw_call(self, op: str, a: np.ndarray):
         """One public `InferenceSession.run` of the op's graph (the fused one for reconstruct): see `RAW_CALL`."""

@@ -57,15 +57,23 @@ class OpenVinoBackend(GraphBackend):
             raise ModelDirError(f"{name}: OpenVINO cannot load it ({first[:300]}); re-export the model") from None
         self.requests[role] = compiled.create_infer_request(), len(compiled.outputs)
 
-    def _infer(self, role, a):
+    def _infer(self, role, a, out=None):
         req, outputs = self.requests[role]
         # zero-copy in; OpenVINO shares only writable buffers, so a read-only one (a memory-mapped .npy, bytes
         # from a request) is the one case copied
         req.set_input_tensor(self.ov.Tensor(a, shared_memory=a.flags.writeable))
         req.infer()
-        # the request reuses its output buffers on the next call: hand out copies. get_output_tensor(i), not the
-        # output_tensors property, which costs ~30 us a call (measured, OpenVINO 2026.4): a third of a batch-1 call
-        return [np.array(req.get_output_tensor(i).data, copy=True) for i in range(outputs)]
+        # the request reuses its output buffers on the next call: hand out copies (into `out` when given).
+        # get_output_tensor(i), not the output_tensors property, which costs ~30 us a call (measured, OpenVINO
+        # 2026.4): a third of a batch-1 call
+        if out is None:
+            return [np.array(req.get_output_tensor(i).data, copy=True) for i in range(outputs)]
+        for i, o in enumerate(out):
+            data = req.get_output_tensor(i).data
+            if data.shape != o.shape:  # never broadcast a wrong shape into the output
+                raise ValueError(f"output {i} has shape {data.shape}, expected {o.shape}")
+            o[...] = data
+        return out
 
     def raw_call(self, op: str, a: np.ndarray):
         """The op's infer request alone (the fused graph's for reconstruct), its output left in OpenVINO's buffer:
