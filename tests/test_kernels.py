@@ -38,6 +38,17 @@ def test_rng_kernels_match_twins():
     assert abs(big.mean()) < 0.01 and abs(big.std() - 1) < 0.01
 
 
+@pytest.mark.parametrize("n,k,d,s0,s1", [(3, 5000, 50, 0, 5000), (1, 7, 3, 1, 6), (2, 1, 1, 0, 1), (3, 9, 5, 3, 8),
+                                         (1, 40, 3, 13, 40)])
+def test_parallel_eps_kernel_is_the_serial_one(n, k, d, s0, s1):
+    """The parallel eps kernel splits each item's Box-Muller pairs into slices (rng.EPS_PARTS): the same numbers
+    as the serial kernel and the NumPy twin, whatever the slice's parity, length (fewer pairs than slices) or item
+    count."""
+    want = rng.normal_eps_numpy(4, 17, n, k, d, s0, s1)
+    for parallel in (False, True):
+        np.testing.assert_array_equal(rng.normal_eps(4, 17, n, k, d, s0, s1, parallel=parallel), want)
+
+
 def test_rng_streams_depend_on_item_index_only():
     whole = rng.normal_eps(3, 0, 10, 2, 5)
     np.testing.assert_array_equal(whole[4:7], rng.normal_eps(3, 4, 3, 2, 5))

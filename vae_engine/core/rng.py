@@ -42,6 +42,11 @@ def stream_key(seed: int, stream: int) -> np.uint64:
 _G, _M1, _M2 = np.uint64(_GOLDEN), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S11, _S27, _S30, _S31 = np.uint64(11), np.uint64(27), np.uint64(30), np.uint64(31)
 _INV53 = 1.0 / 9007199254740992.0  # 2**-53
+EPS_PARTS = 16  # slices of each item's samples the parallel eps kernel spreads over the cores
+# values from which eps is drawn in parallel: each costs ~22 ns (a typical kernel's element ~1 ns), so a parallel
+# launch pays far below PARALLEL_MIN; measured 2.0x serial's speed from 3,200 values up (2-core AVX2 EPYC, idle
+# cores), and the k=5000 evaluation's blocks (750,000 values) were drawn serially under PARALLEL_MIN
+EPS_PARALLEL_MIN = PARALLEL_MIN // 16
 
 
 @numba.njit(inline="always")
@@ -58,12 +63,17 @@ def _make_normal_kernel(parallel: bool):
         n, k, d = out.shape
         row = k * d
         flat = out.reshape(n, row)
-        for b in numba.prange(n):
+        parts = EPS_PARTS if parallel else 1
+        # each item's Box-Muller pairs in `parts` slices, the loop over (item, slice): the cores share a block
+        # of a few items with thousands of samples each (k=5000: three items) evenly
+        for t in numba.prange(n * parts):
+            b, part = t // parts, t % parts
             key = keys[b]  # item b reads stream keys[b] at item index items[b]
             base = items[b] * (k_total * d) + s0 * d
             # Box-Muller turns one pair of uniforms into two normals: walk the pairs covering this item's range
             first, last = base >> 1, (base + row - 1) >> 1
-            for pair in range(first, last + 1):
+            size = (last - first + parts) // parts
+            for pair in range(first + part * size, min(last + 1, first + (part + 1) * size)):
                 p = np.uint64(pair)
                 u1 = _uniform(key, p * np.uint64(2))
                 u2 = _uniform(key, p * np.uint64(2) + np.uint64(1))
@@ -106,7 +116,7 @@ def normal_eps(seed: int, start: int, n: int, k: int, d: int, s0: int = 0, s1: i
     """eps (n, s1-s0, d) float32 ~ N(0, I) for items start..start+n-1: their samples s0..s1-1 of k.
 
     Any block of samples is the same numbers as that slice of all k, so long K streams in bounded memory.
-    `parallel`: None picks by size (PARALLEL_MIN); False for callers that are themselves one of several threads
+    `parallel`: None picks by size (EPS_PARALLEL_MIN); False for callers that are themselves one of several threads
     (the trainer's feed), which gain nothing from a parallel launch and must not depend on the threading layer
     taking launches from several threads at once (Numba's fallback layer, workqueue, does not).
     """
@@ -119,7 +129,7 @@ def normal_eps_items(keys: np.ndarray, items: np.ndarray, k: int, d: int, s0: in
     items[b] (int64); one kernel call however many requests a batch merges."""
     s1 = k if s1 is None else s1
     out = np.empty((len(keys), s1 - s0, d), dtype=np.float32)
-    _normal_kernels[out.size >= PARALLEL_MIN if parallel is None else parallel](
+    _normal_kernels[out.size >= EPS_PARALLEL_MIN if parallel is None else parallel](
         keys, items, np.int64(k), np.int64(s0), out)
     return out
 

@@ -29,20 +29,20 @@ def _make_log_weights(row, name: str, parallel: bool):
         n, k, d = z.shape
         standard = log_pz.shape[0] == 0
         half_d_log_2pi = HALF * d * F32(LOG_2PI)
-        for b in numba.prange(n):
-            for s in range(k):
-                lw = row(x[b], params[b, s])
-                if standard:
-                    for i in range(d):  # log N(z; 0, 1) - log N(z; mu, var): the log(2 pi) terms cancel
-                        zi = z[b, s, i]
-                        diff = zi - mu[b, i]
-                        lw += HALF * (logvar[b, i] + diff * diff * math.exp(-logvar[b, i]) - zi * zi)
-                else:
-                    for i in range(d):  # - log N(z; mu, var), its log(2 pi) terms added once below
-                        diff = z[b, s, i] - mu[b, i]
-                        lw += HALF * (logvar[b, i] + diff * diff * math.exp(-logvar[b, i]))
-                    lw += log_pz[b, s] + half_d_log_2pi
-                out[b, s] = lw
+        for t in numba.prange(n * k):  # over (item, sample): a k=5000 block of three items splits evenly
+            b, s = t // k, t % k
+            lw = row(x[b], params[b, s])
+            if standard:
+                for i in range(d):  # log N(z; 0, 1) - log N(z; mu, var): the log(2 pi) terms cancel
+                    zi = z[b, s, i]
+                    diff = zi - mu[b, i]
+                    lw += HALF * (logvar[b, i] + diff * diff * math.exp(-logvar[b, i]) - zi * zi)
+            else:
+                for i in range(d):  # - log N(z; mu, var), its log(2 pi) terms added once below
+                    diff = z[b, s, i] - mu[b, i]
+                    lw += HALF * (logvar[b, i] + diff * diff * math.exp(-logvar[b, i]))
+                lw += log_pz[b, s] + half_d_log_2pi
+            out[b, s] = lw
     kernel.__qualname__ = _cache_name("log_weights", row, name)
     return jit(kernel, parallel, fastmath=True)
 
