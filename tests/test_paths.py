@@ -234,6 +234,26 @@ def test_evaluate(model, path):
         assert work["fraction_of_limit"] * got["seconds"] == pytest.approx(work["limit_seconds"], abs=2e-3)
 
 
+def test_evaluate_auto_backend(model, tmp_path):
+    """`evaluate`'s default --backend auto: ONNX Runtime where the graphs are exported (the reference's numbers),
+    the PyTorch reference where they are not, torch on a GPU (scores next to its decoder)."""
+    import shutil
+
+    from vae_engine.jobs.evaluate import evaluate_model, evaluation_backend
+
+    kw = {"k": K, "limit": 8, "seed": SEED, "threads": 2}
+    got, want = evaluate_model(model, **kw), evaluate_model(model, backend="torch", **kw)
+    assert got["path"] == "onnxruntime/fp32" and want["path"] == "torch/fp32 (reference)"
+    np.testing.assert_allclose(got["test_nll"], want["test_nll"], atol=1e-3)
+    bare = shutil.copytree(model, tmp_path / "bare")
+    for f in bare.glob("*.onnx"):
+        f.unlink()
+    assert evaluate_model(bare, **kw)["path"] == "torch/fp32 (reference)"
+    assert evaluation_backend(model, "auto", "fp32", "cuda") == "torch"
+    assert evaluation_backend(model, "auto", "bf16", "cpu") == "auto"  # Engine.load picks for other precisions
+    assert evaluation_backend(model, "openvino", "fp32", "cpu") == "openvino"
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_cli_jobs_forced_path(model, kinds, x, z, path, tmp_path):
     """The CLI as a user runs it, each path forced with --backend/--precision, on the read-only float input."""

@@ -147,7 +147,7 @@ def evaluate(
     k: Annotated[int, typer.Option("--k", help="Importance samples per image for the NLL estimate (Burda et al. use 5000).")] = 5000,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N test images.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the binarization and eps streams (fixed, so runs are comparable).")] = 0,
-    backend: Annotated[str, typer.Option(help="auto (ONNX Runtime where the model's graphs are exported, else the PyTorch reference), torch (the PyTorch reference, unless --precision is not fp32), or an engine backend: onnxruntime, openvino, torch-compile.")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto (on the CPU ONNX Runtime where the model's graphs are exported, else the PyTorch reference; torch on a GPU), torch (the PyTorch reference on the CPU, unless --precision is not fp32), or an engine backend: onnxruntime, openvino, torch-compile.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="Threads for torch / ONNX Runtime / Numba (default: all cores).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run the PyTorch reference on the same images and eps: time ratio and largest difference.")] = False,

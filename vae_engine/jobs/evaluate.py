@@ -15,16 +15,16 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
         max_nll_change: float | None = None, device: str = "cpu") -> dict:
     """Evaluate a model directory on its own test split (or on `data_path`); returns the summary record.
 
-    backend="auto": the engine's default backend for the precision (ONNX Runtime where the graphs are exported:
-    the same numbers as the reference to ~1e-3 nats, 1.7x faster at k=5000 on the 2-core AVX2 EPYC), the PyTorch
-    reference where they are not. compare=True also runs the PyTorch reference on the same images and streams, and
+    backend="auto": `evaluation_backend` (at fp32 on the CPU, ONNX Runtime where the graphs are exported: the same
+    NLL as the reference to ~1e-3 nats, 2.0x faster at k=5000 on the 2-core AVX2 EPYC). compare=True also runs the
+    PyTorch reference on the same images and streams, and
     records its time, the speed ratio and the largest per-image difference.
     """
     import time
     from functools import partial
 
     from .. import data, modeldir
-    from ..runtime.backends import default_backend, set_threads
+    from ..runtime.backends import set_threads
 
     train_cfg = modeldir.train_config(model_dir)
     if data_path is not None:  # other data: any readable file or folder whose items fit the model
@@ -43,8 +43,7 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
     binarize = model.likelihood.binarizes(train_cfg.binarize)
     reference = partial(reference_scores, model)
     path = "torch/fp32 (reference)"
-    if backend == "auto" and precision == "fp32":
-        backend = default_backend(model_dir, precision, device)
+    backend = evaluation_backend(model_dir, backend, precision, device)
     if backend == "torch" and precision == "fp32" and device == "cpu":
         score_fn = reference
     else:
@@ -75,6 +74,18 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
             "mean_diff_nll": float(np.mean(nll - ref_nll)),
         }
     return result
+
+
+def evaluation_backend(model_dir, backend: str, precision: str, device: str) -> str:
+    """The backend `--backend auto` evaluates an fp32 model with: on the CPU the engine's default (ONNX Runtime
+    where the graphs are exported, else torch: the PyTorch reference); on a GPU torch, which computes the
+    log-weights next to its decoder (`score_rows`) instead of copying every block's outputs back. Other precisions
+    and named backends are left to `Engine.load`."""
+    from ..runtime.backends import default_backend
+
+    if backend != "auto" or precision != "fp32":
+        return backend
+    return default_backend(model_dir, precision) if device == "cpu" else "torch"
 
 
 def hardware_limit(model_dir, path: str, n: int, k: int, threads: int, seconds: float, device: str = "cpu") -> dict:
