@@ -222,6 +222,7 @@ def test_chunked_calls_equal_one_call(model, images, backend, precision):
     x = engine.prepare_items(_x(images, 23))
     z = np.random.default_rng(0).standard_normal((23, engine.latent_dim)).astype(np.float32)
     ops = {"encode": lambda: engine.backend.encode(x), "decode": lambda: [engine.backend.decode(z)],
+           "decode, Fortran order": lambda: [engine.backend.decode(np.asfortranarray(z))],
            "E[x|z]": lambda: [engine.decode(z)], "reconstruct": lambda: [engine.reconstruct(x)]}
     for name, op in ops.items():
         engine.backend.chunk_rows = None

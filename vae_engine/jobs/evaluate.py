@@ -17,8 +17,8 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
 
     backend="auto": `evaluation_backend` (at fp32 on the CPU, ONNX Runtime where the graphs are exported: the same
     NLL as the reference to ~1e-3 nats, 2.0x faster at k=5000 on the 2-core AVX2 EPYC). compare=True also runs the
-    PyTorch reference on the same images and streams, and
-    records its time, the speed ratio and the largest per-image difference.
+    PyTorch reference on the same images and streams, and records its time, the speed ratio and the largest
+    per-image difference.
     """
     import time
     from functools import partial

@@ -108,7 +108,8 @@ class GraphBackend:
         try:
             if not rows or len(a) <= rows:
                 outs = self._infer(role, a)
-            else:
+            else:  # (a contiguous input, so every chunk is one too: ONNX Runtime binds chunks in place)
+                a = np.ascontiguousarray(a)
                 first = self._run(role, a[:rows], features)
                 outs = [np.empty((len(a), width), np.float32) for width in features]
                 for out, part in zip(outs, first, strict=True):
