@@ -104,12 +104,11 @@ class GraphBackend:
         """Run one graph and check what it returns: the Numba kernels downstream trust these shapes. More than
         `chunk_rows` rows run chunk by chunk into one output (`config.CHUNK_ROWS`: the chunk's activations stay
         in cache), the first chunk checked, the others written in place, where a wrong shape cannot fit."""
-        rows = self.chunk_rows
+        rows, a = self.chunk_rows, np.ascontiguousarray(a)  # runtimes share C-ordered memory (and so its chunks)
         try:
             if not rows or len(a) <= rows:
                 outs = self._infer(role, a)
-            else:  # (a contiguous input, so every chunk is one too: ONNX Runtime binds chunks in place)
-                a = np.ascontiguousarray(a)
+            else:
                 first = self._run(role, a[:rows], features)
                 outs = [np.empty((len(a), width), np.float32) for width in features]
                 for out, part in zip(outs, first, strict=True):
