@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import idx_bytes
+from tests.conftest import idx_bytes, one_line_error
 from vae_engine import data
 from vae_engine.data import readers
 from vae_engine.jobs import batch as jobs
@@ -157,6 +157,26 @@ def test_every_kind_reads_the_same_items(model, kinds, x):
         source = jobs.open_items(path, cfg)
         got = np.concatenate([chunk for _, chunk in source.chunks(BATCH)])
         np.testing.assert_array_equal(got, x, err_msg=kind)
+
+
+def test_one_image_file_is_one_item(model, kinds, x, tmp_path):
+    """A single PNG given as the input (jobs and `readers.read`, e.g. train/evaluate --data) is one item, read as
+    the folder reads it; a file that only looks like one is one error line."""
+    from typer.testing import CliRunner
+
+    from vae_engine.cli import app
+
+    cfg = _reference(model).cfg
+    first = sorted(kinds["PNG folder"].iterdir())[0]
+    source = jobs.open_items(first, cfg)
+    assert source.n == 1
+    np.testing.assert_array_equal(np.concatenate([c for _, c in source.chunks(BATCH)]), x[:1])
+    np.testing.assert_array_equal(readers.read(first)[0].reshape(1, -1) / np.float32(255), x[:1])
+    (tmp_path / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    result = CliRunner().invoke(app, ["encode", str(model), "-i", str(tmp_path / "fake.png"), "-o",
+                                      str(tmp_path / "z.npy")])
+    one_line_error(result, "not a readable image")
+    assert not (tmp_path / "z.npy").exists()
 
 
 def _item_jobs_match(model: Path, kinds: dict[str, Path], x: np.ndarray, path, tmp_path: Path) -> None:

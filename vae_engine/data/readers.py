@@ -1,4 +1,4 @@
-"""Readers for a user's own data: .npy/.npz, .csv, .parquet, IDX(.gz) and folders of PNG/JPEG images.
+"""Readers for a user's own data: .npy/.npz, .csv, .parquet, IDX(.gz), PNG/JPEG images and folders of them.
 
 Every reader returns `(items, labels)`: items (N, *item_shape) as uint8 (images, read as intensity / 255) or
 float32, with item_shape (D,) for tables and (C, H, W) for images; labels (N,) or None. Every failure is a
@@ -42,6 +42,8 @@ def read(path: str | Path, columns: Sequence[str] | None = None,
         items, labels = _read_csv(path, columns), None
     elif suffix == ".parquet":
         items, labels = _read_parquet(path, columns), None
+    elif suffix in IMAGE_SUFFIXES:  # one image: one item
+        items, labels = read_image(path, resize)[None], None
     else:  # IDX, raw or gzipped (MNIST-style names have no suffix)
         from .idx import read_idx
 

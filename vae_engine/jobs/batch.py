@@ -40,7 +40,8 @@ class Source:
 
 
 def open_items(path: str | Path, cfg: ModelConfig) -> Source:
-    """The model's input items from .npy (memory-mapped), .npz, .csv, .parquet, IDX(.gz) or an image folder.
+    """The model's input items from .npy (memory-mapped), .npz, .csv, .parquet, IDX(.gz), one PNG/JPEG image or a
+    folder of them.
 
     Items must have the model's shape (or be flattened to its D values); each chunk passes the one input rule
     (`data.model_input`) with the file's name and row in any error.
@@ -48,10 +49,12 @@ def open_items(path: str | Path, cfg: ModelConfig) -> Source:
     path = Path(path)
     unit = likelihoods.get(cfg.likelihood).unit_interval
     if path.is_dir():
-        return _image_folder(path, cfg, unit)
+        return _images(path, _image_files(path), cfg, unit)
     if not path.is_file():
         raise DataError(f"{path}: input not found")
     suffix = path.suffix.lower()
+    if suffix in readers.IMAGE_SUFFIXES:
+        return _images(path, [path], cfg, unit)
     if suffix == ".npy":
         arr = readers.load_npy(path)
     elif suffix in (".npz", ".csv", ".parquet"):
@@ -85,14 +88,20 @@ def open_latents(path: str | Path, latent_dim: int) -> Source:
     return Source(str(path), len(arr), latent_dim, read)
 
 
-def _image_folder(folder: Path, cfg: ModelConfig, unit: bool) -> Source:
-    """PNG/JPEG files of a folder, sorted by name, decoded chunk by chunk; each must have the model's size."""
+def _image_files(folder: Path) -> list[Path]:
+    """The PNG/JPEG files of a folder, sorted by name."""
     try:
         files = sorted(f for f in folder.iterdir() if f.suffix.lower() in readers.IMAGE_SUFFIXES and f.is_file())
     except OSError as exc:
         raise read_error(folder, exc, "folder") from None
     if not files:
         raise DataError(f"{folder}: no .png or .jpg files in the folder")
+    return files
+
+
+def _images(folder: Path, files: list[Path], cfg: ModelConfig, unit: bool) -> Source:
+    """PNG/JPEG files (a folder's, or one image: `folder` names them in errors), decoded chunk by chunk; each must
+    have the model's size."""
     shape = tuple(cfg.input_shape) if len(cfg.input_shape) == 3 else (1, *IMAGE_SHAPE)
     if math.prod(shape) != cfg.input_dim:
         raise DataError(f"{folder}: this model takes items of shape {tuple(cfg.input_shape)}, not images")
