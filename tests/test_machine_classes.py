@@ -167,3 +167,21 @@ def test_every_candidate_really_runs_here(model, name):
         assert (engine.backend.name, engine.backend.precision) == (d["backend"], d["precision"])
         mu, logvar = engine.encode(np.full((3, 784), 0.5, np.float32))
         assert mu.shape == (3, engine.latent_dim) and np.isfinite(logvar).all()
+
+
+def test_a_gpu_asked_for_and_missing_is_an_error_not_a_cpu_run(model, monkeypatch):
+    """--device cuda without a usable GPU: one clear error whatever the path (ONNX Runtime would otherwise run on
+    its CPU provider, quietly), and before `--precision auto` measures anything."""
+    from vae_engine.core.errors import VaeEngineError
+
+    if hardware.cuda_available():
+        pytest.skip("a real GPU is here")
+    for backend, precision in [("auto", "fp32"), (ORT, "fp32"), (TORCH, "fp32"), ("auto", "auto")]:
+        with pytest.raises(VaeEngineError, match="--device cuda: torch sees no CUDA GPU"):
+            Engine.load(model, backend=backend, precision=precision, device="cuda")
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with hardware.pretend(CUDA):  # a GPU torch sees, and ONNX Runtime without its CUDA provider
+        with pytest.raises(VaeEngineError, match="--device cuda: onnxruntime has no CUDA provider"):
+            backends.load_backend(model, ORT, "fp32", device="cuda")

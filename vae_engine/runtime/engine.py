@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import data, modeldir
-from ..core import rng
+from ..core import hardware, rng
 from ..core.config import MAX_SCORE_K, SCORE_ROWS, SEED_MAX, ModelConfig, check_int
 from ..core.errors import DataError
 from ..model import kernels, likelihoods
@@ -51,6 +51,8 @@ class Engine:
         model_dir = modeldir.resolve_model_dir(model_dir)
         cfg = modeldir.model_config(model_dir)
         decision = None
+        if device != "cpu":
+            hardware.resolve_device(device)  # no GPU here: one clear error before any path is measured
         if precision == "auto":
             budget = tuning.DEFAULT_BUDGET if max_nll_change is None else max_nll_change
             decision = tuning.choose(cls.load, model_dir, backend, device, threads, batch_size, budget,

@@ -68,6 +68,10 @@ def load_backend(model_dir: str | Path, backend: str = "auto", precision: str = 
         raise VaeEngineError(f"unknown precision {precision!r}: choose one of auto, {', '.join(PRECISIONS)}")
     if backend == "auto":
         backend = default_backend(model_dir, precision, device)
+    if device != "cpu":  # a GPU asked for and not usable here is an error, not a quiet run on the CPU
+        why = unavailable(backend, precision, device.split(":")[0], model_dir)
+        if why:
+            raise VaeEngineError(f"--device {device}: {why}")
     return REGISTRY[backend].open(model_dir, cfg, precision, threads, device, spin)
 
 
