@@ -565,3 +565,26 @@ def test_malformed_checksum_file_and_mismatched_posterior(tmp_path, tiny_data, e
     engine = Engine.load(exported_model, backend="onnxruntime", threads=1)
     with pytest.raises(DataError, match="same shape"):  # the Numba kernel would read past mu's end
         engine.sample_posterior(np.zeros((1, 4)), np.zeros((3, 4)))
+
+
+def test_values_beyond_float32_are_one_error_and_no_warning(exported_model, tmp_path):
+    """float64 items or latents beyond float32's range: the input rule's error (naming the row), with no NumPy
+    overflow warning printed before it."""
+    import warnings
+
+    from vae_engine.core.errors import DataError
+    from vae_engine.runtime.engine import Engine
+
+    engine = Engine.load(exported_model, backend="onnxruntime", threads=1)
+    x = np.full((3, engine.cfg.input_dim), 0.5)
+    x[2, 5] = 1e39
+    z = np.zeros((2, engine.latent_dim))
+    z[1, 0] = -1e300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would raise here instead of the DataError
+        with pytest.raises(DataError, match="NaN or Inf in row 2 \\(or a value beyond float32's range\\)"):
+            engine.reconstruct(x)
+        with pytest.raises(DataError, match="beyond float32's range"):
+            engine.decode(z)
+        np.save(tmp_path / "x.npy", x)
+        assert np.isinf(data.readers.read(tmp_path / "x.npy")[0][2, 5])  # read quietly; the rule refuses it

@@ -80,7 +80,8 @@ def as_items(arr: np.ndarray, name: str) -> np.ndarray:
     elif arr.ndim > 4:
         raise DataError(f"{name}: {arr.ndim}-D items are not supported (shape {arr.shape})")
     if arr.dtype != np.uint8:
-        arr = arr.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become Inf: the input rule names them
+            arr = arr.astype(np.float32)
     return np.ascontiguousarray(arr)
 
 

@@ -258,7 +258,8 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
     n = len(x_train)
     b, global_batch = train_cfg.batch_size, train_cfg.batch_size * world.size  # --batch-size is per rank
     if global_batch > n:
-        raise VaeEngineError(f"batch size {global_batch} is larger than the training set ({n} images)")
+        raise VaeEngineError(f"batch size {global_batch} is larger than the training set ({n} items); "
+                             "pass a smaller --batch-size")
 
     torch.manual_seed(train_cfg.seed)  # parameter init
     model = VAE(model_cfg)
