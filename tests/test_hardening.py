@@ -495,6 +495,17 @@ def test_bad_options_are_one_line(tiny_model, tmp_path, args, fragment):
     one_line_error(invoke(cmd, *model, *rest), fragment)
 
 
+def test_more_bad_options_and_inputs_are_one_line(tiny_model, tmp_path):
+    """bench takes --threads by the same rule as the jobs; evaluate's --columns needs --data; a file of no known
+    kind says which kinds there are."""
+    one_line_error(invoke("bench", tiny_model, "--threads", 0, "--json", tmp_path / "b.json"), "--threads")
+    one_line_error(invoke("evaluate", tiny_model, "--columns", "a"), "pass --data too")
+    (tmp_path / "notes.txt").write_text("hello")
+    line = one_line_error(invoke("encode", tiny_model, "-i", tmp_path / "notes.txt", "-o", tmp_path / "z.npy"),
+                          "not an IDX file")
+    assert ".npy, .npz, .csv, .parquet" in line
+
+
 def test_failed_job_leaves_no_new_folder(exported_model, tmp_path):
     z = np.zeros((5, 4), np.float32)
     z[3, 1] = np.nan

@@ -166,6 +166,8 @@ def evaluate(
     check_int("--seed", seed, 0, SEED_MAX)
     if limit is not None:
         check_int("--limit", limit, 1)
+    if columns and data is None:
+        raise VaeEngineError("--columns picks columns of --data (a .csv or .parquet file); pass --data too")
     if json_path:
         check_writable(json_path)
     with Meter("evaluate", "images", info=f"k={k}") as meter:
@@ -443,10 +445,12 @@ def bench(
         if label not in known:
             raise VaeEngineError(f"unknown backend {label!r}: choose from {', '.join(known)}")
     batch_list = split(batches, int)
-    from ..core.config import MAX_BATCH, check_int
+    from ..core.config import MAX_BATCH, MAX_THREADS, check_int
 
     for b in batch_list or ():
         check_int("batch size", b, 1, MAX_BATCH)
+    if threads is not None:
+        check_int("--threads", threads, 1, MAX_THREADS)
     with console.status("benchmarking") as status:
         report = bench_mod.benchmark(resolve_model_dir(model_dir), labels, batch_list, op_list, threads, quick, spin,
                                progress=lambda message: status.update(f"benchmarking: {message}"), auto=auto)

@@ -62,7 +62,8 @@ def _read_idx_stream(f, name: str, expect_magic: int | None) -> np.ndarray:
     zero, type_code, ndim = int.from_bytes(head[:2], "big"), head[2], head[3]
     magic = int.from_bytes(head, "big")
     if zero != 0 or type_code not in _IDX_DTYPES or ndim == 0:
-        raise DataError(f"{name}: bad magic number 0x{magic:08x}, not an IDX file")
+        raise DataError(f"{name}: bad magic number 0x{magic:08x}, not an IDX file (inputs are .npy, .npz, .csv, "
+                        ".parquet, IDX(.gz), PNG/JPEG images or a folder of them, told apart by suffix)")
     if expect_magic is not None and magic != expect_magic:
         raise DataError(f"{name}: bad magic number {magic}, expected {expect_magic}")
     header = 4 + 4 * ndim
