@@ -177,8 +177,10 @@ def test_a_gpu_asked_for_and_missing_is_an_error_not_a_cpu_run(model, monkeypatc
     if hardware.cuda_available():
         pytest.skip("a real GPU is here")
     for backend, precision in [("auto", "fp32"), (ORT, "fp32"), (TORCH, "fp32"), ("auto", "auto")]:
-        with pytest.raises(VaeEngineError, match="--device cuda: torch sees no CUDA GPU"):
-            Engine.load(model, backend=backend, precision=precision, device="cuda")
+        for device in ("cuda", "cuda:0"):
+            with pytest.raises(VaeEngineError, match=f"--device {device}: torch sees no CUDA GPU"):
+                Engine.load(model, backend=backend, precision=precision, device=device)
+    assert Engine.load(model, backend=ORT, device="auto").backend.provider == "CPUExecutionProvider"  # no GPU here
     import onnxruntime
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])

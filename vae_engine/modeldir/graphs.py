@@ -214,7 +214,7 @@ def providers_for(device: str) -> list[str]:
     import onnxruntime as ort
 
     available = set(ort.get_available_providers())
-    wanted = {"cuda": ["TensorrtExecutionProvider", "CUDAExecutionProvider"], "cpu": []}.get(device, [])
+    wanted = {"cuda": ["TensorrtExecutionProvider", "CUDAExecutionProvider"], "cpu": []}.get(device.split(":")[0], [])
     return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
 
 

@@ -51,8 +51,8 @@ class Engine:
         model_dir = modeldir.resolve_model_dir(model_dir)
         cfg = modeldir.model_config(model_dir)
         decision = None
-        if device != "cpu":
-            hardware.resolve_device(device)  # no GPU here: one clear error before any path is measured
+        if device != "cpu":  # "auto" -> a GPU where torch sees one; a GPU missing is one clear error, before any
+            device = hardware.resolve_device(device)  # path is measured
         if precision == "auto":
             budget = tuning.DEFAULT_BUDGET if max_nll_change is None else max_nll_change
             decision = tuning.choose(cls.load, model_dir, backend, device, threads, batch_size, budget,
