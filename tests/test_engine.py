@@ -235,6 +235,21 @@ def test_chunked_calls_equal_one_call(model, images, backend, precision):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_an_empty_batch_gives_empty_answers(model, backend):
+    """Zero items (an empty request, the empty tail of a split) are empty outputs of the right shapes, as
+    `sample(0)` is, for every op and input kind; it used to fail inside NumPy's reshape."""
+    engine = Engine.load(model, backend=backend, threads=1)
+    d, latent = engine.cfg.input_dim, engine.latent_dim
+    for x in (np.zeros((0, d), np.float32), np.zeros((0, d), np.uint8), np.zeros((0, 1, 28, 28), np.uint8)):
+        mu, logvar = engine.encode(x)
+        assert mu.shape == logvar.shape == (0, latent)
+        assert engine.reconstruct(x).shape == (0, d)
+        assert [a.shape for a in engine.scores(x, 0, 4, 0)] == [(0,), (0,)]
+    z = np.zeros((0, latent), np.float32)
+    assert engine.decode(z).shape == (0, d) and engine.sample(0).shape == (0, d)
+
+
 @pytest.mark.slow  # ~35 s: every benchmarked path measured
 def test_cli_bench_and_info(model, tmp_path):
     import json

@@ -70,7 +70,7 @@ def in_range(flat: np.ndarray, unit_interval: bool) -> bool:
 
 def to_float(items: np.ndarray) -> np.ndarray:
     """Items (N, ...) -> float32 (N, D) in model units: uint8 is intensity / 255, anything else as is."""
-    flat = items.reshape(len(items), -1)
+    flat = items.reshape(len(items), math.prod(items.shape[1:]))  # (not -1: an empty batch has no size to divide)
     if flat.dtype == np.uint8:
         if flat.size <= SPAN_KERNEL_MAX:  # batch-1 requests: one Numba pass, 1.3 us against 2.3 for NumPy's two
             return _unit_kernel()(flat)
