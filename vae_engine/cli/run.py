@@ -59,4 +59,4 @@ def run_job(job: str, model_dir: Path | None, input: Path | None, output: Path, 
         meter.start(source.n)
         jobs.stream(source, jobs.make_job_fn(job, engine, params), output, jobs.item_shape(job, engine.cfg, params),
                  batch_size, meter.advance, image_shape=engine.cfg.image_shape if job not in ("encode", "score") else None)
-    OUT.print(f"wrote {output} ({source.n} items; path {engine.path})")
+    OUT.print(f"wrote {output} ({source.n} item{'s' * (source.n != 1)}; path {engine.path})")

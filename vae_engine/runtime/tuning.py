@@ -271,7 +271,8 @@ def describe_path(backend: str, precision: str, decision: dict[str, Any] | None 
     row = next((r for r in decision["measurements"]
                 if (r["backend"], r["precision"]) == (backend, precision)), None)
     cost = f", mean NLL change {row['nll_change_nats']:+.4f} nats" if row and row["precision"] != "fp32" else ""
-    how = "reused from tuning.json" if decision.get("reused") else f"measured {len(decision['measurements'])} paths"
+    n = len(decision["measurements"])
+    how = "reused from tuning.json" if decision.get("reused") else f"measured {n} path{'s' * (n != 1)}"
     if isinstance(decision["key"].get("threads"), str) and "threads" in decision:  # the thread count was chosen
         how = f"{decision['threads']} thread{'s' * (decision['threads'] > 1)}; {how}"
     return f"{backend}/{precision} (auto: fastest within {decision['key']['budget_nats']} nats{cost}; {how})"
