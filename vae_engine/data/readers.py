@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import DataError, read_error
+from .inputs import float32
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_KEYS = ("x", "X", "data", "images", "features")  # .npz: the items
@@ -79,10 +80,7 @@ def as_items(arr: np.ndarray, name: str) -> np.ndarray:
         arr = arr.transpose(0, 3, 1, 2)  # channels last -> first
     elif arr.ndim > 4:
         raise DataError(f"{name}: {arr.ndim}-D items are not supported (shape {arr.shape})")
-    if arr.dtype != np.uint8:
-        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become Inf: the input rule names them
-            arr = arr.astype(np.float32)
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr) if arr.dtype == np.uint8 else float32(arr, copy=True)
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:

@@ -99,20 +99,20 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _images(folder: Path, files: list[Path], cfg: ModelConfig, unit: bool) -> Source:
-    """PNG/JPEG files (a folder's, or one image: `folder` names them in errors), decoded chunk by chunk; each must
-    have the model's size."""
+def _images(source: Path, files: list[Path], cfg: ModelConfig, unit: bool) -> Source:
+    """PNG/JPEG files (a folder's, or one image; `source`, the folder or the file, names them in errors), decoded
+    chunk by chunk; each must have the model's size."""
     shape = tuple(cfg.input_shape) if len(cfg.input_shape) == 3 else (1, *IMAGE_SHAPE)
     if math.prod(shape) != cfg.input_dim:
-        raise DataError(f"{folder}: this model takes items of shape {tuple(cfg.input_shape)}, not images")
+        raise DataError(f"{source}: this model takes items of shape {tuple(cfg.input_shape)}, not images")
 
     def read(i: int, j: int) -> np.ndarray:
         out = np.stack([readers.read_image(f, expect=shape) for f in files[i:j]])
         if out.shape[1:] != shape:
-            raise DataError(f"{folder}: images must have {shape[0]} channel(s) for this model")
-        return data.model_input(out, unit, str(folder), i)
+            raise DataError(f"{source}: images must have {shape[0]} channel(s) for this model")
+        return data.model_input(out, unit, str(source), i)
 
-    return Source(str(folder), len(files), cfg.input_dim, read)
+    return Source(str(source), len(files), cfg.input_dim, read)
 
 
 def check_output(path: str | Path, images: bool) -> None:

@@ -144,6 +144,12 @@ class GraphBackend:
         """E[x|z] (B, D) in one call: the decoder graph ending in the likelihood's mean (`_mean_graph`)."""
         return self._mean_call("decode-mean", z)
 
+    def _raw_role(self, op: str, a: np.ndarray) -> str:
+        """The graph a raw call of `op` runs (see `RAW_CALL`): the fused one for reconstruct, made here on first use."""
+        if op == "reconstruct":
+            self.reconstruct(a)
+        return {"encode": "encoder", "decode": "decoder", "reconstruct": "reconstruct"}[op]
+
     def _mean_call(self, role: str, a: np.ndarray) -> np.ndarray:
         if role not in self.ends_in_mean:
             self._open(role, self._mean_graph(role), f"{role} graph")

@@ -58,9 +58,7 @@ class OrtBackend(GraphBackend):
 
     def raw_call(self, op: str, a: np.ndarray):
         """One public `InferenceSession.run` of the op's graph (the fused one for reconstruct): see `RAW_CALL`."""
-        if op == "reconstruct":
-            self.reconstruct(a)  # builds the fused session
-        role = {"encode": "encoder", "decode": "decoder", "reconstruct": "reconstruct"}[op]
+        role = self._raw_role(op, a)
         session, feed = self.sessions[role], {self.inputs[role]: a}
         return lambda: session.run(None, feed)[0]
 

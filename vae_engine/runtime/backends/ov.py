@@ -78,9 +78,7 @@ class OpenVinoBackend(GraphBackend):
     def raw_call(self, op: str, a: np.ndarray):
         """The op's infer request alone (the fused graph's for reconstruct), its output left in OpenVINO's buffer:
         see `RAW_CALL`."""
-        if op == "reconstruct":
-            self.reconstruct(a)  # compiles the fused graph
-        req = self.requests[{"encode": "encoder", "decode": "decoder", "reconstruct": "reconstruct"}[op]][0]
+        req = self.requests[self._raw_role(op, a)][0]
         tensor = self.ov.Tensor(np.array(a), shared_memory=True)  # a writable copy, so shared
 
         def run() -> np.ndarray:
