@@ -7,7 +7,9 @@ import functools
 import json
 import math
 import numbers
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import VaeEngineError
@@ -209,6 +211,14 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise VaeEngineError(message)
+
+
+def cache_dir() -> Path:
+    """This user's cache folder for vae-engine: $VAE_ENGINE_CACHE, else $XDG_CACHE_HOME/vae-engine, else
+    ~/.cache/vae-engine (downloaded datasets; `--precision auto` decisions for model folders that are read-only)."""
+    if os.environ.get("VAE_ENGINE_CACHE"):
+        return Path(os.environ["VAE_ENGINE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vae-engine"
 
 
 def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:

@@ -144,10 +144,15 @@ def gpu_name() -> str | None:
     return sys.modules["torch"].cuda.get_device_name(0) if cuda_available() else None
 
 
+def key_flags() -> list[str]:
+    """The instruction-set flags that decide which path is fast here (`KEY_FLAGS` this CPU has), sorted."""
+    return sorted(f for f in KEY_FLAGS if f in cpu_info()[1])
+
+
 def describe(threads: int) -> dict[str, Any]:
-    """The machine as reports record it: CPU, its decisive flags, cores, threads used, GPU."""
-    name, flags = cpu_info()
-    info = {"cpu": name, "flags": sorted(f for f in KEY_FLAGS if f in flags), "cores": os.cpu_count(),
+    """The machine as reports record it: CPU, its decisive flags, cores, threads used, GPU (asks torch)."""
+    name, _ = cpu_info()
+    info = {"cpu": name, "flags": key_flags(), "cores": os.cpu_count(),
             "available_cpus": available_cpus(), "threads": threads, "platform": platform.platform()}
     gpu = gpu_name()
     if gpu:

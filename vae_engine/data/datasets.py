@@ -105,8 +105,10 @@ def bundled_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Where --download puts datasets: $VAE_ENGINE_CACHE, else ~/.cache/vae-engine."""
-    return Path(os.environ.get("VAE_ENGINE_CACHE", Path.home() / ".cache" / "vae-engine"))
+    """Where --download puts datasets: the user's cache folder (`config.cache_dir`)."""
+    from ..core.config import cache_dir as user_cache
+
+    return user_cache()
 
 
 def download(name: str, timeout: float = 60.0) -> Path:

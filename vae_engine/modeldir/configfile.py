@@ -14,31 +14,31 @@ from ..core.errors import ModelDirError, VaeEngineError
 from .layout import CONFIG, FORMAT, read_json
 
 
-def versions() -> dict[str, str]:
-    """Versions of Python and the libraries a model directory depends on (openvino: None when not installed; read
-    from the package metadata, not imported)."""
+def versions() -> dict[str, str | None]:
+    """Versions of Python and the libraries a model directory depends on, read from the installed packages'
+    metadata, never by importing them (importing torch to read its version cost a job seconds); None for a
+    library that is not installed (torch in an inference-only install, openvino without its extra)."""
+    from ..core.config import VERSION
+
+    return {"vae_engine": VERSION, "python": platform.python_version(),
+            **{name: installed_version(name) for name in ("torch", "numpy", "onnx", "onnxruntime", "numba",
+                                                          "openvino")}}
+
+
+# distributions that install a library under another name (the `onnxruntime` module of onnxruntime-gpu)
+ALIASES = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino")}
+
+
+def installed_version(name: str) -> str | None:
+    """The installed version of a distribution (None when it is not installed), without importing it."""
     import importlib.metadata as md
 
-    import numba
-    import numpy
-    import onnx
-    import onnxruntime
-    import torch
-
-    from ..core.config import VERSION as __version__
-
-    return {
-        "vae_engine": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "numpy": numpy.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-        "numba": numba.__version__, "openvino": _installed_version(md, "openvino"),
-    }
-
-
-def _installed_version(md, name: str) -> str | None:
-    try:
-        return md.version(name)
-    except md.PackageNotFoundError:
-        return None
+    for dist in ALIASES.get(name, (name,)):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return None
 
 
 def write_config(model_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data: dict[str, Any]) -> None:

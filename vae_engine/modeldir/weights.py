@@ -19,17 +19,18 @@ if TYPE_CHECKING:  # torch is imported where tensors are used, so `info` and `--
     import torch
 
     from ..model.networks import VAE
-    from ..model.priors import MixturePrior, NormalPrior
+    from ..model.engine_priors import MixturePrior, NormalPrior
 
 
-def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; a clear error for missing, unreadable or corrupt files."""
+def load_tensors(path: Path, framework: str = "pt") -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, as torch tensors ("pt") or NumPy arrays ("numpy": no torch
+    imported); a clear error for missing, unreadable or corrupt files."""
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise ModelDirError(f"{path}: missing; train a model first (`vae-engine train --out {path.parent}`)")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework=framework) as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except OSError as exc:
         raise ModelDirError(f"{path}: cannot read it: {os_error_reason(exc)}") from None
@@ -37,15 +38,14 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ModelDirError(f"{path}: corrupt safetensors file ({str(exc)[:200]})") from None
 
 
-def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[tuple[int, ...], Any]],
+def check_tensors(tensors: dict[str, Any], expected: dict[str, tuple[tuple[int, ...], Any]],
                   path: Path, what: str) -> None:
-    """Every loaded tensor must have exactly the expected names, shapes and dtypes, and finite values.
+    """Every loaded tensor (torch or NumPy) must have exactly the expected names, shapes and dtypes (torch or
+    NumPy dtypes, compared by name), and finite values.
 
     A crafted file must never reach a kernel: fused Adam, for one, writes through its moments with the
     parameter's size, so a moment of the wrong shape is an out-of-bounds write.
     """
-    import torch
-
     missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     if missing or extra:
         detail = (f"missing {missing[:3]}" if missing else "") + (" and " if missing and extra else "") + \
@@ -53,11 +53,29 @@ def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[tu
         raise ModelDirError(f"{path}: {what} do not match config.json ({detail})")
     for name, (shape, dtype) in expected.items():
         t = tensors[name]
-        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-            raise ModelDirError(f"{path}: {name} is {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}, "
-                                f"config.json needs {str(dtype).removeprefix('torch.')} {tuple(shape)}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if tuple(t.shape) != tuple(shape) or _dtype_name(t.dtype) != _dtype_name(dtype):
+            raise ModelDirError(f"{path}: {name} is {_dtype_name(t.dtype)} {tuple(t.shape)}, "
+                                f"config.json needs {_dtype_name(dtype)} {tuple(shape)}")
+        if not _finite(t):
             raise ModelDirError(f"{path}: {name} holds NaN or Inf values; the file is corrupt or the run diverged")
+
+
+def _dtype_name(dtype: Any) -> str:
+    """'float32' for torch.float32, np.float32, np.dtype('float32') and 'float32' alike."""
+    if isinstance(dtype, type):  # a NumPy scalar type
+        return dtype.__name__
+    return str(getattr(dtype, "name", None) or dtype).removeprefix("torch.")
+
+
+def _finite(t: Any) -> bool:
+    """No NaN or Inf in a floating tensor (torch or NumPy); other dtypes are always finite."""
+    if hasattr(t, "is_floating_point"):  # torch
+        import torch
+
+        return not t.is_floating_point() or bool(torch.isfinite(t).all())
+    import numpy as np
+
+    return not np.issubdtype(t.dtype, np.floating) or bool(np.isfinite(t).all())
 
 
 def weight_spec(model: VAE) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -104,22 +122,21 @@ def save_prior(model_dir: Path, model: VAE) -> None:
 
 def load_prior(model_dir: str | os.PathLike, cfg: ModelConfig) -> NormalPrior | MixturePrior:
     """The prior a model folder's config names; a VampPrior's mixture from prior.safetensors, every value checked
-    (shape (C, L) from config.json, finite, log-variances in the encoder's bounds)."""
-    import torch
-
-    from ..model.priors import MixturePrior, NormalPrior
+    (shape (C, L) from config.json, finite, log-variances in the encoder's bounds), read as NumPy arrays: the
+    engine's prior needs no torch."""
+    from ..model.engine_priors import MixturePrior, NormalPrior
 
     if cfg.prior != "vamp":
         return NormalPrior(cfg.latent_dim)
     path = Path(model_dir) / PRIOR
-    tensors, _ = load_tensors(path)
+    tensors, _ = load_tensors(path, "numpy")
     shape = (cfg.pseudo_inputs, cfg.latent_dim)
-    check_tensors(tensors, {"mu": (shape, torch.float32), "logvar": (shape, torch.float32)}, path, "prior tensors")
-    logvar = tensors["logvar"].numpy()
+    check_tensors(tensors, {"mu": (shape, "float32"), "logvar": (shape, "float32")}, path, "prior tensors")
+    logvar = tensors["logvar"]
     if logvar.min() < LOGVAR_MIN or logvar.max() > LOGVAR_MAX:
         raise ModelDirError(f"{path}: logvar lies outside [{LOGVAR_MIN:g}, {LOGVAR_MAX:g}]; the file was not "
                             "written by train")
-    return MixturePrior(tensors["mu"].numpy(), logvar)
+    return MixturePrior(tensors["mu"], logvar)
 
 
 def weights_sha256(model_dir: str | os.PathLike) -> str:

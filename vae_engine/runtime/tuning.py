@@ -1,20 +1,31 @@
 """`--precision auto`: the fastest (backend, precision) for this model on this machine, within an accuracy budget.
 
-Each candidate path is timed on this machine at the job's batch size (an encode and a decode, after a warm-up)
-and scored against the fp32 PyTorch reference on the model's own validation items with the same eps: the change
-of the mean IWAE NLL (k=64, the log-likelihood the engine estimates), with its standard error, and of the mean
--ELBO, and the largest per-item change. The fastest path whose mean NLL change stays within the budget wins
-(fp32 paths always qualify); the -ELBO change is reported beside it. 2,048 items, because the per-item change of
-an int8 path has a spread of 0.1-0.3 nats: with 256 items the mean's standard error (~0.01-0.02) was as large as
-the budget. The decision and every measurement are saved in the model folder (tuning.json), keyed by what could
-change them: CPU and its flags, library versions, weights and graph files, threads, batch size, budget. A later
-run with the same key reuses it; `info` shows it. `export --quantize int8` scores its candidates with the same
-functions (`reference`, `accuracy`, `items_per_s`).
+Two measurements, kept apart because they change at different rates:
+
+- **Accuracy is a property of the model** (and of the numerics a machine class runs a precision with: int8 with or
+  without VNNI, bf16 native or emulated): each non-fp32 path is scored once against the fp32 reference (ONNX
+  Runtime's fp32 graphs where exported, which export validated against PyTorch; else PyTorch) on the model's own
+  validation items with the same eps: the change of the mean IWAE NLL (k=64) with its standard error, of the mean
+  -ELBO, and the largest per-item change. 2,048 items, because the per-item change of an int8 path has a spread of
+  0.1-0.3 nats: with 256 items the mean's standard error (~0.01-0.02) was as large as the budget. Saved in the
+  model folder (accuracy.json, shipped with a model), so a new machine of a measured class does not measure it.
+- **Speed is a property of the machine**: every path within the budget (int8 included wherever it is exported)
+  is timed at the job's batch size in short interleaved rounds (one encode plus one decode each), until the
+  fastest is clearly ahead (its upper quartile under the runner-up's lower quartile) or `RACE_SECONDS` pass, so a
+  busy moment slows every candidate alike. A decision whose ranking was not clear is raced again by the next jobs
+  (`RECHECKS`), so a busy machine does not decide for good. fp32 paths always qualify.
+
+Decisions are saved in the model folder (tuning.json), keyed by what could change them: CPU and its flags,
+library versions, weights and graph files, threads, batch size, budget. Where the model folder is read-only (a
+system-wide install, a container), decisions and accuracies go to the user's cache folder (`config.cache_dir`),
+under the weights' hash. `info` shows them; `vae-engine tune` measures again, longer. `export --quantize int8`
+scores its candidates with the same functions (`reference`, `accuracy`, `items_per_s`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,15 +39,22 @@ from ..modeldir import graphs
 if TYPE_CHECKING:  # NumPy is imported by the functions that measure: `info` reads saved decisions without it
     import numpy as np
 
-TUNING = "tuning.json"
-SCHEMA = "vae-engine-tuning/1"
-DEFAULT_BUDGET = 0.01  # nats: largest change of the mean NLL (and mean -ELBO) a faster path may cost
+TUNING = "tuning.json"  # a machine's decisions
+ACCURACY = "accuracy.json"  # the model's measured accuracy per path and numerics class
+SCHEMA = "vae-engine-tuning/2"
+ACCURACY_SCHEMA = "vae-engine-accuracy/1"
+DEFAULT_BUDGET = 0.01  # nats: largest change of the mean NLL a faster path may cost
 VALIDATION_ITEMS = 2048
 ACCURACY_K = 64  # importance samples of the NLL compared (same eps for every path)
 KEEP = 16  # decisions kept in tuning.json (one per key: machine, versions, threads, batch, budget)
+KEEP_ACCURACY = 32  # accuracy entries kept in accuracy.json (one per path, numerics class and graph files)
 # batches up to this size also try one thread when the thread count is not pinned: at batch 1 a second thread
 # costs more in hand-offs than it adds (ONNX Runtime, 2-core EPYC: 58 + 47 us with 2 threads, 42 + 45 with 1)
 SMALL_BATCH = 16
+RACE_SECONDS = 0.6  # most time the interleaved timing rounds of one decision take (`vae-engine tune`: longer)
+MIN_ROUNDS = 5  # rounds every candidate is timed at least
+SAMPLE_SECONDS = 0.002  # one timing sample runs the path this long at least (batch 1: many calls per sample)
+RECHECKS = 2  # a decision whose ranking was not clear is raced again by this many later jobs
 # opens one path of a model: (model_dir, backend=, precision=, threads=[, device=]) -> an Engine (`Engine.load`);
 # passed in, so this module measures engines without importing the class that asks it for decisions
 Load = Callable[..., Any]
@@ -46,36 +64,48 @@ def candidates(model_dir: Path, backend: str = "auto", device: str = "cpu",
                int8: bool | None = None) -> tuple[list[tuple[str, str]], list[str]]:
     """The (backend, precision) paths worth measuring here, and a note for each one left out and why.
 
-    bf16 only where it is native (AVX512_BF16/AMX, or a GPU): emulated bf16 is slower than fp32. int8 only with
-    VNNI/AMX (without them int8 dot products saturate and lose accuracy for little speed) unless `int8=True`.
+    On the CPU, where the fp32 graphs are exported, ONNX Runtime and OpenVINO run them and PyTorch eager is not
+    timed (it costs a second of import alone, and ran at 0.75-0.9x ONNX Runtime on the classes measured; `--backend
+    torch` runs it); without graphs, PyTorch. bf16 only where it is native (AVX512_BF16/AMX, or a GPU): emulated
+    bf16 is slower than fp32. int8 wherever it is exported (its accuracy is measured on this CPU class, with or
+    without VNNI), unless `int8=False`. Paths of PyTorch only where it is installed.
     """
     from . import backends
 
-    gpu = device == "cuda" and hardware.cuda_available()
+    gpu = device.split(":")[0] == "cuda" and hardware.cuda_available()
+    torch = hardware.installed("torch")
     exported = {v: graphs.graph_path(model_dir, "encoder", v).is_file() for v in graphs.VARIANTS}
-    paths, notes = [("torch", "fp32")], []
+    paths, notes = [], []
+    if gpu:
+        paths.append(("torch", "fp32"))
     if exported["fp32"]:
         paths.append(("onnxruntime", "fp32"))
         if backends.openvino_installed() and not gpu:
             paths.append(("openvino", "fp32"))
+        if not gpu:
+            notes.append("torch/fp32: not timed where the graphs are exported (--backend torch runs it)")
     else:
         notes.append("onnxruntime/openvino: not exported (vae-engine export MODEL)")
+        if not gpu and torch:
+            paths.append(("torch", "fp32"))
     if gpu:
         paths += [("torch", "bf16"), ("torch", "fp16")] + ([("onnxruntime", "fp16")] if exported["fp16"] else [])
     elif hardware.native_bf16():
-        paths.append(("openvino", "bf16") if exported["fp32"] and backends.openvino_installed() else ("torch", "bf16"))
+        if exported["fp32"] and backends.openvino_installed():
+            paths.append(("openvino", "bf16"))
+        elif torch:
+            paths.append(("torch", "bf16"))
     else:
         notes.append("bf16: this CPU has no native bf16 (AVX512_BF16 or AMX); emulated bf16 is slower than fp32")
-    if exported["int8"] and (int8 if int8 is not None else hardware.has_vnni() or gpu):
+    if exported["int8"] and int8 is not False:
         paths.append(("onnxruntime", "int8"))
-    elif exported["int8"]:
-        notes.append("int8: this CPU has no VNNI/AMX int8 dot products (ask for it with --precision int8)")
-    else:
+    elif not exported["int8"]:
         notes.append("int8: not exported (vae-engine export MODEL --quantize int8)")
     if backend != "auto":
-        paths = [p for p in paths if p[0] == backend]
-        if not paths:
-            paths = [(backend, "fp32")]
+        paths = [p for p in paths if p[0] == backend] or [(backend, "fp32")]
+    if not paths:
+        raise VaeEngineError(f"{model_dir}: no path to run here: its graphs are not exported and PyTorch is not "
+                             "installed; run `vae-engine export` where it is (pip install 'vae-engine[train]')")
     return paths, notes
 
 
@@ -118,50 +148,138 @@ def key(model_dir: Path, backend: str, device: str, threads: int | str, batch: i
             path = graphs.graph_path(model_dir, role, variant)
             if path.is_file():
                 graph_files[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"cpu": cpu, "flags": hardware.describe(threads)["flags"], "gpu": hardware.gpu_name() if device == "cuda"
+    return {"cpu": cpu, "flags": hardware.key_flags(), "gpu": hardware.gpu_name() if device == "cuda"
             else None, "versions": versions, "weights_sha256": modeldir.weights_sha256(model_dir),
             "graphs_sha256": graph_files,
             "backend": backend, "device": device, "threads": threads, "batch": batch, "budget_nats": budget,
             "int8": int8}
 
 
-def saved(model_dir: Path) -> list[dict[str, Any]]:
-    """The decisions saved in the model folder (an unreadable or foreign file counts as none)."""
-    path = Path(model_dir) / TUNING
-    if not path.is_file():
-        return []
+def _stores(model_dir: Path, name: str) -> list[Path]:
+    """Where a file of decisions (or accuracies) of this model may be: the model folder, then the user's cache
+    folder under the weights' hash (for model folders that cannot be written)."""
+    from ..core.config import cache_dir
+
     try:
-        doc = modeldir.read_json(path, "tuning file")
+        cached = cache_dir() / "models" / modeldir.weights_sha256(model_dir)[:32] / name
+    except VaeEngineError:
+        return [Path(model_dir) / name]
+    return [Path(model_dir) / name, cached]
+
+
+def _entries(model_dir: Path, name: str, schema: str, field: str) -> list[dict[str, Any]]:
+    """The entries saved in the model folder's and the cache's file (an unreadable or foreign file is none)."""
+    return [e for path in _stores(model_dir, name) for e in _entries_of(path, schema, field)]
+
+
+def _put(model_dir: Path, name: str, schema: str, field: str, entry: dict[str, Any], keep: int) -> str | None:
+    """Add an entry (replacing one of the same key) to the first of `_stores` that can be written; returns where
+    it went, or None when nothing can be written (the entry then holds for this process only)."""
+    for path in _stores(model_dir, name):
+        doc = _entries_of(path, schema, field)
+        entries = [d for d in doc if d.get("key") != entry["key"]][-(keep - 1):] + [entry]
+        try:
+            if path.parent != Path(model_dir):
+                path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(path, {"schema": schema, field: entries})
+            return str(path)
+        except (VaeEngineError, OSError):
+            continue
+    return None
+
+
+def _entries_of(path: Path, schema: str, field: str) -> list[dict[str, Any]]:
+    """The entries of one file (an unreadable, damaged or foreign file holds none)."""
+    try:
+        doc = modeldir.read_json(path, path.name) if path.is_file() else None
     except VaeEngineError:
         return []
-    ok = isinstance(doc, dict) and doc.get("schema") == SCHEMA and isinstance(doc.get("decisions"), list)
-    return [d for d in doc["decisions"] if isinstance(d, dict) and isinstance(d.get("key"), dict)] if ok else []
+    ok = isinstance(doc, dict) and doc.get("schema") == schema and isinstance(doc.get(field), list)
+    return [d for d in doc[field] if isinstance(d, dict) and isinstance(d.get("key"), dict)] if ok else []
 
 
-def _save(model_dir: Path, decision: dict[str, Any]) -> bool:
-    """Add a decision to tuning.json (replacing one of the same key); False when the folder is read-only."""
-    decisions = [d for d in saved(model_dir) if d["key"] != decision["key"]][-(KEEP - 1):] + [decision]
-    try:
-        atomic.write_json(Path(model_dir) / TUNING, {"schema": SCHEMA, "decisions": decisions})
-        return True
-    except VaeEngineError:  # a read-only install of a model: the decision holds for this process only
-        return False
+def saved(model_dir: Path) -> list[dict[str, Any]]:
+    """The decisions saved for this model, in its folder and in the user's cache."""
+    return _entries(Path(model_dir), TUNING, SCHEMA, "decisions")
 
 
-def _time_path(engine, x: np.ndarray, z: np.ndarray, min_time: float) -> float:
-    """Median seconds of one encode plus one decode at the job's batch size, timed by the benchmark's recipe."""
-    import numpy as np
+def numerics(backend: str, precision: str, device: str) -> str:
+    """The arithmetic a path runs with on this machine, which its accuracy depends on: int8 with or without VNNI
+    dot products, bf16 native or emulated, the GPU's own."""
+    if device.split(":")[0] == "cuda":
+        return f"gpu {hardware.gpu_name()}"
+    if precision == "int8":
+        return "int8-vnni" if hardware.has_vnni() else "int8-no-vnni"
+    if precision == "bf16":
+        return "bf16-native" if hardware.native_bf16() else "bf16-emulated"
+    return precision
 
-    from ..perf.timing import measure
 
-    be = engine.backend
-    return float(np.median(measure(lambda: (be.encode(x), be.decode(z)), min_time=min_time).seconds))
+def accuracy_key(model_dir: Path, backend: str, precision: str, device: str, ref_path: str) -> dict[str, Any]:
+    """What a path's measured accuracy depends on: the path and its numerics here, the runtime's version, the
+    weights and the graph files it runs, the reference and the validation."""
+    from .backends.ort import GRAPHS
+
+    variant = GRAPHS.get(precision, "fp32") if backend != "torch" else None
+    files = {}
+    for role in graphs.ROLES if variant else ():
+        path = graphs.graph_path(model_dir, role, variant)
+        if path.is_file():
+            files[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    runtime = {"torch-compile": "torch"}.get(backend, backend)
+    return {"backend": backend, "precision": precision, "numerics": numerics(backend, precision, device),
+            "runtime": modeldir.versions().get(runtime), "weights_sha256": modeldir.weights_sha256(model_dir),
+            "graphs_sha256": files, "reference": ref_path, "validation_items": VALIDATION_ITEMS,
+            "accuracy_k": ACCURACY_K}
 
 
-def reference(load: Load, model_dir: Path, threads: int) -> dict[str, Any]:
-    """The fp32 PyTorch reference on the validation items: {"x", "source", "nll", "nelbo", "engine"}."""
+def reference_path(model_dir: Path) -> tuple[str, str]:
+    """The fp32 reference accuracy is measured against: ONNX Runtime's fp32 graphs where exported (export
+    validated them against PyTorch; no PyTorch needed), else PyTorch."""
+    return ("onnxruntime", "fp32") if graphs.graph_path(model_dir, "encoder", "fp32").is_file() else ("torch", "fp32")
+
+
+def accuracies(load: Load, model_dir: Path, paths: list[tuple[str, str]], threads: int, device: str = "cpu",
+               progress: Callable[[str], None] | None = None) -> dict[tuple[str, str], dict[str, Any] | None]:
+    """Each path's accuracy against the fp32 reference (None for fp32 paths, which always qualify): read from
+    accuracy.json where this model, path and numerics class were measured before, else measured now (once) and
+    saved."""
+    step = progress or (lambda message: None)
+    ref_path = reference_path(model_dir)
+    known = {_freeze(e["key"]): e for e in _entries(model_dir, ACCURACY, ACCURACY_SCHEMA, "paths")}
+    out, ref = {}, None
+    for backend, precision in paths:
+        if precision == "fp32":
+            out[backend, precision] = None
+            continue
+        k = accuracy_key(model_dir, backend, precision, device, "/".join(ref_path))
+        entry = known.get(_freeze(k))
+        if entry is None:
+            if ref is None:
+                step(f"accuracy: fp32 reference ({'/'.join(ref_path)})")
+                ref = reference(load, model_dir, threads, ref_path[0])
+            step(f"accuracy: {backend} {precision} (once per model and CPU class)")
+            engine = load(model_dir, backend=backend, precision=precision, threads=threads, device=device)
+            entry = {"key": k, **accuracy(engine, ref), "validation": ref["source"],
+                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            _put(model_dir, ACCURACY, ACCURACY_SCHEMA, "paths", entry, KEEP_ACCURACY)
+        out[backend, precision] = {k2: v for k2, v in entry.items() if k2.endswith("_nats")}
+    return out
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable form of a JSON value (for looking keys up)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def reference(load: Load, model_dir: Path, threads: int, backend: str = "torch") -> dict[str, Any]:
+    """The fp32 reference on the validation items: {"x", "source", "nll", "nelbo", "engine"}."""
     x_val, source = validation_items(model_dir)
-    ref = load(model_dir, backend="torch", precision="fp32", threads=threads)
+    ref = load(model_dir, backend=backend, precision="fp32", threads=threads)
     return {"x": x_val, "source": source, "nll": -ref.log_likelihood(x_val, ACCURACY_K), "nelbo": -ref.elbo(x_val),
             "engine": ref}
 
@@ -180,14 +298,24 @@ def accuracy(engine, ref: dict[str, Any]) -> dict[str, float]:
             "mean_abs_item_nll_change_nats": float(np.mean(np.abs(diff)))}
 
 
-def items_per_s(engine, ref: dict[str, Any], batch: int, min_time: float = 0.3) -> float:
-    """Items per second of one encode plus one decode at `batch` (validation items tiled, seeded latents)."""
+def _inputs(engine, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded items in [0, 1] and latents of a batch, for timing (speed does not depend on the values)."""
     import numpy as np
 
-    x_val = ref["x"]
-    x = np.ascontiguousarray(np.tile(x_val, (-(-batch // len(x_val)), 1))[:batch])
-    z = np.random.default_rng(0).standard_normal((batch, engine.cfg.latent_dim)).astype(np.float32)
-    return batch / _time_path(engine, x, z, min_time)
+    g = np.random.default_rng(0)
+    return (g.random((batch, engine.cfg.input_dim), dtype=np.float32),
+            g.standard_normal((batch, engine.cfg.latent_dim), dtype=np.float32))
+
+
+def items_per_s(engine, ref: dict[str, Any] | None, batch: int, min_time: float = 0.3) -> float:
+    """Items per second of one encode plus one decode at `batch`, timed by the benchmark's recipe."""
+    import numpy as np
+
+    from ..perf.timing import measure
+
+    x, z = _inputs(engine, batch)
+    be = engine.backend
+    return batch / float(np.median(measure(lambda: (be.encode(x), be.decode(z)), min_time=min_time).seconds))
 
 
 def thread_options(threads: int | None, batch: int) -> list[int]:
@@ -199,42 +327,84 @@ def thread_options(threads: int | None, batch: int) -> list[int]:
     return [every, 1] if batch <= SMALL_BATCH and every > 1 else [every]
 
 
-def measure(load: Load, model_dir: Path, paths: list[tuple[str, str]], threads: list[int], batch: int,
-            device: str = "cpu", min_time: float = 0.3,
-            progress: Callable[[str], None] | None = None) -> tuple[list[dict], str]:
-    """Speed and accuracy of each path at each thread count of `threads` (`thread_options`; the accuracy, which
-    threads do not change, is measured at the first); returns (rows, validation source)."""
+def race(fns: dict[Any, Callable[[], Any]], seconds: float = RACE_SECONDS,
+         min_rounds: int = MIN_ROUNDS) -> tuple[dict[Any, list[float]], bool]:
+    """Time each function in interleaved rounds (each round every function once, in a rotated order) until the
+    fastest is clearly ahead (its 75th percentile under every other's 25th) or `seconds` pass. Returns the seconds
+    per call of each round per function, and whether the ranking was clear. One sample runs a function at least
+    `SAMPLE_SECONDS` (many calls at batch 1), so timer and scheduler noise stay small against it."""
+    import numpy as np
+
+    reps = {}
+    for name, fn in fns.items():  # warm up (first calls allocate), and size each sample
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        reps[name] = max(1, math.ceil(SAMPLE_SECONDS / max(time.perf_counter() - t0, 1e-7)))
+    times: dict[Any, list[float]] = {name: [] for name in fns}
+    names, end, rounds = list(fns), time.perf_counter() + seconds, 0
+    while True:
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            fn, n = fns[name], reps[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[name].append((time.perf_counter() - t0) / n)
+        rounds += 1
+        if rounds < min_rounds:
+            continue
+        order = sorted(names, key=lambda m: np.median(times[m]))
+        clear = len(order) == 1 or np.percentile(times[order[0]], 75) < min(
+            np.percentile(times[m], 25) for m in order[1:])
+        if clear or time.perf_counter() > end:
+            return times, bool(clear)
+
+
+def time_paths(load: Load, model_dir: Path, paths: list[tuple[str, str]], threads: list[int], batch: int,
+               device: str = "cpu", seconds: float = RACE_SECONDS,
+               progress: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """Items per second of each path at each thread count, raced in interleaved rounds (`race`); returns the
+    rows and whether the ranking was clear. A single candidate is not timed at all (nothing to choose)."""
+    import numpy as np
+
     step = progress or (lambda message: None)
-    step("fp32 reference")
-    ref = reference(load, model_dir, threads[0])
-    rows = []
+    engines = {}
     for backend, precision in paths:
-        changes = None
         for n in threads:
-            step(f"{backend} {precision}" + (f", {n} thread{'s' * (n > 1)}" if len(threads) > 1 else ""))
-            first = (backend, precision, n) == ("torch", "fp32", threads[0])
-            engine = ref["engine"] if first else load(model_dir, backend=backend, precision=precision, threads=n,
-                                                      device=device)
-            speed = items_per_s(engine, ref, batch, min_time)
-            changes = changes or accuracy(engine, ref)
-            rows.append({"backend": backend, "precision": precision, "threads": n,
-                         "provider": engine.backend.provider, "seconds_per_batch": batch / speed,
-                         "items_per_s": speed, **changes})
-    return rows, ref["source"]
+            step(f"opening {backend} {precision}" + (f", {n} thread{'s' * (n > 1)}" if len(threads) > 1 else ""))
+            engines[backend, precision, n] = load(model_dir, backend=backend, precision=precision, threads=n,
+                                                  device=device)
+    if len(engines) == 1:
+        (b, p, n), engine = next(iter(engines.items()))
+        return [{"backend": b, "precision": p, "threads": n, "provider": engine.backend.provider,
+                 "items_per_s": None, "rounds": 0}], True
+    fns = {}
+    for name, engine in engines.items():
+        x, z = _inputs(engine, batch)
+        be = engine.backend
+        fns[name] = (lambda be, x, z: lambda: (be.encode(x), be.decode(z)))(be, x, z)
+    step(f"timing {len(fns)} paths at batch {batch}")
+    times, clear = race(fns, seconds)
+    rows = [{"backend": b, "precision": p, "threads": n, "provider": engines[b, p, n].backend.provider,
+             "seconds_per_batch": float(np.median(t)), "items_per_s": batch / float(np.median(t)),
+             "spread": float((np.percentile(t, 75) - np.percentile(t, 25)) / np.median(t)), "rounds": len(t)}
+            for (b, p, n), t in times.items()]
+    return rows, clear
 
 
 def within(row: dict[str, Any], budget: float) -> bool:
-    """Does a measured path keep its mean NLL change within the budget? (fp32 paths always do.)"""
+    """Does a path keep its mean NLL change within the budget? (fp32 paths always do.)"""
     return row["precision"] == "fp32" or abs(row["nll_change_nats"]) <= budget
 
 
 def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None,
            batch: int = 1024, budget: float = DEFAULT_BUDGET, int8: bool | None = None, retune: bool = False,
-           progress: Callable[[str], None] | None = None, min_time: float = 0.3) -> dict[str, Any]:
+           progress: Callable[[str], None] | None = None, seconds: float = RACE_SECONDS) -> dict[str, Any]:
     """The decision for this model here: {"backend", "precision", "threads", "key", "measurements", ...}; reused
-    from tuning.json when its key matches, else measured (a few seconds) and saved. `load` opens a path of the
-    model (`Engine.load`, called with an explicit backend and precision). `threads` None: the thread count is
-    part of the decision (`thread_options`)."""
+    from tuning.json when its key matches (and its ranking was clear, or was re-checked `RECHECKS` times), else
+    measured (about a second, plus each path's accuracy the first time on a CPU class) and saved. `load` opens a
+    path of the model (`Engine.load`, called with an explicit backend and precision). `threads` None: the thread
+    count is part of the decision (`thread_options`)."""
     import numpy as np
 
     from ..core.config import MAX_BATCH, check_int
@@ -249,19 +419,29 @@ def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str
     options = thread_options(None if threads is None else backends.set_threads(threads), batch)
     k = key(model_dir, backend, device, options[0] if threads is not None else f"auto ({options[0]} CPUs)", batch,
             float(budget), int8)
-    if not retune:
-        for d in saved(model_dir):
-            if d["key"] == k and d.get("backend") in backends.BACKENDS:
-                return {**d, "reused": True}
+    previous = next((d for d in saved(model_dir) if d["key"] == k and d.get("backend") in backends.BACKENDS), None)
+    if previous and not retune and (previous.get("clear", True) or previous.get("checks", 0) >= RECHECKS):
+        return {**previous, "reused": True}
     paths, notes = candidates(model_dir, backend, device, int8)
-    rows, source = measure(load, model_dir, paths, options, batch, device, min_time=min_time, progress=progress)
-    best = max((r for r in rows if within(r, budget)), key=lambda r: r["items_per_s"])
+    costs = accuracies(load, model_dir, paths, options[0], device, progress)
+    fits = []
+    for path in paths:
+        row = {"backend": path[0], "precision": path[1], **(costs[path] or {})}
+        if within(row, budget):
+            fits.append(path)
+        else:
+            notes.append(f"{path[0]}/{path[1]}: mean NLL change {row['nll_change_nats']:+.4f} nats is over the "
+                         f"budget ({budget} nats); not timed")
+    rows, clear = time_paths(load, model_dir, fits, options, batch, device, seconds, progress)
+    rows = [{**r, **(costs[r["backend"], r["precision"]] or {})} for r in rows]
+    best = max(rows, key=lambda r: r["items_per_s"] or 0.0)
     decision = {"key": k, "backend": best["backend"], "precision": best["precision"], "threads": best["threads"],
-                "measurements": rows,
-                "validation": source, "notes": notes, "accuracy_k": ACCURACY_K,
-                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    decision["saved"] = _save(model_dir, decision)
-    return {**decision, "reused": False}
+                "measurements": rows, "clear": clear,
+                "checks": previous.get("checks", 0) + 1 if previous and not retune else 0,
+                "accuracy": {f"{b}/{p}": c for (b, p), c in costs.items() if c}, "notes": notes,
+                "accuracy_k": ACCURACY_K, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    where = _put(model_dir, TUNING, SCHEMA, "decisions", decision, KEEP)
+    return {**decision, "saved": where is not None, "saved_to": where, "reused": False}
 
 
 def describe_path(backend: str, precision: str, decision: dict[str, Any] | None = None) -> str:
