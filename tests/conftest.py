@@ -37,6 +37,14 @@ def write_idx_dataset(folder: Path, n_train: int = 256, n_test: int = 64, seed: 
     return folder
 
 
+def pytest_configure(config):
+    """The user's cache folder (downloads, decisions for read-only model folders) is a fresh one per run."""
+    import os
+    import tempfile
+
+    os.environ["VAE_ENGINE_CACHE"] = tempfile.mkdtemp(prefix="vae-engine-cache-")
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
