@@ -1,13 +1,21 @@
-"""Shared fixtures: a tiny synthetic IDX dataset and a tiny trained model directory (seeded, seconds to make)."""
+"""Shared fixtures: a tiny synthetic IDX dataset and a tiny trained model directory (seeded, seconds to make).
+
+Without PyTorch (the inference-only install CI tests on Python 3.10 and 3.13), `exported_model` is a copy of
+`tests/data/tiny-exported`, the same recipe trained and exported once (`test_export.py` checks it still loads and
+matches its weights), and tests that need `tiny_model` (training) are skipped."""
 
 from __future__ import annotations
 
 import gzip
 from pathlib import Path
 
+import importlib.util
+
 import numpy as np
 import pytest
-import torch
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+TINY_EXPORTED = Path(__file__).parent / "data" / "tiny-exported"
 
 
 def idx_bytes(arr: np.ndarray, magic: int) -> bytes:
@@ -47,7 +55,10 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    if HAS_TORCH:
+        import torch
+
+        torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +69,8 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_data) -> Path:
     """A 784-32-4 MLP VAE trained for 2 epochs on the tiny dataset."""
+    if not HAS_TORCH:
+        pytest.skip("needs PyTorch (training): pip install 'vae-engine[train]'")
     from vae_engine.core.config import ModelConfig, TrainConfig
     from vae_engine.training.train import train
 
@@ -68,13 +81,17 @@ def tiny_model(tmp_path_factory, tiny_data) -> Path:
 
 
 @pytest.fixture(scope="session")
-def exported_model(tmp_path_factory, tiny_model) -> Path:
+def exported_model(tmp_path_factory, request) -> Path:
     """A copy of the tiny model with its fp32 and int8 ONNX graphs."""
     import shutil
 
+    out = tmp_path_factory.mktemp("exported") / "m"
+    if not HAS_TORCH:
+        shutil.copytree(TINY_EXPORTED, out)
+        return out
     from vae_engine.export.exporter import export
 
-    out = tmp_path_factory.mktemp("exported") / "m"
+    tiny_model = request.getfixturevalue("tiny_model")
     out.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_model / name, out / name)

@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from ..core.errors import Interrupted, VaeEngineError, os_error_reason
+from ..core.errors import Interrupted, VaeEngineError, missing_dependency, os_error_reason
 
 try:  # recent Typer releases carry their own copy of click; older ones use click itself
     from typer._click import exceptions as click_exc
@@ -72,6 +72,12 @@ def friendly(fn):
         except (typer.Exit, click_exc.ClickException):
             raise
         except BaseException as exc:
+            # an optional library this command needs and this install lacks (torch for train and export, ...)
+            missing = missing_dependency(exc, f"`vae-engine {fn.__name__.replace('_', '-')}`") \
+                if isinstance(exc, ImportError) else None
+            if missing is not None and not os.environ.get(DEBUG_ENV):
+                typer.echo(f"error: {missing}", err=True)
+                raise typer.Exit(2) from None
             if _interrupted(exc):
                 typer.echo("interrupted: no output was written", err=True)
                 raise typer.Exit(130) from None

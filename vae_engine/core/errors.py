@@ -30,6 +30,25 @@ class Interrupted(VaeEngineError):
     """The user stopped the work (Ctrl-C, SIGTERM); the message says what was kept. The CLI exits 130."""
 
 
+# optional libraries -> the extra of vae-engine that installs them
+EXTRAS = {"torch": "train", "onnxscript": "train", "matplotlib": "train", "fastapi": "serve", "uvicorn": "serve",
+          "prometheus_client": "serve", "orjson": "serve", "grpc": "grpc", "openvino": "openvino",
+          "ray": "distributed", "pyarrow": "distributed"}
+
+
+class MissingDependency(VaeEngineError):
+    """An optional library a command needs is not installed; the message names the extra that installs it."""
+
+
+def missing_dependency(exc: ImportError, what: str = "this") -> MissingDependency | None:
+    """The one-line error for an ImportError of an optional library (None for any other ImportError)."""
+    top = (exc.name or "").split(".")[0]
+    if top not in EXTRAS:
+        return None
+    return MissingDependency(f"{what} needs {top}, which is not installed here: pip install "
+                             f"'vae-engine[{EXTRAS[top]}]'")
+
+
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 

@@ -136,7 +136,7 @@ def stream(source: Source, fn: Callable[[int, np.ndarray], np.ndarray], out_path
     if out_path.suffix == ".png" and source.n > MAX_PNG_IMAGES:
         raise VaeEngineError(f"{source.n} images are too many for a PNG grid (max {MAX_PNG_IMAGES}); write .npy")
     if out_path.suffix == ".png":
-        from ..training.plots import save_grid_png
+        from ..data.grids import save_grid_png
 
         grid = np.concatenate([fn(i, chunk) for i, chunk in source.chunks(batch_size)])
         save_grid_png(out_path, grid, image_shape)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.errors import DataError
-from ..model.estimators import evaluate, reference_scores, summarize
+from ..model.evaluation import evaluate, summarize
 
 
 def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int = 0, backend: str = "auto",
@@ -24,6 +24,7 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
     from functools import partial
 
     from .. import data, modeldir
+    from ..model import likelihoods
     from ..runtime.backends import set_threads
 
     train_cfg = modeldir.train_config(model_dir)
@@ -39,11 +40,13 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
         images, _ = data.load_test_data(train_cfg)
     images = images[:limit]
     threads = set_threads(threads)
-    model = modeldir.load_model(model_dir)
-    binarize = model.likelihood.binarizes(train_cfg.binarize)
-    reference = partial(reference_scores, model)
-    path = "torch/fp32 (reference)"
+    binarize = likelihoods.get(modeldir.model_config(model_dir).likelihood).binarizes(train_cfg.binarize)
+    path, reference = "torch/fp32 (reference)", None
     backend = evaluation_backend(model_dir, backend, precision, device)
+    if compare or (backend == "torch" and precision == "fp32" and device == "cpu"):  # the PyTorch reference
+        from ..model.estimators import reference_scores
+
+        reference = partial(reference_scores, modeldir.load_model(model_dir))
     if backend == "torch" and precision == "fp32" and device == "cpu":
         score_fn = reference
     else:

@@ -5,6 +5,7 @@ One source of truth for what `export` writes and what the engine and `info` read
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,13 +251,38 @@ INT8_OPS = ("MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeMatMul")  #
 
 
 def graph_macs(model: onnx.ModelProto) -> dict[str, int]:
-    """Multiply-adds per item of a graph's constant-weight matrix products, by the precision they run in:
-    {"int8": ..., "float": ...} (Gemm, MatMul, and the integer products of int8 graphs)."""
+    """Multiply-adds per item of a graph's matrix products and convolutions with constant weights, by the precision
+    they run in: {"int8": ..., "float": ...} (Gemm, MatMul, Conv, ConvTranspose, and the integer products of int8
+    graphs). Convolutions take their spatial sizes from ONNX shape inference (batch 1), so no framework is needed
+    to count the work of an exported model."""
+    import onnx
+
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
     out = {"int8": 0, "float": 0}
+    convs = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    spatial: dict[str, tuple[int, ...]] = {}
+    if convs:  # the activations' shapes, batch fixed to 1
+        fixed = onnx.ModelProto()
+        fixed.CopyFrom(model)
+        for value in fixed.graph.input:
+            dims = value.type.tensor_type.shape.dim
+            if dims and not dims[0].HasField("dim_value"):
+                dims[0].dim_value = 1
+        inferred = onnx.shape_inference.infer_shapes(fixed).graph
+        for value in (*inferred.value_info, *inferred.input, *inferred.output):
+            dims = value.type.tensor_type.shape.dim
+            if all(d.HasField("dim_value") for d in dims):
+                spatial[value.name] = tuple(d.dim_value for d in dims)
     for node in model.graph.node:
-        if node.op_type in ("Gemm", "MatMul", *INT8_OPS) and len(node.input) > 1 and node.input[1] in shapes:
-            dims = shapes[node.input[1]]
-            if len(dims) == 2:
-                out["int8" if node.op_type in INT8_OPS else "float"] += int(dims[0] * dims[1])
+        if len(node.input) < 2 or node.input[1] not in shapes:
+            continue
+        dims = shapes[node.input[1]]
+        if node.op_type in ("Gemm", "MatMul", *INT8_OPS) and len(dims) == 2:
+            out["int8" if node.op_type in INT8_OPS else "float"] += int(dims[0] * dims[1])
+        elif node.op_type in ("Conv", "ConvTranspose") and len(dims) >= 3:
+            # weights (Cout, Cin/g, k...) for Conv, (Cin, Cout/g, k...) for ConvTranspose: each weight is one
+            # multiply-add per output position of a Conv, per input position of a ConvTranspose
+            where = spatial.get(node.output[0] if node.op_type == "Conv" else node.input[0])
+            if where is not None:
+                out["float"] += int(math.prod(dims) * math.prod(where[2:]))
     return out

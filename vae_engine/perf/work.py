@@ -5,14 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..core.config import ModelConfig
 from ..modeldir import graphs
 
+if TYPE_CHECKING:  # torch counts the work of models without exported graphs; exported ones are counted on ONNX
+    import torch
+
 
 def _layer_flops(module: torch.nn.Module, x: torch.Tensor) -> float:
     """2 * multiply-adds of the Linear/Conv layers of `module` for one input row, counted with forward hooks."""
+    import torch
+
     total = [0.0]
 
     def hook(m, inputs, output):
@@ -33,6 +38,8 @@ def _layer_flops(module: torch.nn.Module, x: torch.Tensor) -> float:
 
 def model_flops(cfg: ModelConfig) -> dict[str, float]:
     """FLOPs per sample of the encoder and decoder (2 per multiply-add; activations not counted)."""
+    import torch
+
     from ..model.networks import VAE
 
     vae = VAE(cfg)
@@ -45,7 +52,11 @@ def macs_by_precision(model_dir: Path, cfg: ModelConfig, role: str, precision: s
     """Multiply-adds per item of one network ("encoder" or "decoder") by the precision they run in on a path:
     all of them at the path's precision, except that an int8 ONNX graph runs its integer layers in int8 and the rest
     (kept layers, convolutions) in fp32. {precision: multiply-adds}."""
-    total = model_flops(cfg)["encode" if role == "encoder" else "decode"] / 2
+    fp32_graph = graphs.graph_path(model_dir, role, "fp32")
+    if fp32_graph.is_file():  # counted on the exported graph: no PyTorch needed
+        total = float(graphs.graph_macs(graphs.load_graph(fp32_graph, role, cfg))["float"])
+    else:
+        total = model_flops(cfg)["encode" if role == "encoder" else "decode"] / 2
     if backend != "onnxruntime" or precision != "int8":
         return {precision: total}
     int8 = graphs.graph_macs(graphs.load_graph(graphs.graph_path(model_dir, role, "int8"), role, cfg))["int8"]

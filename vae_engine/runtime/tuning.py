@@ -109,9 +109,10 @@ def candidates(model_dir: Path, backend: str = "auto", device: str = "cpu",
     return paths, notes
 
 
-def validation_items(model_dir: Path, n: int = VALIDATION_ITEMS, seed: int = 0) -> tuple[np.ndarray, str]:
+def validation_items(model_dir: Path, engine, n: int = VALIDATION_ITEMS, seed: int = 0) -> tuple[np.ndarray, str]:
     """Up to n items of the model's own test split in model units (binarized by the seeded stream for Bernoulli
-    models, as evaluate does); if that data is gone, n samples from the model itself. Returns (x, source)."""
+    models, as evaluate does); if that data is gone, n samples E[x|z] of the model itself, drawn by `engine` (the
+    reference). Returns (x, source)."""
     import numpy as np
 
     from .. import data
@@ -124,13 +125,7 @@ def validation_items(model_dir: Path, n: int = VALIDATION_ITEMS, seed: int = 0) 
         x = data.to_float(data.load_test_data(train_cfg)[0][:n]).reshape(-1, cfg.input_dim)
         source = f"{len(x)} test items"
     except (VaeEngineError, OSError):
-        import torch
-
-        model = modeldir.load_model(model_dir)
-        with torch.inference_mode():
-            params = model.decoder(torch.from_numpy(modeldir.load_prior(model_dir, cfg).sample(seed, 0, n)))
-            x = lk.mean(params.numpy())
-        source = f"{n} samples of the model (its test data is not readable)"
+        x, source = engine.sample(n, seed), f"{n} samples of the model (its test data is not readable)"
     if lk.binarizes(train_cfg.binarize):
         x = rng.binarize(x, seed, 0)
     return np.ascontiguousarray(x, np.float32), source
@@ -278,8 +273,8 @@ def _freeze(value: Any) -> Any:
 
 def reference(load: Load, model_dir: Path, threads: int, backend: str = "torch") -> dict[str, Any]:
     """The fp32 reference on the validation items: {"x", "source", "nll", "nelbo", "engine"}."""
-    x_val, source = validation_items(model_dir)
     ref = load(model_dir, backend=backend, precision="fp32", threads=threads)
+    x_val, source = validation_items(model_dir, ref)
     return {"x": x_val, "source": source, "nll": -ref.log_likelihood(x_val, ACCURACY_K), "nelbo": -ref.elbo(x_val),
             "engine": ref}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ... import modeldir
-from ...core.errors import VaeEngineError
+from ...core.errors import VaeEngineError, missing_dependency
 from .base import BackendSpec, PathSpec, tensor, unsupported
 
 
@@ -18,7 +18,10 @@ class TorchBackend:
 
     def __init__(self, model_dir: Path, compile: bool = False, device: str = "cpu", threads: int | None = None,
                  precision: str = "fp32"):
-        import torch
+        try:
+            import torch
+        except ImportError as exc:
+            raise (missing_dependency(exc, f"--backend {'torch-compile' if compile else 'torch'}") or exc) from None
 
         if threads:
             torch.set_num_threads(threads)
@@ -120,7 +123,15 @@ def _open(compile: bool):
     return open_
 
 
+def _torch_missing(precision: str, device: str, model_dir: Path | None) -> str | None:
+    from ...core import hardware
+
+    return None if hardware.installed("torch") else "PyTorch is not installed (pip install 'vae-engine[train]')"
+
+
 def _compiler_missing(precision: str, device: str, model_dir: Path | None) -> str | None:
+    if _torch_missing(precision, device, model_dir):
+        return _torch_missing(precision, device, model_dir)
     if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "c++", "g++")):
         return "torch.compile needs a C/C++ compiler on PATH (apt-get install gcc g++)"
     return None
@@ -129,6 +140,6 @@ def _compiler_missing(precision: str, device: str, model_dir: Path | None) -> st
 SPECS = (
     BackendSpec("torch", (PathSpec("fp32", "cpu", "torch"), PathSpec("bf16", "cpu", "torch-bf16"),
                           PathSpec("fp32", "cuda", "torch-cuda"), PathSpec("bf16", "cuda", "torch-cuda-bf16"),
-                          PathSpec("fp16", "cuda", "torch-cuda-fp16")), _open(False)),
+                          PathSpec("fp16", "cuda", "torch-cuda-fp16")), _open(False), _torch_missing),
     BackendSpec("torch-compile", (PathSpec("fp32", "cpu", "torch-compile"),), _open(True), _compiler_missing),
 )
