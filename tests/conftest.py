@@ -7,9 +7,8 @@ matches its weights), and tests that need `tiny_model` (training) are skipped.""
 from __future__ import annotations
 
 import gzip
-from pathlib import Path
-
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest

@@ -31,7 +31,8 @@ HAS_CUDA = torch.cuda.is_available()
 def model(exported_model, tmp_path):
     """A private copy (tuning.json is written into the model folder)."""
     out = tmp_path / "m"
-    shutil.copytree(exported_model, out, ignore=shutil.ignore_patterns(tuning.TUNING, tuning.ACCURACY))  # none of other tests'
+    # none of the other tests' decisions or accuracies
+    shutil.copytree(exported_model, out, ignore=shutil.ignore_patterns(tuning.TUNING, tuning.ACCURACY))
     return out
 
 

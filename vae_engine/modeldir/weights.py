@@ -18,8 +18,8 @@ from .layout import PRIOR, WEIGHTS
 if TYPE_CHECKING:  # torch is imported where tensors are used, so `info` and `--help` start fast
     import torch
 
-    from ..model.networks import VAE
     from ..model.engine_priors import MixturePrior, NormalPrior
+    from ..model.networks import VAE
 
 
 def load_tensors(path: Path, framework: str = "pt") -> tuple[dict[str, Any], dict[str, str]]:

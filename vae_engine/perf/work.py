@@ -4,7 +4,6 @@ network by the precision a path runs them in (an int8 graph keeps some layers in
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from ..core.config import ModelConfig

@@ -308,9 +308,8 @@ def items_per_s(engine, ref: dict[str, Any] | None, batch: int, min_time: float 
 
     from ..perf.timing import measure
 
-    x, z = _inputs(engine, batch)
-    be = engine.backend
-    return batch / float(np.median(measure(lambda: (be.encode(x), be.decode(z)), min_time=min_time).seconds))
+    fn = _encode_decode(engine.backend, *_inputs(engine, batch))
+    return batch / float(np.median(measure(fn, min_time=min_time).seconds))
 
 
 def thread_options(threads: int | None, batch: int) -> list[int]:
@@ -355,6 +354,11 @@ def race(fns: dict[Any, Callable[[], Any]], seconds: float = RACE_SECONDS,
             return times, bool(clear)
 
 
+def _encode_decode(be, x: np.ndarray, z: np.ndarray) -> Callable[[], Any]:
+    """One encode and one decode of a backend: what a path is timed on."""
+    return lambda: (be.encode(x), be.decode(z))
+
+
 def time_paths(load: Load, model_dir: Path, paths: list[tuple[str, str]], threads: list[int], batch: int,
                device: str = "cpu", seconds: float = RACE_SECONDS,
                progress: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], bool]:
@@ -373,11 +377,7 @@ def time_paths(load: Load, model_dir: Path, paths: list[tuple[str, str]], thread
         (b, p, n), engine = next(iter(engines.items()))
         return [{"backend": b, "precision": p, "threads": n, "provider": engine.backend.provider,
                  "items_per_s": None, "rounds": 0}], True
-    fns = {}
-    for name, engine in engines.items():
-        x, z = _inputs(engine, batch)
-        be = engine.backend
-        fns[name] = (lambda be, x, z: lambda: (be.encode(x), be.decode(z)))(be, x, z)
+    fns = {name: _encode_decode(engine.backend, *_inputs(engine, batch)) for name, engine in engines.items()}
     step(f"timing {len(fns)} paths at batch {batch}")
     times, clear = race(fns, seconds)
     rows = [{"backend": b, "precision": p, "threads": n, "provider": engines[b, p, n].backend.provider,

@@ -13,7 +13,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ..core import atomic  # noqa: E402
-from ..core.config import IMAGE_SHAPE  # noqa: E402
 from ..data.grids import displayable, image_grid, save_grid_png  # noqa: E402,F401 - re-exported
 
 
