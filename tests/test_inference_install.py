@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from vae_engine.data import datasets
+from vae_engine.modeldir import resolve_model_dir
 
-SHIPPED = Path(__file__).resolve().parents[1] / "models" / "mnist-vae"
+SHIPPED = resolve_model_dir(None)  # the clone's models/mnist-vae, or the installed wheel's copy
 HEAVY = ("torch", "matplotlib", "onnxscript")  # never needed by an inference path
 # runs the CLI in a fresh interpreter, then prints the heavy modules it imported as JSON on the last stderr line
 RUNNER = textwrap.dedent("""

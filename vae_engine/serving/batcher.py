@@ -118,7 +118,7 @@ class MicroBatcher:
                 remaining = deadline - time.perf_counter()
                 try:
                     nxt = queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(queue.get(), remaining)
-                except (asyncio.QueueEmpty, TimeoutError):
+                except (asyncio.QueueEmpty, asyncio.TimeoutError):  # not the builtin before Python 3.11
                     break
                 if n + nxt.n > self.max_batch:
                     carry = nxt  # starts the next batch
