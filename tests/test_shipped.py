@@ -18,7 +18,8 @@ from vae_engine.runtime.engine import Engine
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "mnist-vae"
 NLL_200_RANGE = (80.47, 80.56)  # measured: 80.514 with both backends (seed 0, 200 images, k=200)
 FILES = ("config.json", "model.safetensors", "prior.safetensors", "metrics.jsonl", "encoder.onnx", "decoder.onnx",
-         "encoder.int8.onnx", "decoder.int8.onnx", "export_report.json", "evaluation.json", "plots/training_curve.png",
+         "encoder.int8.onnx", "decoder.int8.onnx", "export_report.json", "evaluation.json", "accuracy.json",
+         "plots/training_curve.png",
          "plots/reconstructions.png", "plots/samples.png", "plots/latent_traversal.png")
 
 
@@ -28,6 +29,24 @@ def test_files_present_and_small():
     size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
     assert size < 20e6
     assert not (SHIPPED / modeldir.STATE).exists()  # resume state is not shipped
+
+
+def test_shipped_accuracy_belongs_to_these_graphs():
+    """accuracy.json (what `--precision auto` reads instead of measuring on a measured CPU class) is keyed by the
+    weights and graph files it was measured on: every entry matches the shipped files, and each is within the
+    default budget as the decision would judge it."""
+    import hashlib
+
+    from vae_engine.runtime import tuning
+
+    doc = json.loads((SHIPPED / tuning.ACCURACY).read_text())
+    assert doc["schema"] == tuning.ACCURACY_SCHEMA and doc["paths"]
+    for entry in doc["paths"]:
+        key = entry["key"]
+        assert key["weights_sha256"] == modeldir.weights_sha256(SHIPPED)
+        for name, sha in key["graphs_sha256"].items():
+            assert hashlib.sha256((SHIPPED / name).read_bytes()).hexdigest() == sha, name
+        assert abs(entry["nll_change_nats"]) <= tuning.DEFAULT_BUDGET, key
 
 
 def test_graphs_match_the_weights():

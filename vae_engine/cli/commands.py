@@ -244,6 +244,47 @@ def info(model_dir: ModelOpt = None) -> None:
     describe(resolve_model_dir(model_dir), out)
 
 
+@app.command()
+@friendly
+def tune(
+    model_dir: ModelOpt = None,
+    batch_size: Annotated[str, typer.Option(help="Batch sizes to decide for, comma-separated (each job's --batch-size picks its decision).")] = "1,1024",
+    backend: BackendOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu", threads: ThreadsOpt = None,
+    seconds: Annotated[float, typer.Option(help="Most time the timing rounds of one decision may take (jobs take 0.6 s).")] = 3.0,
+) -> None:
+    """Measure --precision auto's decision again, thoroughly: each path's accuracy (once per model and CPU class)
+    and longer interleaved timing rounds at each batch size; saved where the jobs find it (MODEL/tuning.json, or the
+    user's cache folder for a read-only model)."""
+    from ..core.config import MAX_BATCH, MAX_THREADS, check_int
+    from ..modeldir import resolve_model_dir
+    from ..runtime import tuning
+    from ..runtime.engine import Engine
+    from .info import decision_table
+
+    batches = [check_int("--batch-size", b, 1, MAX_BATCH) for b in _int_list("--batch-size", batch_size)]
+    if threads is not None:
+        check_int("--threads", threads, 1, MAX_THREADS)
+    if not (0 < seconds <= 600):
+        raise VaeEngineError(f"--seconds must be in (0, 600], got {seconds}")
+    model_dir = resolve_model_dir(model_dir)
+    for batch in batches:
+        with CONSOLE.status(f"batch {batch}: measuring") as status:
+            d = tuning.choose(Engine.load, model_dir, backend, path_options(backend, "auto", max_nll_change, device)["device"],
+                              threads, batch, max_nll_change, retune=True, seconds=seconds,
+                              progress=lambda message: status.update(f"batch {batch}: {message}"))
+        out.print(decision_table(d, "this CPU"))
+        out.print(f"batch {batch}: {tuning.describe_path(d['backend'], d['precision'], d)}"
+                  + ("" if d["clear"] else " (ranking not clear within the time; later jobs re-check it)")
+                  + (f"; saved to {d['saved_to']}" if d.get("saved") else "; not saved (nothing writable)"))
+
+
+def _int_list(name: str, text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise VaeEngineError(f"{name} must be comma-separated integers, got {text!r}") from None
+
+
 # ---- batch jobs ----
 
 @app.command()

@@ -113,23 +113,29 @@ def _tuning(model_dir: Path, console: Console) -> None:
 
     here = hardware.cpu_info()[0]
     for d in tuning.saved(model_dir):
-        k, rows = d["key"], d.get("measurements")
-        if not isinstance(rows, list):
-            continue
-        where = "this CPU" if k.get("cpu") == here else f"another CPU ({k.get('cpu')})"
-        t = Table(title=f"--precision auto on {where}: batch {k.get('batch')}, {k.get('threads')} threads, "
-                        f"budget {k.get('budget_nats')} nats -> {d.get('backend')}/{d.get('precision')}"
-                        + (f", {d['threads']} threads" if "threads" in d else ""))
-        for col in ("path", "threads", "items/s", "mean NLL change", "mean -ELBO change", "max item change"):
-            t.add_column(col, justify="right")
-        for r in (r for r in rows if isinstance(r, dict)):
-            chosen = ((r.get("backend"), r.get("precision"), r.get("threads", d.get("threads")))
-                      == (d.get("backend"), d.get("precision"), d.get("threads")))
-            t.add_row(("* " if chosen else "") + f"{r.get('backend')}/{r.get('precision')}",
-                      str(r.get("threads", k.get("threads"))),
-                      _num(r.get("items_per_s"), ",.0f"), _num(r.get("nll_change_nats"), "+.4f"),
-                      _num(r.get("nelbo_change_nats"), "+.4f"), _num(r.get("max_item_nll_change_nats"), ".3f"))
-        console.print(t)
+        if isinstance(d.get("measurements"), list):
+            k = d["key"]
+            console.print(decision_table(d, "this CPU" if k.get("cpu") == here else f"another CPU ({k.get('cpu')})"))
+
+
+def decision_table(d: dict, where: str) -> Table:
+    """One `--precision auto` decision as a table: every path timed, its speed and its accuracy cost."""
+    k = d["key"]
+    t = Table(title=f"--precision auto on {where}: batch {k.get('batch')}, {k.get('threads')} threads, "
+                    f"budget {k.get('budget_nats')} nats -> {d.get('backend')}/{d.get('precision')}"
+                    + (f", {d['threads']} threads" if "threads" in d else ""))
+    t.add_column("path", no_wrap=True)
+    for col in ("threads", "items/s", "spread", "mean NLL change", "mean -ELBO change", "max item change"):
+        t.add_column(col, justify="right")
+    for r in (r for r in d["measurements"] if isinstance(r, dict)):
+        cost = (lambda v, f: "-") if r.get("precision") == "fp32" else _num  # fp32: the reference's arithmetic
+        chosen = ((r.get("backend"), r.get("precision"), r.get("threads", d.get("threads")))
+                  == (d.get("backend"), d.get("precision"), d.get("threads")))
+        t.add_row(("* " if chosen else "") + f"{r.get('backend')}/{r.get('precision')}",
+                  str(r.get("threads", k.get("threads"))), _num(r.get("items_per_s"), ",.0f"),
+                  _num(r.get("spread"), ".0%"), cost(r.get("nll_change_nats"), "+.4f"),
+                  cost(r.get("nelbo_change_nats"), "+.4f"), cost(r.get("max_item_nll_change_nats"), ".3f"))
+    return t
 
 
 def _evaluation(model_dir: Path, console: Console) -> None:
