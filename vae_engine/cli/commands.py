@@ -271,7 +271,7 @@ def tune(
         with CONSOLE.status(f"batch {batch}: measuring") as status:
             d = tuning.choose(Engine.load, model_dir, backend, path_options(backend, "auto", max_nll_change, device)["device"],
                               threads, batch, max_nll_change, retune=True, seconds=seconds,
-                              progress=lambda message: status.update(f"batch {batch}: {message}"))
+                              progress=lambda message, b=batch: status.update(f"batch {b}: {message}"))
         out.print(decision_table(d, "this CPU"))
         out.print(f"batch {batch}: {tuning.describe_path(d['backend'], d['precision'], d)}"
                   + ("" if d["clear"] else " (ranking not clear within the time; later jobs re-check it)")
