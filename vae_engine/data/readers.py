@@ -127,8 +127,8 @@ def _read_csv(path: Path, columns: Sequence[str] | None) -> np.ndarray:
     row by row (`_read_csv_rows`), which names the row and column at fault."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            first, index = next(((row, i) for i, row in enumerate(csv.reader(f)) if row and any(c.strip() for c in row)),
-                                (None, 0))
+            rows = enumerate(csv.reader(f))
+            first, index = next(((row, i) for i, row in rows if row and any(c.strip() for c in row)), (None, 0))
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a UTF-8 text file; is it really a CSV?") from None
     except OSError as exc:
