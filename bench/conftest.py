@@ -1,5 +1,5 @@
 """Benchmark fixtures. A plain `pytest` runs every bench function once, untimed, so the suite cannot rot;
-`pytest bench/ --benchmark-only` times them."""
+`pytest --benchmark` times them, saves the run and compares it with the previous one (bench/plugin.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ THREADS = 2  # set explicitly: ORT, torch and Numba threads fight each other on 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
-    if not config.getoption("benchmark_only", False) and not config.getoption("benchmark_enable", False):
+    timed = ("benchmark_only", "benchmark_enable", "benchmark_suite")  # --benchmark-only, ..., `pytest --benchmark`
+    if not any(config.getoption(name, False) for name in timed):
         config.option.benchmark_disable = True
 
 

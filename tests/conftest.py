@@ -144,19 +144,19 @@ def start_serve(args: list[str], ready_path: str = "/readyz"):
 # One `.ci/run` of four on 2026-12-03 passed every test and then died with SIGSEGV (rc 139) while the
 # interpreter tore down after the summary (native libraries' static destructors: torch/oneDNN, ONNX Runtime,
 # OpenVINO, Numba's thread pool; not reproduced or pinned down yet). The exit status is the session's own.
-_EXIT: dict[str, int] = {}
+_EXIT: dict = {}
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
-    _EXIT["status"] = int(exitstatus)
+    _EXIT["session"] = session  # its exitstatus as other plugins leave it (`--benchmark` may fail the session)
 
 
 def pytest_unconfigure(config):
     import os
     import sys
 
-    if "status" in _EXIT:
+    if "session" in _EXIT:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(_EXIT["status"])
+        os._exit(int(_EXIT["session"].exitstatus))

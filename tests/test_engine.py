@@ -304,7 +304,7 @@ def test_gemm_peaks_run_at_the_thread_count_asked_for(monkeypatch):
     before = torch.get_num_threads()
     result = peaks.gemm_peak(1, n=64)
     assert set(result["fp32"]) == {"numpy", "torch", "onnxruntime"}
-    numpy_fp32, torch_fp32, _, torch_bf16, _ = seen  # in gemm_peak's order; ORT sessions take threads themselves
+    numpy_fp32, _, torch_fp32, torch_bf16, _ = seen  # in gemm_peak's order; ORT sessions take threads themselves
     assert numpy_fp32[0] <= {1} and torch_fp32[1] == 1 and torch_bf16[1] == 1
     assert torch.get_num_threads() == before
 
