@@ -1,25 +1,121 @@
 """Numba building blocks the kernels share: serial/parallel compilation (`jit`), and float32 exp and softplus
 written with +, *, / only, so loops over them vectorize (LLVM here has no vector math library: math.exp and
-math.log1p in a loop stay scalar libm calls)."""
+math.log1p in a loop stay scalar libm calls).
+
+Numba itself is loaded on first use, not on import: `numba` here is a lazily loaded module, kernels are `Kernel`s
+that compile (or load from the on-disk cache) on their first call, and the helpers kernels call (`inline`) are
+registered with Numba when it loads. A job that runs no kernel (an encode or a decode on ONNX Runtime) does not
+pay Numba's import and the set-up of its compiler (~0.4 s on the 2-core machines: the first kernel of a process
+imports numba.np.arraymath, and SciPy with it)."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+import threading
+import types
+from collections.abc import Callable
+from typing import Any
 
-import numba
 import numpy as np
 
 PARALLEL_MIN = 1 << 20  # elements; a parallel launch costs 0.1-8 ms on 2 busy cores, so only big work pays
 
 
-def jit(kernel, parallel: bool, fastmath: bool = False):
-    """Compile a serial or parallel variant of a kernel. Each variant gets its own qualified name, because
-    Numba's on-disk cache keys on it: two variants of one name would load each other's machine code. Kernels
-    release the GIL (nogil), so threads can run them side by side (the trainer's feed on a GPU)."""
+def _lazy(name: str) -> types.ModuleType:
+    """The module `name`, executed on its first attribute access (`importlib.util.LazyLoader`); the module itself
+    when something imported it already."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module
+
+
+numba = _lazy("numba")  # kernels' bodies use numba.prange: by the time one compiles, Numba is loaded
+_INLINE: list[Callable] = []  # helpers to register with Numba when it loads
+_THREADS: list[int] = []  # a thread count asked for before Numba loaded
+_LOCK = threading.RLock()
+_loaded = False
+
+
+def loaded() -> bool:
+    """Has this process loaded Numba's compiler (run a kernel)?"""
+    return _loaded
+
+
+def _load() -> None:
+    """Load Numba: register the `inline` helpers and apply a thread count asked for before."""
+    global _loaded
+    with _LOCK:
+        if _loaded:
+            return
+        from numba.extending import register_jitable
+
+        for fn in _INLINE:
+            register_jitable(inline="always")(fn)
+        _loaded = True
+        if _THREADS:
+            set_threads(_THREADS[-1])
+
+
+def inline(fn: Callable) -> Callable:
+    """Declare a helper that kernels call: inlined into them (and compiled with their flags) once Numba loads;
+    until then, and from Python, the plain function."""
+    with _LOCK:
+        if _loaded:
+            from numba.extending import register_jitable
+
+            return register_jitable(inline="always")(fn)
+        _INLINE.append(fn)
+    return fn
+
+
+def set_threads(threads: int) -> None:
+    """Numba's thread count: set now where Numba is loaded, else when it loads (not loading it for this)."""
+    if not _loaded:
+        _THREADS.append(threads)
+        return
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+class Kernel:
+    """A Numba kernel compiled (or loaded from Numba's on-disk cache) on its first call, with these options;
+    afterwards the dispatcher itself is called (one attribute look-up per call)."""
+
+    def __init__(self, fn: Callable, **options: Any):
+        self.fn, self.options, self.dispatcher = fn, options, None
+        self.__name__, self.__qualname__, self.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+
+    def compile(self):
+        """The dispatcher (made once)."""
+        if self.dispatcher is None:
+            _load()
+            with _LOCK:
+                if self.dispatcher is None:
+                    self.dispatcher = numba.njit(**self.options)(self.fn)
+        return self.dispatcher
+
+    def __call__(self, *args):
+        return (self.dispatcher or self.compile())(*args)
+
+
+def njit(**options: Any) -> Callable[[Callable], Kernel]:
+    """`numba.njit(**options)` made lazy (`Kernel`)."""
+    return lambda fn: Kernel(fn, **options)
+
+
+def jit(kernel, parallel: bool, fastmath: bool = False) -> Kernel:
+    """Compile a serial or parallel variant of a kernel (on its first call). Each variant gets its own qualified
+    name, because Numba's on-disk cache keys on it: two variants of one name would load each other's machine code.
+    Kernels release the GIL (nogil), so threads can run them side by side (the trainer's feed on a GPU)."""
     kernel.__qualname__ = f"{kernel.__qualname__.split('.')[0]}_{'parallel' if parallel else 'serial'}"
-    return numba.njit(parallel=parallel, fastmath=fastmath, cache=True, nogil=True)(kernel)
-
-
+    return Kernel(kernel, parallel=parallel, fastmath=fastmath, cache=True, nogil=True)
 
 
 F32 = np.float32
@@ -31,7 +127,7 @@ _EXP_C = tuple(F32(1.0 / math.factorial(i)) for i in reversed(range(8)))  # Tayl
 _ATANH_C = tuple(F32(2.0 / (2 * i + 1)) for i in reversed(range(7)))  # 2 atanh(s) = sum 2 s^(2i+1) / (2i+1)
 
 
-@numba.njit(inline="always", fastmath=True)
+@inline
 def _horner(coeffs, x):
     """sum_i coeffs[i] x^(n-1-i); a constant-length tuple, so LLVM unrolls it into straight-line float32 code."""
     acc = coeffs[0]
@@ -43,7 +139,7 @@ def _horner(coeffs, x):
 _EXPM1_C = tuple(F32(1.0 / math.factorial(i)) for i in reversed(range(1, 9)))  # (exp(t) - 1) / t, Taylor
 
 
-@numba.njit(inline="always", fastmath=True)
+@inline
 def exp(y):
     """exp(y) in float32 for |y| <= 87, with only +, *, / and a select, so loops over it vectorize (no SVML
     here; math.exp stays a scalar libm call). q = exp(|y|/256) - 1 by its Taylor series, squared 8 times in the
@@ -58,7 +154,7 @@ def exp(y):
     return e if y >= ZERO else ONE / e
 
 
-@numba.njit(inline="always", fastmath=True)
+@inline
 def softplus_neg_abs(a):
     """log1p(exp(a)) for a <= 0, float32, branch-free and vectorizable; |error| < 5e-7 relative to exp(a)."""
     e = _horner(_EXP_C, max(a, _EXP_MIN) * _INV32)  # exp(a/32)

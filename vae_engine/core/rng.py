@@ -13,10 +13,9 @@ import functools
 import math
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
-from .fastmath import PARALLEL_MIN, jit
+from .fastmath import PARALLEL_MIN, inline, jit, numba
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -49,7 +48,7 @@ EPS_PARTS = 16  # slices of each item's samples the parallel eps kernel spreads 
 EPS_PARALLEL_MIN = PARALLEL_MIN // 16
 
 
-@numba.njit(inline="always")
+@inline
 def _uniform(key, counter):
     x = key + counter * _G
     x = (x ^ (x >> _S30)) * _M1

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
 from ..core import rng
 from ..core.config import LOG_2PI
-from ..core.fastmath import PARALLEL_MIN, jit
+from ..core.fastmath import PARALLEL_MIN, jit, numba
 from ..core.fastmath import exp as _exp
 from . import kernels
 

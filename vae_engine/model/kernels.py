@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
 from ..core.config import LOG_2PI
-from ..core.fastmath import F32, HALF, PARALLEL_MIN, jit
+from ..core.fastmath import F32, HALF, PARALLEL_MIN, jit, njit, numba
 from .likelihoods import get as _get_likelihood
 
 _LOG_WEIGHTS: dict = {}  # likelihood name -> (serial, parallel) compiled log-weights kernels
@@ -52,7 +51,7 @@ def _make_rows(row, name: str):
         for b in range(x.shape[0]):
             out[b] = row(x[b], params[b])
     kernel.__qualname__ = _cache_name("log_prob_rows", row, name)
-    return numba.njit(cache=True, fastmath=True)(kernel)
+    return njit(cache=True, fastmath=True)(kernel)
 
 
 def _cache_name(kind: str, row, name: str) -> str:
@@ -83,7 +82,7 @@ def _make_reparameterize(parallel: bool):
     return jit(kernel, parallel, fastmath=True)
 
 
-@numba.njit(cache=True)
+@njit(cache=True)
 def _logmeanexp(log_w, out):
     """out[b] = log (1/K) sum_k exp(log_w[b, k]), max-shifted (Burda et al. 2015, eq. 8), in float64."""
     n, k = log_w.shape

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba.extending import register_jitable
 
 from ...core.config import DECODER_OUTPUTS
 
@@ -16,7 +15,9 @@ def row_kernel(row):
     one per likelihood, the row in their closure) keep one on-disk cache entry: Numba keys a closure's cache on
     the pickled closure, a function pickles by name, and a dispatcher would pickle with an id new in every process
     (each `score` or `evaluate` recompiled its log-weights kernel, about 2 s)."""
-    return register_jitable(inline="always")(row)
+    from ...core.fastmath import inline
+
+    return inline(row)
 
 
 class Likelihood:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
 from ...core import rng
-from ...core.fastmath import ONE, PARALLEL_MIN, ZERO, jit, softplus_neg_abs
+from ...core.fastmath import ONE, PARALLEL_MIN, ZERO, jit, numba, softplus_neg_abs
 from .base import Likelihood, row_kernel
 
 

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
 from ...core import rng
-from ...core.fastmath import ZERO, softplus_neg_abs
+from ...core.fastmath import ZERO, inline, softplus_neg_abs
 from .base import Likelihood, row_kernel
 
 SERIES = 1e-2  # |l| below this uses the series (in float32 and float64 alike)
 _LOG2 = math.log(2.0)
 
 
-@numba.njit(inline="always")
+@inline
 def _log_norm(l):  # noqa: E741 - l is the paper's logit
     a = abs(l)
     if a < SERIES:

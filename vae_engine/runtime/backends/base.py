@@ -192,12 +192,11 @@ runtime's public call (ONNX Runtime: `InferenceSession.run`), as a user of the r
 
 def set_threads(threads: int | None) -> int:
     """Set torch and Numba thread counts (ORT takes its own per session); return the count used."""
-    import numba
-
+    from ...core import fastmath
     from ...core.config import MAX_THREADS, check_int
 
     threads = hardware.available_cpus() if threads is None else check_int("threads", threads, 1, MAX_THREADS)
     if "torch" in sys.modules:  # torch backends set it too; a pure ONNX Runtime job never imports torch
         sys.modules["torch"].set_num_threads(threads)
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    fastmath.set_threads(threads)  # now, or when Numba loads: a job without kernels never loads it
     return threads
