@@ -4,11 +4,11 @@
   timed; the others are deselected. Results are saved as pytest-benchmark saves them (`.benchmarks/`, one folder
   per machine; `pytest-benchmark compare` reads them).
 - Absolute times move with the machine's load and clock, so runs are compared by ratios: each benchmark's median
-  divided by the median of `bench/test_machine.py::test_machine_probe` (a fixed NumPy product on one thread) in the
-  same run. The ratios are kept per machine (CPU, its decisive flags, CPUs, Python) in
-  `.benchmarks/ratios-<machine>.json`; a ratio that grew past `--benchmark-max-regression` (default 1.5x) against
-  the previous saved run fails the session, and the summary lists each one (a failing run is not saved as the
-  new baseline).
+  divided by the median of a test named `test_machine_probe` (bench/test_machine.py: fixed interpreter work and a
+  NumPy product on one thread) in the same run. The ratios are kept per machine (CPU, its decisive flags, CPUs,
+  Python) beside the saved runs (`.benchmarks/ratios-<machine>.json`, or in `--benchmark-storage`); a ratio that
+  grew past `--benchmark-max-regression` (default 1.5x) against the previous saved run fails the session, and the
+  summary lists each one (a failing run is not saved as the new baseline).
 """
 
 from __future__ import annotations
@@ -88,7 +88,10 @@ def pytest_sessionfinish(session, exitstatus):
         return
     from vae_engine.core import atomic
 
-    path = Path(str(config.rootpath)) / ".benchmarks" / f"ratios-{machine_id()}.json"
+    storage = config.getoption("benchmark_storage", "")
+    folder = Path(storage.removeprefix("file://")) if storage.startswith("file://") else \
+        Path(str(config.rootpath)) / ".benchmarks"
+    path = folder / f"ratios-{machine_id()}.json"
     try:
         before = json.loads(path.read_text())["ratios"] if path.is_file() else {}
     except (OSError, ValueError, KeyError, TypeError):

@@ -118,3 +118,26 @@ def test_span_of_the_input_rule_equals_numpy(n):
             y = x.copy()
             y[at] = bad
             assert data.inputs.span(y)[2] is False
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_csv_fast_reader_equals_the_row_reader(tmp_path, header):
+    """Well-formed CSVs go through NumPy's C reader; the row-by-row reader (kept for exact errors) is its twin."""
+    from vae_engine.data import readers
+
+    x = np.random.default_rng(0).standard_normal((300, 7)).astype(np.float32)
+    path = tmp_path / "t.csv"
+    lines = ([",".join(f"c{j}" for j in range(7))] if header else []) + [",".join(repr(float(v)) for v in row)
+                                                                        for row in x]
+    path.write_text("\n\n".join(lines[:2]) + "\n" + "\n".join(lines[2:]) + "\n")  # a blank line, as users have
+    for columns in (None, ["c5", "c1"] if header else ["5", "1"]):
+        fast, rows = readers._read_csv(path, columns), readers._read_csv_rows(path, columns)
+        assert fast.dtype == np.float32 and fast.flags.c_contiguous
+        np.testing.assert_array_equal(fast, rows)
+    np.testing.assert_array_equal(readers._read_csv(path, None), x)
+    path.write_text("a,b\n1,2\n3,x\n")  # not numeric: the row reader's exact error
+    with pytest.raises(DataError, match=r"column 'b' is not numeric \(row 3"):
+        readers._read_csv(path, None)
+    path.write_text("a,b\n1,2\n3\n")
+    with pytest.raises(DataError, match="row 3 has 1 fields"):
+        readers._read_csv(path, None)

@@ -176,3 +176,40 @@ def test_missing_weights(tmp_path, tiny_model):
     shutil.copy(tiny_model / "config.json", dst / "config.json")
     with pytest.raises(ModelDirError, match="missing"):
         export(dst)
+
+
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning")
+def test_work_counted_on_the_graphs_equals_the_networks_own(tmp_path):
+    """`graph_macs` counts an exported model's multiply-adds without PyTorch (convolutions by ONNX shape
+    inference): the same numbers as the forward hooks on the networks, for each architecture."""
+    from vae_engine.core.config import ModelConfig
+    from vae_engine.model.networks import VAE
+    from vae_engine.perf.work import model_flops
+
+    for arch in ("mlp", "conv", "resnet"):
+        cfg = ModelConfig(arch=arch, latent_dim=8, hidden=(32,))
+        vae, flops = VAE(cfg).eval(), model_flops(cfg)
+        for role, net, width in (("encoder", vae.encoder, cfg.input_dim), ("decoder", vae.decoder, cfg.latent_dim)):
+            path = tmp_path / f"{arch}-{role}.onnx"
+            torch.onnx.export(net, (torch.rand(2, width),), str(path), dynamo=False, input_names=["x"],
+                              dynamic_axes={"x": {0: "batch"}})
+            assert graphs.graph_macs(onnx.load(path))["float"] == flops["encode" if role == "encoder" else "decode"] / 2
+
+
+def test_committed_tiny_model_still_belongs_to_its_weights():
+    """tests/data/tiny-exported (what the tests without PyTorch use) is a real export of its weights: its graphs
+    record the weights' hash and compute what PyTorch computes from them."""
+    from vae_engine.runtime.engine import Engine
+
+    from .conftest import TINY_EXPORTED
+
+    sha = modeldir.weights_sha256(TINY_EXPORTED)
+    cfg = modeldir.model_config(TINY_EXPORTED)
+    for role in graphs.ROLES:
+        for variant in ("fp32", "int8"):
+            meta = graphs.metadata(graphs.load_graph(graphs.graph_path(TINY_EXPORTED, role, variant), role, cfg))
+            assert meta["vae_engine.weights_sha256"] == sha
+    x = np.random.default_rng(0).random((8, cfg.input_dim), np.float32)
+    ort_mu = Engine.load(TINY_EXPORTED, backend="onnxruntime", threads=2).encode(x)[0]
+    ref_mu = Engine.load(TINY_EXPORTED, backend="torch", threads=2).encode(x)[0]
+    np.testing.assert_allclose(ort_mu, ref_mu, atol=FP32_ATOL)
