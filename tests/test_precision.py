@@ -275,3 +275,23 @@ def test_fractions_of_a_peak_keep_small_values():
     assert fraction_of(2065.3, 778550.4) == 0.00265 and fraction_of(1.0, None) is None
     assert [percent(f) for f in (0.00265, 0.0003, 0.523, 1.06, None)] == ["0.27%", "0.03%", "52%", "106%", "-"]
     assert percent(0.00265, sign=False) == "0.27"
+
+
+def test_a_job_takes_the_path_that_finishes_it_soonest():
+    """With its size known, a job weighs each path's start-up (its runtime's import, the slowest opening of that
+    runtime) against its rate: a short job takes the path that starts fastest, a long one the fastest path."""
+    rows = [{"backend": "onnxruntime", "precision": "fp32", "threads": 2, "items_per_s": 100e3, "open_s": 0.04},
+            {"backend": "onnxruntime", "precision": "int8", "threads": 2, "items_per_s": 150e3, "open_s": 0.01},
+            {"backend": "openvino", "precision": "bf16", "threads": 2, "items_per_s": 300e3, "open_s": 0.1}]
+    d = {"measurements": rows, "import_s": {"onnxruntime": 0.1, "openvino": 0.3}}
+    assert tuning.for_items(d, 10)["precision"] == "int8"  # same start-up as fp32 (slowest opening), faster
+    assert tuning.for_items(d, 10_000)["backend"] == "onnxruntime"  # 0.14 + 0.07 s against 0.4 + 0.03 s
+    assert tuning.for_items(d, 10_000_000)["backend"] == "openvino"  # the rate decides
+    assert tuning.for_items({"measurements": rows}, 10)["backend"] == "onnxruntime"  # no import costs recorded
+
+
+def test_engine_load_with_a_job_size_names_its_choice(model):
+    big = Engine.load(model, precision="auto", threads=2, batch_size=64, items=10**9)
+    assert "soonest done for 1,000,000,000 items" in big.path
+    row = tuning.for_items(big.decision, 10**9)
+    assert (big.backend.name, big.backend.precision) == (row["backend"], row["precision"])

@@ -54,7 +54,8 @@ def run_job(job: str, model_dir: Path | None, input: Path | None, output: Path, 
     source = jobs.open_input(job, input, model_config(model_dir), n)  # a bad input fails before any measuring
     with CONSOLE.status("choosing the fastest path (once per machine; saved in the model folder)") as status:
         engine = Engine.load(model_dir, threads=threads, batch_size=batch_size, **path,
-                             progress=lambda message: status.update(f"measuring paths: {message}"))
+                             progress=lambda message: status.update(f"measuring paths: {message}"),
+                             items=source.n * (params.get("k", 1) if job == "score" else 1))
     with Meter(job, "items", info=f"{engine.backend.name}/{engine.backend.precision}") as meter:
         meter.start(source.n)
         jobs.stream(source, jobs.make_job_fn(job, engine, params), output, jobs.item_shape(job, engine.cfg, params),

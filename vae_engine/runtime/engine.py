@@ -41,12 +41,15 @@ class Engine:
     @classmethod
     def load(cls, model_dir: str | Path | None = None, backend: str = "auto", device: str = "cpu",
              threads: int | None = None, precision: str = "fp32", spin: bool = False, batch_size: int = 1024,
-             max_nll_change: float | None = None, progress=None) -> Engine:
+             max_nll_change: float | None = None, progress=None, items: int | None = None) -> Engine:
         """Load a model directory (default: the shipped model) with the named backend and precision.
 
         precision="auto" runs (or reuses from the model folder) `tuning.choose`: the fastest path here at
         `batch_size` whose mean NLL change against fp32 stays within `max_nll_change` nats (default 0.01), and,
         when `threads` is None, the thread count it runs fastest with (one thread wins at batch 1 on some CPUs).
+        `items`: the size of the job ahead (items, or decoder rows), when known: auto then takes the measured path
+        that finishes it soonest, its runtime's import and opening counted (`tuning.for_items`); a server or a
+        long-lived engine leaves it None and gets the fastest path.
         """
         model_dir = modeldir.resolve_model_dir(model_dir)
         cfg = modeldir.model_config(model_dir)
@@ -57,6 +60,10 @@ class Engine:
             budget = tuning.DEFAULT_BUDGET if max_nll_change is None else max_nll_change
             decision = tuning.choose(cls.load, model_dir, backend, device, threads, batch_size, budget,
                                      progress=progress)
+            if items is not None:
+                row = tuning.for_items(decision, items)
+                decision = {**decision, "backend": row["backend"], "precision": row["precision"],
+                            "threads": row["threads"], "for_items": items}
             backend, precision = decision["backend"], decision["precision"]
             threads = decision.get("threads", threads)  # decisions saved before threads were part of them
         threads = set_threads(threads)

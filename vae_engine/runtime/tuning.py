@@ -367,24 +367,68 @@ def time_paths(load: Load, model_dir: Path, paths: list[tuple[str, str]], thread
     import numpy as np
 
     step = progress or (lambda message: None)
-    engines = {}
+    engines, opened = {}, {}
     for backend, precision in paths:
         for n in threads:
             step(f"opening {backend} {precision}" + (f", {n} thread{'s' * (n > 1)}" if len(threads) > 1 else ""))
+            t0 = time.perf_counter()
             engines[backend, precision, n] = load(model_dir, backend=backend, precision=precision, threads=n,
                                                   device=device)
+            opened[backend, precision, n] = time.perf_counter() - t0
     if len(engines) == 1:
         (b, p, n), engine = next(iter(engines.items()))
         return [{"backend": b, "precision": p, "threads": n, "provider": engine.backend.provider,
-                 "items_per_s": None, "rounds": 0}], True
+                 "items_per_s": None, "open_s": opened[b, p, n], "rounds": 0}], True
     fns = {name: _encode_decode(engine.backend, *_inputs(engine, batch)) for name, engine in engines.items()}
     step(f"timing {len(fns)} paths at batch {batch}")
     times, clear = race(fns, seconds)
     rows = [{"backend": b, "precision": p, "threads": n, "provider": engines[b, p, n].backend.provider,
              "seconds_per_batch": float(np.median(t)), "items_per_s": batch / float(np.median(t)),
-             "spread": float((np.percentile(t, 75) - np.percentile(t, 25)) / np.median(t)), "rounds": len(t)}
+             "spread": float((np.percentile(t, 75) - np.percentile(t, 25)) / np.median(t)), "rounds": len(t),
+             "open_s": opened[b, p, n]}
             for (b, p, n), t in times.items()]
     return rows, clear
+
+
+RUNTIMES = {"torch": "torch", "torch-compile": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
+def import_seconds(paths: list[tuple[str, str]]) -> dict[str, float]:
+    """Seconds to import each path's runtime, as a job's fresh process pays them (0 where this process has it
+    already); part of what a path costs a short job."""
+    import importlib
+    import sys
+
+    out = {}
+    for backend, _ in paths:
+        module = RUNTIMES.get(backend, backend)
+        if backend in out or module in sys.modules:
+            out.setdefault(backend, 0.0)
+            continue
+        t0 = time.perf_counter()
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass  # opening the path says what is missing
+        out[backend] = time.perf_counter() - t0
+    return out
+
+
+def for_items(decision: dict[str, Any], items: int) -> dict[str, Any]:
+    """The measured path that finishes a job of `items` items (or decoder rows) soonest: its runtime's import
+    and its opening, then the items at its measured rate. A short job takes the path that starts fastest, a long
+    one the fastest path. A runtime's first session pays its own set-up, so every path of a runtime is charged
+    its slowest opening (the order paths were opened in does not decide); costs not recorded count as zero."""
+    imports = decision.get("import_s") or {}
+    opening: dict[str, float] = {}
+    for row in decision["measurements"]:
+        opening[row["backend"]] = max(opening.get(row["backend"], 0.0), row.get("open_s") or 0.0)
+
+    def seconds(row: dict[str, Any]) -> float:
+        rate = row.get("items_per_s") or 0.0
+        return imports.get(row["backend"], 0.0) + opening[row["backend"]] + (items / rate if rate else 0.0)
+
+    return min(decision["measurements"], key=seconds)
 
 
 def within(row: dict[str, Any], budget: float) -> bool:
@@ -418,6 +462,7 @@ def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str
     if previous and not retune and (previous.get("clear", True) or previous.get("checks", 0) >= RECHECKS):
         return {**previous, "reused": True}
     paths, notes = candidates(model_dir, backend, device, int8)
+    imports = import_seconds(paths)  # before anything else imports them
     costs = accuracies(load, model_dir, paths, options[0], device, progress)
     fits = []
     for path in paths:
@@ -431,7 +476,7 @@ def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str
     rows = [{**r, **(costs[r["backend"], r["precision"]] or {})} for r in rows]
     best = max(rows, key=lambda r: r["items_per_s"] or 0.0)
     decision = {"key": k, "backend": best["backend"], "precision": best["precision"], "threads": best["threads"],
-                "measurements": rows, "clear": clear,
+                "measurements": rows, "clear": clear, "import_s": imports,
                 "checks": previous.get("checks", 0) + 1 if previous and not retune else 0,
                 "accuracy": {f"{b}/{p}": c for (b, p), c in costs.items() if c}, "notes": notes,
                 "accuracy_k": ACCURACY_K, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -448,6 +493,8 @@ def describe_path(backend: str, precision: str, decision: dict[str, Any] | None 
     cost = f", mean NLL change {row['nll_change_nats']:+.4f} nats" if row and row["precision"] != "fp32" else ""
     n = len(decision["measurements"])
     how = "reused from tuning.json" if decision.get("reused") else f"measured {n} path{'s' * (n != 1)}"
+    if decision.get("for_items"):  # a job's choice: start-up counted against its size
+        how = f"soonest done for {decision['for_items']:,} items; {how}"
     if isinstance(decision["key"].get("threads"), str) and "threads" in decision:  # the thread count was chosen
         how = f"{decision['threads']} thread{'s' * (decision['threads'] > 1)}; {how}"
     return f"{backend}/{precision} (auto: fastest within {decision['key']['budget_nats']} nats{cost}; {how})"
