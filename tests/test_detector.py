@@ -11,7 +11,8 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from vae_engine import modeldir
-from vae_engine.anomaly.detector import RULES, VAEOutlierDetector, complexity_nats
+from vae_engine.anomaly.detector import RULES, VAEOutlierDetector
+from vae_engine.anomaly.rules import StoredDetector, complexity_nats
 from vae_engine.cli import app
 from vae_engine.core.errors import ModelDirError
 from vae_engine.model import kernels
@@ -108,6 +109,8 @@ def test_save_load_round_trip(fitted, tmp_path):
         path = fitted.save(tmp_path / rule)
         loaded = VAEOutlierDetector.load(path)
         assert np.array_equal(loaded.score_samples(x), fitted.score_samples(x)) and loaded.offset_ == fitted.offset_
+        stored = StoredDetector.load(path)  # what `detect` and the server apply, without scikit-learn
+        assert np.array_equal(stored.score_samples(x), fitted.score_samples(x)) and stored.offset == fitted.offset_
         assert not list(path.glob("*.pkl")) and (path / "detector.json").is_file()
     fitted.set_params(rule="nll")
     (tmp_path / "latent" / "detector.json").write_text('{"schema": "vae-engine-detector/1", "rule": "nll"}')

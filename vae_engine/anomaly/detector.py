@@ -20,7 +20,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import weakref
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +28,13 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .. import modeldir
-from ..core import atomic, rng
+from ..core import atomic
 from ..core.config import (  # listed in config, so the CLI needs no scikit-learn import for them
     DEFAULT_RULE,
-    LOG_2PI,
     RULES,
 )
-from ..core.errors import ModelDirError
-from ..model import kernels
+from .rules import CHUNK, DETECTOR, SCHEMA, chunks, read_detector, rule_scores  # noqa: F401 - re-exported
 
-DETECTOR = "detector.json"
-SCHEMA = "vae-engine-detector/1"
-CHUNK = 256  # rows per network call, padded: the same kernels for every item, whatever the caller's batch
 MIN_STEPS = 1000  # epochs="auto": optimizer steps at least (3000 overfit small tables: breast cancer 0.948 AUC)
 AUTO_FALSE_ALARMS = 0.01  # contamination="auto": flag 1% of held-out normal items
 
@@ -162,13 +156,7 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
         state["_engine"] = None
         return state
 
-    def _chunks(self, X: np.ndarray):
-        """(i, j, padded chunk) over X: every network call sees CHUNK rows, so results do not depend on batching."""
-        for i in range(0, len(X), CHUNK):
-            chunk = X[i : i + CHUNK]
-            if len(chunk) < CHUNK:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], CHUNK - len(chunk), axis=0)])
-            yield i, min(len(X), i + CHUNK), np.ascontiguousarray(chunk)
+    _chunks = staticmethod(chunks)
 
     def _encode(self, X: np.ndarray) -> np.ndarray:
         mu = np.empty((len(X), self.engine.latent_dim), np.float64)
@@ -238,40 +226,6 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
         return tags
 
 
-def rule_scores(engine, X: np.ndarray, rule: str, k: int, seed: int, latent_mean, latent_cov, quantize_range,
-                chunks) -> np.ndarray:
-    """The normality scores (n,) of one rule (see the module docstring), chunk by chunk."""
-    out = np.empty(len(X), np.float64)
-    for i, j, chunk in chunks(X):
-        if rule in ("nll", "nll-complexity"):
-            s = engine.log_likelihood(chunk, k=k, streams=rng.Streams.shared(seed, 0, len(chunk)))[: j - i]
-            if rule == "nll-complexity":
-                s = s + complexity_nats(X[i:j], quantize_range)
-        else:
-            mu = engine.encode(chunk)[0]
-            if rule == "reconstruction":
-                x = engine.prepare_items(chunk)
-                s = kernels.log_prob_rows(x, engine.backend.decode(mu), engine.likelihood)[: j - i]
-            else:
-                s = gaussian_log_density(mu[: j - i].astype(np.float64), latent_mean, latent_cov)
-        out[i:j] = s
-    return out
-
-
-def complexity_nats(X: np.ndarray, quantize_range) -> np.ndarray:
-    """zlib (level 9) code length of each item quantized to 8 bits over the training range, in nats."""
-    lo, hi = quantize_range
-    q = np.clip(np.round((X - lo) / np.maximum(hi - lo, 1e-12) * 255), 0, 255).astype(np.uint8)
-    return np.array([len(zlib.compress(row.tobytes(), 9)) for row in q], np.float64) * 8 * np.log(2)
-
-
-def gaussian_log_density(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
-    """log N(x; mean, cov) per row, by a Cholesky factor."""
-    chol = np.linalg.cholesky(cov)
-    sol = np.linalg.solve(chol, (x - mean).T)  # (L, n)
-    return -0.5 * (np.sum(sol**2, 0) + len(mean) * LOG_2PI) - np.sum(np.log(np.diag(chol)))
-
-
 def write_detector(folder: Path, det: VAEOutlierDetector) -> None:
     """detector.json: the rule, threshold and the statistics the rules need (JSON, no pickle)."""
     atomic.write_json(Path(folder) / DETECTOR, {
@@ -279,26 +233,3 @@ def write_detector(folder: Path, det: VAEOutlierDetector) -> None:
         "seed": int(det.seed_), "offset": float(det.offset_), "n_features": int(det.n_features_in_),
         "latent_mean": det.latent_mean_.tolist(), "latent_cov": det.latent_cov_.tolist(),
         "quantize_range": [r.tolist() for r in det.quantize_range_]})
-
-
-def read_detector(folder: Path) -> dict:
-    """detector.json of a model folder, checked field by field (ModelDirError says what is wrong)."""
-    path = Path(folder) / DETECTOR
-    if not path.is_file():
-        raise ModelDirError(f"{folder}: no {DETECTOR}; train with --contamination or save a fitted "
-                            "VAEOutlierDetector there")
-    doc = modeldir.read_json(path, "detector file")
-    cfg = modeldir.model_config(folder)
-    try:
-        ok = (doc["schema"] == SCHEMA and doc["rule"] in RULES and isinstance(doc["k"], int) and doc["k"] >= 1
-              and isinstance(doc["seed"], int) and np.isfinite(doc["offset"])
-              and doc["n_features"] == cfg.input_dim
-              and np.asarray(doc["latent_mean"], np.float64).shape == (cfg.latent_dim,)
-              and np.asarray(doc["latent_cov"], np.float64).shape == (cfg.latent_dim, cfg.latent_dim)
-              and np.asarray(doc["quantize_range"], np.float64).shape == (2, cfg.input_dim))
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ModelDirError(f"{path}: malformed or does not match config.json; refit and save the detector")
-    return doc
-

@@ -190,7 +190,7 @@ def reconstruct_fn(engine: Engine):
 
 def score_fn(engine: Engine, k: int, seed: int, binarize: bool, rule: str = "nll"):
     """-ELBO (k=1) or the IWAE negative log-likelihood (k>1) per input, in nats; or, with another `rule`, minus
-    that anomaly-detection rule's normality score (`detector.RULES`; higher = more unusual either way)."""
+    that anomaly-detection rule's normality score (`rules.RULES`; higher = more unusual either way)."""
     if rule != "nll":
         return _rule_fn(engine, rule, k, seed)
     def fn(start: int, x: np.ndarray) -> np.ndarray:
@@ -208,7 +208,7 @@ def score_items(engine: Engine, x: np.ndarray, k: int, streams: rng.Streams, bin
 def _rule_fn(engine: Engine, rule: str, k: int, seed: int):
     """A detector scoring rule as a job: its statistics from the model folder's detector.json (the reconstruction
     rule needs none); inputs are not binarized (the rules are deterministic)."""
-    from ..anomaly import detector
+    from ..anomaly import rules as detector
 
     if rule not in detector.RULES:
         raise VaeEngineError(f"unknown rule {rule!r}: choose one of {', '.join(detector.RULES)}")

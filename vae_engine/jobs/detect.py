@@ -1,5 +1,5 @@
-"""The `detect` job and `train --contamination`: the VAEOutlierDetector stored in a model folder, applied to a file.
-scikit-learn's ValueError/NotFittedError become DataError/ModelDirError here, so the CLI prints one `error:` line."""
+"""The `detect` job and `train --contamination`: the detector stored in a model folder (`rules.StoredDetector`: no
+scikit-learn needed to apply it), applied to a file; `train --contamination` fits it with `VAEOutlierDetector`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import data, modeldir
-from ..anomaly.detector import RULES, VAEOutlierDetector, write_detector
+from ..anomaly.rules import StoredDetector
 from ..core import atomic
+from ..core.config import RULES
 from ..core.errors import DataError, VaeEngineError
 
 
@@ -39,6 +40,8 @@ def store_threshold(model_dir: Path, rule: str, contamination: float, k: int = 6
     train_cfg = modeldir.train_config(model_dir)
     ds = data.load_training_data(train_cfg)
     x = data.to_float(ds.train_images).reshape(len(ds.train_images), -1)[: train_cfg.limit]
+    from ..anomaly.detector import VAEOutlierDetector, write_detector
+
     det = VAEOutlierDetector(rule=rule, contamination=contamination, k=k)
     det.calibrate(model_dir, np.ascontiguousarray(x, np.float32), train_cfg.seed)
     write_detector(model_dir, det)
@@ -60,8 +63,8 @@ def run(model_dir: Path, input: Path, output: Path, scores_path: Path | None, co
         if path is not None:
             atomic.check_writable(path)
     model_dir = modeldir.resolve_model_dir(model_dir)
-    det = VAEOutlierDetector.load(model_dir, threads=set_threads(threads), backend=backend, precision=precision)
-    x = _items(input, det.n_features_in_)
+    det = StoredDetector.load(model_dir, threads=set_threads(threads), backend=backend, precision=precision)
+    x = _items(input, det.n_features)
     labels = None
     if labels_path is not None:
         from ..data.readers import load_npy
@@ -71,10 +74,10 @@ def run(model_dir: Path, input: Path, output: Path, scores_path: Path | None, co
             raise DataError(f"{labels_path}: labels must be {len(x)} values of 0/1 (1 = anomaly)")
     try:
         scores = det.score_samples(x)
-    except ValueError as exc:
-        raise DataError(f"{input}: {str(exc).splitlines()[0]}") from None
+    except DataError as exc:
+        raise DataError(f"{input}: {exc}") from None
     offset = threshold if threshold is not None else (
-        float(np.percentile(scores, 100 * contamination)) if contamination is not None else det.offset_)
+        float(np.percentile(scores, 100 * contamination)) if contamination is not None else det.offset)
     flags = np.where(scores < offset, -1, 1).astype(np.int8)
     result = {"n": len(x), "flagged": int((flags == -1).sum()), "rule": det.rule, "threshold": offset}
     if labels is not None and 0 < labels.sum() < len(labels):

@@ -92,13 +92,11 @@ class App:
         self.cfg, self.metrics, self.path = self.engine.cfg, Metrics(), self.engine.path  # path: once, not per request
         self.detector = None
         if (self.model_dir / "detector.json").is_file():
-            from ..anomaly.detector import VAEOutlierDetector
+            from ..anomaly.rules import StoredDetector
 
-            # scored on the server's own path (its threshold was calibrated on fp32; see the detector's docs)
-            self.detector = VAEOutlierDetector.load(self.model_dir, threads=self.engine.threads,
-                                                    backend=self.engine.backend.name,
-                                                    precision=self.engine.backend.precision)
-            self.detector.score_samples(np.zeros((1, self.cfg.input_dim), np.float32))  # its engine, loaded now
+            # scored by the server's own engine (its threshold was calibrated on fp32; see the detector's docs)
+            self.detector = StoredDetector.load(self.model_dir, engine=self.engine)
+            self.detector.score_samples(np.zeros((1, self.cfg.input_dim), np.float32))  # its kernels, loaded now
         self.active = 0  # requests received and not yet answered (the batcher waits only while others exist)
         self.batcher = MicroBatcher(self.run_batch, max_batch, max_wait_ms / 1000, self.metrics, lambda: self.active)
         self.max_batch, self.max_wait_ms, self._map = max_batch, max_wait_ms, None
@@ -229,7 +227,7 @@ class App:
             return [{"items": part} for part in split(eng.reconstruct(x))]
         if op == "detect":
             scores = self.detector.score_samples(x.reshape(len(x), -1))
-            flags = np.where(scores < self.detector.offset_, -1, 1)
+            flags = np.where(scores < self.detector.offset, -1, 1)
             return [{"scores": s, "flags": f} for s, f in zip(split(scores), split(flags), strict=True)]
         # score: the score job on the merged batch, each item keeping its request's streams
         streams = rng.Streams.concat([rng.Streams.contiguous(p["seed"], p["start"], len(p["x"])) for p in payloads])
