@@ -178,20 +178,54 @@ class Engine:
             log_sum[i:j] = block if s == 0 else np.logaddexp(log_sum[i:j], block)
         return log_sum - np.log(k)
 
-    def warm_up(self) -> None:
+    def warm_up(self, kernels: bool = True) -> None:
         """Run every op once on one item, so that a server's first requests do not pay for what is made on first
-        use: Numba kernels loaded from their cache, the fused ONNX Runtime graphs (measured on the 2-core AVX2
-        EPYC: a first encode 446 ms, reconstruct 42 ms, E[x|z] 6.6 ms, against 0.1-0.2 ms after)."""
+        use: the fused ONNX Runtime graphs (measured on the 2-core AVX2 EPYC: a first encode 446 ms, reconstruct
+        42 ms, E[x|z] 6.6 ms, against 0.1-0.2 ms after) and, with `kernels`, the Numba kernels (loaded from their
+        cache; Numba's own set-up is most of it, ~0.6 s). A server warms the graphs before it is ready and the
+        kernels just after (`serving.app`): until they are loaded, the input rule runs on NumPy, with the same
+        results."""
         x = self.prepare_items(np.zeros((1, self.cfg.input_dim), np.uint8))  # the uint8 kernel; x: float32
         self.reconstruct(x)
-        self.scores(x, 0, 2, 0)
         z = np.zeros((1, self.latent_dim), np.float32)
         self.decode(z)
         self.decode(z, params=True)
+        if kernels:
+            self.warm_kernels()
+
+    def warm_kernels(self) -> None:
+        """Load every Numba kernel the ops run (from Numba's on-disk cache) without calling the backend: the same
+        code runs over a stand-in that answers zeros of the backend's shapes, so this can run on another thread
+        while the backend serves requests."""
+        from ..data import inputs
+
+        inputs.warm()
+        stand_in = Engine(_Zeros(self), self.cfg, self.model_dir, self.threads, self.decision)
+        x = np.zeros((1, self.cfg.input_dim), np.float32)
+        stand_in.scores(x, 0, 2, 0)
+        rng.binarize(x, 0, 0)
+        stand_in.decode_sample(np.zeros((1, self.latent_dim), np.float32))
+        stand_in.sample_posterior(np.zeros((1, self.latent_dim), np.float32), np.zeros((1, self.latent_dim),
+                                                                                       np.float32))
+        self.prior.sample(0, 0, 1)
 
     def scores(self, x: np.ndarray, start: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """(-ELBO, -log p(x) estimate) per input: the same quantities as `estimators.reference_scores`."""
         return -self.elbo(x, seed, start), -self.log_likelihood(x, k, seed, start)
+
+
+class _Zeros:
+    """A stand-in backend answering zeros of a backend's shapes (`Engine.warm_kernels`)."""
+
+    def __init__(self, engine: Engine):
+        self.name, self.precision, self.provider = "zeros", "fp32", "none"
+        self.latent_dim, self.out_dim = engine.latent_dim, engine.likelihood.n_params * engine.cfg.input_dim
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros((len(x), self.latent_dim), np.float32), np.zeros((len(x), self.latent_dim), np.float32)
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        return np.zeros((len(z), self.out_dim), np.float32)
 
 
 def _streams(streams: rng.Streams | None, seed: int, start: int, n: int) -> rng.Streams:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import contextmanager
@@ -88,7 +89,7 @@ class App:
         self.model_dir, self.limits = Path(model_dir), limits or Limits()
         self.engine = Engine.load(model_dir, backend=backend, precision=precision, threads=threads, device=device,
                                   batch_size=max_batch, max_nll_change=max_nll_change)
-        self.engine.warm_up()  # before the first request, not in it
+        self.engine.warm_up(kernels=False)  # the graphs before the first request, not in it; the kernels below
         self.cfg, self.metrics, self.path = self.engine.cfg, Metrics(), self.engine.path  # path: once, not per request
         self.detector = None
         if (self.model_dir / "detector.json").is_file():
@@ -96,7 +97,11 @@ class App:
 
             # scored by the server's own engine (its threshold was calibrated on fp32; see the detector's docs)
             self.detector = StoredDetector.load(self.model_dir, engine=self.engine)
-            self.detector.score_samples(np.zeros((1, self.cfg.input_dim), np.float32))  # its kernels, loaded now
+        # Numba's set-up and the kernels (~0.6 s) load just after the server is ready, on their own thread, beside
+        # requests: until then the input rule runs on NumPy (same results) and a first score request waits for
+        # the kernel it needs, which loads once, under one lock
+        self.kernels_loaded = threading.Event()
+        threading.Thread(target=self._warm_kernels, name="warm-kernels", daemon=True).start()
         self.active = 0  # requests received and not yet answered (the batcher waits only while others exist)
         self.batcher = MicroBatcher(self.run_batch, max_batch, max_wait_ms / 1000, self.metrics, lambda: self.active)
         self.max_batch, self.max_wait_ms, self._map = max_batch, max_wait_ms, None
@@ -233,6 +238,12 @@ class App:
         streams = rng.Streams.concat([rng.Streams.contiguous(p["seed"], p["start"], len(p["x"])) for p in payloads])
         scores = score_items(eng, x, key[1], streams, key[2])
         return [{"scores": part} for part in split(scores)]
+
+    def _warm_kernels(self) -> None:
+        try:
+            self.engine.warm_kernels()
+        finally:
+            self.kernels_loaded.set()
 
     # -- the 2-D map of the model's test items for the page --
 
