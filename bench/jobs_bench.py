@@ -189,5 +189,12 @@ if __name__ == "__main__":
     report = run(a.repeats, a.jobs.split(",") if a.jobs else None)
     if a.json:
         a.json.write_text(json.dumps(report, indent=2) + "\n")
-    if a.markdown:
-        a.markdown.write_text(markdown(report))
+    if a.markdown:  # the table between the page's markers, or the whole file
+        begin, end = "<!-- jobs-table: written by bench/jobs_bench.py --markdown -->\n", "<!-- /jobs-table -->\n"
+        text = a.markdown.read_text() if a.markdown.is_file() else ""
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            text = head + begin + markdown(report) + end + rest.split(end, 1)[1]
+        else:
+            text = markdown(report)
+        a.markdown.write_text(text)
