@@ -295,3 +295,20 @@ def test_engine_load_with_a_job_size_names_its_choice(model):
     assert "soonest done for 1,000,000,000 items" in big.path
     row = tuning.for_items(big.decision, 10**9)
     assert (big.backend.name, big.backend.precision) == (row["backend"], row["precision"])
+
+
+def test_damaged_or_crafted_decisions_are_measured_again(model):
+    """A saved decision whose path or numbers are not valid (a damaged or crafted tuning.json with a matching key)
+    is ignored: the job measures again instead of acting on it or failing."""
+    first = tuning.choose(Engine.load, model, threads=2, batch=16, seconds=QUICK)
+    doc = json.loads((model / tuning.TUNING).read_text())
+    for damage in ({"precision": "fp8"}, {"threads": "two"}, {"measurements": [{"backend": "x"}]},
+                   {"measurements": [{**first["measurements"][0], "items_per_s": "fast"}]},
+                   {"import_s": {"onnxruntime": -1}}, {"measurements": []}):
+        bad = {**doc, "decisions": [{**doc["decisions"][0], **damage, "clear": True}]}
+        (model / tuning.TUNING).write_text(json.dumps(bad))
+        assert tuning.saved(model) == [], damage
+        assert not tuning.choose(Engine.load, model, threads=2, batch=16, seconds=QUICK)["reused"]
+    (model / tuning.ACCURACY).write_text(json.dumps({"schema": tuning.ACCURACY_SCHEMA, "paths": [
+        {"key": {}, "nll_change_nats": "zero"}]}))
+    assert tuning.choose(Engine.load, model, threads=2, batch=16, seconds=QUICK, retune=True)["backend"]

@@ -24,6 +24,7 @@ from .layout import (
 from .state import load_state, read_metrics, save_state, write_metrics
 from .weights import (
     check_tensors,
+    file_sha256,
     load_model,
     load_prior,
     load_tensors,
@@ -38,5 +39,5 @@ __all__ = [
     "PRIOR", "STATE", "WEIGHTS", "lock", "read_json", "resolve_model_dir", "model_config", "read_config",
     "train_config", "versions", "write_config", "load_state", "read_metrics", "save_state", "write_metrics",
     "check_tensors", "load_model", "load_prior", "load_tensors", "save_prior", "save_tensors", "save_weights",
-    "weights_sha256",
+    "weights_sha256", "file_sha256",
 ]

@@ -144,11 +144,24 @@ def weights_sha256(model_dir: str | os.PathLike) -> str:
     path = Path(model_dir) / WEIGHTS
     if not path.is_file():
         raise ModelDirError(f"{path}: missing")
-    digest = hashlib.sha256()
+    return file_sha256(path)
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, computed once per process for each (path, size, modification time): a job asks for
+    the weights' and graphs' hashes several times (its decision's key, the cache folder, accuracy entries)."""
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+        if key not in _HASHES:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            _HASHES[key] = digest.hexdigest()
     except OSError as exc:
         raise ModelDirError(f"{path}: cannot read it: {os_error_reason(exc)}") from None
-    return digest.hexdigest()
+    return _HASHES[key]

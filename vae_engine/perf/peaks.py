@@ -127,8 +127,10 @@ def _cached_peaks(threads: int) -> dict[str, float]:
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         entries = []
     for e in entries:
-        if e.get("key") == key and isinstance(e.get("peaks"), dict):
-            return {p: float(v) for p, v in e["peaks"].items()}
+        peaks = e.get("peaks")
+        if e.get("key") == key and isinstance(peaks, dict) and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1e9 for v in peaks.values()):
+            return {str(p): float(v) for p, v in peaks.items()}
     peaks = {p: max(v.values()) for p, v in gemm_peak(threads, min_time=0.3).items()}
     entry = {"key": key, "peaks": peaks, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:

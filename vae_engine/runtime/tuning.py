@@ -24,7 +24,6 @@ scores its candidates with the same functions (`reference`, `accuracy`, `items_p
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -142,7 +141,7 @@ def key(model_dir: Path, backend: str, device: str, threads: int | str, batch: i
         for role in graphs.ROLES:
             path = graphs.graph_path(model_dir, role, variant)
             if path.is_file():
-                graph_files[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+                graph_files[path.name] = modeldir.file_sha256(path)
     return {"cpu": cpu, "flags": hardware.key_flags(), "gpu": hardware.gpu_name() if device == "cuda"
             else None, "versions": versions, "weights_sha256": modeldir.weights_sha256(model_dir),
             "graphs_sha256": graph_files,
@@ -194,8 +193,38 @@ def _entries_of(path: Path, schema: str, field: str) -> list[dict[str, Any]]:
 
 
 def saved(model_dir: Path) -> list[dict[str, Any]]:
-    """The decisions saved for this model, in its folder and in the user's cache."""
-    return _entries(Path(model_dir), TUNING, SCHEMA, "decisions")
+    """The decisions saved for this model, in its folder and in the user's cache; a decision that is not
+    well-formed (a damaged or crafted file) is none, and is measured again."""
+    return [d for d in _entries(Path(model_dir), TUNING, SCHEMA, "decisions") if _well_formed(d)]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(value: Any, none: bool = False) -> bool:
+    """A finite, non-negative number (or None where allowed)."""
+    return none if value is None else _finite(value) and value >= 0
+
+
+def _path_row(row: Any) -> bool:
+    """A measured path: a known backend and precision, a thread count, and finite numbers."""
+    from .backends import BACKENDS, PRECISIONS
+
+    return (isinstance(row, dict) and row.get("backend") in BACKENDS[1:] and row.get("precision") in PRECISIONS
+            and isinstance(row.get("threads"), int) and not isinstance(row.get("threads"), bool)
+            and row["threads"] >= 1 and _number(row.get("items_per_s"), none=True)
+            and _number(row.get("open_s"), none=True)
+            and all(_finite(v) for k, v in row.items() if k.endswith("_nats")))
+
+
+def _well_formed(d: dict[str, Any]) -> bool:
+    """Can a saved decision be acted on: its chosen path and every measured row are valid paths with numbers?"""
+    rows = d.get("measurements")
+    imports = d.get("import_s", {})
+    return (_path_row({**d, "items_per_s": None, "open_s": None}) and isinstance(rows, list) and bool(rows)
+            and all(_path_row(r) for r in rows) and isinstance(imports, dict)
+            and all(_number(v) for v in imports.values()))
 
 
 def numerics(backend: str, precision: str, device: str) -> str:
@@ -220,7 +249,7 @@ def accuracy_key(model_dir: Path, backend: str, precision: str, device: str, ref
     for role in graphs.ROLES if variant else ():
         path = graphs.graph_path(model_dir, role, variant)
         if path.is_file():
-            files[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+            files[path.name] = modeldir.file_sha256(path)
     runtime = {"torch-compile": "torch"}.get(backend, backend)
     return {"backend": backend, "precision": precision, "numerics": numerics(backend, precision, device),
             "runtime": modeldir.versions().get(runtime), "weights_sha256": modeldir.weights_sha256(model_dir),
@@ -241,7 +270,8 @@ def accuracies(load: Load, model_dir: Path, paths: list[tuple[str, str]], thread
     saved."""
     step = progress or (lambda message: None)
     ref_path = reference_path(model_dir)
-    known = {_freeze(e["key"]): e for e in _entries(model_dir, ACCURACY, ACCURACY_SCHEMA, "paths")}
+    known = {_freeze(e["key"]): e for e in _entries(model_dir, ACCURACY, ACCURACY_SCHEMA, "paths")
+             if _finite(e.get("nll_change_nats")) and all(_finite(v) for k, v in e.items() if k.endswith("_nats"))}
     out, ref = {}, None
     for backend, precision in paths:
         if precision == "fp32":
