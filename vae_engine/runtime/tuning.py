@@ -193,9 +193,9 @@ def _entries_of(path: Path, schema: str, field: str) -> list[dict[str, Any]]:
 
 
 def saved(model_dir: Path) -> list[dict[str, Any]]:
-    """The decisions saved for this model, in its folder and in the user's cache; a decision that is not
-    well-formed (a damaged or crafted file) is none, and is measured again."""
-    return [d for d in _entries(Path(model_dir), TUNING, SCHEMA, "decisions") if _well_formed(d)]
+    """The decisions saved for this model, in its folder and in the user's cache, as stored (`info` shows them;
+    `choose` acts only on well-formed ones)."""
+    return _entries(Path(model_dir), TUNING, SCHEMA, "decisions")
 
 
 def _finite(value: Any) -> bool:
@@ -488,7 +488,7 @@ def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str
     options = thread_options(None if threads is None else backends.set_threads(threads), batch)
     k = key(model_dir, backend, device, options[0] if threads is not None else f"auto ({options[0]} CPUs)", batch,
             float(budget), int8)
-    previous = next((d for d in saved(model_dir) if d["key"] == k and d.get("backend") in backends.BACKENDS), None)
+    previous = next((d for d in saved(model_dir) if d["key"] == k and _well_formed(d)), None)
     if previous and not retune and (previous.get("clear", True) or previous.get("checks", 0) >= RECHECKS):
         return {**previous, "reused": True}
     paths, notes = candidates(model_dir, backend, device, int8)
