@@ -260,6 +260,8 @@ BAD = [  # (model, body, headers, status, fragment)
      "n must be"),
     ("tiny-sample", {"inputs": [{"name": "n", "shape": [1], "datatype": "UINT8", "data": [300]}]}, None, 400,
      "range of UINT8"),
+    ("tiny-score", {"inputs": [{"name": "items", "shape": [1, 784], "datatype": "FP32", "data": [0.5] * 784,
+                                "parameters": {"binary_data_size": 3136}}]}, None, 400, "both 'data' and"),
     ("tiny-nope", _items(), None, 404, "no model 'tiny-nope'"),
     ("tiny-detect", _items(), None, 404, "no model 'tiny-detect'"),
 ]
@@ -386,3 +388,31 @@ def test_cli_grpc_settings_are_one_error_line(model):
             one_line_error(CliRunner().invoke(app, ["serve", str(model), *args]), fragment)
     finally:
         busy.close()
+
+
+def _raw_http(url: str, request: bytes) -> bytes:
+    """One request over a plain socket (no client library normalizes it), the whole answer back."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_http_limits_refuse_long_request_lines_and_headers_and_stay_up(server):
+    from vae_engine.serving import http
+
+    server = server["url"]
+    big = b"x-pad: " + b"a" * (http.MAX_HEADER_BYTES + 1) + b"\r\n"
+    answer = _raw_http(server, b"GET /v2/health/ready HTTP/1.1\r\nhost: t\r\n" + big + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 ") and b"headers are over" in answer, answer[:300]
+    many = b"".join(b"x-h%d: %s\r\n" % (i, b"b" * 1000) for i in range(20))  # 20 lines under any line limit
+    assert _raw_http(server, b"GET /v2/health/ready HTTP/1.1\r\nhost: t\r\n" + many + b"\r\n").startswith(
+        b"HTTP/1.1 431 ")
+    target = b"/v2/health/ready?" + b"q" * (http.MAX_REQUEST_LINE + 1)
+    assert _raw_http(server, b"GET " + target + b" HTTP/1.1\r\nhost: t\r\n\r\n").startswith(b"HTTP/1.1 414 ")
+    ok = _raw_http(server, b"GET /v2/health/ready HTTP/1.1\r\nhost: t\r\nconnection: close\r\n"
+                           + b"x-pad: " + b"a" * 4000 + b"\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200 "), ok[:300]  # ordinary headers pass, and the server is up

@@ -190,6 +190,8 @@ def tensor_from_json(t: Any, binary: memoryview, offset: int) -> tuple[str, str,
     if not isinstance(params, dict):
         raise RequestError(400, f"input {name!r}: 'parameters' must be an object")
     size = params.get("binary_data_size")
+    if size is not None and "data" in t:  # which one would be the input? refused, not guessed
+        raise RequestError(400, f"input {name!r} carries both 'data' and parameters.binary_data_size; send one")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
             raise RequestError(400, f"input {name!r}: binary_data_size {size!r} is not a length within the "

@@ -317,6 +317,8 @@ def serve(model_dir: Path | None, host: str = "127.0.0.1", port: int = 8000, wor
 
     import uvicorn
 
+    from . import http
+
     limits = limits or Limits()
     if grpc_port is not None:
         try:
@@ -333,7 +335,8 @@ def serve(model_dir: Path | None, host: str = "127.0.0.1", port: int = 8000, wor
         app.state.load()  # here, not in uvicorn's start-up: a bad model folder is one `error:` line
         if on_ready:
             on_ready()
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30,
+                    **http.uvicorn_options())
         return
     modeldir.model_config(modeldir.resolve_model_dir(model_dir))  # a bad folder fails here, once
     if kwargs.get("threads") is None:  # the cores shared out, not every worker's engine on all of them
@@ -343,4 +346,4 @@ def serve(model_dir: Path | None, host: str = "127.0.0.1", port: int = 8000, wor
     os.environ[SERVE_ENV] = json.dumps({"model_dir": str(modeldir.resolve_model_dir(model_dir)),
                                         "limits": limits.__dict__, "grpc": grpc, **kwargs})
     uvicorn.run("vae_engine.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level="warning", timeout_graceful_shutdown=30)
+                log_level="warning", timeout_graceful_shutdown=30, **http.uvicorn_options())
