@@ -284,7 +284,7 @@ def test_cli_serve_bad_settings_are_one_error_line(tmp_path):
 
 def test_request_timeout_is_504(model, x):
     app = create_app(model, backend="onnxruntime", precision="fp32", threads=2,
-                     limits=Limits(timeout_s=1e-6))  # no engine call can answer this fast
+                     limits=Limits(timeout_s=1e-6, max_work=10**9))  # admitted; no engine call answers this fast
     with TestClient(app) as c:
         r = c.post("/v1/score", json={"items": (x / 255).tolist(), "k": 500})
         assert r.status_code == 504 and "no answer within" in r.json()["error"]
@@ -320,3 +320,115 @@ def test_two_workers_answer_like_one(client, model, x):
     finally:
         proc.terminate()
         assert proc.wait(60) == 0
+
+
+# ---- work: admission, slices, cancellation (issue 38) ----
+
+
+def _score_app(model, monkeypatch, slice_rows=64, **limits):
+    from vae_engine.serving import app as app_module
+
+    monkeypatch.setattr(app_module, "SLICE_ROWS", slice_rows)  # tiny model, tiny slices: many of them
+    return create_app(model, backend="onnxruntime", precision="fp32", threads=2, max_batch=64, max_wait_ms=1,
+                      limits=Limits(max_items=100, max_k=5000, timeout_s=30, **limits))
+
+
+def test_work_past_the_limit_is_a_413_that_says_what_to_send(model, x, monkeypatch):
+    with TestClient(_score_app(model, monkeypatch, max_work=1000)) as c:
+        r = c.post("/v1/score", json={"items": (x[:5] / 255).tolist(), "k": 300})  # 1,500 rows
+        assert r.status_code == 413 and "1,500 decoder rows" in r.json()["error"] and "batch job" in r.json()["error"]
+        assert c.post("/v1/score", json={"items": (x[:5] / 255).tolist(), "k": 200}).status_code == 200
+        assert 'vae_refused_total{reason="work"} 1.0' in c.get("/metrics").text
+
+
+@pytest.mark.parametrize("k", [1, 7, 300])
+def test_long_requests_run_in_slices_with_the_unsliced_answer(model, x, monkeypatch, k):
+    """Slices of 64 decoder rows (items, and for k > 64 the samples of each item) answer what the batch job
+    answers in one call (partial log-sums of the importance weights combined in float64)."""
+    items = x[:12]
+    calls = []
+    app = _score_app(model, monkeypatch)
+    with TestClient(app) as c:
+        a = app.state.load()
+        real = a._slice
+        monkeypatch.setattr(a, "_slice", lambda *args: calls.append(args[2:]) or real(*args))
+        got = _post(c, "score", items=(items / 255).tolist(), k=k, seed=3, start=5)["scores"]
+    engine = Engine.load(model, backend="onnxruntime", precision="fp32", threads=2)
+    want = jobs.make_job_fn("score", engine, {"k": k, "seed": 3})(5, data.model_input(items, True))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert len(calls) == (0 if k * 12 <= 64 else -(-12 // max(1, 64 // k)) * -(-k // min(k, 64)))  # 0: one call
+
+
+def test_a_request_past_its_deadline_frees_the_engine_at_the_next_slice(model, x, monkeypatch):
+    app = _score_app(model, monkeypatch)
+    with TestClient(app) as c:
+        a = app.state.load()
+        slices = []
+        real = a._slice
+
+        def slow(*args):  # each slice takes 50 ms: 150 slices would take 7.5 s
+            import time
+
+            time.sleep(0.05)
+            slices.append(1)
+            return real(*args)
+
+        monkeypatch.setattr(a, "_slice", slow)
+        a.limits = Limits(max_items=100, max_k=5000, timeout_s=0.3)
+        r = c.post("/v1/score", json={"items": (x[:10] / 255).tolist(), "k": 960})  # 9,600 rows: 150 slices
+        assert r.status_code == 504
+        assert len(slices) <= 0.3 / 0.05 + 2  # stopped at the slice after the deadline, not run to the end
+        assert a.sliced == {"requests": 0, "rows": 0}
+        assert 'vae_cancelled_total{reason="deadline"} 1.0' in c.get("/metrics").text
+
+
+def test_a_client_that_goes_away_frees_the_engine_at_the_next_slice(model, x, monkeypatch):
+    import asyncio
+
+    app = _score_app(model, monkeypatch)
+    with TestClient(app):
+        a = app.state.load()
+        key, payload, n = a.prepare("score", (x[:10] / 255).astype(np.float32), {"k": 640})
+        seen = []
+
+        def cancelled():  # the client leaves after the third slice
+            seen.append(1)
+            return len(seen) > 3
+
+        async def ask():
+            return await a.answer(key, payload, n, cancelled=cancelled)
+
+        with pytest.raises(Exception) as info:
+            asyncio.run(ask())
+        assert getattr(info.value, "status", None) == 499 and len(seen) == 4  # 3 slices ran, then it stopped
+        assert a.sliced == {"requests": 0, "rows": 0}
+
+
+def test_small_requests_are_answered_while_a_long_one_runs(model, x, monkeypatch):
+    """One engine thread, slice by slice: one-item encodes sent while a long score runs are all answered
+    before it ends (they wait for one slice, not for the whole request)."""
+    import threading
+    import time
+
+    app = _score_app(model, monkeypatch)
+    with TestClient(app) as c:
+        a = app.state.load()
+        real = a._slice
+        monkeypatch.setattr(a, "_slice", lambda *args: (time.sleep(0.01), real(*args))[1])
+        done = {}
+
+        def long():
+            r = c.post("/v1/score", json={"items": (x[:10] / 255).tolist(), "k": 640})  # 100 slices, >= 1 s
+            done["long"] = (time.perf_counter(), r.status_code)
+
+        t = threading.Thread(target=long)
+        t.start()
+        while not a.sliced["requests"]:
+            time.sleep(0.005)
+        small = []
+        for i in range(10):
+            r = c.post("/v1/encode", json={"items": (x[i:i + 1] / 255).tolist()})
+            small.append((time.perf_counter(), r.status_code))
+        t.join()
+    assert done["long"][1] == 200 and all(code == 200 for _, code in small)
+    assert max(when for when, _ in small) < done["long"][0]

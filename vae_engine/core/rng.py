@@ -229,19 +229,21 @@ class Streams:
         return binarize_items(x, *self.keys_and_items(0, len(x), BINARIZE_STREAM))
 
 
-def iwae_blocks(streams: Streams, k: int, d: int, rows: int, device=None):
+def iwae_blocks(streams: Streams, k: int, d: int, rows: int, device=None, samples: tuple[int, int] | None = None):
     """The eps of an IWAE estimate over a batch's items (k samples each, from their `streams`), in blocks of
     about `rows` decoder rows: yields (i, j, s, eps) with eps (j-i, K', D) = samples s..s+K'-1 of items i..j-1
-    (tensors made on `device` when one is given: see `Streams.eps`).
+    (tensors made on `device` when one is given: see `Streams.eps`). `samples` (s0, s1): only those samples of
+    the k (a server's slice of a long request); default all.
 
     Items are grouped rows // k at a time; when one item's k samples exceed `rows`, K itself is split. Each block
     is a slice of the items' own streams, so any blocking gives the same numbers, in bounded memory.
     """
-    n, per_item = len(streams), max(1, rows // k)
+    s0, s1 = samples or (0, k)
+    n, per_item = len(streams), max(1, rows // (s1 - s0))
     for i in range(0, n, per_item):
         j = min(n, i + per_item)
-        for s in range(0, k, rows):
-            yield i, j, s, streams.eps(i, j, k, d, s, min(k, s + rows), device)
+        for s in range(s0, s1, rows):
+            yield i, j, s, streams.eps(i, j, k, d, s, min(s1, s + rows), device)
 
 
 def binarize(x: np.ndarray, seed: int, start: int, parallel: bool | None = None) -> np.ndarray:

@@ -157,15 +157,25 @@ class Engine:
         `streams` gives each item's eps stream explicitly (default: (seed, start + b)); e.g. `rng.Streams.shared`
         makes every item read one stream (common random numbers), so an estimate depends on the item alone.
         """
+        k = check_int("k", k, 1, MAX_SCORE_K)
+        return self.log_weight_sums(x, k, 0, k, seed, start, streams) - np.log(k)
+
+    def log_weight_sums(self, x: np.ndarray, k: int, s0: int, s1: int, seed: int = 0, start: int = 0,
+                        streams: rng.Streams | None = None) -> np.ndarray:
+        """log sum_{s0 <= s < s1} w_s per input (B,) float64, of the k importance weights of the IWAE estimate:
+        `log_likelihood` is all k of them less log k, and the partial sums of any split of [0, k) combine into it
+        by log-sum-exp (a server runs a long request in such slices)."""
         x = self.prepare_items(x)
         k = check_int("k", k, 1, MAX_SCORE_K)
+        if not 0 <= s0 < s1 <= k:
+            raise DataError(f"samples {s0}..{s1} are not a range within the k={k} samples")
         streams = _streams(streams, seed, start, len(x))
         mu, logvar = self.backend.encode(x)
         # a GPU backend computes the log-weights itself, next to the decoder's outputs (the prior's log-density too)
         on_device = getattr(self.backend, "score_rows", None)
         log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks
         for i, j, s, eps in rng.iwae_blocks(streams, k, self.latent_dim, on_device or SCORE_ROWS,
-                                            self.backend.device if on_device else None):
+                                            self.backend.device if on_device else None, (s0, s1)):
             if on_device:
                 log_w = self.backend.log_weights(x[i:j], mu[i:j], logvar[i:j], eps, self.prior)
             else:
@@ -175,8 +185,8 @@ class Engine:
                     self.prior.log_prob(z.reshape(-1, self.latent_dim)).reshape(z.shape[:2])
                 log_w = kernels.log_weights(x[i:j], params, z, mu[i:j], logvar[i:j], self.likelihood, log_pz)
             block = kernels.log_mean_exp(log_w) + np.log(eps.shape[1])  # log sum_k w over this block
-            log_sum[i:j] = block if s == 0 else np.logaddexp(log_sum[i:j], block)
-        return log_sum - np.log(k)
+            log_sum[i:j] = block if s == s0 else np.logaddexp(log_sum[i:j], block)
+        return log_sum
 
     def warm_up(self, kernels: bool = True) -> None:
         """Run every op once on one item, so that a server's first requests do not pay for what is made on first

@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,14 @@ class Limits:
     max_items: int = 4096  # items (or latents, or samples) per request
     max_k: int = 5000  # importance samples per item (score)
     timeout_s: float = 30.0  # from arrival to answer; then 504
+    max_work: int | None = None  # decoder rows per request (items x k); None: a quarter of the timeout's worth at
+    #                              the decoder rate measured at start-up (`App.work_limit`)
+
+
+SLICE_ROWS = 2048  # decoder rows per engine call of a long request (~5-15 ms here): the most a small request
+#                   arriving meanwhile waits behind it on the one engine thread
+SCORED_ROW_COST = 2.0  # a scored decoder row (the likelihood and log-weight kernels after the decoder) against a
+#                        decoded one: score k=64 ran at ~150k rows/s where decode ran at ~340k (2-core AVX-512 EPYC)
 
 
 @dataclass
@@ -56,6 +65,36 @@ def _int(value, name: str, lo: int, hi: int) -> int:
     if not lo <= v <= hi:
         raise RequestError(422, f"{name} must be an integer in [{lo}, {hi}], got {v}")
     return v
+
+
+def retry_after(exc: Exception) -> list[tuple[str, str]]:
+    """The Retry-After header of a refusal that says when to come back (a 503), else none."""
+    seconds = getattr(exc, "retry_after", None)
+    return [("retry-after", str(seconds))] if seconds else []
+
+
+class Disconnect:
+    """Whether an HTTP client went away after its request was read: a task reading the ASGI `receive` channel
+    until `http.disconnect` (what starlette's `is_disconnected` polls), started once the body is in."""
+
+    def __init__(self, receive):
+        self.receive, self.gone, self.task = receive, False, None
+
+    def start(self) -> None:
+        async def watch():
+            while (await self.receive())["type"] != "http.disconnect":
+                pass
+            self.gone = True
+
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(watch())
+
+    def __call__(self) -> bool:
+        return self.gone
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
 
 
 def _bool(value, name: str) -> bool:
@@ -91,6 +130,11 @@ class App:
                                   batch_size=max_batch, max_nll_change=max_nll_change)
         self.engine.warm_up(kernels=False)  # the graphs before the first request, not in it; the kernels below
         self.cfg, self.metrics, self.path = self.engine.cfg, Metrics(), self.engine.path  # path: once, not per request
+        self.rows_per_s = self._decoder_rate()
+        # the most decoder rows one request may ask for: a quarter of the timeout at the measured decoder rate,
+        # so that a scored request alone ends within about half of it
+        self.work_limit = self.limits.max_work or max(SLICE_ROWS, int(self.rows_per_s * self.limits.timeout_s / 4))
+        self.sliced = {"requests": 0, "rows": 0}  # long requests running in slices, and the rows they have left
         self.detector = None
         if (self.model_dir / "detector.json").is_file():
             from ..anomaly.rules import StoredDetector
@@ -118,16 +162,115 @@ class App:
             raise RequestError(404, f"model {name!r} has no version {version!r}; it has version {oip.VERSION}")
         return spec
 
-    async def infer(self, name: str, version: str | None, arrays: dict, params: dict,
-                    wanted: dict | None) -> tuple[oip.ModelSpec, dict[str, np.ndarray]]:
-        """One v2 inference request (decoded by its transport) -> (its model, the outputs by name)."""
+    async def infer(self, name: str, version: str | None, arrays: dict, params: dict, wanted: dict | None,
+                    cancelled: Callable[[], bool] | None = None,
+                    time_left: float | None = None) -> tuple[oip.ModelSpec, dict[str, np.ndarray]]:
+        """One v2 inference request (decoded by its transport) -> (its model, the outputs by name); `cancelled`
+        and `time_left` as `answer` takes them."""
         spec = self.model(name, version)
         a, options = oip.check_request(spec, arrays, params, wanted)
-        return spec, oip.outputs_of(spec, await self.answer(*self.prepare(spec.op, a, options)))
+        answer = await self.answer(*self.prepare(spec.op, a, options), cancelled=cancelled, time_left=time_left)
+        return spec, oip.outputs_of(spec, answer)
 
-    async def answer(self, key: tuple, payload: dict, n: int) -> dict:
-        """A prepared request's answer from the batcher, within the server's timeout (every protocol's)."""
-        return await self.batcher.submit(key, payload, n, n * payload.get("k", 1), self.limits.timeout_s)
+    async def answer(self, key: tuple, payload: dict, n: int, cancelled: Callable[[], bool] | None = None,
+                     time_left: float | None = None) -> dict:
+        """A prepared request's answer within the server's timeout (or the client's `time_left`, a gRPC deadline),
+        every protocol's: its work admitted (`admit`), then from the batcher, or, when it is long, in slices of
+        `SLICE_ROWS` decoder rows interleaved with the requests that arrive meanwhile, stopped at the next slice
+        when its deadline passes or `cancelled()` (the client went away) says so."""
+        work = self.work(key[0], payload, n)
+        self.admit(work)
+        timeout = self.limits.timeout_s if time_left is None else max(0.0, min(self.limits.timeout_s, time_left))
+        if work <= SLICE_ROWS or key[0] not in ("score", "detect"):
+            return await self.batcher.submit(key, payload, n, work, timeout)
+        return await self._in_slices(key, payload, n, work, cancelled, time.perf_counter() + timeout)
+
+    def work(self, op: str, payload: dict, n: int) -> int:
+        """A request's cost in decoder rows: items x k for score (and for a detector's likelihood rules), n for
+        sample, items otherwise."""
+        if op == "detect" and self.detector is not None and self.detector.rule.startswith("nll"):
+            return n * int(self.detector.doc["k"])
+        return n * payload.get("k", 1) if op == "score" else n
+
+    def admit(self, work: int) -> None:
+        """Refuse work this server cannot do in time: past `work_limit` a 413 that says what to send instead;
+        a long request that could not end before its deadline beside the long ones already running a 503 with
+        Retry-After (when they are expected to be done)."""
+        if work > self.work_limit:
+            self.metrics.refused.labels("work").inc()
+            raise RequestError(413, f"this request is {work:,} decoder rows (items x k); one request may ask for "
+                                    f"{self.work_limit:,} here ({self.limits.timeout_s:g} s timeout at the measured "
+                                    "rate): send fewer items or a smaller k, or run `vae-engine score` as a batch job")
+        if work <= SLICE_ROWS or not self.sliced["requests"]:
+            return
+        rate = self.rows_per_s / SCORED_ROW_COST
+        share = self.sliced["requests"] + 1  # the long requests share the engine thread slice by slice
+        if work * share / rate > self.limits.timeout_s:
+            self.metrics.refused.labels("busy").inc()
+            wait = max(1, math.ceil(self.sliced["rows"] / rate))
+            raise RequestError(503, f"the server is busy with {self.sliced['requests']} long request(s); this one "
+                                    f"({work:,} decoder rows) could not end within {self.limits.timeout_s:g} s: "
+                                    f"retry in {wait} s, or send fewer items or a smaller k", retry_after=wait)
+
+    async def _in_slices(self, key: tuple, payload: dict, n: int, work: int, cancelled, t_end: float) -> dict:
+        """A long score or detect request as engine calls of at most SLICE_ROWS decoder rows: items, and for a
+        large k the samples of each item, in order; each part reads its items' own streams, so the answer is the
+        unsliced one (score: partial log-sums combined in float64)."""
+        k = max(1, work // n)
+        items, samples = max(1, SLICE_ROWS // k), min(k, SLICE_ROWS)
+        self.sliced["requests"] += 1
+        self.sliced["rows"] += work
+        left = work
+        try:
+            out = []
+            for i in range(0, n, items):
+                j = min(n, i + items)
+                parts = []
+                for s0 in range(0, k, samples) if key[0] == "score" and k > 1 else [0]:
+                    self._check_alive(cancelled, t_end)
+                    s1 = min(k, s0 + samples)
+                    parts.append(await self.batcher.call(self._slice, key, payload, i, j, s0, s1))
+                    self.sliced["rows"] -= (j - i) * (s1 - s0) if key[0] == "score" else (j - i) * k
+                    left -= (j - i) * (s1 - s0) if key[0] == "score" else (j - i) * k
+                out.append(parts)
+        finally:
+            self.sliced["requests"] -= 1
+            self.sliced["rows"] -= left
+        if key[0] == "detect":
+            return {name: np.concatenate([p[0][name] for p in out]) for name in ("scores", "flags")}
+        log_sum = np.concatenate([np.logaddexp.reduce(np.stack(parts), axis=0) for parts in out])
+        return {"scores": -log_sum if k == 1 else -(log_sum - np.log(k))}  # -ELBO, or the IWAE NLL
+
+    def _check_alive(self, cancelled, t_end: float) -> None:
+        """Between slices: past the deadline, a 504; a client that went away, a 499 nobody reads."""
+        if time.perf_counter() > t_end:
+            self.metrics.cancelled.labels("deadline").inc()
+            raise asyncio.TimeoutError
+        if cancelled is not None and cancelled():
+            self.metrics.cancelled.labels("disconnect").inc()
+            raise RequestError(499, "the client closed the request")
+
+    def _slice(self, key: tuple, payload: dict, i: int, j: int, s0: int, s1: int):
+        """One slice of a long request, on the engine thread: detect's answer for items i..j-1, or the log-sum of
+        the importance weights s0..s1-1 of their score (k=1: minus their -ELBO, as the score job answers)."""
+        part = {**payload, "x": payload["x"][i:j], "start": payload.get("start", 0) + i}
+        if key[0] == "detect":
+            return self.run_batch(key, [part])[0]
+        k, eng = key[1], self.engine
+        streams = rng.Streams.contiguous(part["seed"], part["start"], j - i)
+        x = streams.binarize(part["x"]) if key[2] and eng.likelihood.binarized else part["x"]
+        if k == 1:
+            return eng.elbo(x, streams=streams)  # -(-ELBO): the scores' sign is restored by the caller
+        return eng.log_weight_sums(x, k, s0, s1, streams=streams)
+
+    def _decoder_rate(self) -> float:
+        """Decoder rows per second of this server's path (two calls of 1,024 rows, after a first)."""
+        z = np.zeros((1024, self.engine.latent_dim), np.float32)
+        self.engine.backend.decode(z)
+        t0 = time.perf_counter()
+        for _ in range(2):
+            self.engine.backend.decode(z)
+        return 2048 / max(time.perf_counter() - t0, 1e-6)
 
     # -- parse: request -> (key, payload, items); all checks happen here, per request --
 
@@ -185,9 +328,10 @@ class App:
         return 500, f"internal error ({type(exc).__name__})"
 
     async def infer_rest(self, name: str, version: str | None, headers: Mapping[str, str],
-                         chunks: AsyncIterator[bytes]) -> tuple[int, bytes, list[tuple[str, str]]]:
+                         chunks: AsyncIterator[bytes], cancelled: Callable[[], bool] | None = None
+                         ) -> tuple[int, bytes, list[tuple[str, str]]]:
         """A v2 REST inference request -> (status, body, headers): JSON or binary tensors (the binary tensor data
-        extension), errors as {"error": "one line"}."""
+        extension), errors as {"error": "one line"} (a 503 with Retry-After)."""
         with self.tracked("v2") as t:
             try:
                 t.endpoint = f"v2/{self.model(name, version).op}"
@@ -195,11 +339,12 @@ class App:
                                      headers.get("content-encoding"), self.limits.max_body_bytes)
                 header, binary = oip.split_body(raw, headers.get(oip.HEADER))
                 arrays, params, wanted, all_binary = oip.parse_http(header, binary)
-                spec, outputs = await self.infer(name, version, arrays, params, wanted)
+                spec, outputs = await self.infer(name, version, arrays, params, wanted, cancelled)
                 body, json_length = oip.response_http(spec, header.get("id"), outputs, wanted, all_binary)
             except Exception as exc:  # noqa: BLE001 - one line to the caller (App.failure), never a traceback
                 t.code, message = self.failure(exc)
-                return t.code, dumps({"error": message}), [("content-type", "application/json")]
+                return t.code, dumps({"error": message}), [("content-type", "application/json"),
+                                                          *retry_after(exc)]
         if json_length is None:
             return 200, body, [("content-type", "application/json")]
         return 200, body, [("content-type", "application/octet-stream"), (oip.HEADER, str(json_length))]

@@ -25,7 +25,7 @@ class Metrics:
     """Prometheus metrics of one app (its own registry, so several apps in a process do not collide)."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
         self.requests = Counter("vae_requests", "Requests by endpoint and status code", ["endpoint", "code"],
@@ -38,6 +38,13 @@ class Metrics:
         self.queue_wait = Histogram("vae_queue_wait_seconds", "Time a request waited to join an engine call",
                                     registry=self.registry,
                                     buckets=(.0001, .0005, .001, .002, .005, .01, .02, .05, .1, .5, 1, 5))
+        self.refused = Counter("vae_refused", "Requests refused before any work, by reason (work: past the "
+                               "per-request limit; busy: could not end in time beside the long ones running)",
+                               ["reason"], registry=self.registry)
+        self.cancelled = Counter("vae_cancelled", "Long requests stopped at a slice, by reason (deadline, "
+                                 "disconnect)", ["reason"], registry=self.registry)
+        self.queue_depth = Gauge("vae_queue_depth", "Requests waiting for the engine or running on it",
+                                 registry=self.registry)
         self._series: dict[tuple[str, int], tuple] = {}
 
     def answered(self, endpoint: str, code: int, seconds: float) -> None:
@@ -70,6 +77,7 @@ class MicroBatcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")  # one engine call at a time
         self.inflight = 0
         self.busy = 0  # engine calls running on the executor
+        metrics.queue_depth.set_function(lambda: self.inflight + self.busy)
 
     async def call(self, fn: Callable[..., Any], *args) -> Any:
         """fn(*args) on the engine thread (one engine call at a time, batches included)."""

@@ -74,9 +74,9 @@ OPERATIONS = {  # op -> (its array in /v1 bodies and its doc, the parameters it 
 class RequestError(Exception):
     """A request the server refuses (/v1 and v2 alike): HTTP status (oip_grpc maps it to a gRPC code), one line."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: int | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ def _messages() -> dict[str, type]:
 
 
 _CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT",
-          422: "INVALID_ARGUMENT", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+          422: "INVALID_ARGUMENT", 499: "CANCELLED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
 
 def _parameter(p) -> Any:
@@ -167,7 +167,8 @@ class Service:
                 params = {k: _parameter(v) for k, v in request.parameters.items()}
                 wanted = {o.name: True for o in request.outputs} or None
                 spec, outputs = await a.infer(request.model_name, request.model_version, request_tensors(request),
-                                              params, wanted)
+                                              params, wanted, cancelled=context.cancelled,
+                                              time_left=context.time_remaining())  # the client's deadline
             except Exception as exc:  # noqa: BLE001 - one line to the caller (App.failure), never a traceback
                 t.code, message = a.failure(exc)
                 await context.abort(_code(t.code), message)

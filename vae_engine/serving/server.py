@@ -30,7 +30,7 @@ from ..core import hardware
 from ..core.config import VERSION
 from ..core.errors import VaeEngineError
 from . import oip
-from .app import App, Limits, dumps, loads, read_limited
+from .app import App, Disconnect, Limits, dumps, loads, read_limited, retry_after
 from .oip import RequestError
 
 NPY = "application/x-npy"
@@ -76,17 +76,23 @@ class V2Infer:
         else:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}  # ASGI: lower-case names
+        gone = Disconnect(receive)
 
         async def chunks():
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
+                    gone.gone = True
                     return
                 yield message.get("body", b"")
                 if not message.get("more_body", False):
+                    gone.start()  # the body is in: from here on, receive() says when the client leaves
                     return
 
-        status, body, extra = await self.state["app"].infer_rest(name, version, headers, chunks())
+        try:
+            status, body, extra = await self.state["app"].infer_rest(name, version, headers, chunks(), gone)
+        finally:
+            gone.stop()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-length", str(len(body)).encode())]
                     + [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra]})
@@ -139,8 +145,8 @@ def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] 
     api.state.load = load
     front = V2Infer(lambda scope, receive, send: FastAPI.__call__(api, scope, receive, send), state)
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def error(status: int, message: str, headers: list[tuple[str, str]] = ()) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=dict(headers))
 
     async def read_body(request: Request, limits: Limits) -> bytes:
         return await read_limited(request.headers, request.stream(), limits.max_body_bytes)
@@ -152,7 +158,7 @@ def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] 
                 return await answer(a, op, request)
             except Exception as exc:  # noqa: BLE001 - one line to the caller (App.failure), never a traceback
                 t.code, message = a.failure(exc)
-                return error(t.code, message)
+                return error(t.code, message, retry_after(exc))
 
     async def answer(a: App, op: str, request: Request) -> Response:
         raw = await read_body(request, a.limits)
@@ -173,7 +179,12 @@ def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] 
                 raise RequestError(422, "body must be a JSON object")
         else:
             raise RequestError(415, f"content type {ctype!r}: send application/json or {NPY}")
-        result = await a.answer(*a.parse(op, body, npy))
+        gone = Disconnect(request.receive)
+        gone.start()  # the body is read: receive() now says when the client leaves
+        try:
+            result = await a.answer(*a.parse(op, body, npy), cancelled=gone)
+        finally:
+            gone.stop()
         result["path"] = a.path
         if NPY in request.headers.get("accept", ""):
             main = result.get("items", result.get("scores", result.get("mu")))
