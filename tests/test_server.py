@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from vae_engine import data
 from vae_engine.jobs import batch as jobs  # noqa: E402
 from vae_engine.runtime.engine import Engine  # noqa: E402
+from vae_engine.serving.oip import RequestError  # noqa: E402
 from vae_engine.serving.server import Limits, create_app  # noqa: E402
 
 from .conftest import one_line_error, start_serve  # noqa: E402
@@ -326,11 +327,11 @@ def test_two_workers_answer_like_one(client, model, x):
 
 
 def _score_app(model, monkeypatch, slice_rows=64, **limits):
-    from vae_engine.serving import app as app_module
-
-    monkeypatch.setattr(app_module, "SLICE_ROWS", slice_rows)  # tiny model, tiny slices: many of them
-    return create_app(model, backend="onnxruntime", precision="fp32", threads=2, max_batch=64, max_wait_ms=1,
-                      limits=Limits(max_items=100, max_k=5000, timeout_s=30, **limits))
+    app = create_app(model, backend="onnxruntime", precision="fp32", threads=2, max_batch=64, max_wait_ms=1,
+                     limits=Limits(max_items=100, max_k=5000, timeout_s=30, **limits))
+    a = app.state.load()
+    a.slice_rows = slice_rows  # tiny model, tiny slices: many of them
+    return app
 
 
 def test_work_past_the_limit_is_a_413_that_says_what_to_send(model, x, monkeypatch):
@@ -432,3 +433,21 @@ def test_small_requests_are_answered_while_a_long_one_runs(model, x, monkeypatch
         t.join()
     assert done["long"][1] == 200 and all(code == 200 for _, code in small)
     assert max(when for when, _ in small) < done["long"][0]
+
+
+def test_a_long_request_that_cannot_end_in_time_beside_others_is_a_503_with_retry_after(model, x, monkeypatch):
+    """Beside the long requests running (which share the engine thread slice by slice), a long request that could
+    not end within the timeout is refused at once, with when to retry; small ones are always admitted."""
+    app = _score_app(model, monkeypatch, max_work=10**6)
+    with TestClient(app) as c:
+        a = app.state.load()
+        a.rows_per_s = 2000.0  # as if the decoder ran 2,000 rows/s: a scored row 1 ms
+        a.admit(20_000)  # alone: 20 s of the 30 s timeout, admitted
+        a.sliced.update(requests=1, rows=9_000)  # one long request running, 9,000 rows left (~9 s)
+        a.admit(10_000)  # beside it: 10,000 rows x 2 shares = 20 s, admitted
+        a.admit(64)  # small requests never wait for the long ones
+        with pytest.raises(RequestError) as info:
+            a.admit(20_000)  # 40 s beside it: refused now rather than timed out later
+        assert info.value.status == 503 and info.value.retry_after == 9 and "retry in 9 s" in info.value.message
+        a.sliced.update(requests=0, rows=0)
+        assert 'vae_refused_total{reason="busy"} 1.0' in c.get("/metrics").text

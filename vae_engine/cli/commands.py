@@ -399,7 +399,8 @@ def serve(
     max_items: Annotated[int, typer.Option(help="Most items per request (413 beyond).")] = 4096,
     max_k: Annotated[int, typer.Option(help="Largest k a score request may ask for (422 beyond).")] = 5000,
     timeout_s: Annotated[float, typer.Option(help="Seconds from a request's arrival to its answer (504 beyond).")] = 30.0,
-    ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve instead of uvicorn (local Ray; needs ray[serve]).")] = False,
+    max_work: Annotated[int | None, typer.Option(help="Most decoder rows one request may cost (items x k for score; 413 beyond, saying what to send instead). Default: a quarter of --timeout-s at the decoder rate measured at start-up.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve instead of uvicorn (local Ray; needs the distributed extra: ray\\[serve]).")] = False,
     replicas: Annotated[int, typer.Option(help="With --ray: number of replicas.")] = 1,
     grpc_port: Annotated[int | None, typer.Option(help="Also serve the Open Inference Protocol (KServe v2) over gRPC on this port (Triton's default: 8001; needs the 'grpc' extra; not with --ray).")] = None,
 ) -> None:
@@ -415,6 +416,8 @@ def serve(
     check_int("--max-items", max_items, 1, MAX_BATCH)
     check_int("--max-k", max_k, 1, MAX_SCORE_K)
     check_int("--replicas", replicas, 1, 64)
+    if max_work is not None:
+        check_int("--max-work", max_work, 1)
     if grpc_port is not None:
         check_int("--grpc-port", grpc_port, 1, 65535)
         if ray:
@@ -428,7 +431,7 @@ def serve(
         from ..serving import server
     except ImportError as exc:
         raise VaeEngineError(f"serve needs the 'serve' extra ({exc.name} is missing): pip install 'vae-engine[serve]'") from None
-    limits = server.Limits(int(max_body_mb * (1 << 20)), max_items, max_k, timeout_s)
+    limits = server.Limits(int(max_body_mb * (1 << 20)), max_items, max_k, timeout_s, max_work)
     settings = {"backend": backend, "precision": precision, "threads": threads, "max_batch": max_batch,
                 "max_wait_ms": max_wait_ms, "max_nll_change": max_nll_change, "device": device}
     model_dir = resolve_model_dir(model_dir)

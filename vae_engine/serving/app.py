@@ -40,8 +40,8 @@ class Limits:
     #                              the decoder rate measured at start-up (`App.work_limit`)
 
 
-SLICE_ROWS = 2048  # decoder rows per engine call of a long request (~5-15 ms here): the most a small request
-#                   arriving meanwhile waits behind it on the one engine thread
+SLICE_SECONDS = 0.004  # engine time of one slice of a long request: the most a small request arriving meanwhile
+#                        waits behind it on the one engine thread (one-item encodes answer in ~1 ms here)
 SCORED_ROW_COST = 2.0  # a scored decoder row (the likelihood and log-weight kernels after the decoder) against a
 #                        decoded one: score k=64 ran at ~150k rows/s where decode ran at ~340k (2-core AVX-512 EPYC)
 
@@ -131,9 +131,12 @@ class App:
         self.engine.warm_up(kernels=False)  # the graphs before the first request, not in it; the kernels below
         self.cfg, self.metrics, self.path = self.engine.cfg, Metrics(), self.engine.path  # path: once, not per request
         self.rows_per_s = self._decoder_rate()
+        # decoder rows of one slice of a long request: SLICE_SECONDS of scored rows at the measured rate
+        self.slice_rows = max(64, int(self.rows_per_s * SLICE_SECONDS / SCORED_ROW_COST))
         # the most decoder rows one request may ask for: a quarter of the timeout at the measured decoder rate,
         # so that a scored request alone ends within about half of it
-        self.work_limit = self.limits.max_work or max(SLICE_ROWS, int(self.rows_per_s * self.limits.timeout_s / 4))
+        self.work_limit = self.limits.max_work or max(self.slice_rows,
+                                                      int(self.rows_per_s * self.limits.timeout_s / 4))
         self.sliced = {"requests": 0, "rows": 0}  # long requests running in slices, and the rows they have left
         self.detector = None
         if (self.model_dir / "detector.json").is_file():
@@ -176,12 +179,12 @@ class App:
                      time_left: float | None = None) -> dict:
         """A prepared request's answer within the server's timeout (or the client's `time_left`, a gRPC deadline),
         every protocol's: its work admitted (`admit`), then from the batcher, or, when it is long, in slices of
-        `SLICE_ROWS` decoder rows interleaved with the requests that arrive meanwhile, stopped at the next slice
+        `slice_rows` decoder rows interleaved with the requests that arrive meanwhile, stopped at the next slice
         when its deadline passes or `cancelled()` (the client went away) says so."""
         work = self.work(key[0], payload, n)
         self.admit(work)
         timeout = self.limits.timeout_s if time_left is None else max(0.0, min(self.limits.timeout_s, time_left))
-        if work <= SLICE_ROWS or key[0] not in ("score", "detect"):
+        if work <= self.slice_rows or key[0] not in ("score", "detect"):
             return await self.batcher.submit(key, payload, n, work, timeout)
         return await self._in_slices(key, payload, n, work, cancelled, time.perf_counter() + timeout)
 
@@ -201,7 +204,7 @@ class App:
             raise RequestError(413, f"this request is {work:,} decoder rows (items x k); one request may ask for "
                                     f"{self.work_limit:,} here ({self.limits.timeout_s:g} s timeout at the measured "
                                     "rate): send fewer items or a smaller k, or run `vae-engine score` as a batch job")
-        if work <= SLICE_ROWS or not self.sliced["requests"]:
+        if work <= self.slice_rows or not self.sliced["requests"]:
             return
         rate = self.rows_per_s / SCORED_ROW_COST
         share = self.sliced["requests"] + 1  # the long requests share the engine thread slice by slice
@@ -213,11 +216,11 @@ class App:
                                     f"retry in {wait} s, or send fewer items or a smaller k", retry_after=wait)
 
     async def _in_slices(self, key: tuple, payload: dict, n: int, work: int, cancelled, t_end: float) -> dict:
-        """A long score or detect request as engine calls of at most SLICE_ROWS decoder rows: items, and for a
+        """A long score or detect request as engine calls of at most `slice_rows` decoder rows: items, and for a
         large k the samples of each item, in order; each part reads its items' own streams, so the answer is the
         unsliced one (score: partial log-sums combined in float64)."""
         k = max(1, work // n)
-        items, samples = max(1, SLICE_ROWS // k), min(k, SLICE_ROWS)
+        items, samples = max(1, self.slice_rows // k), min(k, self.slice_rows)
         self.sliced["requests"] += 1
         self.sliced["rows"] += work
         left = work
@@ -424,7 +427,8 @@ class App:
                 "image_shape": list(cfg.image_shape) if cfg.image_shape else None, "latent_dim": cfg.latent_dim,
                 "likelihood": cfg.likelihood, "path": self.path, "detector": self.detector is not None,
                 "detector_rule": self.detector.rule if self.detector else None, "max_batch": self.max_batch,
-                "max_wait_ms": self.max_wait_ms, "limits": self.limits.__dict__}
+                "max_wait_ms": self.max_wait_ms, "limits": self.limits.__dict__, "work_limit": self.work_limit,
+                "decoder_rows_per_s": round(self.rows_per_s)}
 
 
 def _to_json(obj):
