@@ -451,3 +451,18 @@ def test_a_long_request_that_cannot_end_in_time_beside_others_is_a_503_with_retr
         assert info.value.status == 503 and info.value.retry_after == 9 and "retry in 9 s" in info.value.message
         a.sliced.update(requests=0, rows=0)
         assert 'vae_refused_total{reason="busy"} 1.0' in c.get("/metrics").text
+
+
+def test_the_clients_own_deadline_bounds_a_sliced_request(model, x, monkeypatch):
+    """A gRPC client's deadline (`time_left`) ends a long request at its first slice past it, as the server's
+    timeout does."""
+    import asyncio
+
+    app = _score_app(model, monkeypatch)
+    with TestClient(app) as c:
+        a = app.state.load()
+        key, payload, n = a.prepare("score", (x[:10] / 255).astype(np.float32), {"k": 640})
+        with pytest.raises(asyncio.TimeoutError):
+            asyncio.run(a.answer(key, payload, n, time_left=0.0))
+        assert a.sliced == {"requests": 0, "rows": 0}
+        assert 'vae_cancelled_total{reason="deadline"} 1.0' in c.get("/metrics").text
