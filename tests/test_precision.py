@@ -310,3 +310,13 @@ def test_damaged_or_crafted_decisions_are_measured_again(model):
     (model / tuning.ACCURACY).write_text(json.dumps({"schema": tuning.ACCURACY_SCHEMA, "paths": [
         {"key": {}, "nll_change_nats": "zero"}]}))
     assert tuning.choose(Engine.load, model, threads=2, batch=16, seconds=QUICK, retune=True)["backend"]
+
+
+def test_cli_tune_measures_again_and_saves(model):
+    r = runner.invoke(app, ["tune", str(model), "--batch-size", "1,16", "--threads", "2", "--seconds", "0.05"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "batch 1:" in text and "batch 16:" in text and f"saved to {model / tuning.TUNING}" in text
+    assert {d["key"]["batch"] for d in tuning.saved(model)} == {1, 16}
+    one_line_error(runner.invoke(app, ["tune", str(model), "--batch-size", "x"]), "comma-separated integers")
+    one_line_error(runner.invoke(app, ["tune", str(model), "--seconds", "0"]), "--seconds")
