@@ -320,3 +320,24 @@ def test_cli_tune_measures_again_and_saves(model):
     assert {d["key"]["batch"] for d in tuning.saved(model)} == {1, 16}
     one_line_error(runner.invoke(app, ["tune", str(model), "--batch-size", "x"]), "comma-separated integers")
     one_line_error(runner.invoke(app, ["tune", str(model), "--seconds", "0"]), "--seconds")
+
+
+def test_one_accuracy_rule_with_its_standard_error():
+    """`--precision auto` and `export --quantize int8` judge a path the same way: |mean NLL change| + 2 standard
+    errors within the budget (a mean inside it by less than its noise does not pass)."""
+    from vae_engine.core.config import CONFIDENCE_SE, DEFAULT_BUDGET, within_budget
+
+    assert within_budget(0.004, 0.002, DEFAULT_BUDGET) and not within_budget(0.008, 0.002, DEFAULT_BUDGET)
+    row = {"precision": "int8", "nll_change_nats": -0.006, "nll_change_se_nats": 0.003}
+    assert tuning.within(row, 0.006 + CONFIDENCE_SE * 0.003) and not tuning.within(row, 0.0119)
+    assert tuning.within({**row, "precision": "fp32"}, 0.0)
+
+
+def test_jobs_take_every_device_engine_load_takes(model, x, tmp_path):
+    np.save(tmp_path / "x.npy", (x * 255).astype(np.uint8))
+    args = ["encode", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "z.npy"), "--precision",
+            "fp32", "--threads", "2"]
+    if not HAS_CUDA:  # auto is the CPU here; a GPU asked for and missing is one clear line
+        assert runner.invoke(app, [*args, "--device", "auto"]).exit_code == 0
+        one_line_error(runner.invoke(app, [*args, "--device", "cuda:1"]), "no CUDA GPU")
+    one_line_error(runner.invoke(app, [*args, "--device", "tpu"]), "unknown device 'tpu'")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..core.config import DEFAULT_RULE
+from ..core.config import DEFAULT_BUDGET, DEFAULT_RULE
 from ..core.config import VERSION as __version__
 from ..core.errors import VaeEngineError
 from ..perf.fraction import percent
@@ -152,8 +152,8 @@ def evaluate(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run the PyTorch reference on the same images and eps: time ratio and largest difference.")] = False,
     precision: Annotated[str, typer.Option(help="fp32 (reproduces the reference), bf16, int8, fp16, or auto (the fastest path within --max-nll-change); with --compare the report gives its measured bias.")] = "fp32",
-    max_nll_change: BudgetOpt = 0.01,
-    device: Annotated[str, typer.Option(help="cpu, or cuda for the engine backends (torch, onnxruntime-gpu).")] = "cpu",
+    max_nll_change: BudgetOpt = DEFAULT_BUDGET,
+    device: DeviceOpt = "cpu",
     data: Annotated[Path | None, typer.Option(help="Evaluate on this file or folder instead of the model's own test split (any format train --data reads).")] = None,
     columns: Annotated[str | None, typer.Option(help="With --data as CSV/Parquet: the columns to use, comma-separated.")] = None,
 ) -> None:
@@ -249,7 +249,7 @@ def info(model_dir: ModelOpt = None) -> None:
 def tune(
     model_dir: ModelOpt = None,
     batch_size: Annotated[str, typer.Option(help="Batch sizes to decide for, comma-separated (each job's --batch-size picks its decision).")] = "1,1024",
-    backend: BackendOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu", threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", threads: ThreadsOpt = None,
     seconds: Annotated[float, typer.Option(help="Most time the timing rounds of one decision may take (jobs take 0.6 s).")] = 3.0,
 ) -> None:
     """Measure --precision auto's decision again, thoroughly: each path's accuracy (once per model and CPU class)
@@ -293,7 +293,7 @@ def encode(
     model_dir: ModelOpt = None, input: InputOpt = ..., output: Annotated[Path, typer.Option("--output", "-o", help="Latents .npy: (N, D), or (N, 2, D) with --with-logvar.")] = ...,
     sample: Annotated[bool, typer.Option(help="Write a posterior sample z ~ q(z|x) instead of the mean.")] = False,
     with_logvar: Annotated[bool, typer.Option(help="Also write logvar: output (N, 2, D), [:, 0] = z, [:, 1] = logvar.")] = False,
-    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Encode images to latents (posterior mean, or a sample with --sample)."""
@@ -307,7 +307,7 @@ def decode(
     output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = ...,
     sample: Annotated[bool, typer.Option(help="Write one draw x ~ p(x|z) per latent instead of E[x|z]: Bernoulli pixels (0/1), continuous-Bernoulli intensities or Gaussian values, from the seed's per-item streams.")] = False,
     binary: Annotated[bool, typer.Option(help="Bernoulli models: the same as --sample (pixels 0/1).")] = False,
-    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Decode latents: E[x|z] (pixel probabilities for Bernoulli), or one draw x ~ p(x|z) with --sample."""
@@ -320,7 +320,7 @@ def decode(
 def sample(
     model_dir: ModelOpt = None, n: Annotated[int, typer.Option("-n", help="Number of images to sample.")] = 64,
     output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = Path("samples.png"),
-    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
 ) -> None:
     """Sample images from the prior: z ~ N(0, I), decoded. The same seed gives byte-identical output."""
@@ -335,7 +335,7 @@ def sample(
 def reconstruct(
     model_dir: ModelOpt = None, input: InputOpt = ...,
     output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = ...,
-    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Reconstruct images: decode the posterior mean of each input."""
@@ -351,7 +351,7 @@ def score(
     k: Annotated[int, typer.Option("--k", help="1: -ELBO; more: IWAE negative log-likelihood with K importance samples.")] = 1,
     binarize: Annotated[bool, typer.Option(help="Binarize inputs with the seeded stream first (as the model was trained).")] = True,
     rule: Annotated[str, typer.Option(help="nll: -ELBO / IWAE NLL as above. Or an anomaly rule, written as minus its normality score (higher = more unusual): reconstruction (-log p(x|z=mu)), latent and nll-complexity (need detector.json: train --contamination).")] = "nll",
-    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu", batch_size: BatchOpt = 256, threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", batch_size: BatchOpt = 256, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Score inputs by -ELBO or IWAE negative log-likelihood (or an anomaly rule with --rule)."""
@@ -393,7 +393,7 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Micro-batching: the most items merged into one engine call (1: no batching).")] = 256,
     max_wait_ms: Annotated[float, typer.Option(help="Micro-batching: how long the first request of a batch waits for others, in ms (0: merge only what is already queued).")] = 2.0,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes, each with its own engine and batcher (one process is bounded by its interpreter: use one per core to serve more requests); without --threads each takes cores / workers threads.")] = 1,
-    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = 0.01, device: DeviceOpt = "cpu",
+    backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body, MiB (413 beyond).")] = 16.0,
     max_items: Annotated[int, typer.Option(help="Most items per request (413 beyond).")] = 4096,

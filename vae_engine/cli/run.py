@@ -10,10 +10,12 @@ from .progress import CONSOLE, OUT, Meter
 
 
 def path_options(backend: str, precision: str, max_nll_change: float, device: str) -> dict:
-    """The options that choose the path a job runs on, as Engine.load's keyword arguments."""
-    if device not in ("cpu", "cuda"):
-        raise VaeEngineError(f"unknown device {device!r}: choose cpu or cuda")
-    return {"backend": backend, "precision": precision, "max_nll_change": max_nll_change, "device": device}
+    """The options that choose the path a job runs on, as Engine.load's keyword arguments; the device as
+    `hardware.resolve_device` reads it (cpu, cuda, cuda:N, auto), a GPU that is not there one clear error."""
+    from ..core.hardware import resolve_device
+
+    return {"backend": backend, "precision": precision, "max_nll_change": max_nll_change,
+            "device": resolve_device(device)}
 
 
 def run_job(job: str, model_dir: Path | None, input: Path | None, output: Path, params: dict, path: dict,

@@ -213,6 +213,16 @@ class TrainConfig:
                 raise VaeEngineError(message)
 
 
+DEFAULT_BUDGET = 0.01  # nats: the largest change of the mean NLL a faster path may cost (--max-nll-change)
+CONFIDENCE_SE = 2.0  # a path is within a budget when |mean NLL change| + this many standard errors of it is
+
+
+def within_budget(change: float, se: float, budget: float) -> bool:
+    """The one accuracy rule (`--precision auto`, `export --quantize int8`): a measured mean NLL change, with its
+    standard error, keeps within `budget` nats by CONFIDENCE_SE standard errors."""
+    return abs(change) + CONFIDENCE_SE * se <= budget
+
+
 def cache_dir() -> Path:
     """This user's cache folder for vae-engine: $VAE_ENGINE_CACHE, else $XDG_CACHE_HOME/vae-engine, else
     ~/.cache/vae-engine (downloaded datasets; `--precision auto` decisions for model folders that are read-only)."""

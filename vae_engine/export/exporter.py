@@ -23,7 +23,7 @@ import torch
 
 from .. import data, modeldir
 from ..core import atomic, rng
-from ..core.config import ModelConfig, to_dict
+from ..core.config import CONFIDENCE_SE, ModelConfig, to_dict, within_budget
 from ..core.errors import ExportError, VaeEngineError
 from ..model.networks import VAE
 from ..modeldir import graphs
@@ -32,10 +32,9 @@ from ..runtime import tuning
 FP32_ATOL = 1e-4  # ORT vs PyTorch, fp32: both sum the same products in different orders; errors seen ~1e-5
 FP16_ATOL = 0.1  # fp16 keeps ~3 significant digits; logits of magnitude ~20 round to steps of ~0.01
 CALIBRATION_ITEMS = 4096  # training items whose layer inputs calibrate the int8 weights
-# a searched int8 layer set counts as within the budget when |mean NLL change| + 2 standard errors is: picking the
-# best of several noisy candidates favours the lucky ones (the shipped model's set chosen on the mean alone,
-# +0.0096 +- 0.0047 nats at k=64, measured +0.017 at k=5000 on 1,000 test images)
-CONFIDENCE_SE = 2.0
+# a searched int8 layer set is within the budget by the one rule (`config.within_budget`: |mean NLL change| + 2
+# standard errors): picking the best of several noisy candidates favours the lucky ones (the shipped model's set
+# chosen on the mean alone, +0.0096 +- 0.0047 nats at k=64, measured +0.017 at k=5000 on 1,000 test images)
 REPORT = modeldir.EXPORT_REPORT
 MAX_REPORT_ITEMS = 10_000  # test items for the accuracy report (all of MNIST's test set)
 
@@ -174,8 +173,8 @@ def _int8(fp32: dict[str, onnx.ModelProto], model_dir: Path, cfg: ModelConfig, s
         trial = current + [layer]
         step(f"int8 candidate: {len(trial)} of {len(every)} layers")
         row = score(trial, timed=True)
-        bound = abs(row["nll_change_nats"]) + CONFIDENCE_SE * row["nll_change_se_nats"]
-        rows.append({**row, "within_budget": bound <= tuning.DEFAULT_BUDGET})
+        rows.append({**row, "within_budget": within_budget(row["nll_change_nats"], row["nll_change_se_nats"],
+                                                           tuning.DEFAULT_BUDGET)})
         current = trial if rows[-1]["within_budget"] else current
     fits = [r for r in rows if r["within_budget"]]
     best = max(fits, key=lambda r: r["items_per_s"]) if fits else min(rows, key=lambda r: abs(r["nll_change_nats"]))

@@ -6,7 +6,8 @@ Two measurements, kept apart because they change at different rates:
   without VNNI, bf16 native or emulated): each non-fp32 path is scored once against the fp32 reference (ONNX
   Runtime's fp32 graphs where exported, which export validated against PyTorch; else PyTorch) on the model's own
   validation items with the same eps: the change of the mean IWAE NLL (k=64) with its standard error, of the mean
-  -ELBO, and the largest per-item change. 2,048 items, because the per-item change of an int8 path has a spread of
+  -ELBO, and the largest per-item change; within the budget means |mean| + 2 standard errors
+  (`config.within_budget`). 2,048 items, because the per-item change of an int8 path has a spread of
   0.1-0.3 nats: with 256 items the mean's standard error (~0.01-0.02) was as large as the budget. Saved in the
   model folder (accuracy.json, shipped with a model), so a new machine of a measured class does not measure it.
 - **Speed is a property of the machine**: every path within the budget (int8 included wherever it is exported)
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import modeldir
 from ..core import atomic, hardware
+from ..core.config import DEFAULT_BUDGET, within_budget
 from ..core.errors import VaeEngineError
 from ..modeldir import graphs
 
@@ -42,7 +44,6 @@ TUNING = "tuning.json"  # a machine's decisions
 ACCURACY = "accuracy.json"  # the model's measured accuracy per path and numerics class
 SCHEMA = "vae-engine-tuning/2"
 ACCURACY_SCHEMA = "vae-engine-accuracy/1"
-DEFAULT_BUDGET = 0.01  # nats: largest change of the mean NLL a faster path may cost
 VALIDATION_ITEMS = 2048
 ACCURACY_K = 64  # importance samples of the NLL compared (same eps for every path)
 KEEP = 16  # decisions kept in tuning.json (one per key: machine, versions, threads, batch, budget)
@@ -462,8 +463,10 @@ def for_items(decision: dict[str, Any], items: int) -> dict[str, Any]:
 
 
 def within(row: dict[str, Any], budget: float) -> bool:
-    """Does a path keep its mean NLL change within the budget? (fp32 paths always do.)"""
-    return row["precision"] == "fp32" or abs(row["nll_change_nats"]) <= budget
+    """Does a path keep its mean NLL change within the budget, by the one rule (`config.within_budget`: the mean
+    and its standard error)? fp32 paths always do."""
+    return row["precision"] == "fp32" or within_budget(row["nll_change_nats"], row.get("nll_change_se_nats", 0.0),
+                                                       budget)
 
 
 def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None,
