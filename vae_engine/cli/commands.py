@@ -28,6 +28,7 @@ from .options import (
     RayOpt,
     SeedOpt,
     ThreadsOpt,
+    comma_list,
 )
 from .progress import CONSOLE, OUT, Meter, TrainingBar
 from .run import path_options, run_job
@@ -53,13 +54,6 @@ def _main(
 
 
 
-
-
-def _parse_hidden(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(h) for h in text.replace("x", ",").split(",") if h.strip())
-    except ValueError:
-        raise VaeEngineError(f"--hidden must be comma-separated integers like 400,400, got {text!r}") from None
 
 
 @app.command()
@@ -111,12 +105,12 @@ def train(
         from ..jobs.detect import check_rule
 
         check_rule(rule, contamination)
-    model_cfg = ModelConfig(arch=arch, latent_dim=latent_dim, hidden=_parse_hidden(hidden), activation=activation,
+    model_cfg = ModelConfig(arch=arch, latent_dim=latent_dim, hidden=comma_list("--hidden", hidden.replace("x", ","), int) or (), activation=activation,
                             likelihood=likelihood, prior=prior, pseudo_inputs=pseudo_inputs)
     train_cfg = TrainConfig(
         dataset="dir" if data_dir else dataset, data_dir=str(data_dir.resolve()) if data_dir else None,
         data=str(data.resolve()) if data else None, test_data=str(test.resolve()) if test else None,
-        val_fraction=val_fraction, columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else None,
+        val_fraction=val_fraction, columns=comma_list("--columns", columns),
         resize=parse_shape(resize), binarize=binarize,
         epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, objective=objective, k=k,
         kl_warmup_epochs=kl_warmup, seed=seed, threads=threads, limit=limit, precision=precision,
@@ -175,7 +169,7 @@ def evaluate(
                                 start=meter.start, progress=meter.advance, compare=compare, precision=precision,
                                 max_nll_change=max_nll_change, device=device,
                                 data_path=str(data) if data else None,
-                                columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else None)
+                                columns=comma_list("--columns", columns))
     table = Table(title=f"evaluation of {model_dir} ({result['n']} test images, seed {seed})")
     for col in ("path", "-ELBO (nats)", f"NLL k={k} (nats)", "seconds"):
         table.add_column(col)
@@ -261,7 +255,7 @@ def tune(
     from ..runtime.engine import Engine
     from .info import decision_table
 
-    batches = [check_int("--batch-size", b, 1, MAX_BATCH) for b in _int_list("--batch-size", batch_size)]
+    batches = [check_int("--batch-size", b, 1, MAX_BATCH) for b in comma_list("--batch-size", batch_size, int) or ()]
     if threads is not None:
         check_int("--threads", threads, 1, MAX_THREADS)
     if not (0 < seconds <= 600):
@@ -276,13 +270,6 @@ def tune(
         out.print(f"batch {batch}: {tuning.describe_path(d['backend'], d['precision'], d)}"
                   + ("" if d["clear"] else " (ranking not clear within the time; later jobs re-check it)")
                   + (f"; saved to {d['saved_to']}" if d.get("saved") else "; not saved (nothing writable)"))
-
-
-def _int_list(name: str, text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise VaeEngineError(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
 # ---- batch jobs ----
@@ -473,22 +460,16 @@ def bench(
         if path is not None:
             atomic.check_writable(path)
 
-    def split(text: str | None, cast=str):
-        try:
-            return tuple(cast(t.strip()) for t in text.split(",") if t.strip()) if text else None
-        except ValueError:
-            raise VaeEngineError(f"could not parse {text!r} as a comma-separated list") from None
-
-    op_list = split(ops)
+    op_list = comma_list("--ops", ops)
     for op in op_list:
         if op not in bench_mod.OPS:
             raise VaeEngineError(f"unknown op {op!r}: choose from {', '.join(bench_mod.OPS)}")
-    labels = split(backends)
+    labels = comma_list("--backends", backends)
     known = list(bench_mod.BY_LABEL)
     for label in labels or ():
         if label not in known:
             raise VaeEngineError(f"unknown backend {label!r}: choose from {', '.join(known)}")
-    batch_list = split(batches, int)
+    batch_list = comma_list("--batches", batches, int)
     from ..core.config import MAX_BATCH, MAX_THREADS, check_int
 
     for b in batch_list or ():

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from ..core.errors import VaeEngineError
+
 BudgetOpt = Annotated[float, typer.Option(help="With --precision auto: the largest change of the mean NLL and mean -ELBO (nats, against fp32 on the model's validation items) a faster path may cost.")]
 
 ModelDir = Annotated[Path, typer.Argument(help="Model directory (config.json + model.safetensors, as written by train).")]
@@ -24,3 +26,14 @@ InputOpt = Annotated[Path, typer.Option("--input", "-i", help="Images: .npy (N,7
 RayOpt = Annotated[str | None, typer.Option("--ray", help="Run on Ray Data: 'local' starts a local Ray, or give a cluster address (ray://host:10001, auto). Needs the 'distributed' extra.")]
 ActorsOpt = Annotated[int, typer.Option(help="With --ray: number of engine actors (each loads the model once).")]
 CpusOpt = Annotated[int, typer.Option(help="With --ray: CPUs per actor; ONNX Runtime intra-op threads are matched to it.")]
+
+
+def comma_list(option: str, text: str | None, cast: type = str) -> tuple | None:
+    """An option's comma-separated value as a tuple of `cast` values (None when not given); one clear error."""
+    if not text:
+        return None
+    try:
+        return tuple(cast(t.strip()) for t in text.split(",") if t.strip())
+    except ValueError:
+        kind = "integers" if cast is int else "numbers" if cast is float else "values"
+        raise VaeEngineError(f"{option} must be comma-separated {kind}, got {text!r}") from None
