@@ -33,7 +33,7 @@ from ..core.config import (  # listed in config, so the CLI needs no scikit-lear
     DEFAULT_RULE,
     RULES,
 )
-from .rules import CHUNK, DETECTOR, SCHEMA, chunks, read_detector, rule_scores  # noqa: F401 - re-exported
+from .rules import CHUNK, DETECTOR, SCHEMA, chunks, flags, read_detector, rule_scores  # noqa: F401 - re-exported
 
 MIN_STEPS = 1000  # epochs="auto": optimizer steps at least (3000 overfit small tables: breast cancer 0.948 AUC)
 AUTO_FALSE_ALARMS = 0.01  # contamination="auto": flag 1% of held-out normal items
@@ -185,7 +185,7 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         """+1 for inliers, -1 for outliers."""
-        return np.where(self.decision_function(X) < 0, -1, 1)
+        return flags(self.decision_function(X), 0.0).astype(int)  # int, as scikit-learn's detectors answer
 
     def fit_predict(self, X, y=None, **kwargs):
         """fit(X), then predict(X)."""

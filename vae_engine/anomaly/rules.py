@@ -21,6 +21,11 @@ SCHEMA = "vae-engine-detector/1"
 CHUNK = 256  # rows per network call, padded: the same kernels for every item, whatever the caller's batch
 
 
+def flags(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The detector's verdict per item: +1 inlier, -1 outlier (a normality score below the threshold), int8."""
+    return np.where(np.asarray(scores) < threshold, -1, 1).astype(np.int8)
+
+
 def chunks(X: np.ndarray):
     """(i, j, padded chunk) over X: every network call sees CHUNK rows, so results do not depend on batching."""
     for i in range(0, len(X), CHUNK):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import data, modeldir
+from ..anomaly import rules
 from ..anomaly.rules import StoredDetector
 from ..core import atomic
 from ..core.config import RULES
@@ -78,7 +79,7 @@ def run(model_dir: Path, input: Path, output: Path, scores_path: Path | None, co
         raise DataError(f"{input}: {exc}") from None
     offset = threshold if threshold is not None else (
         float(np.percentile(scores, 100 * contamination)) if contamination is not None else det.offset)
-    flags = np.where(scores < offset, -1, 1).astype(np.int8)
+    flags = rules.flags(scores, offset)
     result = {"n": len(x), "flagged": int((flags == -1).sum()), "rule": det.rule, "threshold": offset}
     if labels is not None and 0 < labels.sum() < len(labels):
         from sklearn.metrics import average_precision_score, roc_auc_score

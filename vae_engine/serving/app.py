@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import modeldir
+from ..anomaly import rules
 from ..core import rng
 from ..core.config import VERSION
 from ..core.errors import DataError, VaeEngineError
@@ -380,7 +381,7 @@ class App:
             return [{"items": part} for part in split(eng.reconstruct(x))]
         if op == "detect":
             scores = self.detector.score_samples(x.reshape(len(x), -1))
-            flags = np.where(scores < self.detector.offset, -1, 1)
+            flags = rules.flags(scores, self.detector.offset)
             return [{"scores": s, "flags": f} for s, f in zip(split(scores), split(flags), strict=True)]
         # score: the score job on the merged batch, each item keeping its request's streams
         streams = rng.Streams.concat([rng.Streams.contiguous(p["seed"], p["start"], len(p["x"])) for p in payloads])
