@@ -213,3 +213,32 @@ def test_committed_tiny_model_still_belongs_to_its_weights():
     ort_mu = Engine.load(TINY_EXPORTED, backend="onnxruntime", threads=2).encode(x)[0]
     ref_mu = Engine.load(TINY_EXPORTED, backend="torch", threads=2).encode(x)[0]
     np.testing.assert_allclose(ort_mu, ref_mu, atol=FP32_ATOL)
+
+
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning")
+def test_validation_tolerance_follows_each_outputs_scale(exported):
+    """A graph whose outputs are large (a Gaussian decoder on data of order 10) is judged relative to their
+    scale: the same relative rounding passes at any scale, and a real difference fails at any scale."""
+    from vae_engine.export import exporter
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, net, scale, offset=0.0):
+            super().__init__()
+            self.net, self.scale, self.offset = net, scale, offset
+
+        def forward(self, z):
+            return self.net(z) * self.scale + self.offset
+
+    exported = exported[0]
+    vae = modeldir.load_model(exported)
+    cfg = modeldir.model_config(exported)
+    z = np.random.default_rng(0).standard_normal((37, cfg.latent_dim)).astype(np.float32)
+    for scale in (1.0, 40.0):
+        path = exported / "scaled.onnx"
+        torch.onnx.export(Scaled(vae.decoder, scale), (torch.from_numpy(z[:2]),), str(path), dynamo=False,
+                          input_names=["z"], dynamic_axes={"z": {0: "batch"}})
+        proto = onnx.load(path)
+        assert exporter._validate(proto, Scaled(vae.decoder, scale * (1 + 3e-6)), z, FP32_ATOL, "d") < FP32_ATOL
+        with pytest.raises(Exception, match="of the output's scale"):
+            exporter._validate(proto, Scaled(vae.decoder, scale, offset=scale * 1e-3), z, FP32_ATOL, "d")
+        path.unlink()
