@@ -255,7 +255,7 @@ def test_cli_precision(model, x, tmp_path):
                                   "--backend", "onnxruntime", "--precision", "bf16"]), "no bf16 kernels")
     # a bad input is found before any path is loaded or measured
     one_line_error(runner.invoke(app, ["decode", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out)]),
-                   "latents must have shape (N, 4)")
+                   "must be float of shape (N, 4)")
 
 
 def test_device_resident_log_weights_equal_the_numba_path(exported_model, x):

@@ -242,14 +242,20 @@ def _list_column(column, name: str, path: Path) -> np.ndarray:
     return values.reshape(len(array), width)
 
 
-def read_image_folder(folder: Path, resize: tuple[int, int] | None = None) -> tuple[np.ndarray, None]:
-    """All PNG/JPEG images of a folder (sorted by name) as uint8 (N, C, H, W); grey gives C=1, colour C=3."""
+def image_files(folder: Path) -> list[Path]:
+    """The PNG/JPEG files of a folder, sorted by name (at least one, or a DataError)."""
     try:
         files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
     except OSError as exc:
         raise read_error(folder, exc, "folder") from None
     if not files:
         raise DataError(f"{folder}: no .png or .jpg images in the folder")
+    return files
+
+
+def read_image_folder(folder: Path, resize: tuple[int, int] | None = None) -> tuple[np.ndarray, None]:
+    """All PNG/JPEG images of a folder (sorted by name) as uint8 (N, C, H, W); grey gives C=1, colour C=3."""
+    files = image_files(folder)
     out: np.ndarray | None = None
     for i, f in enumerate(files):
         pixels = read_image(f, resize)

@@ -17,7 +17,7 @@ import numpy as np
 from .. import data
 from ..core import atomic, rng
 from ..core.config import IMAGE_SHAPE, ModelConfig
-from ..core.errors import DataError, OutputError, VaeEngineError, read_error
+from ..core.errors import DataError, OutputError, VaeEngineError
 from ..data import readers
 from ..model import likelihoods
 from ..runtime.engine import Engine
@@ -49,7 +49,7 @@ def open_items(path: str | Path, cfg: ModelConfig) -> Source:
     path = Path(path)
     unit = likelihoods.get(cfg.likelihood).unit_interval
     if path.is_dir():
-        return _images(path, _image_files(path), cfg, unit)
+        return _images(path, readers.image_files(path), cfg, unit)
     if not path.is_file():
         raise DataError(f"{path}: input not found")
     suffix = path.suffix.lower()
@@ -70,33 +70,20 @@ def open_items(path: str | Path, cfg: ModelConfig) -> Source:
 
 
 def open_latents(path: str | Path, latent_dim: int) -> Source:
-    """A latent source: .npy (N, D) float."""
+    """A latent source: .npy (N, D) float, each chunk by the input rule's `latents` (shape and dtype checked
+    here first, on the memory map, so a wrong file fails before any work)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: input not found")
     arr = readers.load_npy(path)
-    if arr.ndim != 2 or arr.shape[1] != latent_dim:
-        raise DataError(f"{path}: latents must have shape (N, {latent_dim}) for this model, got {arr.shape}")
     if len(arr) == 0:
         raise DataError(f"{path}: the input holds no latents")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise DataError(f"{path}: latents must be float, got {arr.dtype}")
+    data.latents(arr[:1], latent_dim, str(path))  # the rule's shape and dtype error, naming the file
 
     def read(i: int, j: int) -> np.ndarray:
         return data.latents(arr[i:j], latent_dim, f"{path} rows {i}..{j - 1}")
 
     return Source(str(path), len(arr), latent_dim, read)
-
-
-def _image_files(folder: Path) -> list[Path]:
-    """The PNG/JPEG files of a folder, sorted by name."""
-    try:
-        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in readers.IMAGE_SUFFIXES and f.is_file())
-    except OSError as exc:
-        raise read_error(folder, exc, "folder") from None
-    if not files:
-        raise DataError(f"{folder}: no .png or .jpg files in the folder")
-    return files
 
 
 def _images(source: Path, files: list[Path], cfg: ModelConfig, unit: bool) -> Source:
