@@ -599,3 +599,29 @@ def test_values_beyond_float32_are_one_error_and_no_warning(exported_model, tmp_
             engine.decode(z)
         np.save(tmp_path / "x.npy", x)
         assert np.isinf(data.readers.read(tmp_path / "x.npy")[0][2, 5])  # read quietly; the rule refuses it
+
+
+def test_first_line_of_any_exception_message():
+    """One way to take an exception's message for a one-line error: the first non-empty line, bounded, or the
+    class name when there is no message (a library's empty ValueError was an IndexError in some readers)."""
+    from vae_engine.core.errors import first_line
+
+    assert first_line(ValueError("\n  bad header  \nmore")) == "bad header"
+    assert first_line(ValueError("")) == "ValueError" and first_line(RuntimeError()) == "RuntimeError"
+    assert first_line(OSError("x" * 500), 20) == "x" * 20
+
+
+def test_an_npy_reader_error_without_a_message_is_one_line(tmp_path, monkeypatch):
+    import numpy as np
+
+    from vae_engine.data import readers
+
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((2, 784), np.uint8))
+
+    def fail(*args, **kwargs):
+        raise ValueError()
+
+    monkeypatch.setattr(np, "load", fail)
+    with pytest.raises(DataError, match=r"not a readable \.npy array \(ValueError\)"):
+        readers.load_npy(path)

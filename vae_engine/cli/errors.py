@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from ..core.errors import Interrupted, VaeEngineError, missing_dependency, os_error_reason
+from ..core.errors import Interrupted, VaeEngineError, first_line, missing_dependency, os_error_reason
 
 try:  # recent Typer releases carry their own copy of click; older ones use click itself
     from typer._click import exceptions as click_exc
@@ -89,7 +89,7 @@ def friendly(fn):
                 where = f"{exc.filename}: " if exc.filename else ""
                 message = f"{where}{os_error_reason(exc)}"
             else:
-                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                first = first_line(exc)
                 message = (f"unexpected {type(exc).__name__}: {first} (a bug or an input we do not check yet; "
                            f"rerun with {DEBUG_ENV}=1 for the traceback and please report it)")
         typer.echo(f"error: {' '.join(message.split())}", err=True)

@@ -49,6 +49,13 @@ def missing_dependency(exc: ImportError, what: str = "this") -> MissingDependenc
                              f"'vae-engine[{EXTRAS[top]}]'")
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message for a one-line error: its first non-empty line, at most `limit` characters, or its
+    class name when it has no message (libraries raise both kinds)."""
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    return (line or type(exc).__name__)[:limit]
+
+
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 

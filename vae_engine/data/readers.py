@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import DataError, read_error
+from ..core.errors import DataError, first_line, read_error
 from .inputs import float32
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -60,7 +60,7 @@ def load_npy(path: Path) -> np.ndarray:
     except PermissionError as exc:
         raise read_error(path, exc, ".npy file") from None
     except (ValueError, OSError, EOFError, TypeError) as exc:
-        raise DataError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0][:200]})") from None
+        raise DataError(f"{path}: not a readable .npy array ({first_line(exc, 200)})") from None
     if not isinstance(arr, np.ndarray):  # np.load returns an NpzFile for a zip archive, whatever the name
         if hasattr(arr, "close"):
             arr.close()
@@ -99,7 +99,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     except PermissionError as exc:
         raise read_error(path, exc, ".npz file") from None
     except (ValueError, OSError, EOFError, KeyError) as exc:
-        raise DataError(f"{path}: not a readable .npz archive ({str(exc).splitlines()[0][:200]})") from None
+        raise DataError(f"{path}: not a readable .npz archive ({first_line(exc, 200)})") from None
     if labels is not None and (labels.ndim != 1 or len(labels) != len(items)):
         raise DataError(f"{path}: labels of shape {labels.shape} do not match {len(items)} items")
     return items, labels
@@ -205,7 +205,7 @@ def _read_parquet(path: Path, columns: Sequence[str] | None) -> np.ndarray:
         picked = _pick_columns(names, columns, path)
         table = pq.read_table(path, columns=[names[c] for c in picked])
     except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({str(exc)[:200]})") from None
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(exc, 200)})") from None
     cols = []
     for c, column in zip(picked, table.columns, strict=True):
         if pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type):  # one list column of values
@@ -295,7 +295,7 @@ def read_image(path: Path, resize: tuple[int, int] | None = None,
     except PermissionError as exc:
         raise read_error(path, exc, "image") from None
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, bomb errors)
-        raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {str(exc)[:150]})") from None
+        raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {first_line(exc, 150)})") from None
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 

@@ -24,7 +24,7 @@ import torch
 from .. import data, modeldir
 from ..core import atomic, rng
 from ..core.config import CONFIDENCE_SE, ModelConfig, to_dict, within_budget
-from ..core.errors import ExportError, VaeEngineError
+from ..core.errors import ExportError, VaeEngineError, first_line
 from ..model.networks import VAE
 from ..modeldir import graphs
 from ..runtime import tuning
@@ -79,7 +79,7 @@ def _export_graph(net: torch.nn.Module, role: str, cfg: ModelConfig) -> onnx.Mod
             if isinstance(cause, KeyboardInterrupt):
                 raise KeyboardInterrupt from None
             cause = cause.__cause__ or cause.__context__
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc)
         raise ExportError(f"{role}: torch.onnx.export failed ({first})") from None
     if program is None:
         raise ExportError(f"{role}: torch.onnx.export returned no program")
@@ -286,7 +286,7 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
         try:
             onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as exc:
-            raise ExportError(f"{role}: exported graph fails onnx.checker ({str(exc).splitlines()[0]})") from None
+            raise ExportError(f"{role}: exported graph fails onnx.checker ({first_line(exc)})") from None
         errors[role, "fp32"] = _validate(proto, net, inputs[role], FP32_ATOL, f"{role}.onnx")
         built[role, "fp32"] = proto
         variants: list[tuple[str, onnx.ModelProto, float]] = []

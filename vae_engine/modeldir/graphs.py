@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.config import DECODER_OUTPUTS, ModelConfig
-from ..core.errors import ModelDirError, os_error_reason
+from ..core.errors import ModelDirError, first_line, os_error_reason
 
 ROLES = ("encoder", "decoder")
 VARIANTS = {  # variant -> file suffix
@@ -242,7 +242,7 @@ def make_session(model: onnx.ModelProto | bytes, threads: int | None = None, dev
     try:
         return ort.InferenceSession(data, sess_options=opts, providers=providers_for(device))
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented classes for bad graphs
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelDirError(f"{name or 'graph'}: ONNX Runtime cannot load it ({first[:300]}); "
                             "re-export the model") from None
 

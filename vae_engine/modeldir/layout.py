@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import atomic
-from ..core.errors import ModelDirError, os_error_reason
+from ..core.errors import ModelDirError, first_line, os_error_reason
 
 FORMAT = "vae-engine/1"
 CONFIG = "config.json"  # model + training config, data, versions
@@ -56,7 +56,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     try:
         return json.loads(raw, parse_constant=lambda c: float(c))
     except (ValueError, RecursionError) as exc:
-        raise ModelDirError(f"{path}: not valid JSON ({str(exc)[:200]})") from None
+        raise ModelDirError(f"{path}: not valid JSON ({first_line(exc, 200)})") from None
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core import atomic
 from ..core.config import LOGVAR_MAX, LOGVAR_MIN, ModelConfig
-from ..core.errors import ModelDirError, os_error_reason
+from ..core.errors import ModelDirError, first_line, os_error_reason
 from .configfile import model_config
 from .layout import PRIOR, WEIGHTS
 
@@ -35,7 +35,7 @@ def load_tensors(path: Path, framework: str = "pt") -> tuple[dict[str, Any], dic
     except OSError as exc:
         raise ModelDirError(f"{path}: cannot read it: {os_error_reason(exc)}") from None
     except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
-        raise ModelDirError(f"{path}: corrupt safetensors file ({str(exc)[:200]})") from None
+        raise ModelDirError(f"{path}: corrupt safetensors file ({first_line(exc, 200)})") from None
 
 
 def check_tensors(tensors: dict[str, Any], expected: dict[str, tuple[tuple[int, ...], Any]],

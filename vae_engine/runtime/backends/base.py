@@ -13,7 +13,7 @@ import numpy as np
 
 from ...core import hardware
 from ...core.config import CHUNK_ROWS, ModelConfig
-from ...core.errors import ModelDirError, VaeEngineError
+from ...core.errors import ModelDirError, VaeEngineError, first_line
 from ...modeldir import graphs
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # what the numbers inside the networks are; I/O is always fp32
@@ -118,7 +118,7 @@ class GraphBackend:
         except ModelDirError:
             raise
         except Exception as exc:  # a graph that loaded but cannot run (crafted shapes, unsupported ops)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise ModelDirError(f"{self.paths[role]}: {self.name} failed to run it ({first[:300]})") from None
         for out, width in zip(outs, features, strict=True):
             if out.shape != (a.shape[0], width) or out.dtype != np.float32:

@@ -8,7 +8,7 @@ import numpy as np
 
 from ...core import hardware
 from ...core.config import ModelConfig
-from ...core.errors import ModelDirError, VaeEngineError
+from ...core.errors import ModelDirError, VaeEngineError, first_line
 from ...modeldir import graphs
 from .base import BackendSpec, GraphBackend, PathSpec, unsupported
 
@@ -53,7 +53,7 @@ class OpenVinoBackend(GraphBackend):
             compiled = self.core.compile_model(
                 self.core.read_model(model.SerializeToString(), ov.Tensor(np.empty(0, np.uint8))), "CPU", self.props)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise ModelDirError(f"{name}: OpenVINO cannot load it ({first[:300]}); re-export the model") from None
         self.requests[role] = compiled.create_infer_request(), len(compiled.outputs)
 
