@@ -245,7 +245,7 @@ BAD = [  # (model, body, headers, status, fragment)
     ("tiny-score", {"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "FP32", "data": [0.5] * 784}]},
      None, 400, "takes input items; unknown input 'pixels'"),
     ("tiny-score", _items(parameters={"K": 5}), None, 400, "unknown parameter 'K'"),
-    ("tiny-score", _items(parameters={"k": 0}), None, 422, "k must be an integer in [1, 5000]"),
+    ("tiny-score", _items(parameters={"k": 0}), None, 422, "k must be between 1 and 5,000, got 0"),
     ("tiny-score", _items(parameters={"k": "many"}), None, 422, "k must be an integer"),
     ("tiny-score", _items(parameters={"seed": -1}), None, 422, "seed must be"),
     ("tiny-score", _items(outputs=[{"name": "nll"}]), None, 400, "unknown output 'nll'"),

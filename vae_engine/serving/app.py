@@ -21,7 +21,7 @@ import numpy as np
 from .. import modeldir
 from ..anomaly import rules
 from ..core import rng
-from ..core.config import VERSION
+from ..core.config import VERSION, check_int
 from ..core.errors import DataError, VaeEngineError
 from ..jobs.batch import score_items
 from . import oip
@@ -57,15 +57,17 @@ class _Tracked:
 # ---- request parsing and checking (before batching) ----
 
 def _int(value, name: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise RequestError(422, f"{name} must be an integer in [{lo}, {hi}]")
+    """A request's integer parameter (a JSON number, or the text of a query parameter), by the project's one
+    integer check (`config.check_int`), a 422 when it fails."""
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise RequestError(422, f"{name} must be an integer, got {value!r}") from None
     try:
-        v = int(value)
-    except ValueError:
-        raise RequestError(422, f"{name} must be an integer in [{lo}, {hi}], got {value!r}") from None
-    if not lo <= v <= hi:
-        raise RequestError(422, f"{name} must be an integer in [{lo}, {hi}], got {v}")
-    return v
+        return check_int(name, value, lo, hi)
+    except VaeEngineError as exc:
+        raise RequestError(422, str(exc)) from None
 
 
 def retry_after(exc: Exception) -> list[tuple[str, str]]:
