@@ -23,6 +23,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from vae_engine import data
 from vae_engine.anomaly.detector import RULES, VAEOutlierDetector
+from vae_engine.perf.timing import measure
 
 
 def mnist_one_class(digit: int, n_train: int, seed: int = 0):
@@ -112,11 +113,8 @@ def matched_cost(digit: int, n_train: int, threads: int) -> list[dict]:
                      ("vae-engine reconstruction, PyOD's network", det.score_samples),
                      ("pyod VAE (defaults)", lambda x: -pyod.decision_function(x))):
         fn(x_te[:256])  # warm-up: sessions, JIT compilation
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            normal = fn(x_te)
-            times.append(time.perf_counter() - t0)
+        times = measure(lambda fn=fn: fn(x_te), min_time=0.0, warmup=0, min_repeats=5, max_repeats=5).seconds
+        normal = fn(x_te)
         rows.append({"case": f"MNIST, {digit} held out, matched network", "detector": name,
                      "roc_auc": float(roc_auc_score(is_anomaly, -normal)),
                      "average_precision": float(average_precision_score(is_anomaly, -normal)), "fit_s": float("nan"),
