@@ -17,6 +17,7 @@ from ..core.errors import DataError
 from ..model import kernels, likelihoods
 from . import tuning
 from .backends import Backend, load_backend, set_threads
+from .backends.base import BackendDefaults
 
 
 class Engine:
@@ -102,10 +103,8 @@ class Engine:
 
     def _mean(self, z: np.ndarray) -> np.ndarray:
         """E[x|z] of checked latents: inside the runtime's call where the backend has a mean graph (ONNX Runtime,
-        OpenVINO), else the likelihood's NumPy mean of the decoder's parameters."""
-        if hasattr(self.backend, "decode_mean"):
-            return self.backend.decode_mean(z)
-        return self.likelihood.mean(self.backend.decode(z))
+        OpenVINO), else the likelihood's NumPy mean of the decoder's parameters (`BackendDefaults`)."""
+        return self.backend.decode_mean(z)
 
     def decode_sample(self, z: np.ndarray, seed: int = 0, start: int = 0) -> np.ndarray:
         """One draw x ~ p(x|z) (B, D) per latent, row b from the counter streams of item start+b of seed: Bernoulli
@@ -130,7 +129,7 @@ class Engine:
     def reconstruct(self, x: np.ndarray, sample: bool = False, seed: int = 0, start: int = 0) -> np.ndarray:
         """Decode the posterior mean (or one posterior sample) of each input: E[x|z] (B, D)."""
         _check_stream(seed, start)
-        if not sample and hasattr(self.backend, "reconstruct"):  # one fused call (every backend here)
+        if not sample:  # one fused call where the backend has one
             return self.backend.reconstruct(self.prepare_items(x))
         mu, logvar = self.encode(x)  # checked by the backend: no second validation on the way to the decoder
         z = self._sample(mu, logvar, 1, seed, start)[:, 0] if sample else mu
@@ -172,7 +171,7 @@ class Engine:
         streams = _streams(streams, seed, start, len(x))
         mu, logvar = self.backend.encode(x)
         # a GPU backend computes the log-weights itself, next to the decoder's outputs (the prior's log-density too)
-        on_device = getattr(self.backend, "score_rows", None)
+        on_device = self.backend.score_rows
         log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks
         for i, j, s, eps in rng.iwae_blocks(streams, k, self.latent_dim, on_device or SCORE_ROWS,
                                             self.backend.device if on_device else None, (s0, s1)):
@@ -224,11 +223,11 @@ class Engine:
         return -self.elbo(x, seed, start), -self.log_likelihood(x, k, seed, start)
 
 
-class _Zeros:
+class _Zeros(BackendDefaults):
     """A stand-in backend answering zeros of a backend's shapes (`Engine.warm_kernels`)."""
 
     def __init__(self, engine: Engine):
-        self.name, self.precision, self.provider = "zeros", "fp32", "none"
+        self.name, self.precision, self.provider, self.likelihood = "zeros", "fp32", "none", engine.likelihood
         self.latent_dim, self.out_dim = engine.latent_dim, engine.likelihood.n_params * engine.cfg.input_dim
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,11 +21,15 @@ EXPORT_FLAG = {"fp32": "", "optimized": " --optimize", "int8": " --quantize int8
 
 
 class Backend(Protocol):
-    """What every backend provides."""
+    """What every backend provides (`BackendDefaults` gives the optional parts to a backend that has no better
+    way): the engine calls these, never probes for them."""
 
     name: str
     precision: str
     provider: str
+    # decoder rows per block of an IWAE estimate computed on the device by `log_weights(x, mu, logvar, eps,
+    # prior)` (a GPU keeps its decoder's outputs there); None: the engine's kernels compute it on the host
+    score_rows: int | None
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """x (B, D) float32 raw features -> (mu, logvar), each (B, L) float32."""
@@ -33,7 +37,27 @@ class Backend(Protocol):
     def decode(self, z: np.ndarray) -> np.ndarray:
         """z (B, L) float32 -> the likelihood's parameters (B, P*D) float32."""
 
+    def decode_mean(self, z: np.ndarray) -> np.ndarray:
+        """z (B, L) float32 -> E[x|z] (B, D) float32."""
 
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        """x (B, D) float32 -> E[x|z] at each input's posterior mean (B, D) float32."""
+
+    def raw_call(self, op: str, a: np.ndarray):
+        """The runtime alone on `a` for `vae-engine bench` (`RAW_CALL`)."""
+
+
+class BackendDefaults:
+    """The optional parts of `Backend`, for a backend without a better way: E[x|z] as the likelihood's NumPy mean
+    of the decoder's parameters, reconstruct as encode then that mean, IWAE log-weights on the host."""
+
+    score_rows: int | None = None
+
+    def decode_mean(self, z: np.ndarray) -> np.ndarray:
+        return self.likelihood.mean(self.decode(z))
+
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        return self.decode_mean(self.encode(x)[0])
 
 
 @dataclass(frozen=True)
@@ -68,7 +92,7 @@ def tensor(a: np.ndarray):
     return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
-class GraphBackend:
+class GraphBackend(BackendDefaults):
     """What the ONNX-graph backends share: the specs, and checking every output before the kernels see it."""
 
     name = "graph"

@@ -9,10 +9,10 @@ import numpy as np
 
 from ... import modeldir
 from ...core.errors import VaeEngineError, missing_dependency
-from .base import BackendSpec, PathSpec, tensor, unsupported
+from .base import BackendDefaults, BackendSpec, PathSpec, tensor, unsupported
 
 
-class TorchBackend:
+class TorchBackend(BackendDefaults):
     """PyTorch eager (the reference), or torch.compile'd encoder and decoder; fp32, bf16 (CPUs with AVX512_BF16 or
     AMX and GPUs; emulated, slowly, elsewhere) or fp16 (GPU). Inputs and outputs stay float32."""
 
