@@ -100,6 +100,7 @@ def hardware_limit(model_dir, path: str, n: int, k: int, threads: int, seconds: 
     from pathlib import Path
 
     from .. import modeldir
+    from ..model.engine_priors import kind
     from ..perf.fraction import fraction_of, peak_key
     from ..perf.peaks import limit_seconds, measured_peaks
     from ..perf.work import macs_by_precision
@@ -111,8 +112,9 @@ def hardware_limit(model_dir, path: str, n: int, k: int, threads: int, seconds: 
     for role, calls in (("encoder", 2 * n), ("decoder", (k + 1) * n)):
         for p, m in macs_by_precision(Path(model_dir), cfg, role, precision, backend).items():
             macs[key(p)] = macs.get(key(p), 0.0) + m * calls
-    if cfg.prior == "vamp":  # log p(z) of every sample: C x L multiply-adds in fp32 (the mixture kernel)
-        macs[key("fp32")] = macs.get(key("fp32"), 0.0) + (k + 1) * n * cfg.pseudo_inputs * cfg.latent_dim
+    prior_macs = kind(cfg).log_prob_macs(cfg)  # log p(z) of every sample, in fp32 (the mixture kernel)
+    if prior_macs:
+        macs[key("fp32")] = macs.get(key("fp32"), 0.0) + (k + 1) * n * prior_macs
     peaks = measured_peaks(threads)
     limit = limit_seconds(macs, peaks)
     return {"multiply_adds": macs, "gemm_peak_gflops": {p: peaks.get(p) for p in macs},

@@ -10,6 +10,8 @@ pseudo-inputs.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +20,34 @@ from ..core.config import LOG_2PI
 from ..core.fastmath import PARALLEL_MIN, jit, numba
 from ..core.fastmath import exp as _exp
 from . import kernels
+
+
+@dataclass(frozen=True)
+class PriorKind:
+    """What the rest of the project asks of a prior, by its config name (`kind(cfg)`, chosen once): how figures
+    name it, and whether it is a mixture over learned pseudo-inputs (they pass through the encoder at every training
+    step; the model folder stores the mixture, `prior.safetensors`; its log-density costs C x L multiply-adds a
+    sample, where N(0, I)'s is fused into the log-weights)."""
+
+    name: str
+    label: str
+    mixture: bool
+
+    def encoder_rows(self, cfg: Any) -> int:
+        """Extra encoder rows of a training step (the pseudo-inputs)."""
+        return cfg.pseudo_inputs if self.mixture else 0
+
+    def log_prob_macs(self, cfg: Any) -> int:
+        """Multiply-adds of log p(z) for one sample z (the mixture kernel's C x L)."""
+        return cfg.pseudo_inputs * cfg.latent_dim if self.mixture else 0
+
+
+KINDS = {"normal": PriorKind("normal", "N(0, I)", False), "vamp": PriorKind("vamp", "VampPrior", True)}
+
+
+def kind(cfg: Any) -> PriorKind:
+    """The prior a ModelConfig names (`config.PRIORS` lists the same names)."""
+    return KINDS[cfg.prior]
 
 
 def component_index(seed: int, start: int, n: int, count: int) -> np.ndarray:

@@ -203,7 +203,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def init_pseudo_inputs(self, x: torch.Tensor, generator: torch.Generator) -> None:
         """Start a VampPrior's pseudo-inputs at distinct training items x (N, D), drawn by `generator`."""
-        if self.cfg.prior == "vamp":
+        if priors.kind(self.cfg).mixture:
             c = self.cfg.pseudo_inputs
             index = torch.randperm(len(x), generator=generator)[:c]
             self.prior.pseudo_inputs.copy_(x[index.repeat(-(-c // len(index)))[:c]])

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core import rng
 from ..core.config import LOG_2PI, ModelConfig
-from .engine_priors import MixturePrior, NormalPrior, component_index
+from .engine_priors import MixturePrior, NormalPrior, component_index, kind
 from .posterior import DiagonalGaussian, standard_normal_log_prob
 
 
@@ -89,7 +89,7 @@ class VampPrior(nn.Module):
 
 def make(cfg: ModelConfig, encoder: nn.Module) -> nn.Module:
     """The PyTorch prior a config names."""
-    return VampPrior(cfg, encoder) if cfg.prior == "vamp" else StandardNormal()
+    return VampPrior(cfg, encoder) if kind(cfg).mixture else StandardNormal()
 
 
 __all__ = ["mixture_log_prob", "StandardNormal", "VampPrior", "make", "NormalPrior", "MixturePrior", "component_index"]

@@ -114,7 +114,9 @@ def save_prior(model_dir: Path, model: VAE) -> None:
     """Write prior.safetensors (the mixture of a VampPrior model, computed in fp32) atomically; nothing else has one."""
     import torch
 
-    if model.cfg.prior == "vamp":
+    from ..model.engine_priors import kind
+
+    if kind(model.cfg).mixture:
         with torch.no_grad():
             mu, logvar = model.prior.components()
         save_tensors(model_dir / PRIOR, {"mu": mu.float(), "logvar": logvar.float()}, {"format": "pt"})
@@ -124,9 +126,9 @@ def load_prior(model_dir: str | os.PathLike, cfg: ModelConfig) -> NormalPrior | 
     """The prior a model folder's config names; a VampPrior's mixture from prior.safetensors, every value checked
     (shape (C, L) from config.json, finite, log-variances in the encoder's bounds), read as NumPy arrays: the
     engine's prior needs no torch."""
-    from ..model.engine_priors import MixturePrior, NormalPrior
+    from ..model.engine_priors import MixturePrior, NormalPrior, kind
 
-    if cfg.prior != "vamp":
+    if not kind(cfg).mixture:
         return NormalPrior(cfg.latent_dim)
     path = Path(model_dir) / PRIOR
     tensors, _ = load_tensors(path, "numpy")

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from ..core import atomic  # noqa: E402
 from ..data.grids import displayable, image_grid, save_grid_png  # noqa: E402,F401 - re-exported
+from ..model.engine_priors import kind  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -99,8 +100,7 @@ def _image_figures(model: Any, plots: Path, x_test: torch.Tensor, seed: int) -> 
     # samples from the prior: items 0..63 of seed's streams, what `vae-engine sample -n 64 --seed SEED` decodes
     z = model.prior.sample(64, d, seed)
     fig, ax = plt.subplots(figsize=(5, 5))
-    _show_grid(ax, grid(mean(model.decode(z)), 8), "samples: z ~ " + ("N(0, I)" if model.cfg.prior == "normal"
-                                                                         else "VampPrior"))
+    _show_grid(ax, grid(mean(model.decode(z)), 8), "samples: z ~ " + kind(model.cfg).label)
     _save(fig, plots / "samples.png")
 
     # latent traversal: vary each of the first 8 latent dims over [-3, 3] around a test item's posterior mean

@@ -19,6 +19,7 @@ from ..core.config import IMAGE_SHAPE, INPUT_DIM, ModelConfig, TrainConfig
 from ..core.errors import Interrupted, VaeEngineError
 from ..core.hardware import available_cpus, gpu_bf16, gpu_name, native_bf16, resolve_device
 from ..model import likelihoods
+from ..model.engine_priors import kind
 from ..model.estimators import dreg_bound, elbo, iwae_bound, log_weights
 from ..model.networks import VAE
 from ..perf.fraction import fraction_of, peak_key
@@ -92,7 +93,7 @@ def step_flops(cfg: ModelConfig, batch: int, k: int) -> float:
     from ..perf.work import model_flops
 
     per_item = model_flops(cfg)
-    items = batch + (cfg.pseudo_inputs if cfg.prior == "vamp" else 0)
+    items = batch + kind(cfg).encoder_rows(cfg)
     return 3.0 * (items * per_item["encode"] + k * batch * per_item["decode"])
 
 
