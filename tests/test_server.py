@@ -318,6 +318,12 @@ def test_two_workers_answer_like_one(client, model, x):
     proc, url = start_serve([str(model), "--workers", "2", "--backend", "onnxruntime", "--precision", "fp32"])
     try:
         _answers_like_one(url, items, want, requests=16, concurrency=8)  # concurrent: both workers answer some
+        import httpx
+
+        for _ in range(6):  # whichever worker answers the scrape reports both workers' counts (multiprocess mode)
+            text = httpx.get(f"{url}/metrics", timeout=30).text
+            assert 'vae_requests_total{code="200",endpoint="score"} 16.0' in text, text[-2000:]
+            assert 'vae_requests_total{code="422",endpoint="score"} 1.0' in text
     finally:
         proc.terminate()
         assert proc.wait(60) == 0

@@ -21,12 +21,20 @@ class _Pending:
     arrived: float = field(default_factory=time.perf_counter)
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by `serve --workers N`: the workers' metrics in one folder
+
+
 class Metrics:
-    """Prometheus metrics of one app (its own registry, so several apps in a process do not collide)."""
+    """Prometheus metrics of one app (its own registry, so several apps in a process do not collide). Under
+    `serve --workers N` (prometheus_client's multiprocess mode, `MULTIPROC_ENV`) every worker writes its values
+    to the shared folder and /metrics reports the sum over the workers, whichever one answers the scrape."""
 
     def __init__(self):
+        import os
+
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         self.registry = CollectorRegistry()
         self.requests = Counter("vae_requests", "Requests by endpoint and status code", ["endpoint", "code"],
                                 registry=self.registry)
@@ -44,7 +52,7 @@ class Metrics:
         self.cancelled = Counter("vae_cancelled", "Long requests stopped at a slice, by reason (deadline, "
                                  "disconnect)", ["reason"], registry=self.registry)
         self.queue_depth = Gauge("vae_queue_depth", "Requests waiting for the engine or running on it",
-                                 registry=self.registry)
+                                 registry=self.registry, multiprocess_mode="livesum")
         self._series: dict[tuple[str, int], tuple] = {}
 
     def answered(self, endpoint: str, code: int, seconds: float) -> None:
@@ -58,9 +66,15 @@ class Metrics:
         series[1].observe(seconds)
 
     def render(self) -> bytes:
-        from prometheus_client import generate_latest
+        from prometheus_client import CollectorRegistry, generate_latest
 
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()  # every worker's files, summed
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
 
 
 class MicroBatcher:
@@ -77,15 +91,20 @@ class MicroBatcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")  # one engine call at a time
         self.inflight = 0
         self.busy = 0  # engine calls running on the executor
-        metrics.queue_depth.set_function(lambda: self.inflight + self.busy)
 
     async def call(self, fn: Callable[..., Any], *args) -> Any:
         """fn(*args) on the engine thread (one engine call at a time, batches included)."""
         self.busy += 1
+        self._depth()
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
         finally:
             self.busy -= 1
+            self._depth()
+
+    def _depth(self) -> None:
+        """The queue-depth gauge: requests waiting for the engine and engine calls running."""
+        self.metrics.queue_depth.set(self.inflight + self.busy)
 
     async def submit(self, key: tuple, payload: dict, n: int, work: int | None = None,
                      timeout_s: float | None = None) -> Any:
@@ -107,11 +126,13 @@ class MicroBatcher:
             self.tasks.append(loop.create_task(self._collect(key)))
         item = _Pending(key, payload, n, loop.create_future())
         self.inflight += 1
+        self._depth()
         try:
             await self.queues[key].put(item)
             return await (item.future if timeout_s is None else asyncio.wait_for(item.future, timeout_s))
         finally:
             self.inflight -= 1
+            self._depth()
 
     async def _collect(self, key: tuple) -> None:
         queue = self.queues[key]

@@ -133,6 +133,12 @@ def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] 
         if grpc_server is not None:
             await grpc_server.stop(state["app"].limits.timeout_s)  # no new calls; running ones finish
         await state["app"].batcher.drain()
+        if state["app"].metrics.multiprocess:  # this worker's live gauges leave the sum
+            import os
+
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())
 
     class Api(FastAPI):
         """FastAPI with V2Infer in front of its whole middleware stack."""
@@ -356,5 +362,16 @@ def serve(model_dir: Path | None, host: str = "127.0.0.1", port: int = 8000, wor
         on_ready()
     os.environ[SERVE_ENV] = json.dumps({"model_dir": str(modeldir.resolve_model_dir(model_dir)),
                                         "limits": limits.__dict__, "grpc": grpc, **kwargs})
-    uvicorn.run("vae_engine.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level="warning", timeout_graceful_shutdown=30, **http.uvicorn_options())
+    import shutil
+    import tempfile
+
+    from .batcher import MULTIPROC_ENV
+
+    metrics_dir = tempfile.mkdtemp(prefix="vae-engine-metrics-")  # the workers' metrics, summed by /metrics
+    os.environ[MULTIPROC_ENV] = metrics_dir
+    try:
+        uvicorn.run("vae_engine.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning", timeout_graceful_shutdown=30, **http.uvicorn_options())
+    finally:
+        os.environ.pop(MULTIPROC_ENV, None)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
