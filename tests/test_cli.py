@@ -20,10 +20,27 @@ def invoke(*args):
 
 
 def test_help_lists_commands():
+    """`--help` lists every command the app has, and each command's own `--help` explains every option."""
+    import click
+
     result = invoke("--help")
     assert result.exit_code == 0
-    for name in ("train", "evaluate"):
-        assert name in result.output
+    commands = typer_commands()
+    assert {"train", "evaluate", "export", "info", "tune", "encode", "decode", "sample", "reconstruct", "score",
+            "detect", "serve", "bench"} <= set(commands)
+    for name, command in commands.items():
+        assert name in result.output, name
+        own = invoke(name, "--help")
+        assert own.exit_code == 0, (name, own.output)
+        for param in command.params:
+            if isinstance(param, click.Option) and param.help is None:
+                raise AssertionError(f"{name} {param.opts[0]} has no help text")
+
+
+def typer_commands() -> dict:
+    import typer
+
+    return dict(typer.main.get_command(app).commands)
 
 
 @pytest.mark.slow  # ~10 s: trains, exports and evaluates
