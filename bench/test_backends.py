@@ -5,6 +5,8 @@ Run: pytest bench/ --benchmark-only   (add --benchmark-json=FILE to keep the num
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -21,8 +23,18 @@ VERSIONS = versions()
 
 
 def _data(batch: int, latent_dim: int):
-    g = np.random.default_rng(batch)
-    return (g.random((batch, INPUT_DIM)) < 0.3).astype(np.float32), g.standard_normal((batch, latent_dim), np.float32)
+    """MNIST test images (what the shipped model and its int8 graphs were calibrated for; random pixels would
+    send int8 encoders far from their calibration) and standard-normal latents."""
+    images = _images()
+    x = (images[np.arange(batch) % len(images)] / 255).astype(np.float32)
+    return x, np.random.default_rng(batch).standard_normal((batch, latent_dim), np.float32)
+
+
+@functools.cache
+def _images() -> np.ndarray:
+    from vae_engine.data import datasets
+
+    return datasets.load_split(datasets.bundled_dir(), "test")[0].reshape(-1, INPUT_DIM)
 
 
 def _run(benchmark, fn, batch: int):
@@ -44,7 +56,14 @@ def test_backend(benchmark, engines, op, label, batch):
     benchmark.extra_info.update({"backend": be.name, "provider": be.provider, "precision": be.precision,
                                  "threads": THREADS, "batch": batch, "dtype": "float32", **VERSIONS})
     out = _run(benchmark, fn, batch)
-    assert (out[0] if op == "encode" else out).shape[0] == batch
+    got = np.asarray(out[0] if op == "encode" else out)
+    assert got.shape[0] == batch and np.isfinite(got).all()
+    # what was timed is the right answer: the PyTorch reference's, within the path's precision
+    ref_fn = bench.op_call(engines["torch"], op, x, z)
+    ref = ref_fn()
+    ref = np.asarray(ref[0] if op == "encode" else ref)
+    tol = {"fp32": 1e-3, "int8": 0.5, "bf16": 0.25}[be.precision]  # int8/bf16: a few bits of each layer's inputs
+    np.testing.assert_allclose(got, ref, atol=tol * max(1.0, float(np.abs(ref).max())), rtol=0)
 
 
 @pytest.fixture(scope="module")
