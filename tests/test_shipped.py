@@ -78,7 +78,9 @@ def test_nll_on_a_subset_in_expected_range(backend):
     assert nll.mean() < nelbo.mean()
 
 
-def test_default_model_samples_on_fresh_install(tmp_path):
+def test_sample_without_a_model_uses_the_shipped_one(tmp_path):
+    """No MODEL argument: the shipped model (a fresh install from the wheel is `.ci/run`'s stage 1 and 2, where
+    the package, not this clone, is imported)."""
     out = tmp_path / "samples.png"
     result = CliRunner().invoke(app, ["sample", "-n", "64", "--output", str(out)])
     assert result.exit_code == 0, result.output
