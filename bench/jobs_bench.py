@@ -8,7 +8,7 @@ Two situations:
 - first use: a fresh copy of the model folder (no tuning.json; the shipped accuracy.json kept, as a wheel ships
   it) and an empty user cache folder, so `auto` times its candidates.
 
-Run:  python bench/jobs_bench.py [--repeats 5] [--json bench/results/jobs.json] [--markdown docs/jobs-benchmark.md]
+Run:  python bench/jobs_bench.py [--repeats 5] [--json bench/results/jobs.json] [--markdown docs/benchmarks/jobs.md]
 """
 
 from __future__ import annotations

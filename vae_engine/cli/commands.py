@@ -310,7 +310,8 @@ def sample(
     backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
 ) -> None:
-    """Sample images from the prior: z ~ N(0, I), decoded. The same seed gives byte-identical output."""
+    """Sample items from the model's prior (N(0, I), or its VampPrior mixture), decoded to E[x|z]. The same seed
+    gives byte-identical output."""
     from ..core.config import check_int
 
     check_int("-n", n, 1, 10**9)

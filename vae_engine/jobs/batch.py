@@ -1,7 +1,8 @@
 """Batch jobs: stream inputs in chunks through the engine and write outputs atomically.
 
-Inputs: .npy (N, 784) or (N, 28, 28), uint8 0..255 or float 0..1 (memory-mapped, so larger than RAM is fine),
-IDX/IDX.gz image files, or a folder of 28x28 PNGs. Outputs: .npy written in order with plain writes into a temp
+Inputs: the model's items, (N, *item_shape) or flattened (N, D), uint8 0..255 or float: .npy (memory-mapped, so
+larger than RAM is fine), .npz, .csv, .parquet, IDX/IDX.gz files, one PNG/JPEG image or a folder of them, of the
+model's size. Outputs: .npy written in order with plain writes into a temp
 file beside the target (its space reserved first) and renamed when complete, or a PNG grid for image outputs.
 """
 
