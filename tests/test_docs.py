@@ -63,3 +63,53 @@ def test_site_builds_strict(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
     assert "log_likelihood" in api and "VAEOutlierDetector" in api  # the API page is generated from docstrings
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None or _chromium() is None,
+                    reason="needs mkdocs (the dev extra) and chromium (.ci/run installs it)")
+def test_built_site_renders_in_chromium(tmp_path):
+    """The home page and the CLI reference of the built site, opened in headless Chromium: their titles, the
+    navigation a reader follows from home to each guide, and screenshots that are not blank."""
+    import functools
+    import http.server
+    import threading
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(site)], cwd=ROOT,
+                   check=True, capture_output=True, timeout=300)
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # no line per request in the test's output
+            pass
+
+    handler = functools.partial(Quiet, directory=str(site))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--headless=new"])
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            assert "vae-engine" in page.title()
+            text = page.inner_text("body")
+            for guide in ("Data", "Training", "Precision", "Serving", "Anomaly detection", "Scaling out"):
+                assert guide in text, guide  # one click from home to each how-to guide
+            page.screenshot(path=str(tmp_path / "home.png"), full_page=True)
+            page.goto(url + "/reference/cli/")
+            assert "vae-engine serve" in page.inner_text("body") and "--max-work" in page.inner_text("body")
+            page.screenshot(path=str(tmp_path / "cli.png"))
+            browser.close()
+        assert not errors, errors
+        for shot in ("home.png", "cli.png"):
+            assert (tmp_path / shot).stat().st_size > 20_000, shot  # a rendered page, not a blank one
+    finally:
+        httpd.shutdown()
