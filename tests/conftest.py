@@ -114,6 +114,18 @@ def one_line_error(result, *fragments, code=2) -> str:
     return lines[0]
 
 
+def chromium() -> str | None:
+    """Debian's Chromium (what the browser tests drive through playwright), or None where there is none."""
+    import shutil
+
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def launch_chromium(playwright):
+    """A headless Chromium of `chromium()` for a playwright session (root needs --no-sandbox)."""
+    return playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--headless=new"])
+
+
 def start_serve(args: list[str], ready_path: str = "/readyz"):
     """`vae-engine serve` in a subprocess on a free port with `args`: (process, base URL) once ready_path answers."""
     import socket

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import chromium, launch_chromium
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", *sorted((ROOT / "docs").rglob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -65,13 +67,7 @@ def test_site_builds_strict(tmp_path):
     assert "log_likelihood" in api and "VAEOutlierDetector" in api  # the API page is generated from docstrings
 
 
-def _chromium() -> str | None:
-    import shutil
-
-    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None or _chromium() is None,
+@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None or chromium() is None,
                     reason="needs mkdocs (the dev extra) and chromium (.ci/run installs it)")
 def test_built_site_renders_in_chromium(tmp_path):
     """The home page and the CLI reference of the built site, opened in headless Chromium: their titles, the
@@ -94,7 +90,7 @@ def test_built_site_renders_in_chromium(tmp_path):
     url = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
         with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--headless=new"])
+            browser = launch_chromium(p)
             page = browser.new_page()
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))

@@ -22,7 +22,7 @@ from vae_engine.runtime.engine import Engine  # noqa: E402
 from vae_engine.serving.oip import RequestError  # noqa: E402
 from vae_engine.serving.server import Limits, create_app  # noqa: E402
 
-from .conftest import one_line_error, start_serve  # noqa: E402
+from .conftest import chromium, launch_chromium, one_line_error, start_serve  # noqa: E402
 
 NPY = "application/x-npy"
 
@@ -190,19 +190,11 @@ def test_concurrent_requests_are_merged_and_answers_unchanged(server, model, x):
     assert total >= 96 and count < 96  # fewer engine calls than requests: requests were merged
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-@pytest.mark.skipif(_chromium() is None or not os.environ.get("DISPLAY", "1"), reason="no chromium on this machine")
+@pytest.mark.skipif(chromium() is None or not os.environ.get("DISPLAY", "1"), reason="no chromium on this machine")
 def test_page_renders_and_draws_in_chromium(server, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--headless=new"])
+        browser = launch_chromium(p)
         page = browser.new_page()
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))

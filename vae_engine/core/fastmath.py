@@ -39,7 +39,7 @@ def _lazy(name: str) -> types.ModuleType:
 
 numba = _lazy("numba")  # kernels' bodies use numba.prange: by the time one compiles, Numba is loaded
 _INLINE: list[Callable] = []  # helpers to register with Numba when it loads
-_THREADS: list[int] = []  # a thread count asked for before Numba loaded
+_pending_threads: int | None = None  # a thread count asked for before Numba loaded
 _LOCK = threading.RLock()
 _loaded = False
 
@@ -60,8 +60,8 @@ def _load() -> None:
         for fn in _INLINE:
             register_jitable(inline="always")(fn)
         _loaded = True
-        if _THREADS:
-            set_threads(_THREADS[-1])
+        if _pending_threads is not None:
+            set_threads(_pending_threads)
 
 
 def inline(fn: Callable) -> Callable:
@@ -78,8 +78,9 @@ def inline(fn: Callable) -> Callable:
 
 def set_threads(threads: int) -> None:
     """Numba's thread count: set now where Numba is loaded, else when it loads (not loading it for this)."""
+    global _pending_threads
     if not _loaded:
-        _THREADS.append(threads)
+        _pending_threads = threads
         return
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 

@@ -8,6 +8,7 @@ DataError naming the file and the problem.
 from __future__ import annotations
 
 import csv
+import itertools
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,26 +120,38 @@ def _pick_columns(names: list[str], columns: Sequence[str] | None, path: Path) -
     return picked
 
 
-def _read_csv(path: Path, columns: Sequence[str] | None) -> np.ndarray:
-    """Numeric columns of a CSV; a first row that is not all numbers is the header.
-
-    A well-formed file (every column numeric, every row as wide as the first) is parsed by NumPy's C reader
-    (`np.loadtxt`: 20,000 x 100 values in ~0.4 s, float32, no Python object per cell); anything else is read again
-    row by row (`_read_csv_rows`), which names the row and column at fault."""
+def _csv_rows(path: Path, limit: int | None = None) -> list[tuple[int, list[str]]]:
+    """The non-empty rows of a CSV with their row index in the file (the first `limit` of them); one DataError for
+    an empty, unreadable, non-UTF-8 or malformed file."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = enumerate(csv.reader(f))
-            first, index = next(((row, i) for i, row in rows if row and any(c.strip() for c in row)), (None, 0))
+            rows = ((i, row) for i, row in enumerate(csv.reader(f)) if row and any(c.strip() for c in row))
+            out = list(itertools.islice(rows, limit))
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a UTF-8 text file; is it really a CSV?") from None
     except OSError as exc:
         raise read_error(path, exc, "CSV file") from None
     except csv.Error as exc:
         raise DataError(f"{path}: malformed CSV ({exc})") from None
-    if first is None:
+    if not out:
         raise DataError(f"{path}: the file is empty")
+    return out
+
+
+def _csv_names(first: list[str]) -> tuple[bool, list[str]]:
+    """(has a header, column names): a first row that is not all numbers is the header; else columns 0, 1, ..."""
     header = not all(_is_number(cell) for cell in first)
-    names = [c.strip() for c in first] if header else [str(i) for i in range(len(first))]
+    return header, [c.strip() for c in first] if header else [str(i) for i in range(len(first))]
+
+
+def _read_csv(path: Path, columns: Sequence[str] | None) -> np.ndarray:
+    """Numeric columns of a CSV; a first row that is not all numbers is the header.
+
+    A well-formed file (every column numeric, every row as wide as the first) is parsed by NumPy's C reader
+    (`np.loadtxt`: 20,000 x 100 values in ~0.4 s, float32, no Python object per cell); anything else is read again
+    row by row (`_read_csv_rows`), which names the row and column at fault."""
+    ((index, first),) = _csv_rows(path, limit=1)
+    header, names = _csv_names(first)
     picked = _pick_columns(names, columns, path)
     try:
         with warnings.catch_warnings():
@@ -154,19 +167,8 @@ def _read_csv(path: Path, columns: Sequence[str] | None) -> np.ndarray:
 
 def _read_csv_rows(path: Path, columns: Sequence[str] | None) -> np.ndarray:
     """`_read_csv` cell by cell, for files NumPy's reader refuses: the error names the row and column."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not a UTF-8 text file; is it really a CSV?") from None
-    except OSError as exc:
-        raise read_error(path, exc, "CSV file") from None
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed CSV ({exc})") from None
-    if not rows:
-        raise DataError(f"{path}: the file is empty")
-    header = not all(_is_number(cell) for cell in rows[0])
-    names = [c.strip() for c in rows[0]] if header else [str(i) for i in range(len(rows[0]))]
+    rows = [row for _, row in _csv_rows(path)]
+    header, names = _csv_names(rows[0])
     body = rows[1:] if header else rows
     if not body:
         raise DataError(f"{path}: a header row and no data rows")

@@ -158,7 +158,7 @@ def _int8(fp32: dict[str, onnx.ModelProto], model_dir: Path, cfg: ModelConfig, s
         row = {"int8_layers": [ly.key for ly in chosen],
                "int8_macs_fraction": round(sum(ly.macs for ly in chosen) / total, 4),
                **tuning.accuracy(engine, ref)}
-        return {**row, "items_per_s": tuning.items_per_s(engine, ref, 1024)} if timed else row
+        return {**row, "items_per_s": tuning.items_per_s(engine, 1024)} if timed else row
 
     rounded, cost, how = {}, {}, {}  # per layer: the rounding that measures fewer nats
     for layer in every:

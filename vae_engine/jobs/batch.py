@@ -189,8 +189,13 @@ def score_fn(engine: Engine, k: int, seed: int, binarize: bool, rule: str = "nll
 def score_items(engine: Engine, x: np.ndarray, k: int, streams: rng.Streams, binarize: bool) -> np.ndarray:
     """The score job on a batch whose items read `streams` (one run per request when the server merges several):
     -ELBO (k=1) or the IWAE NLL (k>1) per item, float64 nats; Bernoulli models' inputs binarized first."""
-    x = streams.binarize(x) if binarize and engine.likelihood.binarized else x
+    x = scored_items(engine, x, streams, binarize)
     return -engine.elbo(x, streams=streams) if k == 1 else -engine.log_likelihood(x, k, streams=streams)
+
+
+def scored_items(engine: Engine, x: np.ndarray, streams: rng.Streams, binarize: bool) -> np.ndarray:
+    """The items a score sees: Bernoulli models' [0, 1] inputs binarized from the items' own streams."""
+    return streams.binarize(x) if binarize and engine.likelihood.binarized else x
 
 
 def _rule_fn(engine: Engine, rule: str, k: int, seed: int):

@@ -18,6 +18,8 @@ from .layout import (
     STATE,
     WEIGHTS,
     lock,
+    put_entry,
+    read_entries,
     read_json,
     resolve_model_dir,
 )
@@ -39,5 +41,5 @@ __all__ = [
     "PRIOR", "STATE", "WEIGHTS", "lock", "read_json", "resolve_model_dir", "model_config", "read_config",
     "train_config", "versions", "write_config", "load_state", "read_metrics", "save_state", "write_metrics",
     "check_tensors", "load_model", "load_prior", "load_tensors", "save_prior", "save_tensors", "save_weights",
-    "weights_sha256", "file_sha256",
+    "weights_sha256", "file_sha256", "read_entries", "put_entry",
 ]

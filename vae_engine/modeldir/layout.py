@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import atomic
-from ..core.errors import ModelDirError, first_line, os_error_reason
+from ..core.errors import ModelDirError, VaeEngineError, first_line, os_error_reason
 
 FORMAT = "vae-engine/1"
 CONFIG = "config.json"  # model + training config, data, versions
@@ -57,6 +57,25 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         return json.loads(raw, parse_constant=lambda c: float(c))
     except (ValueError, RecursionError) as exc:
         raise ModelDirError(f"{path}: not valid JSON ({first_line(exc, 200)})") from None
+
+
+def read_entries(path: Path, schema: str, field: str) -> list[dict[str, Any]]:
+    """The keyed entries of one of our JSON stores ({"schema": schema, field: [{"key": {...}, ...}, ...]}: saved
+    decisions, accuracies, GEMM peaks); a missing, unreadable, damaged or foreign file holds none."""
+    try:
+        doc = read_json(path, path.name) if path.is_file() else None
+    except VaeEngineError:
+        return []
+    ok = isinstance(doc, dict) and doc.get("schema") == schema and isinstance(doc.get(field), list)
+    return [d for d in doc[field] if isinstance(d, dict) and isinstance(d.get("key"), dict)] if ok else []
+
+
+def put_entry(path: Path, schema: str, field: str, entry: dict[str, Any], keep: int) -> None:
+    """Add an entry to such a store, replacing the one of the same key and keeping the newest `keep`, written
+    atomically (its folder made when missing); an OSError or VaeEngineError when it cannot be written."""
+    entries = [d for d in read_entries(path, schema, field) if d.get("key") != entry["key"]][-(keep - 1):]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(path, {"schema": schema, field: [*entries, entry]})
 
 
 @contextlib.contextmanager

@@ -108,25 +108,19 @@ def measured_peaks(threads: int) -> dict[str, float]:
 
 
 def _cached_peaks(threads: int) -> dict[str, float]:
-    import json
     import time
 
-    from ..core import atomic
     from ..core.config import cache_dir
     from ..core.errors import VaeEngineError
     from ..modeldir.configfile import versions
+    from ..modeldir.layout import put_entry, read_entries
 
     every = versions()
     key = {"cpu": hardware.cpu_info()[0], "flags": hardware.key_flags(), "threads": threads,
            "torch": _torch() is not None, "gpu": hardware.gpu_name() if _torch() is not None else None,
            "versions": {k: every[k] for k in ("numpy", "onnxruntime", "torch")}}
     path = cache_dir() / PEAKS_FILE
-    try:
-        doc = json.loads(path.read_text())
-        entries = [e for e in doc["entries"] if isinstance(e, dict)] if doc.get("schema") == PEAKS_SCHEMA else []
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        entries = []
-    for e in entries:
+    for e in read_entries(path, PEAKS_SCHEMA, "entries"):
         peaks = e.get("peaks")
         if e.get("key") == key and isinstance(peaks, dict) and all(
                 isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1e9 for v in peaks.values()):
@@ -134,9 +128,7 @@ def _cached_peaks(threads: int) -> dict[str, float]:
     peaks = {p: max(v.values()) for p, v in gemm_peak(threads, min_time=0.3).items()}
     entry = {"key": key, "peaks": peaks, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(path, {"schema": PEAKS_SCHEMA, "entries": [e for e in entries if e.get("key") != key][-15:]
-                                 + [entry]})
+        put_entry(path, PEAKS_SCHEMA, "entries", entry, keep=16)
     except (OSError, VaeEngineError):
         pass  # a read-only home: measured again next time
     return peaks

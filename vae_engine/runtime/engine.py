@@ -6,6 +6,7 @@ seed do not depend on batch size, chunking, thread count or backend.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -132,8 +133,7 @@ class Engine:
         if not sample:  # one fused call where the backend has one
             return self.backend.reconstruct(self.prepare_items(x))
         mu, logvar = self.encode(x)  # checked by the backend: no second validation on the way to the decoder
-        z = self._sample(mu, logvar, 1, seed, start)[:, 0] if sample else mu
-        return self._mean(z)
+        return self._mean(self._sample(mu, logvar, 1, seed, start)[:, 0])
 
     def elbo(self, x: np.ndarray, seed: int = 0, start: int = 0, streams: rng.Streams | None = None) -> np.ndarray:
         """ELBO per input (B,): one posterior sample for log p(x|z), the KL analytic for N(0, I) (K&W 2013, eq. 10)
@@ -156,8 +156,7 @@ class Engine:
         `streams` gives each item's eps stream explicitly (default: (seed, start + b)); e.g. `rng.Streams.shared`
         makes every item read one stream (common random numbers), so an estimate depends on the item alone.
         """
-        k = check_int("k", k, 1, MAX_SCORE_K)
-        return self.log_weight_sums(x, k, 0, k, seed, start, streams) - np.log(k)
+        return self.log_weight_sums(x, k, 0, k, seed, start, streams) - np.log(k)  # k checked there
 
     def log_weight_sums(self, x: np.ndarray, k: int, s0: int, s1: int, seed: int = 0, start: int = 0,
                         streams: rng.Streams | None = None) -> np.ndarray:
@@ -194,7 +193,7 @@ class Engine:
         cache; Numba's own set-up is most of it, ~0.6 s). A server warms the graphs before it is ready and the
         kernels just after (`serving.app`): until they are loaded, the input rule runs on NumPy, with the same
         results."""
-        x = self.prepare_items(np.zeros((1, self.cfg.input_dim), np.uint8))  # the uint8 kernel; x: float32
+        x = self.prepare_items(np.zeros((1, self.cfg.input_dim), np.uint8))  # x: float32
         self.reconstruct(x)
         z = np.zeros((1, self.latent_dim), np.float32)
         self.decode(z)
@@ -209,7 +208,8 @@ class Engine:
         from ..data import inputs
 
         inputs.warm()
-        stand_in = Engine(_Zeros(self), self.cfg, self.model_dir, self.threads, self.decision)
+        stand_in = copy.copy(self)  # this engine's prior and likelihood, over the stand-in backend
+        stand_in.backend = _Zeros(self)
         x = np.zeros((1, self.cfg.input_dim), np.float32)
         stand_in.scores(x, 0, 2, 0)
         rng.binarize(x, 0, 0)

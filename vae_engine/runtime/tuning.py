@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import modeldir
-from ..core import atomic, hardware
+from ..core import hardware
 from ..core.config import DEFAULT_BUDGET, within_budget
 from ..core.errors import VaeEngineError
 from ..modeldir import graphs
@@ -164,33 +164,19 @@ def _stores(model_dir: Path, name: str) -> list[Path]:
 
 def _entries(model_dir: Path, name: str, schema: str, field: str) -> list[dict[str, Any]]:
     """The entries saved in the model folder's and the cache's file (an unreadable or foreign file is none)."""
-    return [e for path in _stores(model_dir, name) for e in _entries_of(path, schema, field)]
+    return [e for path in _stores(model_dir, name) for e in modeldir.read_entries(path, schema, field)]
 
 
 def _put(model_dir: Path, name: str, schema: str, field: str, entry: dict[str, Any], keep: int) -> str | None:
     """Add an entry (replacing one of the same key) to the first of `_stores` that can be written; returns where
     it went, or None when nothing can be written (the entry then holds for this process only)."""
     for path in _stores(model_dir, name):
-        doc = _entries_of(path, schema, field)
-        entries = [d for d in doc if d.get("key") != entry["key"]][-(keep - 1):] + [entry]
         try:
-            if path.parent != Path(model_dir):
-                path.parent.mkdir(parents=True, exist_ok=True)
-            atomic.write_json(path, {"schema": schema, field: entries})
+            modeldir.put_entry(path, schema, field, entry, keep)
             return str(path)
         except (VaeEngineError, OSError):
             continue
     return None
-
-
-def _entries_of(path: Path, schema: str, field: str) -> list[dict[str, Any]]:
-    """The entries of one file (an unreadable, damaged or foreign file holds none)."""
-    try:
-        doc = modeldir.read_json(path, path.name) if path.is_file() else None
-    except VaeEngineError:
-        return []
-    ok = isinstance(doc, dict) and doc.get("schema") == schema and isinstance(doc.get(field), list)
-    return [d for d in doc[field] if isinstance(d, dict) and isinstance(d.get("key"), dict)] if ok else []
 
 
 def saved(model_dir: Path) -> list[dict[str, Any]]:
@@ -333,7 +319,7 @@ def _inputs(engine, batch: int) -> tuple[np.ndarray, np.ndarray]:
             g.standard_normal((batch, engine.cfg.latent_dim), dtype=np.float32))
 
 
-def items_per_s(engine, ref: dict[str, Any] | None, batch: int, min_time: float = 0.3) -> float:
+def items_per_s(engine, batch: int, min_time: float = 0.3) -> float:
     """Items per second of one encode plus one decode at `batch`, timed by the benchmark's recipe."""
     import numpy as np
 

@@ -23,7 +23,7 @@ from ..anomaly import rules
 from ..core import rng
 from ..core.config import VERSION, check_int
 from ..core.errors import DataError, VaeEngineError
-from ..jobs.batch import score_items
+from ..jobs.batch import score_items, scored_items
 from . import oip
 from .batcher import Metrics, MicroBatcher
 from .oip import RequestError
@@ -223,7 +223,8 @@ class App:
         large k the samples of each item, in order; each part reads its items' own streams, so the answer is the
         unsliced one (score: partial log-sums combined in float64)."""
         k = max(1, work // n)
-        items, samples = max(1, self.slice_rows // k), min(k, self.slice_rows)
+        by_samples = key[0] == "score" and k > 1  # the IWAE's samples split too, as partial log-sums
+        items, samples = max(1, self.slice_rows // k), min(k, self.slice_rows) if by_samples else k
         self.sliced["requests"] += 1
         self.sliced["rows"] += work
         left = work
@@ -232,20 +233,21 @@ class App:
             for i in range(0, n, items):
                 j = min(n, i + items)
                 parts = []
-                for s0 in range(0, k, samples) if key[0] == "score" and k > 1 else [0]:
+                for s0 in range(0, k, samples):
                     self._check_alive(cancelled, t_end)
                     s1 = min(k, s0 + samples)
-                    parts.append(await self.batcher.call(self._slice, key, payload, i, j, s0, s1))
-                    self.sliced["rows"] -= (j - i) * (s1 - s0) if key[0] == "score" else (j - i) * k
-                    left -= (j - i) * (s1 - s0) if key[0] == "score" else (j - i) * k
+                    parts.append(await self.batcher.call(self._slice, key, payload, i, j, (s0, s1) if by_samples
+                                                         else None))
+                    self.sliced["rows"] -= (j - i) * (s1 - s0)
+                    left -= (j - i) * (s1 - s0)
                 out.append(parts)
         finally:
             self.sliced["requests"] -= 1
             self.sliced["rows"] -= left
-        if key[0] == "detect":
-            return {name: np.concatenate([p[0][name] for p in out]) for name in ("scores", "flags")}
+        if not by_samples:  # each slice is the batch's own answer for its items
+            return {name: np.concatenate([p[0][name] for p in out]) for name in out[0][0]}
         log_sum = np.concatenate([np.logaddexp.reduce(np.stack(parts), axis=0) for parts in out])
-        return {"scores": -log_sum if k == 1 else -(log_sum - np.log(k))}  # -ELBO, or the IWAE NLL
+        return {"scores": -(log_sum - np.log(k))}  # the IWAE NLL
 
     def _check_alive(self, cancelled, t_end: float) -> None:
         """Between slices: past the deadline, a 504; a client that went away, a 499 nobody reads."""
@@ -256,18 +258,15 @@ class App:
             self.metrics.cancelled.labels("disconnect").inc()
             raise RequestError(499, "the client closed the request")
 
-    def _slice(self, key: tuple, payload: dict, i: int, j: int, s0: int, s1: int):
-        """One slice of a long request, on the engine thread: detect's answer for items i..j-1, or the log-sum of
-        the importance weights s0..s1-1 of their score (k=1: minus their -ELBO, as the score job answers)."""
+    def _slice(self, key: tuple, payload: dict, i: int, j: int, samples: tuple[int, int] | None):
+        """One slice of a long request, on the engine thread: the batch's own answer for items i..j-1, or with
+        `samples` (s0, s1) the log-sum of their importance weights s0..s1-1 (a slice of an IWAE estimate)."""
         part = {**payload, "x": payload["x"][i:j], "start": payload.get("start", 0) + i}
-        if key[0] == "detect":
+        if samples is None:
             return self.run_batch(key, [part])[0]
-        k, eng = key[1], self.engine
         streams = rng.Streams.contiguous(part["seed"], part["start"], j - i)
-        x = streams.binarize(part["x"]) if key[2] and eng.likelihood.binarized else part["x"]
-        if k == 1:
-            return eng.elbo(x, streams=streams)  # -(-ELBO): the scores' sign is restored by the caller
-        return eng.log_weight_sums(x, k, s0, s1, streams=streams)
+        x = scored_items(self.engine, part["x"], streams, key[2])
+        return self.engine.log_weight_sums(x, key[1], *samples, streams=streams)
 
     def _decoder_rate(self) -> float:
         """Decoder rows per second of this server's path (two calls of 1,024 rows, after a first)."""
