@@ -16,6 +16,12 @@ BERNOULLI = likelihoods.get("bernoulli")
 RTOL = 1e-4  # the kernels sum in float32 with a polynomial softplus; twins use float64 and libm
 
 
+@pytest.fixture(autouse=True, scope="module")
+def numba_loaded():
+    """The kernels themselves: draws run on the NumPy twins only until a process has loaded Numba."""
+    fastmath._load()
+
+
 @pytest.fixture
 def problem():
     g = np.random.default_rng(0)
@@ -36,6 +42,22 @@ def test_rng_kernels_match_twins():
     big = rng.normal_eps(1, 0, 2000, 32, 20)  # large enough for the parallel kernel
     np.testing.assert_array_equal(big[:3], rng.normal_eps_numpy(1, 0, 3, 32, 20))
     assert abs(big.mean()) < 0.01 and abs(big.std() - 1) < 0.01
+
+
+def test_rng_item_twins_match_kernels():
+    """Items that each name their own stream and index (a merged server batch), ranges starting on either value of
+    a Box-Muller pair: the twins the jobs use before Numba loads give the kernels' very numbers."""
+    keys = np.array([rng.stream_key(s, rng.EPS_STREAM) for s in (0, 1, 1, 7, 2**40)], np.uint64)
+    items = np.array([0, 3, 4, 11, 2**20], np.int64)
+    for k, d, s0, s1 in ((1, 16, 0, 1), (5, 3, 1, 4), (7, 1, 2, 7), (3, 5, 0, 3)):
+        for parallel in (False, True):
+            out = np.empty((len(keys), s1 - s0, d), np.float32)
+            rng._normal_kernels[parallel](keys, items, np.int64(k), np.int64(s0), out)
+            np.testing.assert_array_equal(out, rng.normal_eps_items_numpy(keys, items, k, d, s0, s1))
+    x = np.random.default_rng(2).random((5, 33)).astype(np.float32)
+    out = np.empty_like(x)
+    rng._binarize_kernels[False](keys, items, x, out)
+    np.testing.assert_array_equal(out, rng.binarize_items_numpy(x, keys, items))
 
 
 @pytest.mark.parametrize("n,k,d,s0,s1", [(3, 5000, 50, 0, 5000), (1, 7, 3, 1, 6), (2, 1, 1, 0, 1), (3, 9, 5, 3, 8),

@@ -136,6 +136,7 @@ def test_likelihood_mean_in_onnx_matches_its_numpy_twin(name):
     if name == "continuous-bernoulli":
         assert nodes is None
         return
+    nodes = [onnx.NodeProto.FromString(n) for n in nodes]  # encoded without onnx (core.onnxwire)
     f = onnx.TensorProto.FLOAT
     graph = helper.make_graph(nodes, "mean", [helper.make_tensor_value_info("params", f, ["b", lk.n_params * d])],
                               [helper.make_tensor_value_info("mean", f, ["b", d])])

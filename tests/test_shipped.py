@@ -54,7 +54,7 @@ def test_graphs_match_the_weights():
     cfg = modeldir.model_config(SHIPPED)
     for role in graphs.ROLES:
         for variant in ("fp32", "int8"):
-            meta = graphs.metadata(graphs.load_graph(graphs.graph_path(SHIPPED, role, variant), role, cfg))
+            meta = graphs.load_graph(graphs.graph_path(SHIPPED, role, variant), role, cfg).metadata
             assert meta["vae_engine.weights_sha256"] == sha, (role, variant)
 
 

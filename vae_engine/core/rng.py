@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .fastmath import PARALLEL_MIN, inline, jit, numba
+from .fastmath import PARALLEL_MIN, inline, jit, loaded, numba
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -46,6 +46,10 @@ EPS_PARTS = 16  # slices of each item's samples the parallel eps kernel spreads 
 # launch pays far below PARALLEL_MIN; measured 2.0x serial's speed from 3,200 values up (2-core AVX2 EPYC, idle
 # cores), and the k=5000 evaluation's blocks (750,000 values) were drawn serially under PARALLEL_MIN
 EPS_PARALLEL_MIN = PARALLEL_MIN // 16
+# values a job draws with the NumPy twins (the very same numbers) while Numba is not loaded: ~0.1 us a value
+# against Numba's set-up of ~0.5 s on the 2-core machines, so a job whose only kernels are a few draws (sample,
+# encode --sample, a small binarized score) never loads Numba; more values load it and run the kernels
+NUMPY_MAX = 1 << 20
 
 
 @inline
@@ -127,6 +131,8 @@ def normal_eps_items(keys: np.ndarray, items: np.ndarray, k: int, d: int, s0: in
     """`normal_eps` for items that each name their own stream: item b reads stream keys[b] (uint64) at item index
     items[b] (int64); one kernel call however many requests a batch merges."""
     s1 = k if s1 is None else s1
+    if not loaded() and len(keys) * (s1 - s0) * d <= NUMPY_MAX:
+        return normal_eps_items_numpy(keys, items, k, d, s0, s1)
     out = np.empty((len(keys), s1 - s0, d), dtype=np.float32)
     _normal_kernels[out.size >= EPS_PARALLEL_MIN if parallel is None else parallel](
         keys, items, np.int64(k), np.int64(s0), out)
@@ -254,6 +260,8 @@ def binarize(x: np.ndarray, seed: int, start: int, parallel: bool | None = None)
 def binarize_items(x: np.ndarray, keys: np.ndarray, items: np.ndarray, parallel: bool | None = None) -> np.ndarray:
     """`binarize` for items that each name their own stream (as `normal_eps_items`): one kernel call."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if not loaded() and x.size <= NUMPY_MAX:
+        return binarize_items_numpy(x, keys, items)
     out = np.empty_like(x)
     _binarize_kernels[x.size >= PARALLEL_MIN if parallel is None else parallel](keys, items, x, out)
     return out
@@ -290,17 +298,33 @@ def _uniform_numpy(key: np.uint64, counter: np.ndarray) -> np.ndarray:
 def normal_eps_numpy(seed: int, start: int, n: int, k: int, d: int, s0: int = 0, s1: int | None = None,
                      stream: int = EPS_STREAM) -> np.ndarray:
     """NumPy twin of normal_eps."""
+    return normal_eps_items_numpy(*run_of(seed, start, n, stream), k, d, s0, s1)
+
+
+def normal_eps_items_numpy(keys: np.ndarray, items: np.ndarray, k: int, d: int, s0: int = 0,
+                           s1: int | None = None) -> np.ndarray:
+    """NumPy twin of normal_eps_items: each item's Box-Muller pairs covering its range, both normals of each pair,
+    then the item's values cut out of them (a range may start on a pair's second value)."""
     s1 = k if s1 is None else s1
-    item = np.uint64(start) + np.arange(n, dtype=np.uint64)[:, None]
-    j = (item * np.uint64(k * d) + np.uint64(s0 * d) + np.arange((s1 - s0) * d, dtype=np.uint64)).ravel()
-    key = stream_key(seed, stream)
-    pair = (j >> np.uint64(1)) * np.uint64(2)
-    r = np.sqrt(-2.0 * np.log(_uniform_numpy(key, pair)))
-    angle = 2.0 * np.pi * _uniform_numpy(key, pair + np.uint64(1))
-    z = np.where(j & np.uint64(1), r * np.sin(angle), r * np.cos(angle))
-    return z.astype(np.float32).reshape(n, s1 - s0, d)
+    n, row = len(keys), (s1 - s0) * d
+    base = np.asarray(items, np.int64).astype(np.uint64) * np.uint64(k * d) + np.uint64(s0 * d)
+    pair = (base >> np.uint64(1))[:, None] + np.arange(row // 2 + 1, dtype=np.uint64)
+    key = np.asarray(keys, np.uint64)[:, None]
+    r = np.sqrt(-2.0 * np.log(_uniform_numpy(key, pair * np.uint64(2))))
+    angle = 2.0 * np.pi * _uniform_numpy(key, pair * np.uint64(2) + np.uint64(1))
+    both = np.empty((n, 2 * pair.shape[1]), np.float64)
+    both[:, 0::2], both[:, 1::2] = r * np.cos(angle), r * np.sin(angle)
+    cut = (base & np.uint64(1)).astype(np.int64)[:, None] + np.arange(row, dtype=np.int64)
+    return np.take_along_axis(both, cut, axis=1).astype(np.float32).reshape(n, s1 - s0, d)
 
 
 def binarize_numpy(x: np.ndarray, seed: int, start: int) -> np.ndarray:
     """NumPy twin of binarize."""
-    return (uniform_rows(seed, BINARIZE_STREAM, start, *x.shape) < x).astype(np.float32)
+    return binarize_items_numpy(x, *run_of(seed, start, len(x), BINARIZE_STREAM))
+
+
+def binarize_items_numpy(x: np.ndarray, keys: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """NumPy twin of binarize_items: feature i of item b compares with uniform (items[b] * P + i) of keys[b]."""
+    n, p = x.shape
+    counters = np.asarray(items, np.int64).astype(np.uint64)[:, None] * np.uint64(p) + np.arange(p, dtype=np.uint64)
+    return (_uniform_numpy(np.asarray(keys, np.uint64)[:, None], counters) < x).astype(np.float32)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..core.config import DECODER_OUTPUTS, ModelConfig
 from ..core.errors import ModelDirError, first_line, os_error_reason
+from ..core.onnxwire import fields as _fields
 
 ROLES = ("encoder", "decoder")
 VARIANTS = {  # variant -> file suffix
@@ -23,7 +24,7 @@ VARIANTS = {  # variant -> file suffix
 }
 OPSET = 18
 
-if TYPE_CHECKING:  # onnx costs 0.2-0.8 s to import: only loading a graph needs it (`info` reads metadata without)
+if TYPE_CHECKING:  # onnx costs 0.04-0.8 s to import: only rewriting or analysing a graph needs it
     import onnx
 
 
@@ -52,96 +53,205 @@ def graph_path(model_dir: str | os.PathLike, role: str, variant: str = "fp32") -
     return Path(model_dir) / f"{role}{VARIANTS[variant]}"
 
 
-def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
-    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value_info.type.tensor_type.shape.dim]
-
-
 ALLOWED_DOMAINS = ("", "ai.onnx", "com.microsoft")  # what export, ORT's optimizer and its int8 quantizer emit
+MAX_DEPTH = 16  # subgraphs nested deeper are refused (exports nest a few levels; protobuf parses ~33 at most)
 
 
-def _tensors_of(attr: onnx.AttributeProto) -> list[onnx.TensorProto]:
-    sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
-    sparse += list(attr.sparse_tensors)
-    return ([attr.t] if attr.HasField("t") else []) + list(attr.tensors) + \
-        [t for s in sparse for t in (s.values, s.indices)]
+@dataclass(frozen=True)
+class Graph:
+    """A checked graph file: its bytes (what the runtimes are given), its inputs and outputs with their dims,
+    the operators it uses and its metadata. Read from the protobuf wire format without importing onnx; `proto()`
+    parses it with onnx for the few uses that rewrite or analyse a graph."""
+
+    path: Path
+    data: bytes
+    inputs: tuple[tuple[str, tuple[int | str, ...]], ...]
+    outputs: tuple[tuple[str, tuple[int | str, ...]], ...]
+    op_types: frozenset[str]
+    metadata: dict[str, str]
+
+    def proto(self) -> onnx.ModelProto:
+        import onnx
+
+        return onnx.load_model_from_string(self.data)
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, name: str) -> Graph:
+        """A graph made in memory from checked ones (the fused and mean graphs), described the same way."""
+        return inspect(model.SerializeToString(), Path(name))
 
 
-def _subgraphs_of(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    return ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+def _text(value) -> str:
+    return bytes(value).decode("utf-8", "replace")
 
 
-def _check_nodes(nodes, local_functions: set[tuple[str, str]], path: Path) -> list[onnx.TensorProto]:
-    """Check every node's operator domain, recurse into subgraphs; return every tensor found on the way."""
-    tensors: list[onnx.TensorProto] = []
-    for node in nodes:
-        if node.domain not in ALLOWED_DOMAINS and (node.domain, node.op_type) not in local_functions:
-            raise ModelDirError(f"{path}: operator {node.domain}::{node.op_type} is from a domain this project "
-                                f"never exports ({', '.join(repr(d) for d in ALLOWED_DOMAINS)}); refusing to load it")
-        for attr in node.attribute:
-            tensors += _tensors_of(attr)
-            for sub in _subgraphs_of(attr):
-                tensors += _graph_tensors(sub, local_functions, path)
-    return tensors
+class _Walk:
+    """One pass over a ModelProto's bytes that refuses external data anywhere (every graph, subgraphs of
+    If/Loop/Scan at any depth, functions and their default attributes, training graphs, sparse and attribute
+    tensors) and operators from domains the project's own export never produces. Field numbers are onnx.proto's;
+    a message field with the wrong wire type, or a second top-level graph (which protobuf would merge into the
+    first), is refused as corrupt."""
+
+    def __init__(self, path: Path, local_functions: set[tuple[str, str]]):
+        self.path, self.name, self.local, self.op_types = path, str(path), local_functions, set()
+
+    def fields(self, buf):
+        return _fields(buf, self.name)
+
+    def message(self, wire: int, value):
+        if wire != 2:
+            raise ModelDirError(f"{self.path}: corrupt or truncated ONNX file (a message field of wire type {wire})")
+        return value
+
+    def tensor(self, buf) -> str:  # TensorProto: name 8, external_data 13, data_location 14
+        name = ""
+        for field, wire, value in self.fields(buf):
+            if field == 8 and wire == 2:
+                name = _text(value)
+            elif field == 13 or (field == 14 and value != 0):
+                raise ModelDirError(f"{self.path}: tensor {name!r} refers to external data; refusing to load it "
+                                    "(self-contained graphs only)")
+        return name
+
+    def sparse(self, buf) -> None:  # SparseTensorProto: values 1, indices 2
+        for field, wire, value in self.fields(buf):
+            if field in (1, 2):
+                self.tensor(self.message(wire, value))
+
+    def attribute(self, buf, depth: int) -> None:  # t 5, tensors 10; g 6, graphs 11; sparse_tensor(s) 22, 23
+        for field, wire, value in self.fields(buf):
+            if field in (5, 10):
+                self.tensor(self.message(wire, value))
+            elif field in (6, 11):
+                self.graph(self.message(wire, value), depth + 1)
+            elif field in (22, 23):
+                self.sparse(self.message(wire, value))
+
+    def nodes(self, bufs, depth: int) -> None:  # NodeProto: op_type 4, attribute 5, domain 7
+        for buf in bufs:
+            op, domain, attributes = "", "", []
+            for field, wire, value in self.fields(buf):
+                if field == 4 and wire == 2:
+                    op = _text(value)
+                elif field == 7 and wire == 2:
+                    domain = _text(value)
+                elif field == 5:
+                    attributes.append(self.message(wire, value))
+            if domain not in ALLOWED_DOMAINS and (domain, op) not in self.local:
+                raise ModelDirError(f"{self.path}: operator {domain}::{op} is from a domain this project never "
+                                    f"exports ({', '.join(repr(d) for d in ALLOWED_DOMAINS)}); refusing to load it")
+            self.op_types.add(op)
+            for attribute in attributes:
+                self.attribute(attribute, depth)
+
+    def graph(self, buf, depth: int = 0) -> dict:
+        """GraphProto: node 1, initializer 5, input 11, output 12, sparse_initializer 15. Returns the top-level
+        parts the spec check reads."""
+        if depth > MAX_DEPTH:
+            raise ModelDirError(f"{self.path}: subgraphs nested more than {MAX_DEPTH} deep; refusing to load it")
+        parts: dict = {"nodes": [], "initializers": set(), "inputs": [], "outputs": []}
+        for field, wire, value in self.fields(buf):
+            if field == 1:
+                parts["nodes"].append(self.message(wire, value))
+            elif field == 5:
+                parts["initializers"].add(self.tensor(self.message(wire, value)))
+            elif field == 15:
+                self.sparse(self.message(wire, value))
+            elif field in (11, 12):
+                parts["inputs" if field == 11 else "outputs"].append(self.message(wire, value))
+        self.nodes(parts["nodes"], depth)
+        return parts
+
+    def function(self, buf) -> None:  # FunctionProto: node 7, attribute_proto 11 (default values)
+        for field, wire, value in self.fields(buf):
+            if field == 7:
+                self.nodes([self.message(wire, value)], 0)
+            elif field == 11:
+                self.attribute(self.message(wire, value), 0)
+
+    def value_info(self, buf) -> tuple[str, tuple[int | str, ...]]:
+        """ValueInfoProto (name 1, type 2) -> (name, dims): TypeProto.tensor_type 1 -> shape 2 -> dim 1 ->
+        dim_value 1 (int64) | dim_param 2."""
+        name, dims = "", []
+        for field, wire, value in self.fields(buf):
+            if field == 1 and wire == 2:
+                name = _text(value)
+            elif field == 2 and wire == 2:
+                for f, w, tensor_type in self.fields(value):
+                    if f != 1 or w != 2:
+                        continue
+                    for f2, w2, shape in self.fields(tensor_type):
+                        if f2 != 2 or w2 != 2:
+                            continue
+                        for f3, w3, dim in self.fields(shape):
+                            if f3 == 1 and w3 == 2:
+                                got: int | str = ""
+                                for f4, w4, v in self.fields(dim):
+                                    if f4 == 1 and w4 == 0:
+                                        got = v - (1 << 64) if v >= 1 << 63 else v
+                                    elif f4 == 2 and w4 == 2:
+                                        got = _text(v)
+                                dims.append(got)
+        return name, tuple(dims)
 
 
-def _graph_tensors(graph: onnx.GraphProto, local_functions: set[tuple[str, str]], path: Path) -> list:
-    tensors = list(graph.initializer)
-    tensors += [t for s in graph.sparse_initializer for t in (s.values, s.indices)]
-    return tensors + _check_nodes(graph.node, local_functions, path)
+MODEL_GRAPH, MODEL_METADATA, MODEL_TRAINING, MODEL_FUNCTIONS = 7, 14, 20, 25  # onnx.proto's ModelProto fields
 
 
-def check_contents(model: onnx.ModelProto, path: Path) -> None:
-    """Refuse external data anywhere (every graph, subgraphs of If/Loop/Scan, functions, sparse and attribute
-    tensors) and operators from domains the project's own export never produces."""
-    import onnx
+def inspect(data: bytes, path: Path) -> Graph:
+    """Check a graph file's bytes (see `_Walk`) and describe it, without onnx."""
+    buf = memoryview(data)
+    top: dict[int, list] = {}
+    for field, wire, value in _fields(buf, str(path)):
+        top.setdefault(field, []).append((wire, value))
+    walk = _Walk(path, set())
+    functions = [walk.message(w, v) for w, v in top.get(MODEL_FUNCTIONS, [])]
+    for function in functions:  # FunctionProto: name 1, domain 10
+        entry = {f: _text(v) for f, w, v in walk.fields(function) if f in (1, 10) and w == 2}
+        walk.local.add((entry.get(10, ""), entry.get(1, "")))
+    graphs = top.get(MODEL_GRAPH, [])
+    if not graphs:
+        raise ModelDirError(f"{path}: corrupt or truncated ONNX file (no graph)")
+    if len(graphs) > 1:
+        raise ModelDirError(f"{path}: corrupt ONNX file (the graph field appears {len(graphs)} times)")
+    parts = walk.graph(walk.message(*graphs[0]))
+    for function in functions:
+        walk.function(function)
+    for wire, value in top.get(MODEL_TRAINING, []):  # TrainingInfoProto: initialization 1, algorithm 2 (graphs)
+        for field, w, v in walk.fields(walk.message(wire, value)):
+            if field in (1, 2):
+                walk.graph(walk.message(w, v), 1)
+    if not parts["nodes"]:
+        raise ModelDirError(f"{path}: corrupt or truncated ONNX file (empty graph)")
+    metadata = {}
+    for wire, value in top.get(MODEL_METADATA, []):  # StringStringEntryProto: key 1, value 2
+        entry = {f: _text(v) for f, w, v in walk.fields(walk.message(wire, value)) if w == 2}
+        metadata[entry.get(1, "")] = entry.get(2, "")
+    inputs = tuple(v for v in map(walk.value_info, parts["inputs"]) if v[0] not in parts["initializers"])
+    return Graph(path, bytes(data), inputs, tuple(map(walk.value_info, parts["outputs"])),
+                 frozenset(walk.op_types), metadata)
 
-    local = {(f.domain, f.name) for f in model.functions}
-    tensors = _graph_tensors(model.graph, local, path)
-    for function in model.functions:
-        tensors += _check_nodes(function.node, local, path)
-    for t in tensors:
-        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data):
-            raise ModelDirError(f"{path}: tensor {t.name!r} refers to external data; refusing to load it "
-                                "(self-contained graphs only)")
 
-
-def load_graph(path: str | os.PathLike, role: str, cfg: ModelConfig) -> onnx.ModelProto:
-    """Parse an ONNX file safely and check it against the model config.
+def load_graph(path: str | os.PathLike, role: str, cfg: ModelConfig) -> Graph:
+    """Read an ONNX file safely and check it against the model config, without importing onnx.
 
     Refuses external data (a data location outside the model folder is a known path-traversal class,
-    CVE-2022-25882 and CVE-2024-27318) and any input/output whose name or shape differs from the spec.
+    CVE-2022-25882 and CVE-2024-27318), operators from foreign domains, and any input/output whose name or shape
+    differs from the spec. The runtimes are then given the checked bytes, never the path.
     """
-    import onnx
-    from google.protobuf.message import DecodeError
-
     path = Path(path)
-    raw = _read(path)
-    try:
-        model = onnx.load_model_from_string(raw)
-    except (DecodeError, ValueError, RuntimeError) as exc:
-        raise ModelDirError(f"{path}: corrupt or truncated ONNX file ({type(exc).__name__})") from None
-    if not model.graph.node:
-        raise ModelDirError(f"{path}: corrupt or truncated ONNX file (empty graph)")
-    check_contents(model, path)
+    graph = inspect(_read(path), path)
     want = spec(role, cfg)
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    for kind, got, expected in (("input", inputs, want.inputs), ("output", model.graph.output, want.outputs)):
-        names = [v.name for v in got]
+    for kind, got, expected in (("input", graph.inputs, want.inputs), ("output", graph.outputs, want.outputs)):
+        names = [name for name, _ in got]
         if names != [n for n, _ in expected]:
             raise ModelDirError(f"{path}: {kind}s {names} do not match the {role} spec {[n for n, _ in expected]}")
-        for value, (name, features) in zip(got, expected, strict=True):
-            dims = _dims(value)
+        for (name, dims), (_, features) in zip(got, expected, strict=True):
             if len(dims) != 2 or dims[1] != features:
                 raise ModelDirError(
-                    f"{path}: {kind} {name!r} has shape {dims}, but config.json needs (batch, {features}); "
+                    f"{path}: {kind} {name!r} has shape {list(dims)}, but config.json needs (batch, {features}); "
                     "re-export the model")
-    return model
-
-
-def metadata(model: onnx.ModelProto) -> dict[str, str]:
-    """The metadata_props of a graph as a dict."""
-    return {p.key: p.value for p in model.metadata_props}
+    return graph
 
 
 def _read(path: Path) -> bytes:
@@ -153,61 +263,10 @@ def _read(path: Path) -> bytes:
         raise ModelDirError(f"{path}: cannot read the ONNX file: {os_error_reason(exc)}") from None
 
 
-def _fields(buf: memoryview, name: str):
-    """(field number, wire type, value) of each field of one protobuf message: an int for varints and fixed-size
-    fields, a memoryview for length-delimited ones (never copied). Malformed bytes are a ModelDirError."""
-    i, n = 0, len(buf)
-
-    def varint() -> int:
-        nonlocal i
-        value = shift = 0
-        while True:
-            if i >= n or shift > 63:
-                raise ModelDirError(f"{name}: corrupt or truncated ONNX file (bad varint)")
-            byte = buf[i]
-            i += 1
-            value |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return value
-            shift += 7
-
-    while i < n:
-        tag = varint()
-        field, wire = tag >> 3, tag & 7
-        if wire == 0:
-            value = varint()
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-            if i + size > n:
-                raise ModelDirError(f"{name}: corrupt or truncated ONNX file")
-            value, i = int.from_bytes(buf[i:i + size], "little"), i + size
-        elif wire == 2:
-            size = varint()
-            if i + size > n:
-                raise ModelDirError(f"{name}: corrupt or truncated ONNX file (a field runs past the end)")
-            value, i = buf[i:i + size], i + size
-        else:  # groups (3, 4) are not used by ONNX; 6 and 7 do not exist
-            raise ModelDirError(f"{name}: corrupt or truncated ONNX file (wire type {wire})")
-        yield field, wire, value
-
-
-MODEL_GRAPH, MODEL_METADATA = 7, 14  # onnx.proto: ModelProto.graph, ModelProto.metadata_props (key 1, value 2)
-
-
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """A graph file's metadata_props, read from the protobuf wire format without importing onnx or parsing the
-    graph (what `info` shows). It checks nothing else: every graph is fully checked by `load_graph` before use."""
+    """A graph file's metadata_props (what `info` shows), from the same checked wire-format read as `load_graph`."""
     path = Path(path)
-    buf = memoryview(_read(path))
-    out, graph = {}, False
-    for field, wire, value in _fields(buf, str(path)):
-        graph |= field == MODEL_GRAPH and wire == 2
-        if field == MODEL_METADATA and wire == 2:
-            entry = {f: bytes(v).decode("utf-8", "replace") for f, w, v in _fields(value, str(path)) if w == 2}
-            out[entry.get(1, "")] = entry.get(2, "")
-    if not graph:
-        raise ModelDirError(f"{path}: corrupt or truncated ONNX file (no graph)")
-    return out
+    return inspect(_read(path), path).metadata
 
 
 def providers_for(device: str) -> list[str]:
@@ -219,7 +278,7 @@ def providers_for(device: str) -> list[str]:
     return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
 
 
-def make_session(model: onnx.ModelProto | bytes, threads: int | None = None, device: str = "cpu",
+def make_session(model: Graph | onnx.ModelProto | bytes, threads: int | None = None, device: str = "cpu",
                  spin: bool = False, optimized_path: str | None = None, name: str | None = None):
     """An ONNX Runtime session from an in-memory graph (never a path, so no external data can be pulled in).
 
@@ -238,7 +297,7 @@ def make_session(model: onnx.ModelProto | bytes, threads: int | None = None, dev
     opts.log_severity_level = 3
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    data = model.data if isinstance(model, Graph) else model if isinstance(model, bytes) else model.SerializeToString()
     try:
         return ort.InferenceSession(data, sess_options=opts, providers=providers_for(device))
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented classes for bad graphs
@@ -250,13 +309,14 @@ def make_session(model: onnx.ModelProto | bytes, threads: int | None = None, dev
 INT8_OPS = ("MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeMatMul")  # this module's and ORT's quantizer's
 
 
-def graph_macs(model: onnx.ModelProto) -> dict[str, int]:
+def graph_macs(graph: Graph) -> dict[str, int]:
     """Multiply-adds per item of a graph's matrix products and convolutions with constant weights, by the precision
     they run in: {"int8": ..., "float": ...} (Gemm, MatMul, Conv, ConvTranspose, and the integer products of int8
     graphs). Convolutions take their spatial sizes from ONNX shape inference (batch 1), so no framework is needed
     to count the work of an exported model."""
     import onnx
 
+    model = graph.proto()
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
     out = {"int8": 0, "float": 0}
     convs = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ...core import rng
+from ...core import onnxwire, rng
 from ...core.fastmath import ONE, PARALLEL_MIN, ZERO, jit, numba, softplus_neg_abs
 from .base import Likelihood, row_kernel
 
@@ -70,13 +70,11 @@ class Bernoulli(Likelihood):
         """1 / (1 + exp(-l)): as accurate as `sigmoid` (1.5e-7 relative over every normal float32 result, measured
         on l in [-90, 40]). ONNX Runtime's own Sigmoid is an approximation that loses relative precision below
         l = -10 (0.6% there, all of it below l = -15)."""
-        from onnx import helper
-
-        return [helper.make_node("Neg", [params], [f"{out}/neg"]),
-                helper.make_node("Exp", [f"{out}/neg"], [f"{out}/exp"]),
-                helper.make_node("Constant", [], [f"{out}/one"], value_float=1.0),
-                helper.make_node("Add", [f"{out}/exp", f"{out}/one"], [f"{out}/den"]),
-                helper.make_node("Reciprocal", [f"{out}/den"], [out])]
+        return [onnxwire.node("Neg", [params], [f"{out}/neg"]),
+                onnxwire.node("Exp", [f"{out}/neg"], [f"{out}/exp"]),
+                onnxwire.node("Constant", [], [f"{out}/one"], value_float=1.0),
+                onnxwire.node("Add", [f"{out}/exp", f"{out}/one"], [f"{out}/den"]),
+                onnxwire.node("Reciprocal", [f"{out}/den"], [out])]
 
     def sample(self, logits, seed=0, start=0):
         """Pixels in {0, 1}: u < sigmoid(l) with the item's binarization uniforms (`rng.binarize`)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...core import config, rng
+from ...core import config, onnxwire, rng
 from ...core.fastmath import exp as _exp
 from .base import Likelihood, row_kernel
 
@@ -55,11 +55,9 @@ class Gaussian(Likelihood):
 
     def mean_onnx(self, params, out, dim):
         """The first half of [mean | logvar]."""
-        from onnx import helper
-
-        consts = [helper.make_node("Constant", [], [f"{out}/{name}"], value_ints=[v])
+        consts = [onnxwire.node("Constant", [], [f"{out}/{name}"], value_ints=[v])
                   for name, v in (("start", 0), ("end", dim), ("axis", 1))]
-        return [*consts, helper.make_node("Slice", [params, f"{out}/start", f"{out}/end", f"{out}/axis"], [out])]
+        return [*consts, onnxwire.node("Slice", [params, f"{out}/start", f"{out}/end", f"{out}/axis"], [out])]
 
     def sample(self, params, seed=0, start=0):
         """x = mean + exp(logvar / 2) * eps, eps ~ N(0, I) from the item's observation stream."""

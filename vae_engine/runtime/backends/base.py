@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ...core import hardware
+from ...core import hardware, onnxwire
 from ...core.config import CHUNK_ROWS, ModelConfig
 from ...core.errors import ModelDirError, VaeEngineError, first_line
 from ...modeldir import graphs
@@ -103,11 +103,11 @@ class GraphBackend(BackendDefaults):
         self.latent_dim, self.out_dim = cfg.latent_dim, graphs.spec("decoder", cfg).outputs[0][1]
         self.likelihood, self.mean_width = likelihoods.get(cfg.likelihood), cfg.input_dim
         self.paths: dict[str, Path] = {}
-        self.models: dict = {}  # role -> the checked onnx.ModelProto
+        self.graphs: dict[str, graphs.Graph] = {}  # role -> the checked graph
         self.ends_in_mean: dict[str, bool] = {}  # for each mean graph made: does it end in E[x|z] itself?
 
-    def _open(self, role: str, model, name: str) -> None:
-        """Make `model` (an onnx.ModelProto) runnable as `role` in this backend's runtime."""
+    def _open(self, role: str, graph: graphs.Graph) -> None:
+        """Make a checked graph runnable as `role` in this backend's runtime."""
         raise NotImplementedError
 
     @staticmethod
@@ -176,34 +176,41 @@ class GraphBackend(BackendDefaults):
 
     def _mean_call(self, role: str, a: np.ndarray) -> np.ndarray:
         if role not in self.ends_in_mean:
-            self._open(role, self._mean_graph(role), f"{role} graph")
+            self._open(role, self._mean_graph(role))
         if self.ends_in_mean[role]:
             return self._run(role, a, (self.mean_width,))[0]
         return self.likelihood.mean(self._run(role, a, (self.out_dim,))[0])
 
-    def _mean_graph(self, role: str):
+    def _mean_graph(self, role: str) -> graphs.Graph:
         """`role`'s graph, made on first use: the decoder (after the encoder for "reconstruct") with the
         likelihood's `mean_onnx` appended, or, for a likelihood without one, its parameters (`mean` follows in
         NumPy). A graph of its own, not a second output of the decoder's: ONNX Runtime runs every node of a graph
-        whatever outputs are asked for, so the IWAE blocks would pay for a mean they never read."""
+        whatever outputs are asked for, so the IWAE blocks would pay for a mean they never read. The decoder's
+        mean graph is spliced in the wire format (no onnx import for a decode or sample job); the fused
+        reconstruct graph is merged by onnx.compose."""
+        decoder = self.graphs["decoder"]
+        params = decoder.outputs[0][0]
+        nodes = self.likelihood.mean_onnx(params, "mean", self.mean_width)
+        self.paths[role], self.ends_in_mean[role] = self.paths["decoder"], bool(nodes)
+        if role != "reconstruct":
+            if not nodes:
+                return decoder
+            data = onnxwire.append_to_graph(decoder.data, nodes, [onnxwire.output("mean", ("batch", self.mean_width))],
+                                            str(decoder.path))
+            return graphs.inspect(data, Path(f"{role} graph"))
         import onnx
         from onnx import compose
 
-        dec = onnx.ModelProto()
-        dec.CopyFrom(self.models["decoder"])
-        if role == "reconstruct":
-            enc, dec = onnx.ModelProto(), compose.add_prefix(dec, "decoder/")
-            enc.CopyFrom(self.models["encoder"])
-            for m in (enc, dec):
-                del m.metadata_props[:]  # the graphs' own metadata differ (role); the fused one needs none
-            dec = compose.merge_models(enc, dec, io_map=[("mu", "decoder/z")], outputs=[dec.graph.output[0].name])
-        nodes = self.likelihood.mean_onnx(dec.graph.output[0].name, "mean", self.mean_width)
+        enc, dec = self.graphs["encoder"].proto(), compose.add_prefix(decoder.proto(), "decoder/")
+        for m in (enc, dec):
+            del m.metadata_props[:]  # the graphs' own metadata differ (role); the fused one needs none
+        fused = compose.merge_models(enc, dec, io_map=[("mu", "decoder/z")], outputs=[dec.graph.output[0].name])
         if nodes:
-            dec.graph.node.extend(nodes)
-            dec.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info(
+            fused.graph.node.extend(onnx.NodeProto.FromString(n) for n in
+                                    self.likelihood.mean_onnx(fused.graph.output[0].name, "mean", self.mean_width))
+            fused.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info(
                 "mean", onnx.TensorProto.FLOAT, ["batch", self.mean_width]))
-        self.paths[role], self.ends_in_mean[role] = self.paths["decoder"], bool(nodes)
-        return dec
+        return graphs.Graph.of(fused, f"{role} graph")
 
 
 RAW_CALL = """Every backend's `raw_call(op, a)` returns a zero-argument callable that runs the runtime alone on the

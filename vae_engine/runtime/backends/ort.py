@@ -30,18 +30,18 @@ class OrtBackend(GraphBackend):
         self.session_args = (threads, device, spin)
         for role in graphs.ROLES:
             path = self.paths[role] = self._graph(model_dir, role, self.variant)
-            self.models[role] = graphs.load_graph(path, role, cfg)
-            self._open(role, self.models[role], str(path))
+            self.graphs[role] = graphs.load_graph(path, role, cfg)
+            self._open(role, self.graphs[role])
         self.provider = self.sessions["decoder"].get_providers()[0]
         if self.provider != "CPUExecutionProvider":
             self.chunk_rows = None  # a GPU runs a large call best whole; its outputs are not in host memory
 
-    def _open(self, role: str, model, name: str) -> None:
+    def _open(self, role: str, graph: graphs.Graph) -> None:
         """A session for `role`, and how it is called. On the CPU, the session's compiled core is called directly:
         `InferenceSession.run` re-validates the feed on every call (5-8 us at batch 1 on the 2-core AVX2 EPYC)
         and exists to retry a failed GPU provider; the engine's feed is always the graph's one checked input."""
-        session = self.sessions[role] = graphs.make_session(model, *self.session_args, name=name)
-        self.inputs[role], self.outputs[role] = model.graph.input[0].name, [o.name for o in session.get_outputs()]
+        session = self.sessions[role] = graphs.make_session(graph, *self.session_args, name=str(graph.path))
+        self.inputs[role], self.outputs[role] = graph.inputs[0][0], [o.name for o in session.get_outputs()]
         core = getattr(session, "_sess", None)
         cpu = session.get_providers()[0] == "CPUExecutionProvider"
         self.calls[role] = core.run if cpu and callable(getattr(core, "run", None)) else session.run

@@ -43,18 +43,18 @@ class OpenVinoBackend(GraphBackend):
         self.requests = {}
         for role in graphs.ROLES:
             path = self.paths[role] = self._graph(model_dir, role, "fp32")
-            self.models[role] = graphs.load_graph(path, role, cfg)
-            self._open(role, self.models[role], str(path))
+            self.graphs[role] = graphs.load_graph(path, role, cfg)
+            self._open(role, self.graphs[role])
 
-    def _open(self, role: str, model, name: str) -> None:
+    def _open(self, role: str, graph: graphs.Graph) -> None:
         """One compiled model and infer request for `role`, from the checked graph's bytes."""
         ov = self.ov
         try:
             compiled = self.core.compile_model(
-                self.core.read_model(model.SerializeToString(), ov.Tensor(np.empty(0, np.uint8))), "CPU", self.props)
+                self.core.read_model(graph.data, ov.Tensor(np.empty(0, np.uint8))), "CPU", self.props)
         except Exception as exc:
             first = first_line(exc)
-            raise ModelDirError(f"{name}: OpenVINO cannot load it ({first[:300]}); re-export the model") from None
+            raise ModelDirError(f"{graph.path}: OpenVINO cannot load it ({first[:300]}); re-export the model") from None
         self.requests[role] = compiled.create_infer_request(), len(compiled.outputs)
 
     def _infer(self, role, a, out=None):
