@@ -63,7 +63,8 @@ class Likelihood:
     def mean_onnx(self, params: str, out: str, dim: int) -> list | None:
         """ONNX: nodes (`onnxwire.node` bytes) appending E[x|z] as tensor `out` (B, D) to a graph whose tensor
         `params` holds the parameters (B, n_params * D), so a backend that runs graphs does the mean inside its
-        one call (batch-1 latency); None where a float32 graph cannot match `mean` (the twin the tests compare it with)."""
+        one call (batch-1 latency); None where a float32 graph cannot match `mean` (the twin the tests compare
+        it with)."""
         return None
 
     def sample(self, params: np.ndarray, seed: int = 0, start: int = 0) -> np.ndarray:
