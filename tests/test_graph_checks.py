@@ -185,9 +185,48 @@ def test_wire_description_equals_onnx(tmp_path):
         assert got.inputs == tuple((v.name, dims(v)) for v in model.graph.input if v.name not in inits)
         assert got.outputs == tuple((v.name, dims(v)) for v in model.graph.output)
         assert got.op_types == frozenset(n.op_type for n in model.graph.node)
+        assert got.nodes == tuple((n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node)
+        assert got.initializer_dims == {t.name: tuple(t.dims) for t in model.graph.initializer}
         assert got.metadata == {p.key: p.value for p in model.metadata_props}
         assert got.data == path.read_bytes()
         assert got.proto() == model
+
+
+def test_spliced_mean_graph_equals_onnx_built(tmp_path):
+    """`onnxwire.append_to_graph` (the decode-mean graph, made without onnx) is the graph onnx builds: a valid
+    model (onnx.checker) with the same nodes and the new output."""
+    from vae_engine.core import onnxwire
+    from vae_engine.model import likelihoods
+
+    nodes = likelihoods.get("bernoulli").mean_onnx("logits", "mean", 784)
+    data = onnxwire.append_to_graph(DECODER.SerializeToString(), nodes, [onnxwire.output("mean", ("batch", 784))],
+                                    "decoder")
+    got = onnx.load_model_from_string(data)
+    want = _copy()
+    want.graph.node.extend(onnx.NodeProto.FromString(n) for n in nodes)
+    want.graph.ClearField("output")
+    want.graph.output.append(helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["batch", 784]))
+    onnx.checker.check_model(got, full_check=True)
+    assert got == want
+    assert graphs.inspect(data, tmp_path / "mean").outputs == (("mean", ("batch", 784)),)
+
+
+def test_gemm_probe_graphs_are_valid_onnx():
+    """The peak probe's one-node graphs (perf.peaks, encoded by onnxwire) pass onnx's checker as onnx builds them."""
+    from vae_engine.perf import peaks
+
+    for types, op in (((TensorProto.FLOAT, TensorProto.FLOAT), "MatMul"), ((TensorProto.UINT8, TensorProto.INT8),
+                                                                         "MatMulInteger")):
+        got = onnx.load_model_from_string(peaks._onnx_gemm(8, *types, op))
+        onnx.checker.check_model(got, full_check=True)
+        out = TensorProto.INT32 if op == "MatMulInteger" else TensorProto.FLOAT
+        want = helper.make_model(helper.make_graph(
+            [helper.make_node(op, ["a", "b"], ["c"])], "graph",
+            [helper.make_tensor_value_info("a", types[0], [8, 8]),
+             helper.make_tensor_value_info("b", types[1], [8, 8])],
+            [helper.make_tensor_value_info("c", out, [8, 8])]),
+            opset_imports=[helper.make_opsetid("", graphs.OPSET)], ir_version=8)
+        assert got.graph == want.graph and got.ir_version == 8 and got.opset_import == want.opset_import
 
 
 def test_graph_field_twice_is_refused(tmp_path):

@@ -78,9 +78,14 @@ def test_rng_streams_depend_on_item_index_only():
 
 
 def test_reparameterize(problem):
+    """The kernels (serial and parallel; large draws run them) against the twin (small draws run it)."""
     _, _, mu, logvar, eps = problem
-    np.testing.assert_allclose(kernels.reparameterize(mu, logvar, eps), kernels.reparameterize_numpy(mu, logvar, eps),
-                               rtol=1e-6, atol=1e-6)
+    want = kernels.reparameterize_numpy(mu, logvar, eps)
+    for kernel in kernels._REPARAM:
+        out = np.empty(eps.shape, np.float32)
+        kernel(mu, logvar, eps, out)
+        np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(kernels.reparameterize(mu, logvar, eps), want)
 
 
 def test_log_weights_match_twin_and_torch(problem):

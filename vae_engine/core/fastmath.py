@@ -21,6 +21,10 @@ from typing import Any
 import numpy as np
 
 PARALLEL_MIN = 1 << 20  # elements; a parallel launch costs 0.1-8 ms on 2 busy cores, so only big work pays
+# values a step runs with its NumPy twin instead of loading Numba for it: ~0.1 us a value against Numba's set-up
+# of ~0.5 s on the 2-core machines, so a job whose only kernels are a few draws (sample, encode --sample) never
+# loads Numba
+NUMPY_MAX = 1 << 20
 
 
 def _lazy(name: str) -> types.ModuleType:

@@ -14,7 +14,7 @@ VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5  # wire types
 MODEL_GRAPH = 7  # ModelProto.graph
 GRAPH_NODE, GRAPH_OUTPUT = 1, 12  # GraphProto.node, GraphProto.output
 FLOAT, INT, FLOATS, INTS = 1, 2, 6, 7  # AttributeProto.AttributeType
-TENSOR_FLOAT = 1  # TensorProto.DataType.FLOAT
+TENSOR_FLOAT, TENSOR_UINT8, TENSOR_INT8, TENSOR_INT32 = 1, 2, 3, 6  # TensorProto.DataType
 
 
 def fields(buf: memoryview, name: str) -> Iterator[tuple[int, int, int | memoryview]]:
@@ -92,11 +92,19 @@ def node(op_type: str, inputs: list[str], outputs: list[str], **attributes: floa
             + b"".join(field(5, attribute(k, v)) for k, v in attributes.items()))
 
 
-def output(name: str, dims: tuple[int | str, ...]) -> bytes:
-    """ValueInfoProto of a float tensor: name 1, type 2 -> tensor_type 1 -> (elem_type 1, shape 2 -> dim 1 ->
-    dim_value 1 | dim_param 2)."""
+def output(name: str, dims: tuple[int | str, ...], elem_type: int = TENSOR_FLOAT) -> bytes:
+    """ValueInfoProto of a tensor (an input's or an output's): name 1, type 2 -> tensor_type 1 -> (elem_type 1,
+    shape 2 -> dim 1 -> dim_value 1 | dim_param 2)."""
     shape = b"".join(field(1, field(2 if isinstance(d, str) else 1, d)) for d in dims)
-    return field(1, name) + field(2, field(1, field(1, TENSOR_FLOAT) + field(2, shape)))
+    return field(1, name) + field(2, field(1, field(1, elem_type) + field(2, shape)))
+
+
+def model(nodes: list[bytes], inputs: list[bytes], outputs: list[bytes], opset: int, ir_version: int = 8) -> bytes:
+    """ModelProto (ir_version 1, opset_import 8 -> version 2, graph 7 -> node 1, name 2, input 11, output 12) of a
+    small graph in the default domain."""
+    graph = (b"".join(field(GRAPH_NODE, n) for n in nodes) + field(2, "graph") + b"".join(field(11, i) for i in inputs)
+             + b"".join(field(GRAPH_OUTPUT, o) for o in outputs))
+    return field(1, ir_version) + field(8, field(1, "") + field(2, opset)) + field(MODEL_GRAPH, graph)
 
 
 def _copy(number: int, wire: int, value) -> bytes:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .fastmath import PARALLEL_MIN, inline, jit, loaded, numba
+from .fastmath import NUMPY_MAX, PARALLEL_MIN, inline, jit, loaded, numba
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -46,10 +46,7 @@ EPS_PARTS = 16  # slices of each item's samples the parallel eps kernel spreads 
 # launch pays far below PARALLEL_MIN; measured 2.0x serial's speed from 3,200 values up (2-core AVX2 EPYC, idle
 # cores), and the k=5000 evaluation's blocks (750,000 values) were drawn serially under PARALLEL_MIN
 EPS_PARALLEL_MIN = PARALLEL_MIN // 16
-# values a job draws with the NumPy twins (the very same numbers) while Numba is not loaded: ~0.1 us a value
-# against Numba's set-up of ~0.5 s on the 2-core machines, so a job whose only kernels are a few draws (sample,
-# encode --sample, a small binarized score) never loads Numba; more values load it and run the kernels
-NUMPY_MAX = 1 << 20
+# draws of up to NUMPY_MAX values run on the NumPy twins (the very same numbers) while Numba is not loaded
 
 
 @inline

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from ..core.config import LOG_2PI
-from ..core.fastmath import F32, HALF, PARALLEL_MIN, jit, njit, numba
+from ..core.fastmath import F32, HALF, NUMPY_MAX, PARALLEL_MIN, jit, njit, numba
 from .likelihoods import get as _get_likelihood
 
 _LOG_WEIGHTS: dict = {}  # likelihood name -> (serial, parallel) compiled log-weights kernels
@@ -108,7 +108,11 @@ def _f32(a: np.ndarray) -> np.ndarray:
 
 
 def reparameterize(mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> np.ndarray:
-    """z (B, K, D) from mu, logvar (B, D) and eps (B, K, D)."""
+    """z (B, K, D) from mu, logvar (B, D) and eps (B, K, D); up to `NUMPY_MAX` values by the NumPy twin, whether
+    or not Numba is loaded (so a result depends only on its size, never on what ran before in the process; the
+    two agree to float32 rounding)."""
+    if eps.size <= NUMPY_MAX:
+        return reparameterize_numpy(_f32(mu), _f32(logvar), _f32(eps))
     out = np.empty(eps.shape, np.float32)
     _pick(_REPARAM, eps.size)(_f32(mu), _f32(logvar), _f32(eps), out)
     return out

@@ -69,6 +69,8 @@ class Graph:
     outputs: tuple[tuple[str, tuple[int | str, ...]], ...]
     op_types: frozenset[str]
     metadata: dict[str, str]
+    nodes: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()  # top-level (op_type, inputs, outputs)
+    initializer_dims: dict[str, tuple[int, ...]] | None = None  # top-level initializers' shapes
 
     def proto(self) -> onnx.ModelProto:
         import onnx
@@ -79,6 +81,16 @@ class Graph:
     def of(cls, model: onnx.ModelProto, name: str) -> Graph:
         """A graph made in memory from checked ones (the fused and mean graphs), described the same way."""
         return inspect(model.SerializeToString(), Path(name))
+
+
+def _packed(value) -> bytes:
+    """Packed varints as a message of field-1 varints, so `fields` reads them."""
+    out, start = bytearray(), 0
+    for i, byte in enumerate(bytes(value)):
+        if byte < 0x80:
+            out += b"\x08" + bytes(value[start:i + 1])
+            start = i + 1
+    return bytes(out)
 
 
 def _text(value) -> str:
@@ -103,15 +115,19 @@ class _Walk:
             raise ModelDirError(f"{self.path}: corrupt or truncated ONNX file (a message field of wire type {wire})")
         return value
 
-    def tensor(self, buf) -> str:  # TensorProto: name 8, external_data 13, data_location 14
-        name = ""
+    def tensor(self, buf) -> tuple[str, tuple[int, ...]]:  # TensorProto: dims 1, name 8, external_data 13,
+        name, dims = "", []                                    # data_location 14
         for field, wire, value in self.fields(buf):
             if field == 8 and wire == 2:
                 name = _text(value)
+            elif field == 1 and wire == 0:
+                dims.append(value)
+            elif field == 1 and wire == 2:  # packed
+                dims += [v for _, _, v in self.fields(_packed(value))]
             elif field == 13 or (field == 14 and value != 0):
                 raise ModelDirError(f"{self.path}: tensor {name!r} refers to external data; refusing to load it "
                                     "(self-contained graphs only)")
-        return name
+        return name, tuple(dims)
 
     def sparse(self, buf) -> None:  # SparseTensorProto: values 1, indices 2
         for field, wire, value in self.fields(buf):
@@ -127,11 +143,15 @@ class _Walk:
             elif field in (22, 23):
                 self.sparse(self.message(wire, value))
 
-    def nodes(self, bufs, depth: int) -> None:  # NodeProto: op_type 4, attribute 5, domain 7
+    def nodes(self, bufs, depth: int) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+        """NodeProto: input 1, output 2, op_type 4, attribute 5, domain 7. Returns (op_type, inputs, outputs)."""
+        out = []
         for buf in bufs:
-            op, domain, attributes = "", "", []
+            op, domain, attributes, io = "", "", [], ([], [])
             for field, wire, value in self.fields(buf):
-                if field == 4 and wire == 2:
+                if field in (1, 2) and wire == 2:
+                    io[field - 1].append(_text(value))
+                elif field == 4 and wire == 2:
                     op = _text(value)
                 elif field == 7 and wire == 2:
                     domain = _text(value)
@@ -141,25 +161,28 @@ class _Walk:
                 raise ModelDirError(f"{self.path}: operator {domain}::{op} is from a domain this project never "
                                     f"exports ({', '.join(repr(d) for d in ALLOWED_DOMAINS)}); refusing to load it")
             self.op_types.add(op)
+            out.append((op, tuple(io[0]), tuple(io[1])))
             for attribute in attributes:
                 self.attribute(attribute, depth)
+        return out
 
     def graph(self, buf, depth: int = 0) -> dict:
         """GraphProto: node 1, initializer 5, input 11, output 12, sparse_initializer 15. Returns the top-level
         parts the spec check reads."""
         if depth > MAX_DEPTH:
             raise ModelDirError(f"{self.path}: subgraphs nested more than {MAX_DEPTH} deep; refusing to load it")
-        parts: dict = {"nodes": [], "initializers": set(), "inputs": [], "outputs": []}
+        parts: dict = {"nodes": [], "initializers": {}, "inputs": [], "outputs": []}
         for field, wire, value in self.fields(buf):
             if field == 1:
                 parts["nodes"].append(self.message(wire, value))
             elif field == 5:
-                parts["initializers"].add(self.tensor(self.message(wire, value)))
+                name, dims = self.tensor(self.message(wire, value))
+                parts["initializers"][name] = dims
             elif field == 15:
                 self.sparse(self.message(wire, value))
             elif field in (11, 12):
                 parts["inputs" if field == 11 else "outputs"].append(self.message(wire, value))
-        self.nodes(parts["nodes"], depth)
+        parts["nodes"] = self.nodes(parts["nodes"], depth)
         return parts
 
     def function(self, buf) -> None:  # FunctionProto: node 7, attribute_proto 11 (default values)
@@ -229,7 +252,7 @@ def inspect(data: bytes, path: Path) -> Graph:
         metadata[entry.get(1, "")] = entry.get(2, "")
     inputs = tuple(v for v in map(walk.value_info, parts["inputs"]) if v[0] not in parts["initializers"])
     return Graph(path, bytes(data), inputs, tuple(map(walk.value_info, parts["outputs"])),
-                 frozenset(walk.op_types), metadata)
+                 frozenset(walk.op_types), metadata, tuple(parts["nodes"]), parts["initializers"])
 
 
 def load_graph(path: str | os.PathLike, role: str, cfg: ModelConfig) -> Graph:
@@ -312,18 +335,16 @@ INT8_OPS = ("MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeMatMul")  #
 def graph_macs(graph: Graph) -> dict[str, int]:
     """Multiply-adds per item of a graph's matrix products and convolutions with constant weights, by the precision
     they run in: {"int8": ..., "float": ...} (Gemm, MatMul, Conv, ConvTranspose, and the integer products of int8
-    graphs). Convolutions take their spatial sizes from ONNX shape inference (batch 1), so no framework is needed
-    to count the work of an exported model."""
-    import onnx
-
-    model = graph.proto()
-    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    graphs). Matrix products are counted from the wire-format read; convolutions take their spatial sizes from
+    ONNX shape inference (batch 1, the one use of onnx here), so no framework is needed to count the work of an
+    exported model."""
+    shapes = graph.initializer_dims or {}
     out = {"int8": 0, "float": 0}
-    convs = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
     spatial: dict[str, tuple[int, ...]] = {}
-    if convs:  # the activations' shapes, batch fixed to 1
-        fixed = onnx.ModelProto()
-        fixed.CopyFrom(model)
+    if any(op in ("Conv", "ConvTranspose") for op, _, _ in graph.nodes):  # the activations' shapes, batch 1
+        import onnx
+
+        fixed = graph.proto()
         for value in fixed.graph.input:
             dims = value.type.tensor_type.shape.dim
             if dims and not dims[0].HasField("dim_value"):
@@ -333,16 +354,16 @@ def graph_macs(graph: Graph) -> dict[str, int]:
             dims = value.type.tensor_type.shape.dim
             if all(d.HasField("dim_value") for d in dims):
                 spatial[value.name] = tuple(d.dim_value for d in dims)
-    for node in model.graph.node:
-        if len(node.input) < 2 or node.input[1] not in shapes:
+    for op, inputs, outputs in graph.nodes:
+        if len(inputs) < 2 or inputs[1] not in shapes:
             continue
-        dims = shapes[node.input[1]]
-        if node.op_type in ("Gemm", "MatMul", *INT8_OPS) and len(dims) == 2:
-            out["int8" if node.op_type in INT8_OPS else "float"] += int(dims[0] * dims[1])
-        elif node.op_type in ("Conv", "ConvTranspose") and len(dims) >= 3:
+        dims = shapes[inputs[1]]
+        if op in ("Gemm", "MatMul", *INT8_OPS) and len(dims) == 2:
+            out["int8" if op in INT8_OPS else "float"] += int(dims[0] * dims[1])
+        elif op in ("Conv", "ConvTranspose") and len(dims) >= 3:
             # weights (Cout, Cin/g, k...) for Conv, (Cin, Cout/g, k...) for ConvTranspose: each weight is one
             # multiply-add per output position of a Conv, per input position of a ConvTranspose
-            where = spatial.get(node.output[0] if node.op_type == "Conv" else node.input[0])
+            where = spatial.get(outputs[0] if op == "Conv" else inputs[0])
             if where is not None:
                 out["float"] += int(math.prod(dims) * math.prod(where[2:]))
     return out

@@ -6,25 +6,18 @@ from __future__ import annotations
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..core import hardware
+from ..core import hardware, onnxwire
 from ..modeldir import graphs
 from .timing import best_rate
 
 
-def _onnx_gemm(n: int, a_type: int, b_type: int, op: str = "MatMul"):
-    """An n x n x n product as a one-node ONNX graph."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    out_type = TensorProto.INT32 if op == "MatMulInteger" else TensorProto.FLOAT
-    graph = helper.make_graph(
-        [helper.make_node(op, ["a", "b"], ["c"])], "gemm",
-        [helper.make_tensor_value_info("a", a_type, [n, n]), helper.make_tensor_value_info("b", b_type, [n, n])],
-        [helper.make_tensor_value_info("c", out_type, [n, n])])
-    # IR version 8 (opset 18's own): ONNX Runtime releases older than this onnx package refuse newer IRs
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", graphs.OPSET)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model
+def _onnx_gemm(n: int, a_type: int, b_type: int, op: str = "MatMul") -> bytes:
+    """An n x n x n product as a one-node ONNX graph (IR version 8, opset 18's own: ONNX Runtime releases older
+    than the onnx package refuse newer IRs), encoded without onnx."""
+    out_type = onnxwire.TENSOR_INT32 if op == "MatMulInteger" else onnxwire.TENSOR_FLOAT
+    return onnxwire.model([onnxwire.node(op, ["a", "b"], ["c"])],
+                          [onnxwire.output("a", (n, n), a_type), onnxwire.output("b", (n, n), b_type)],
+                          [onnxwire.output("c", (n, n), out_type)], graphs.OPSET)
 
 
 def gemm_peak(threads: int, n: int = 2048, min_time: float = 0.5) -> dict[str, dict[str, float]]:
@@ -36,11 +29,9 @@ def gemm_peak(threads: int, n: int = 2048, min_time: float = 0.5) -> dict[str, d
     as 2 ops per multiply-add like the rest. On a GPU: PyTorch fp32 (TF32 off) and bf16, as cuda-fp32/cuda-bf16.
     Without PyTorch (an inference install), its rates are left out: no bf16 peak, fp32 from NumPy and ONNX Runtime.
     """
-    from onnx import TensorProto
-
     g = np.random.default_rng(0)
     a, b = g.standard_normal((n, n), np.float32), g.standard_normal((n, n), np.float32)
-    sess = graphs.make_session(_onnx_gemm(n, TensorProto.FLOAT, TensorProto.FLOAT), threads)
+    sess = graphs.make_session(_onnx_gemm(n, onnxwire.TENSOR_FLOAT, onnxwire.TENSOR_FLOAT), threads)
     with threadpool_limits(threads, user_api="blas"):  # NumPy's BLAS takes every core unless told
         numpy_rate = best_rate(lambda: a @ b, 2.0 * n**3, min_time)
     peaks = {"fp32": {"numpy": numpy_rate,
@@ -58,7 +49,7 @@ def gemm_peak(threads: int, n: int = 2048, min_time: float = 0.5) -> dict[str, d
         finally:
             torch.set_num_threads(torch_threads)
     qa, qb = g.integers(0, 255, (n, n), dtype=np.uint8), g.integers(-127, 127, (n, n), dtype=np.int8)
-    qsess = graphs.make_session(_onnx_gemm(n, TensorProto.UINT8, TensorProto.INT8, "MatMulInteger"), threads)
+    qsess = graphs.make_session(_onnx_gemm(n, onnxwire.TENSOR_UINT8, onnxwire.TENSOR_INT8, "MatMulInteger"), threads)
     peaks["int8"] = {"onnxruntime": best_rate(lambda: qsess.run(None, {"a": qa, "b": qb}), 2.0 * n**3, min_time)}
     if torch is not None and torch.cuda.is_available():
         m = 8192
