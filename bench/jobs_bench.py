@@ -132,7 +132,10 @@ def run(repeats: int = 5, names: list[str] | None = None) -> dict:
     try:
         files = inputs(work / "inputs")
         (work / "out").mkdir()
-        env = {**os.environ, "VAE_ENGINE_CACHE": str(work / "cache")}
+        # bytecode cached as an installed wheel has it (pip compiles at install): an editable install under
+        # PYTHONDONTWRITEBYTECODE would compile every module of the engine from source on every run (~70 ms)
+        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+               "VAE_ENGINE_CACHE": str(work / "cache"), "PYTHONPYCACHEPREFIX": str(work / "pycache")}
         warm_model = fresh_model(shipped, work)
         with_detector(warm_model)
         commands = jobs(warm_model, files, work / "out")

@@ -96,7 +96,7 @@ def fake_measurements(monkeypatch, speed, cost):
         return {(b, p): None if p == "fp32" else {"nll_change_nats": cost(b, p), "nll_change_se_nats": 0.0}
                 for b, p in paths}
 
-    def time_paths(load, model_dir, paths, threads, batch, device="cpu", seconds=0.0, progress=None):
+    def time_paths(load, model_dir, paths, threads, batch, device="cpu", seconds=0.0, progress=None, items=None):
         timed.append((list(paths), list(threads)))
         return [{"backend": b, "precision": p, "threads": n, "provider": device, "items_per_s": speed(b, p, n)}
                 for b, p in paths for n in threads], True

@@ -214,6 +214,39 @@ def test_race_finds_the_clearly_faster_function_and_says_when_it_cannot():
     assert len(times["a"]) >= tuning.MIN_ROUNDS  # equal functions: stops at the time limit, whatever it decided
 
 
+def test_a_short_jobs_race_is_as_long_as_the_job():
+    """job_calls: equal functions (no clear winner) stop after JOB_MIN_ROUNDS rounds once the race has run as
+    long as the job would, not at the time limit; a long job races on to MIN_ROUNDS and beyond."""
+    spin = lambda: sum(range(2000))  # noqa: E731
+    times, _ = tuning.race({"a": spin, "b": spin}, seconds=30.0, job_calls=0.5)
+    assert len(times["a"]) == tuning.JOB_MIN_ROUNDS
+    times, _ = tuning.race({"a": spin, "b": spin}, seconds=0.05, job_calls=1e9)
+    assert len(times["a"]) >= tuning.MIN_ROUNDS
+
+
+def test_unclear_decisions_are_rechecked_by_jobs_that_can_afford_it(model, monkeypatch):
+    """A decision whose ranking was unclear is raced again by a server (items None) or a job at least as long as
+    the race costs (importing and opening every path), never by a short job, which reuses it."""
+    calls = []
+    real = tuning.time_paths
+
+    def unclear(*args, **kwargs):
+        rows, _ = real(*args, **kwargs)
+        calls.append(1)
+        return [{**r, "open_s": 0.1} for r in rows], False
+
+    monkeypatch.setattr(tuning, "time_paths", unclear)
+    first = tuning.choose(Engine.load, model, threads=2, batch=16, seconds=QUICK, retune=True)
+    rate = max(r["items_per_s"] for r in first["measurements"])
+    cost = sum(first["import_s"].values()) + 0.1 * len(first["measurements"])
+    assert not tuning.affords_recheck(first, int(rate * cost * 0.5))
+    assert tuning.affords_recheck(first, int(rate * cost * 2) + 1) and tuning.affords_recheck(first, None)
+    short = tuning.choose(Engine.load, model, threads=2, batch=16, seconds=QUICK, items=int(rate * cost * 0.5))
+    assert short["reused"] and len(calls) == 1
+    server = tuning.choose(Engine.load, model, threads=2, batch=16, seconds=QUICK)
+    assert not server["reused"] and server["checks"] == 1 and len(calls) == 2
+
+
 def test_damaged_or_read_only_tuning_file_is_not_fatal(model):
     (model / tuning.TUNING).write_text("{not json")
     d = tuning.choose(Engine.load, model, threads=2, batch=16, seconds=QUICK)

@@ -61,7 +61,7 @@ class Engine:
         if precision == "auto":
             budget = tuning.DEFAULT_BUDGET if max_nll_change is None else max_nll_change
             decision = tuning.choose(cls.load, model_dir, backend, device, threads, batch_size, budget,
-                                     progress=progress)
+                                     progress=progress, items=items)
             if items is not None:
                 row = tuning.for_items(decision, items)
                 decision = {**decision, "backend": row["backend"], "precision": row["precision"],

@@ -53,8 +53,9 @@ KEEP_ACCURACY = 32  # accuracy entries kept in accuracy.json (one per path, nume
 SMALL_BATCH = 16
 RACE_SECONDS = 0.6  # most time the interleaved timing rounds of one decision take (`vae-engine tune`: longer)
 MIN_ROUNDS = 5  # rounds every candidate is timed at least
+JOB_MIN_ROUNDS = 3  # ... in the race of a job shorter than MIN_ROUNDS rounds (its decision stays to be re-checked)
 SAMPLE_SECONDS = 0.002  # one timing sample runs the path this long at least (batch 1: many calls per sample)
-RECHECKS = 2  # a decision whose ranking was not clear is raced again by this many later jobs
+RECHECKS = 2  # a decision whose ranking was not clear is raced again by this many later jobs (that can afford it)
 # opens one path of a model: (model_dir, backend=, precision=, threads=[, device=]) -> an Engine (`Engine.load`);
 # passed in, so this module measures engines without importing the class that asks it for decisions
 Load = Callable[..., Any]
@@ -338,22 +339,27 @@ def thread_options(threads: int | None, batch: int) -> list[int]:
     return [every, 1] if batch <= SMALL_BATCH and every > 1 else [every]
 
 
-def race(fns: dict[Any, Callable[[], Any]], seconds: float = RACE_SECONDS,
-         min_rounds: int = MIN_ROUNDS) -> tuple[dict[Any, list[float]], bool]:
+def race(fns: dict[Any, Callable[[], Any]], seconds: float = RACE_SECONDS, min_rounds: int = MIN_ROUNDS,
+         job_calls: float | None = None) -> tuple[dict[Any, list[float]], bool]:
     """Time each function in interleaved rounds (each round every function once, in a rotated order) until the
     fastest is clearly ahead (its 75th percentile under every other's 25th) or `seconds` pass. Returns the seconds
     per call of each round per function, and whether the ranking was clear. One sample runs a function at least
-    `SAMPLE_SECONDS` (many calls at batch 1), so timer and scheduler noise stay small against it."""
+    `SAMPLE_SECONDS` (many calls at batch 1), so timer and scheduler noise stay small against it. `job_calls`: the
+    job ahead, in calls; the race then also ends (after `min_rounds`) once it has run as long as the job takes at
+    the fastest rate measured, so a short job is not held up by its own decision (which stays unclear, to be
+    raced again by a job that can afford it)."""
     import numpy as np
 
     reps = {}
-    for name, fn in fns.items():  # warm up (first calls allocate), and size each sample
-        fn()
-        t0 = time.perf_counter()
+    for name, fn in fns.items():  # warm up (first calls allocate), and size each sample by it (a first call is
+        t0 = time.perf_counter()  # the slowest, so samples come out no shorter than SAMPLE_SECONDS)
         fn()
         reps[name] = max(1, math.ceil(SAMPLE_SECONDS / max(time.perf_counter() - t0, 1e-7)))
+    if job_calls is not None and job_calls < min_rounds * len(fns):  # a job shorter than the rounds themselves
+        min_rounds = min(min_rounds, JOB_MIN_ROUNDS)
     times: dict[Any, list[float]] = {name: [] for name in fns}
-    names, end, rounds = list(fns), time.perf_counter() + seconds, 0
+    names, start, rounds = list(fns), time.perf_counter(), 0
+    end = start + seconds
     while True:
         for name in names[rounds % len(names):] + names[:rounds % len(names)]:
             fn, n = fns[name], reps[name]
@@ -367,7 +373,8 @@ def race(fns: dict[Any, Callable[[], Any]], seconds: float = RACE_SECONDS,
         order = sorted(names, key=lambda m: np.median(times[m]))
         clear = len(order) == 1 or np.percentile(times[order[0]], 75) < min(
             np.percentile(times[m], 25) for m in order[1:])
-        if clear or time.perf_counter() > end:
+        now = time.perf_counter()
+        if clear or now > end or (job_calls is not None and now - start > job_calls * np.median(times[order[0]])):
             return times, bool(clear)
 
 
@@ -378,9 +385,11 @@ def _encode_decode(be, x: np.ndarray, z: np.ndarray) -> Callable[[], Any]:
 
 def time_paths(load: Load, model_dir: Path, paths: list[tuple[str, str]], threads: list[int], batch: int,
                device: str = "cpu", seconds: float = RACE_SECONDS,
-               progress: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], bool]:
-    """Items per second of each path at each thread count, raced in interleaved rounds (`race`); returns the
-    rows and whether the ranking was clear. A single candidate is not timed at all (nothing to choose)."""
+               progress: Callable[[str], None] | None = None,
+               items: int | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """Items per second of each path at each thread count, raced in interleaved rounds (`race`, for about as long
+    as a job of `items` items takes when given); returns the rows and whether the ranking was clear. A single
+    candidate is not timed at all (nothing to choose)."""
     import numpy as np
 
     step = progress or (lambda message: None)
@@ -398,7 +407,7 @@ def time_paths(load: Load, model_dir: Path, paths: list[tuple[str, str]], thread
                  "items_per_s": None, "open_s": opened[b, p, n], "rounds": 0}], True
     fns = {name: _encode_decode(engine.backend, *_inputs(engine, batch)) for name, engine in engines.items()}
     step(f"timing {len(fns)} paths at batch {batch}")
-    times, clear = race(fns, seconds)
+    times, clear = race(fns, seconds, job_calls=None if items is None else items / batch)
     rows = [{"backend": b, "precision": p, "threads": n, "provider": engines[b, p, n].backend.provider,
              "seconds_per_batch": float(np.median(t)), "items_per_s": batch / float(np.median(t)),
              "spread": float((np.percentile(t, 75) - np.percentile(t, 25)) / np.median(t)), "rounds": len(t),
@@ -448,6 +457,18 @@ def for_items(decision: dict[str, Any], items: int) -> dict[str, Any]:
     return min(decision["measurements"], key=seconds)
 
 
+def affords_recheck(decision: dict[str, Any], items: int | None) -> bool:
+    """May a job of `items` items (None: a server or a long-lived engine) race an unclear decision again? Only
+    when the job itself takes at least what the race costs (importing and opening every measured path), so a short
+    job is never several times its own work; a long job or a server re-checks."""
+    if items is None:
+        return True
+    rate = max((r.get("items_per_s") or 0.0) for r in decision["measurements"])
+    cost = sum((decision.get("import_s") or {}).values())
+    cost += sum(r.get("open_s") or 0.0 for r in decision["measurements"])
+    return rate > 0 and items / rate >= cost
+
+
 def within(row: dict[str, Any], budget: float) -> bool:
     """Does a path keep its mean NLL change within the budget, by the one rule (`config.within_budget`: the mean
     and its standard error)? fp32 paths always do."""
@@ -457,12 +478,14 @@ def within(row: dict[str, Any], budget: float) -> bool:
 
 def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None,
            batch: int = 1024, budget: float = DEFAULT_BUDGET, int8: bool | None = None, retune: bool = False,
-           progress: Callable[[str], None] | None = None, seconds: float = RACE_SECONDS) -> dict[str, Any]:
+           progress: Callable[[str], None] | None = None, seconds: float = RACE_SECONDS,
+           items: int | None = None) -> dict[str, Any]:
     """The decision for this model here: {"backend", "precision", "threads", "key", "measurements", ...}; reused
     from tuning.json when its key matches (and its ranking was clear, or was re-checked `RECHECKS` times), else
     measured (about a second, plus each path's accuracy the first time on a CPU class) and saved. `load` opens a
     path of the model (`Engine.load`, called with an explicit backend and precision). `threads` None: the thread
-    count is part of the decision (`thread_options`)."""
+    count is part of the decision (`thread_options`). `items`: the job ahead, when known; its decision costs about
+    what the job does (`race`'s job_calls, `affords_recheck`)."""
     import numpy as np
 
     from ..core.config import MAX_BATCH, check_int
@@ -478,7 +501,8 @@ def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str
     k = key(model_dir, backend, device, options[0] if threads is not None else f"auto ({options[0]} CPUs)", batch,
             float(budget), int8)
     previous = next((d for d in saved(model_dir) if d["key"] == k and _well_formed(d)), None)
-    if previous and not retune and (previous.get("clear", True) or previous.get("checks", 0) >= RECHECKS):
+    if previous and not retune and (previous.get("clear", True) or previous.get("checks", 0) >= RECHECKS
+                                    or not affords_recheck(previous, items)):
         return {**previous, "reused": True}
     paths, notes = candidates(model_dir, backend, device, int8)
     imports = import_seconds(paths)  # before anything else imports them
@@ -491,7 +515,7 @@ def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str
         else:
             notes.append(f"{path[0]}/{path[1]}: mean NLL change {row['nll_change_nats']:+.4f} nats is over the "
                          f"budget ({budget} nats); not timed")
-    rows, clear = time_paths(load, model_dir, fits, options, batch, device, seconds, progress)
+    rows, clear = time_paths(load, model_dir, fits, options, batch, device, seconds, progress, items)
     rows = [{**r, **(costs[r["backend"], r["precision"]] or {})} for r in rows]
     best = max(rows, key=lambda r: r["items_per_s"] or 0.0)
     decision = {"key": k, "backend": best["backend"], "precision": best["precision"], "threads": best["threads"],
