@@ -124,3 +124,22 @@ def test_local_ray_job_prints_only_its_own_lines(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
     assert np.load(tmp_path / "z.npy").shape == (20, 50)
+
+
+def test_versions_from_dist_info_names_equal_importlib_metadata():
+    """`versions()` reads the dist-info folders' names (one listing per path entry); importlib.metadata is its
+    twin, for every library it reports, installed or not."""
+    import importlib.metadata as md
+
+    from vae_engine.modeldir import configfile, versions
+
+    got = versions()
+    for name in ("torch", "numpy", "onnx", "onnxruntime", "numba", "openvino"):
+        want = None
+        for dist in configfile.ALIASES.get(name, (name,)):
+            try:
+                want = md.version(dist)
+                break
+            except md.PackageNotFoundError:
+                pass
+        assert got[name] == want, name

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import urllib.request
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -122,6 +121,8 @@ def download(name: str, timeout: float = 60.0) -> Path:
         if target.is_file() and hashlib.md5(target.read_bytes()).hexdigest() == md5:
             continue
         try:
+            import urllib.request  # only a download needs it (~7 ms of every job's start-up)
+
             with urllib.request.urlopen(base + filename, timeout=timeout) as response:
                 payload = response.read()
         except OSError as exc:

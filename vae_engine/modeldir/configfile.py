@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ def versions() -> dict[str, str | None]:
     library that is not installed (torch in an inference-only install, openvino without its extra)."""
     from ..core.config import VERSION
 
+    infos = _dist_infos()
     return {"vae_engine": VERSION, "python": platform.python_version(),
-            **{name: installed_version(name) for name in ("torch", "numpy", "onnx", "onnxruntime", "numba",
+            **{name: installed_version(name, infos) for name in ("torch", "numpy", "onnx", "onnxruntime", "numba",
                                                           "openvino")}}
 
 
@@ -29,8 +31,31 @@ def versions() -> dict[str, str | None]:
 ALIASES = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino")}
 
 
-def installed_version(name: str) -> str | None:
-    """The installed version of a distribution (None when it is not installed), without importing it."""
+def _dist_infos() -> dict[str, str]:
+    """Normalized distribution name -> version, from the `NAME-VERSION.dist-info` folders on sys.path (the first
+    entry wins, as for imports): one directory listing per path entry, against importlib.metadata's full scan per
+    name (~25 ms of every job's start-up on the 2-core machines)."""
+    found: dict[str, str] = {}
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            stem = name.removesuffix(".dist-info")
+            if stem != name and stem.count("-") == 1:
+                dist, version = stem.split("-")
+                found.setdefault(dist.lower().replace("-", "_").replace(".", "_"), version)
+    return found
+
+
+def installed_version(name: str, infos: dict[str, str] | None = None) -> str | None:
+    """The installed version of a distribution (None when it is not installed), without importing it: from the
+    dist-info folders' names (`_dist_infos`), else importlib.metadata (eggs, unusual layouts)."""
+    infos = _dist_infos() if infos is None else infos
+    for dist in ALIASES.get(name, (name,)):
+        if dist.replace("-", "_") in infos:
+            return infos[dist.replace("-", "_")]
     import importlib.metadata as md
 
     for dist in ALIASES.get(name, (name,)):
