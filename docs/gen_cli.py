@@ -25,7 +25,7 @@ def render() -> str:
         lines += [f"## `vae-engine {name}`", "", " ".join((command.help or "").split()), ""]
         rows = []
         for p in command.params:  # Typer's own copy of click: told apart by param_type_name, not click's classes
-            kind = p.display_type(ctx).strip("<>")
+            kind = p.type.name
             text = " ".join((getattr(p, "help", "") or "").split())
             if p.param_type_name == "argument":
                 rows.append((p.name.upper(), kind, text, ""))
