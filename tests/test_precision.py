@@ -247,6 +247,24 @@ def test_unclear_decisions_are_rechecked_by_jobs_that_can_afford_it(model, monke
     assert not server["reused"] and server["checks"] == 1 and len(calls) == 2
 
 
+def test_a_job_too_short_to_measure_paths_for_runs_the_first_candidate(model, monkeypatch):
+    """A job with no saved decision times the first candidate on one call: under DECIDE_SECONDS of work it runs
+    that path and saves nothing (the decision is left to a longer job, or `tune`); a longer job measures and saves
+    the decision, which later short jobs reuse."""
+    paths = tuning.candidates(model)[0]
+    short = tuning.choose(Engine.load, model, threads=2, batch=32, seconds=QUICK, items=8)
+    assert "short_job" in short and not short["saved"] and (short["backend"], short["precision"]) == paths[0]
+    assert not (model / tuning.TUNING).exists()
+    assert "too few to measure every path" in tuning.describe_path(short["backend"], short["precision"], short)
+    monkeypatch.setattr(tuning, "DECIDE_SECONDS", 0.0)  # every job is long enough
+    long = tuning.choose(Engine.load, model, threads=2, batch=32, seconds=QUICK, items=8)
+    assert "short_job" not in long and long["saved"] and len(long["measurements"]) > 1
+    monkeypatch.setattr(tuning, "DECIDE_SECONDS", 1e9)
+    assert tuning.choose(Engine.load, model, threads=2, batch=32, seconds=QUICK, items=8)["reused"]
+    eng = Engine.load(model, precision="auto", threads=2, batch_size=32, items=8)
+    assert eng.decision["reused"]
+
+
 def test_damaged_or_read_only_tuning_file_is_not_fatal(model):
     (model / tuning.TUNING).write_text("{not json")
     d = tuning.choose(Engine.load, model, threads=2, batch=16, seconds=QUICK)

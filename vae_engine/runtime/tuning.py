@@ -53,6 +53,10 @@ KEEP_ACCURACY = 32  # accuracy entries kept in accuracy.json (one per path, nume
 SMALL_BATCH = 16
 RACE_SECONDS = 0.6  # most time the interleaved timing rounds of one decision take (`vae-engine tune`: longer)
 MIN_ROUNDS = 5  # rounds every candidate is timed at least
+# a job (items known) with no saved decision first times the first candidate (ONNX Runtime fp32 where exported:
+# the quickest to start) on one call; a job that takes less than this at that rate runs that path and leaves the
+# decision (importing, opening and racing every path: 0.3-0.6 s on the 2-core machines) to a longer job
+DECIDE_SECONDS = 0.5
 JOB_MIN_ROUNDS = 3  # ... in the race of a job shorter than MIN_ROUNDS rounds (its decision stays to be re-checked)
 SAMPLE_SECONDS = 0.002  # one timing sample runs the path this long at least (batch 1: many calls per sample)
 RECHECKS = 2  # a decision whose ranking was not clear is raced again by this many later jobs (that can afford it)
@@ -457,6 +461,26 @@ def for_items(decision: dict[str, Any], items: int) -> dict[str, Any]:
     return min(decision["measurements"], key=seconds)
 
 
+def _short_job(load: Load, model_dir: Path, path: tuple[str, str], threads: int, device: str, batch: int,
+               items: int, k: dict[str, Any]) -> dict[str, Any] | None:
+    """For a job of `items` items with no decision saved: `path` timed on one call at the job's batch; a decision
+    to run it (not saved) when the job takes under DECIDE_SECONDS at that rate, else None (measure the paths)."""
+    engine = load(model_dir, backend=path[0], precision=path[1], threads=threads, device=device)
+    x, z = _inputs(engine, batch)
+    call = _encode_decode(engine.backend, x, z)
+    call()  # the first call allocates
+    t0 = time.perf_counter()
+    call()
+    seconds = time.perf_counter() - t0
+    job = items * seconds / batch
+    if job >= DECIDE_SECONDS:
+        return None
+    row = {"backend": path[0], "precision": path[1], "threads": threads, "provider": engine.backend.provider,
+           "items_per_s": batch / seconds, "rounds": 1}
+    return {"key": k, "backend": path[0], "precision": path[1], "threads": threads, "measurements": [row],
+            "clear": False, "checks": 0, "saved": False, "reused": False, "short_job": job, "for_items": items}
+
+
 def affords_recheck(decision: dict[str, Any], items: int | None) -> bool:
     """May a job of `items` items (None: a server or a long-lived engine) race an unclear decision again? Only
     when the job itself takes at least what the race costs (importing and opening every measured path), so a short
@@ -505,6 +529,10 @@ def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str
                                     or not affords_recheck(previous, items)):
         return {**previous, "reused": True}
     paths, notes = candidates(model_dir, backend, device, int8)
+    if items is not None and not previous and not retune and len(paths) > 1:
+        short = _short_job(load, model_dir, paths[0], options[0], device, min(batch, items), items, k)
+        if short is not None:
+            return short
     imports = import_seconds(paths)  # before anything else imports them
     costs = accuracies(load, model_dir, paths, options[0], device, progress)
     fits = []
@@ -536,6 +564,9 @@ def describe_path(backend: str, precision: str, decision: dict[str, Any] | None 
     cost = f", mean NLL change {row['nll_change_nats']:+.4f} nats" if row and row["precision"] != "fp32" else ""
     n = len(decision["measurements"])
     how = "reused from tuning.json" if decision.get("reused") else f"measured {n} path{'s' * (n != 1)}"
+    if "short_job" in decision:
+        return (f"{backend}/{precision} (auto: {decision['for_items']:,} items, ~{decision['short_job']:.2f} s of "
+                "work here, are too few to measure every path for; a longer job or `vae-engine tune` decides)")
     if decision.get("for_items"):  # a job's choice: start-up counted against its size
         how = f"soonest done for {decision['for_items']:,} items; {how}"
     if isinstance(decision["key"].get("threads"), str) and "threads" in decision:  # the thread count was chosen
