@@ -1,10 +1,12 @@
 """The documentation: the CLI reference is the commands' own text (regenerated and compared), every relative link
 of the README, ARCHITECTURE and the docs pages resolves to a file of the repository (and an anchor to a heading
-of it), and the site builds with `mkdocs build --strict` where mkdocs is installed (the dev extra)."""
+of it), every code block marked runnable runs, and the site builds with `mkdocs build --strict` where mkdocs is
+installed (the dev extra)."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -109,3 +111,39 @@ def test_built_site_renders_in_chromium(tmp_path):
             assert (tmp_path / shot).stat().st_size > 20_000, shot  # a rendered page, not a blank one
     finally:
         httpd.shutdown()
+
+
+RUNNABLE = ("<!-- runnable", "<!-- .ci/run runs this example")  # the comment line right before a code block
+
+
+def runnable_blocks() -> list[tuple[str, str, str]]:
+    """(page:line, language, code) of every block marked runnable in the README and the docs."""
+    out = []
+    for page in PAGES:
+        lines = page.read_text().splitlines()
+        for i, line in enumerate(lines[:-1]):
+            fence = lines[i + 1]
+            if line.startswith(RUNNABLE) and fence.startswith("```") and fence[3:] in ("bash", "python"):
+                end = lines.index("```", i + 2)
+                out.append((f"{page.relative_to(ROOT)}:{i + 2}", fence[3:], "\n".join(lines[i + 2:end]) + "\n"))
+    return out
+
+
+def test_runnable_blocks_are_marked():
+    """The README's tour and Python example, the data and anomaly-detection guides at least."""
+    where = {name.split(":")[0] for name, _, _ in runnable_blocks()}
+    assert {"README.md", "docs/guides/data.md", "docs/guides/anomaly-detection.md"} <= where
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,language,code", runnable_blocks(), ids=[b[0] for b in runnable_blocks()])
+def test_runnable_block_runs(name, language, code, tmp_path):
+    """Each block as a user runs it, in a fresh folder (where `vae_engine/assets` points into this checkout, so
+    the README's paths to the bundled data resolve); bash blocks with `set -e` and pipefail."""
+    (tmp_path / "vae_engine").symlink_to(ROOT / "vae_engine")
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bindir + ":" + os.environ.get("PATH", ""),
+           "VAE_ENGINE_CACHE": str(tmp_path / "cache")}
+    args = ["bash", "-e", "-o", "pipefail", "-c", code] if language == "bash" else [sys.executable, "-c", code]
+    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{name}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"

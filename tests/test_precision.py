@@ -255,7 +255,7 @@ def test_a_job_too_short_to_measure_paths_for_runs_the_first_candidate(model, mo
     short = tuning.choose(Engine.load, model, threads=2, batch=32, seconds=QUICK, items=8)
     assert "short_job" in short and not short["saved"] and (short["backend"], short["precision"]) == paths[0]
     assert not (model / tuning.TUNING).exists()
-    assert "too few to measure every path" in tuning.describe_path(short["backend"], short["precision"], short)
+    assert "not worth measuring every path" in tuning.describe_path(short["backend"], short["precision"], short)
     monkeypatch.setattr(tuning, "DECIDE_SECONDS", 0.0)  # every job is long enough
     long = tuning.choose(Engine.load, model, threads=2, batch=32, seconds=QUICK, items=8)
     assert "short_job" not in long and long["saved"] and len(long["measurements"]) > 1

@@ -565,8 +565,8 @@ def describe_path(backend: str, precision: str, decision: dict[str, Any] | None 
     n = len(decision["measurements"])
     how = "reused from tuning.json" if decision.get("reused") else f"measured {n} path{'s' * (n != 1)}"
     if "short_job" in decision:
-        return (f"{backend}/{precision} (auto: {decision['for_items']:,} items, ~{decision['short_job']:.2f} s of "
-                "work here, are too few to measure every path for; a longer job or `vae-engine tune` decides)")
+        return (f"{backend}/{precision} (auto: a job this short, ~{decision['short_job']:.2f} s of work here, is "
+                "not worth measuring every path for; a longer job or `vae-engine tune` decides)")
     if decision.get("for_items"):  # a job's choice: start-up counted against its size
         how = f"soonest done for {decision['for_items']:,} items; {how}"
     if isinstance(decision["key"].get("threads"), str) and "threads" in decision:  # the thread count was chosen
