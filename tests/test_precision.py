@@ -283,7 +283,8 @@ def test_engine_auto_reports_its_path(model, x):
     np.testing.assert_allclose(eng.log_likelihood(x, k=8), ref.log_likelihood(x, k=8), atol=1e-3)
 
 
-def test_cli_precision(model, x, tmp_path):
+def test_cli_precision(model, x, tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "DECIDE_SECONDS", 0.0)  # a job of 16 items decides too (see the short-job test)
     np.save(tmp_path / "x.npy", (x * 255).astype(np.uint8))
     out = tmp_path / "s.npy"
     r = runner.invoke(app, ["score", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(out), "--k", "4",

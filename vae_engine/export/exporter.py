@@ -115,22 +115,12 @@ def _int8(fp32: dict[str, onnx.ModelProto], model_dir: Path, cfg: ModelConfig, s
     warning). Returns the
     two graphs and the report of every candidate."""
     from ..core import hardware
-    from ..model.likelihoods import get
     from ..runtime.engine import Engine
     from . import quantize
 
-    lk, train_cfg, threads = get(cfg.likelihood), modeldir.train_config(model_dir), hardware.available_cpus()
-    items = data.load_training_data(train_cfg).train_images
-    pick = np.sort(np.random.default_rng(seed).permutation(len(items))[:CALIBRATION_ITEMS])
-    x = data.to_float(items[pick]).reshape(len(pick), -1)
-    x = rng.binarize(x, seed, 0) if lk.binarizes(train_cfg.binarize) else x
-    found = {role: quantize.layers(fp32[role], role, unit_input=role == "encoder" and lk.unit_interval)
-             for role in fp32}  # the decoder's input z is signed
+    threads = hardware.available_cpus()
     step("int8 calibration")
-    enc = quantize.layer_inputs(fp32["encoder"], [ly.input for ly in found["encoder"]] + ["mu", "logvar"], x, threads)
-    z = enc["mu"] + np.exp(0.5 * enc["logvar"]) * rng.normal_eps(seed, 0, len(x), 1, cfg.latent_dim)[:, 0]
-    acts = {"encoder": enc, "decoder": quantize.layer_inputs(fp32["decoder"], [ly.input for ly in found["decoder"]],
-                                                             z.astype(np.float32), threads)}
+    x, found, acts = _int8_calibration(fp32, model_dir, cfg, seed, threads)
     ref = tuning.reference(Engine.load, model_dir, threads)
     cand_dir = scratch / "int8-candidate"
     cand_dir.mkdir()
@@ -187,6 +177,27 @@ def _int8(fp32: dict[str, onnx.ModelProto], model_dir: Path, cfg: ModelConfig, s
               "calibration_items": len(x), "threads": threads, "layer_nll_cost_nats": cost, "layer_rounding": how,
               "candidates": rows}
     return build(chosen), report
+
+
+def _int8_calibration(fp32: dict[str, onnx.ModelProto], model_dir: Path, cfg: ModelConfig, seed: int, threads: int):
+    """Up to CALIBRATION_ITEMS of the model's training items (binarized as in training), the quantizable layers of
+    each graph, and each layer's input activations on those items and their posterior samples:
+    (x, {role: layers}, {role: {tensor name: activations}})."""
+    from ..model.likelihoods import get
+    from . import quantize
+
+    lk, train_cfg = get(cfg.likelihood), modeldir.train_config(model_dir)
+    items = data.load_training_data(train_cfg).train_images
+    pick = np.sort(np.random.default_rng(seed).permutation(len(items))[:CALIBRATION_ITEMS])
+    x = data.to_float(items[pick]).reshape(len(pick), -1)
+    x = rng.binarize(x, seed, 0) if lk.binarizes(train_cfg.binarize) else x
+    found = {role: quantize.layers(fp32[role], role, unit_input=role == "encoder" and lk.unit_interval)
+             for role in fp32}  # the decoder's input z is signed
+    enc = quantize.layer_inputs(fp32["encoder"], [ly.input for ly in found["encoder"]] + ["mu", "logvar"], x, threads)
+    z = enc["mu"] + np.exp(0.5 * enc["logvar"]) * rng.normal_eps(seed, 0, len(x), 1, cfg.latent_dim)[:, 0]
+    acts = {"encoder": enc, "decoder": quantize.layer_inputs(fp32["decoder"], [ly.input for ly in found["decoder"]],
+                                                             z.astype(np.float32), threads)}
+    return x, found, acts
 
 
 def _optimize(model: onnx.ModelProto, tmp_dir: Path) -> onnx.ModelProto:
@@ -277,29 +288,7 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, optimize: b
 def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: Path, scratch: Path, optimize: bool,
                 quantize: str | None, fp16: bool, seed: int, step, t_start: float) -> dict[str, Any]:
     """Build, validate and measure every graph, then write them all (the body of `export`)."""
-    built: dict[tuple[str, str], onnx.ModelProto] = {}
-    errors: dict[tuple[str, str], float] = {}
-    for role, net in nets.items():
-        step(f"export {role}")
-        proto = _export_graph(net, role, cfg)
-        _set_metadata(proto, role, "fp32", cfg, sha)
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(f"{role}: exported graph fails onnx.checker ({first_line(exc)})") from None
-        errors[role, "fp32"] = _validate(proto, net, inputs[role], FP32_ATOL, f"{role}.onnx")
-        built[role, "fp32"] = proto
-        variants: list[tuple[str, onnx.ModelProto, float]] = []
-        if optimize:
-            variants.append(("optimized", _optimize(proto, scratch), FP32_ATOL))
-        if fp16:
-            half = _export_graph(_FP32IO(copy.deepcopy(net), torch.float16), role, cfg)
-            variants.append(("fp16", half, FP16_ATOL))
-        for variant, vproto, atol in variants:
-            step(f"{variant} {role}")
-            _set_metadata(vproto, role, variant, cfg, sha)
-            errors[role, variant] = _validate(vproto, net, inputs[role], atol, f"{role}{graphs.VARIANTS[variant]}")
-            built[role, variant] = vproto
+    built, errors = _build_graphs(nets, cfg, sha, inputs, scratch, optimize, fp16, step)
     int8_report = None
     if quantize == "int8":  # both graphs at once: the layers to keep in fp32 are chosen by the NLL of the pair
         int8, int8_report = _int8({role: built[role, "fp32"] for role in nets}, model_dir, cfg, sha, scratch, seed,
@@ -307,29 +296,8 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
         for role, proto in int8.items():  # judged by the NLL measure, not a tolerance: only shapes are checked
             errors[role, "int8"] = _validate(proto, nets[role], inputs[role], np.inf, f"{role}.int8.onnx")
             built[role, "int8"] = proto
-
     step("accuracy on the test set")
-    lk = model.likelihood
-    prior = modeldir.load_prior(model_dir, cfg)
-    base, base_logits = _test_nelbo(built["encoder", "fp32"], built["decoder", "fp32"], x_bin, seed, lk, prior)
-    with torch.no_grad():
-        mu, logvar = model.encode(torch.from_numpy(x_bin))
-        eps = torch.from_numpy(rng.normal_eps(seed, 0, len(x_bin), 1, cfg.latent_dim)[:, 0])
-        torch_logits = model.decode(model.reparameterize(mu, logvar, eps)).numpy()
-    report: dict[str, Any] = {"model_dir": str(model_dir), "opset": graphs.OPSET, "weights_sha256": sha,
-                              "test_images": len(x_bin), "seed": seed, "test_nelbo_fp32": base, "variants": []}
-    for variant in graphs.VARIANTS:
-        if ("encoder", variant) not in built:
-            continue
-        nelbo, logits = _test_nelbo(built["encoder", variant], built["decoder", variant], x_bin, seed, lk, prior)
-        report["variants"].append({
-            "variant": variant,
-            "files": {role: graphs.graph_path(out_dir, role, variant).name for role in nets},
-            "bytes": {role: built[role, variant].ByteSize() for role in nets},
-            "max_abs_err_vs_torch": {role: errors[role, variant] for role in nets},
-            "test_max_abs_logit_err": float(np.max(np.abs(logits - torch_logits))),
-            "test_nelbo": nelbo, "test_nelbo_change_nats": nelbo - base,
-        })
+    report = _accuracy_report(model, built, errors, cfg, sha, x_bin, model_dir, out_dir, seed)
     if int8_report:
         report["int8"] = int8_report
         best = next(r for r in int8_report["candidates"] if r.get("chosen"))
@@ -355,4 +323,61 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
         atomic.write_bytes(staged / name, payload)
     for name in files:
         os.replace(staged / name, out_dir / name)
+    return report
+
+
+def _build_graphs(nets, cfg, sha, inputs, scratch: Path, optimize: bool, fp16: bool, step):
+    """The fp32 graph of each network (onnx.checker, then against PyTorch within FP32_ATOL) and its optimized and
+    fp16 variants where asked: ({(role, variant): graph}, {(role, variant): max abs error against PyTorch})."""
+    built: dict[tuple[str, str], onnx.ModelProto] = {}
+    errors: dict[tuple[str, str], float] = {}
+    for role, net in nets.items():
+        step(f"export {role}")
+        proto = _export_graph(net, role, cfg)
+        _set_metadata(proto, role, "fp32", cfg, sha)
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"{role}: exported graph fails onnx.checker ({first_line(exc)})") from None
+        errors[role, "fp32"] = _validate(proto, net, inputs[role], FP32_ATOL, f"{role}.onnx")
+        built[role, "fp32"] = proto
+        variants: list[tuple[str, onnx.ModelProto, float]] = []
+        if optimize:
+            variants.append(("optimized", _optimize(proto, scratch), FP32_ATOL))
+        if fp16:
+            half = _export_graph(_FP32IO(copy.deepcopy(net), torch.float16), role, cfg)
+            variants.append(("fp16", half, FP16_ATOL))
+        for variant, vproto, atol in variants:
+            step(f"{variant} {role}")
+            _set_metadata(vproto, role, variant, cfg, sha)
+            errors[role, variant] = _validate(vproto, net, inputs[role], atol, f"{role}{graphs.VARIANTS[variant]}")
+            built[role, variant] = vproto
+    return built, errors
+
+
+def _accuracy_report(model, built, errors, cfg, sha, x_bin, model_dir: Path, out_dir: Path, seed: int) -> dict:
+    """export_report.json's body: each variant's files, sizes, errors against PyTorch and test -ELBO change
+    against the fp32 graphs, on the same eps."""
+    lk = model.likelihood
+    prior = modeldir.load_prior(model_dir, cfg)
+    base, base_logits = _test_nelbo(built["encoder", "fp32"], built["decoder", "fp32"], x_bin, seed, lk, prior)
+    with torch.no_grad():
+        mu, logvar = model.encode(torch.from_numpy(x_bin))
+        eps = torch.from_numpy(rng.normal_eps(seed, 0, len(x_bin), 1, cfg.latent_dim)[:, 0])
+        torch_logits = model.decode(model.reparameterize(mu, logvar, eps)).numpy()
+    report: dict[str, Any] = {"model_dir": str(model_dir), "opset": graphs.OPSET, "weights_sha256": sha,
+                              "test_images": len(x_bin), "seed": seed, "test_nelbo_fp32": base, "variants": []}
+    roles = ("encoder", "decoder")
+    for variant in graphs.VARIANTS:
+        if ("encoder", variant) not in built:
+            continue
+        nelbo, logits = _test_nelbo(built["encoder", variant], built["decoder", variant], x_bin, seed, lk, prior)
+        report["variants"].append({
+            "variant": variant,
+            "files": {role: graphs.graph_path(out_dir, role, variant).name for role in roles},
+            "bytes": {role: built[role, variant].ByteSize() for role in roles},
+            "max_abs_err_vs_torch": {role: errors[role, variant] for role in roles},
+            "test_max_abs_logit_err": float(np.max(np.abs(logits - torch_logits))),
+            "test_nelbo": nelbo, "test_nelbo_change_nats": nelbo - base,
+        })
     return report

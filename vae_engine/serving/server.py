@@ -101,11 +101,12 @@ class V2Infer:
 
 def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] | None = None, **kwargs) -> Any:
     """The FastAPI application serving one model directory (default: the shipped model); with `grpc` (host, port,
-    share the port with other worker processes) it also serves the v2 protocol over gRPC on the same event loop."""
+    share the port with other worker processes) it also serves the v2 protocol over gRPC on the same event loop.
+    Routes: `_v1_routes` (the /v1 operations), `_v2_routes` (KServe v2 over REST), `_service_routes` (health,
+    metrics, the page, errors)."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi import FastAPI
 
     model_dir = modeldir.resolve_model_dir(model_dir)
     state: dict[str, App] = {}
@@ -147,61 +148,72 @@ def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] 
             await front(scope, receive, send)
 
     api = Api(title="vae-engine", version=VERSION, lifespan=lifespan,
-                  description="VAE inference with micro-batching: encode, decode, reconstruct, sample, score, detect.")
+              description="VAE inference with micro-batching: encode, decode, reconstruct, sample, score, detect.")
     api.state.load = load
     front = V2Infer(lambda scope, receive, send: FastAPI.__call__(api, scope, receive, send), state)
+    _v1_routes(api, state)
+    _v2_routes(api, state)
+    _service_routes(api, state)
+    return api
 
-    def error(status: int, message: str, headers: list[tuple[str, str]] = ()) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status, headers=dict(headers))
 
-    async def read_body(request: Request, limits: Limits) -> bytes:
-        return await read_limited(request.headers, request.stream(), limits.max_body_bytes)
+def _error(status: int, message: str, headers: list[tuple[str, str]] = ()):
+    """The JSON error every route answers with: {"error": message}."""
+    from fastapi.responses import JSONResponse
 
-    async def handle(op: str, request: Request):
-        a = state["app"]
-        with a.tracked(op) as t:
-            try:
-                return await answer(a, op, request)
-            except Exception as exc:  # noqa: BLE001 - one line to the caller (App.failure), never a traceback
-                t.code, message = a.failure(exc)
-                return error(t.code, message, retry_after(exc))
+    return JSONResponse({"error": message}, status_code=status, headers=dict(headers))
 
-    async def answer(a: App, op: str, request: Request) -> Response:
-        raw = await read_body(request, a.limits)
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
-        npy = None
-        if ctype == NPY:
-            body = dict(request.query_params)
-            try:
-                npy = np.load(io.BytesIO(raw), allow_pickle=False)
-            except (ValueError, OSError, EOFError):
-                raise RequestError(400, "body is not a readable .npy array (pickled arrays are refused)") from None
-        elif ctype in ("application/json", ""):
-            try:
-                body = loads(raw) if raw else {}
-            except (ValueError, UnicodeDecodeError):
-                raise RequestError(400, "body is not valid JSON") from None
-            if not isinstance(body, dict):
-                raise RequestError(422, "body must be a JSON object")
-        else:
-            raise RequestError(415, f"content type {ctype!r}: send application/json or {NPY}")
-        gone = Disconnect(request.receive)
-        gone.start()  # the body is read: receive() now says when the client leaves
+
+async def _answer_v1(a: App, op: str, request) -> Any:
+    """One /v1 request: the body (JSON, or .npy with query parameters) -> the App's answer, as JSON or .npy."""
+    from fastapi.responses import Response
+
+    raw = await read_limited(request.headers, request.stream(), a.limits.max_body_bytes)
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    npy = None
+    if ctype == NPY:
+        body = dict(request.query_params)
         try:
-            result = await a.answer(*a.parse(op, body, npy), cancelled=gone)
-        finally:
-            gone.stop()
-        result["path"] = a.path
-        if NPY in request.headers.get("accept", ""):
-            main = result.get("items", result.get("scores", result.get("mu")))
-            buf = io.BytesIO()
-            np.save(buf, np.asarray(main), allow_pickle=False)
-            return Response(buf.getvalue(), media_type=NPY)
-        return Response(dumps(result), media_type="application/json")
+            npy = np.load(io.BytesIO(raw), allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            raise RequestError(400, "body is not a readable .npy array (pickled arrays are refused)") from None
+    elif ctype in ("application/json", ""):
+        try:
+            body = loads(raw) if raw else {}
+        except (ValueError, UnicodeDecodeError):
+            raise RequestError(400, "body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise RequestError(422, "body must be a JSON object")
+    else:
+        raise RequestError(415, f"content type {ctype!r}: send application/json or {NPY}")
+    gone = Disconnect(request.receive)
+    gone.start()  # the body is read: receive() now says when the client leaves
+    try:
+        result = await a.answer(*a.parse(op, body, npy), cancelled=gone)
+    finally:
+        gone.stop()
+    result["path"] = a.path
+    if NPY in request.headers.get("accept", ""):
+        main = result.get("items", result.get("scores", result.get("mu")))
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(main), allow_pickle=False)
+        return Response(buf.getvalue(), media_type=NPY)
+    return Response(dumps(result), media_type="application/json")
+
+
+def _v1_routes(api, state: dict[str, App]) -> None:
+    """POST /v1/{op} for every operation (`oip.OPERATIONS`), and /v1/info and /v1/map."""
+    from fastapi import Request
 
     def route(op: str):
         async def endpoint(request):
-            return await handle(op, request)
+            a = state["app"]
+            with a.tracked(op) as t:
+                try:
+                    return await _answer_v1(a, op, request)
+                except Exception as exc:  # noqa: BLE001 - one line to the caller (App.failure), never a traceback
+                    t.code, message = a.failure(exc)
+                    return _error(t.code, message, retry_after(exc))
 
         endpoint.__annotations__ = {"request": Request}  # a real class: FastAPI injects the raw request
         return endpoint
@@ -210,10 +222,23 @@ def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] 
         api.add_api_route(f"/v1/{op}", route(op), methods=["POST"], name=op, openapi_extra=_openapi_body(op),
                           summary=oip.OPERATIONS[op][3])
 
-    # -- the Open Inference Protocol (KServe v2) over REST, with the binary tensor data extension --
+    @api.get("/v1/info", summary="The model and the serving path")
+    async def info():
+        return state["app"].info()
+
+    @api.get("/v1/map", summary="2-D map (PCA of posterior means) of the model's test items, with labels")
+    async def latent_map():
+        a = state["app"]
+        return await a.batcher.call(a.latent_map)
+
+
+def _v2_routes(api, state: dict[str, App]) -> None:
+    """The Open Inference Protocol (KServe v2) over REST, with the binary tensor data extension. Inference requests
+    normally reach `V2Infer` before the routing; the route here documents them (and answers the same)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response
 
     async def infer_v2(request: Request, name: str, version: str | None = None):
-        # the route FastAPI documents; requests normally take the same code through V2Infer, before the routing
         status, body, headers = await state["app"].infer_rest(name, version, request.headers, request.stream())
         return Response(body, status_code=status, headers=dict(headers))
 
@@ -223,7 +248,7 @@ def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] 
         try:
             return state["app"].model(name, version)
         except RequestError as exc:
-            return error(exc.status, exc.message)
+            return _error(exc.status, exc.message)
 
     v2 = {"tags": ["Open Inference Protocol (KServe v2)"]}
 
@@ -237,7 +262,7 @@ def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] 
 
     @api.get("/v2/health/ready", summary="The models are loaded and the server takes requests", **v2)
     async def v2_ready():
-        return {"ready": True} if "app" in state else error(503, "loading")
+        return {"ready": True} if "app" in state else _error(503, "loading")
 
     @api.post("/v2/repository/index", summary="The models this server has, each READY", **v2)
     async def v2_index():
@@ -264,14 +289,10 @@ def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] 
                           summary="Inference: typed tensors as JSON data or binary (Inference-Header-Content-Length)",
                           **v2)
 
-    @api.get("/v1/info", summary="The model and the serving path")
-    async def info():
-        return state["app"].info()
 
-    @api.get("/v1/map", summary="2-D map (PCA of posterior means) of the model's test items, with labels")
-    async def latent_map():
-        a = state["app"]
-        return await a.batcher.call(a.latent_map)
+def _service_routes(api, state: dict[str, App]) -> None:
+    """Health (/healthz, /readyz), Prometheus /metrics, the browser page at /, and 404/405 as JSON errors."""
+    from fastapi.responses import FileResponse, Response
 
     @api.get("/healthz", summary="The process is alive")
     async def healthz():
@@ -279,7 +300,7 @@ def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] 
 
     @api.get("/readyz", summary="The model is loaded and the server takes requests")
     async def readyz():
-        return {"status": "ready", "path": state["app"].path} if "app" in state else error(503, "loading")
+        return {"status": "ready", "path": state["app"].path} if "app" in state else _error(503, "loading")
 
     @api.get("/metrics", summary="Prometheus metrics")
     async def metrics():
@@ -291,13 +312,11 @@ def create_app(model_dir: str | Path | None = None, grpc: tuple[str, int, bool] 
 
     @api.exception_handler(404)
     async def not_found(request, exc):
-        return error(404, f"no route {request.url.path}; see /docs")
+        return _error(404, f"no route {request.url.path}; see /docs")
 
     @api.exception_handler(405)
     async def not_allowed(request, exc):
-        return error(405, f"{request.method} is not allowed on {request.url.path}; see /docs")
-
-    return api
+        return _error(405, f"{request.method} is not allowed on {request.url.path}; see /docs")
 
 
 SERVE_ENV = "VAE_ENGINE_SERVE"  # the settings handed to each uvicorn worker process (JSON)

@@ -217,47 +217,14 @@ def _graph_files(out_dir: Path) -> list[Path]:
 
 def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, download, overwrite, world, device):
     callbacks = callbacks if callbacks and world.is_main else Callbacks()
-    has_config, has_state = (out_dir / modeldir.CONFIG).exists(), (out_dir / modeldir.STATE).exists()
-    if resume and has_config:
-        model_cfg = modeldir.model_config(out_dir)
-        train_cfg = replace(modeldir.train_config(out_dir), epochs=train_cfg.epochs)
-        if not has_state:  # interrupted before its first checkpoint: start it again with the saved config
-            callbacks.on_message(f"{out_dir} has no checkpoint yet: starting its run again from epoch 1")
-            resume = False
-    elif resume:
-        resume = False  # nothing to resume yet (e.g. the first launch of a torchrun job with --resume): start fresh
-    elif has_state and not overwrite:
-        raise VaeEngineError(f"{out_dir} already holds a model: pass --resume to continue it, --overwrite to "
-                             "start again, or choose another --out")
-    elif overwrite and world.is_main:
-        _remove_run(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-    assert model_cfg is not None
+    model_cfg, train_cfg, resume = _prepare_out(model_cfg, train_cfg, out_dir, resume, overwrite, world, callbacks)
     threads = train_cfg.threads or max(1, available_cpus() // world.local_size)
     torch.set_num_threads(threads)
-
-    dataset = data.load_training_data(train_cfg, fetch=download)
-    why = None
-    precision_why = None
-    if not resume:
-        model_cfg, why = resolve_model(model_cfg, dataset)
-        if train_cfg.precision == "auto":
-            chosen, reason = auto_precision(device.type)
-            train_cfg, precision_why = replace(train_cfg, precision=chosen), f"{chosen}: {reason}"
-    elif dataset.item_shape != model_cfg.input_shape and math.prod(dataset.item_shape) != model_cfg.input_dim:
-        raise VaeEngineError(f"{out_dir}: the model takes items of shape {list(model_cfg.input_shape)}, the data "
-                             f"has {list(dataset.item_shape)}")
+    dataset, model_cfg, train_cfg, reasons = _data(model_cfg, train_cfg, out_dir, resume, download, device)
     x_train = data.to_unit(dataset.train_images[: train_cfg.limit])  # (N, D) float32, held in memory
     x_test = data.to_unit(dataset.test_images)
-    lk = likelihoods.get(model_cfg.likelihood)
-    for name, x in (("training", x_train), ("test", x_test)):
-        if not torch.isfinite(x).all():
-            raise VaeEngineError(f"{dataset.source}: the {name} data holds NaN or Inf values; clean it first")
-        if lk.unit_interval and (x.min() < 0 or x.max() > 1):
-            raise VaeEngineError(f"{dataset.source}: the {lk.name} likelihood needs values in [0, 1], the {name} "
-                                 f"data spans {float(x.min()):g}..{float(x.max()):g}; use --likelihood gaussian")
-    n = len(x_train)
-    b, global_batch = train_cfg.batch_size, train_cfg.batch_size * world.size  # --batch-size is per rank
+    _check_items(dataset, model_cfg, x_train, x_test)
+    n, global_batch = len(x_train), train_cfg.batch_size * world.size  # --batch-size is per rank
     if global_batch > n:
         raise VaeEngineError(f"batch size {global_batch} is larger than the training set ({n} items); "
                              "pass a smaller --batch-size")
@@ -283,95 +250,177 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume, callbacks, plots, downlo
             raise VaeEngineError(f"{out_dir} already finished {start_epoch} epochs; pass a larger --epochs to go on")
     world.barrier()  # every rank has checked the directory before the main rank writes into it
     if world.is_main:
-        described = {**dataset.describe(), "world_size": world.size}
-        # why `auto` chose this likelihood and this precision (a resumed run keeps what its first run recorded)
-        first = modeldir.read_config(out_dir).get("data", {}) if resume else {}
-        for key, reason in (("likelihood_auto", f"{model_cfg.likelihood}: {why}" if why else None),
-                            ("precision_auto", precision_why)):
-            if reason or first.get(key):
-                described[key] = reason or first[key]
-        modeldir.write_config(out_dir, model_cfg, train_cfg, described)
+        _write_config(out_dir, model_cfg, train_cfg, dataset, world, resume, reasons)
         modeldir.write_metrics(out_dir, rows)  # the checkpoint's rows: a kill may have cut the file short
-
-    objective = Objective(model, train_cfg.objective, train_cfg.precision)
-    if world.size > 1:  # averages gradients over ranks: one step on W x b inputs, as one process would take it
-        objective = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index or 0] if device.type == "cuda" else None)
-    binarize = model.likelihood.binarizes(train_cfg.binarize)  # dynamic binarization: re-drawn every epoch
-    steps = n // global_batch  # the last partial batch is dropped; each epoch reshuffles
-    callbacks.on_train_start(train_cfg.epochs, start_epoch, steps)
-    model.train()
-    epoch = start_epoch
-    flops, peak, trained_s = step_flops(model_cfg, global_batch, train_cfg.k) * steps, None, 0.0
-    where = "cpu" if device.type == "cpu" else f"{device} ({gpu_name()})"
-    every = feed.sync_every(device)
-    batches = feed.Feed(x_train, b, train_cfg.k, model_cfg.latent_dim, binarize, device, processes=world.local_size)
-    try:
-        for epoch in range(start_epoch, train_cfg.epochs):
-            es = epoch_seed(train_cfg.seed, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(train_cfg, epoch)
-            t0, total, pending = time.perf_counter(), 0.0, []
-            perm = torch.from_numpy(rng.permutation(es, n))  # the same on every rank
-            # this rank's items are positions first..first+b-1 of the epoch's order; their noise is keyed by those
-            # positions (the engine's counter streams), so it does not depend on the world size or the device
-            firsts = (step * global_batch + world.rank * b for step in range(steps))
-            for step, (x, eps) in enumerate(batches.batches(es, perm, firsts)):
-                loss = objective(x, eps, kl_weight_at(train_cfg, epoch, step, steps))
-                pending.append(loss.detach())
-                if len(pending) == every or step == steps - 1:  # a read-back: every step on the CPU
-                    for i, value in enumerate(torch.stack(pending).tolist(), start=step + 1 - len(pending)):
-                        if not math.isfinite(value):  # stop before this window's last step reaches the weights
-                            kept = (f"the checkpoint after epoch {epoch} is kept; " if epoch else "")
-                            raise VaeEngineError(f"training diverged in epoch {epoch + 1} (loss is not finite); "
-                                                 f"{kept}start again with a lower --lr (add --overwrite to reuse "
-                                                 "this --out)")
-                        total += value
-                        callbacks.on_batch_end(epoch, i, value, b)
-                    pending = []
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the epoch's time includes its queued steps
-            seconds = time.perf_counter() - t0
-            trained_s += seconds
-            if world.is_main:
-                if peak is None and trained_s >= PEAK_AFTER_S and world.size == 1:
-                    from ..perf.peaks import measured_peaks
-
-                    peak = measured_peaks(threads).get(peak_key(train_cfg.precision, device.type))  # as bench
-                gflops = flops / seconds / 1e9
-                row = {"epoch": epoch + 1, "train_loss": total / steps,
-                       "test_nelbo": test_elbo(model, x_test, train_cfg), "seconds": round(seconds, 3),
-                       "samples_per_s": round(steps * global_batch / seconds, 1), "lr": lr_at(train_cfg, epoch),
-                       "precision": train_cfg.precision, "device": where, "gflops": round(gflops, 2),
-                       "peak_gflops": round(peak, 1) if peak else None,
-                       "fraction_of_peak": fraction_of(gflops, peak)}
-                if train_cfg.nll_every and ((epoch + 1) % train_cfg.nll_every == 0 or epoch + 1 == train_cfg.epochs):
-                    row["test_nll_k1000"] = test_nll(model, x_test, train_cfg)
-                rows.append(row)
-                # weights, then the resume state (which carries the metrics rows), then metrics.jsonl; each
-                # atomic, and a resume rewrites metrics.jsonl from the state, so a kill between them loses nothing
-                modeldir.save_weights(out_dir, model)
-                modeldir.save_state(out_dir, model, optimizer, epoch + 1, rows)
-                modeldir.write_metrics(out_dir, rows)
-                callbacks.on_epoch_end(row)
-    except KeyboardInterrupt:
-        done = len(rows)
-        if done:
-            raise Interrupted(f"stopped in epoch {epoch + 1}: the checkpoint after epoch {done} is kept in "
-                              f"{out_dir}; continue with `vae-engine train --out {out_dir} --resume "
-                              f"--epochs {train_cfg.epochs}`") from None
-        raise Interrupted(f"stopped in epoch {epoch + 1}, before any checkpoint; nothing was kept") from None
-    finally:
-        batches.close()
+    loop = _Loop(model, optimizer, train_cfg, world, device, callbacks, out_dir, x_train, x_test, threads)
+    loop.run(start_epoch, rows)
     world.barrier()
     distributed.shutdown(world)
     model.cpu().eval()
     if plots and world.is_main:
         _draw_plots(model, out_dir, rows, x_test, train_cfg.seed, dataset.test_labels)
     return rows
+
+
+def _prepare_out(model_cfg, train_cfg, out_dir: Path, resume: bool, overwrite: bool, world, callbacks):
+    """What --resume and --overwrite make of the output folder: (model config, train config, resume), the saved
+    configs where a run is resumed; an error where a model is there and neither was asked for."""
+    has_config, has_state = (out_dir / modeldir.CONFIG).exists(), (out_dir / modeldir.STATE).exists()
+    if resume and has_config:
+        model_cfg = modeldir.model_config(out_dir)
+        train_cfg = replace(modeldir.train_config(out_dir), epochs=train_cfg.epochs)
+        if not has_state:  # interrupted before its first checkpoint: start it again with the saved config
+            callbacks.on_message(f"{out_dir} has no checkpoint yet: starting its run again from epoch 1")
+            resume = False
+    elif resume:
+        resume = False  # nothing to resume yet (e.g. the first launch of a torchrun job with --resume): start fresh
+    elif has_state and not overwrite:
+        raise VaeEngineError(f"{out_dir} already holds a model: pass --resume to continue it, --overwrite to "
+                             "start again, or choose another --out")
+    elif overwrite and world.is_main:
+        _remove_run(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    assert model_cfg is not None
+    return model_cfg, train_cfg, resume
+
+
+def _data(model_cfg, train_cfg, out_dir: Path, resume: bool, download: bool, device):
+    """The training data, and what `auto` settings become for it: (dataset, model config, train config,
+    {config key: why auto chose it}). A resumed run keeps its settings and must get items of its shape."""
+    dataset = data.load_training_data(train_cfg, fetch=download)
+    reasons = {}
+    if not resume:
+        model_cfg, why = resolve_model(model_cfg, dataset)
+        if why:
+            reasons["likelihood_auto"] = f"{model_cfg.likelihood}: {why}"
+        if train_cfg.precision == "auto":
+            chosen, reason = auto_precision(device.type)
+            train_cfg, reasons["precision_auto"] = replace(train_cfg, precision=chosen), f"{chosen}: {reason}"
+    elif dataset.item_shape != model_cfg.input_shape and math.prod(dataset.item_shape) != model_cfg.input_dim:
+        raise VaeEngineError(f"{out_dir}: the model takes items of shape {list(model_cfg.input_shape)}, the data "
+                             f"has {list(dataset.item_shape)}")
+    return dataset, model_cfg, train_cfg, reasons
+
+
+def _check_items(dataset, model_cfg, x_train: torch.Tensor, x_test: torch.Tensor) -> None:
+    """Finite values, and values in [0, 1] for a likelihood of the unit interval, in both splits."""
+    lk = likelihoods.get(model_cfg.likelihood)
+    for name, x in (("training", x_train), ("test", x_test)):
+        if not torch.isfinite(x).all():
+            raise VaeEngineError(f"{dataset.source}: the {name} data holds NaN or Inf values; clean it first")
+        if lk.unit_interval and (x.min() < 0 or x.max() > 1):
+            raise VaeEngineError(f"{dataset.source}: the {lk.name} likelihood needs values in [0, 1], the {name} "
+                                 f"data spans {float(x.min()):g}..{float(x.max()):g}; use --likelihood gaussian")
+
+
+def _write_config(out_dir: Path, model_cfg, train_cfg, dataset, world, resume: bool, reasons: dict) -> None:
+    """config.json, with why `auto` chose the likelihood and the precision (a resumed run keeps what its first
+    run recorded)."""
+    described = {**dataset.describe(), "world_size": world.size}
+    first = modeldir.read_config(out_dir).get("data", {}) if resume else {}
+    for key in ("likelihood_auto", "precision_auto"):
+        if reasons.get(key) or first.get(key):
+            described[key] = reasons.get(key) or first[key]
+    modeldir.write_config(out_dir, model_cfg, train_cfg, described)
+
+
+class _Loop:
+    """The epochs of one run: each epoch's steps (`epoch`), then its row of metrics and its checkpoint
+    (`record`), on the main rank."""
+
+    def __init__(self, model, optimizer, train_cfg, world, device, callbacks, out_dir, x_train, x_test, threads):
+        self.model, self.optimizer, self.cfg, self.world, self.device = model, optimizer, train_cfg, world, device
+        self.callbacks, self.out_dir, self.x_test, self.threads = callbacks, out_dir, x_test, threads
+        self.n, self.b, self.global_batch = len(x_train), train_cfg.batch_size, train_cfg.batch_size * world.size
+        self.steps = self.n // self.global_batch  # the last partial batch is dropped; each epoch reshuffles
+        self.objective = Objective(model, train_cfg.objective, train_cfg.precision)
+        if world.size > 1:  # averages gradients over ranks: one step on W x b inputs, as one process would take it
+            self.objective = torch.nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[device.index or 0] if device.type == "cuda" else None)
+        binarize = model.likelihood.binarizes(train_cfg.binarize)  # dynamic binarization: re-drawn every epoch
+        self.batches = feed.Feed(x_train, self.b, train_cfg.k, model.cfg.latent_dim, binarize, device,
+                                 processes=world.local_size)
+        self.flops = step_flops(model.cfg, self.global_batch, train_cfg.k) * self.steps
+        self.peak, self.trained_s, self.every = None, 0.0, feed.sync_every(device)
+        self.where = "cpu" if device.type == "cpu" else f"{device} ({gpu_name()})"
+
+    def run(self, start_epoch: int, rows: list[dict[str, Any]]) -> None:
+        """Epochs start_epoch..epochs-1, appending a row to `rows` after each; an interrupt keeps the last
+        checkpoint and says how to go on."""
+        self.callbacks.on_train_start(self.cfg.epochs, start_epoch, self.steps)
+        self.model.train()
+        epoch = start_epoch
+        try:
+            for epoch in range(start_epoch, self.cfg.epochs):
+                total, seconds = self.epoch(epoch)
+                if self.world.is_main:
+                    self.record(epoch, total, seconds, rows)
+        except KeyboardInterrupt:
+            done = len(rows)
+            if done:
+                raise Interrupted(f"stopped in epoch {epoch + 1}: the checkpoint after epoch {done} is kept in "
+                                  f"{self.out_dir}; continue with `vae-engine train --out {self.out_dir} --resume "
+                                  f"--epochs {self.cfg.epochs}`") from None
+            raise Interrupted(f"stopped in epoch {epoch + 1}, before any checkpoint; nothing was kept") from None
+        finally:
+            self.batches.close()
+
+    def epoch(self, epoch: int) -> tuple[float, float]:
+        """One epoch's steps: (summed loss, seconds). Losses are read back every `feed.sync_every` steps (every
+        step on the CPU), and a non-finite one stops the run before its window's last step reaches the weights."""
+        cfg, steps = self.cfg, self.steps
+        es = epoch_seed(cfg.seed, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+        t0, total, pending = time.perf_counter(), 0.0, []
+        perm = torch.from_numpy(rng.permutation(es, self.n))  # the same on every rank
+        # this rank's items are positions first..first+b-1 of the epoch's order; their noise is keyed by those
+        # positions (the engine's counter streams), so it does not depend on the world size or the device
+        firsts = (step * self.global_batch + self.world.rank * self.b for step in range(steps))
+        for step, (x, eps) in enumerate(self.batches.batches(es, perm, firsts)):
+            loss = self.objective(x, eps, kl_weight_at(cfg, epoch, step, steps))
+            pending.append(loss.detach())
+            if len(pending) == self.every or step == steps - 1:  # a read-back: every step on the CPU
+                for i, value in enumerate(torch.stack(pending).tolist(), start=step + 1 - len(pending)):
+                    if not math.isfinite(value):
+                        kept = (f"the checkpoint after epoch {epoch} is kept; " if epoch else "")
+                        raise VaeEngineError(f"training diverged in epoch {epoch + 1} (loss is not finite); "
+                                             f"{kept}start again with a lower --lr (add --overwrite to reuse "
+                                             "this --out)")
+                    total += value
+                    self.callbacks.on_batch_end(epoch, i, value, self.b)
+                pending = []
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the epoch's time includes its queued steps
+        return total, time.perf_counter() - t0
+
+    def record(self, epoch: int, total: float, seconds: float, rows: list[dict[str, Any]]) -> None:
+        """The epoch's row (losses, speed against the machine's peak, the test NLL when due), then the weights,
+        the resume state (which carries the rows) and metrics.jsonl; each atomic, and a resume rewrites
+        metrics.jsonl from the state, so a kill between them loses nothing."""
+        cfg, model = self.cfg, self.model
+        self.trained_s += seconds
+        if self.peak is None and self.trained_s >= PEAK_AFTER_S and self.world.size == 1:
+            from ..perf.peaks import measured_peaks
+
+            self.peak = measured_peaks(self.threads).get(peak_key(cfg.precision, self.device.type))  # as bench
+        gflops = self.flops / seconds / 1e9
+        row = {"epoch": epoch + 1, "train_loss": total / self.steps,
+               "test_nelbo": test_elbo(model, self.x_test, cfg), "seconds": round(seconds, 3),
+               "samples_per_s": round(self.steps * self.global_batch / seconds, 1), "lr": lr_at(cfg, epoch),
+               "precision": cfg.precision, "device": self.where, "gflops": round(gflops, 2),
+               "peak_gflops": round(self.peak, 1) if self.peak else None,
+               "fraction_of_peak": fraction_of(gflops, self.peak)}
+        if cfg.nll_every and ((epoch + 1) % cfg.nll_every == 0 or epoch + 1 == cfg.epochs):
+            row["test_nll_k1000"] = test_nll(model, self.x_test, cfg)
+        rows.append(row)
+        modeldir.save_weights(self.out_dir, model)
+        modeldir.save_state(self.out_dir, model, self.optimizer, epoch + 1, rows)
+        modeldir.write_metrics(self.out_dir, rows)
+        self.callbacks.on_epoch_end(row)
 
 
 def _draw_plots(model: VAE, out_dir: Path, rows: list[dict[str, Any]], x_test: torch.Tensor, seed: int,
