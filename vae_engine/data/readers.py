@@ -26,31 +26,17 @@ MAX_IMAGE_PIXELS = 1 << 24  # per image, checked from the header before decoding
 
 def read(path: str | Path, columns: Sequence[str] | None = None,
          resize: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Items and labels of any supported file or folder (see the module docstring)."""
+    """Items and labels of any supported file or folder (see the module docstring): a folder of images, else the
+    reader its suffix names in READERS (IDX for any other name: MNIST-style files have none)."""
     path = Path(path)
     if path.is_dir():
         return read_image_folder(path, resize)
     if not path.exists():
         raise DataError(f"{path}: not found")
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    suffix = suffix.lower()
-    if columns and suffix not in (".csv", ".parquet"):
-        raise DataError(f"{path}: --columns applies to .csv and .parquet files only")
-    if suffix == ".npy":
-        items = np.asarray(load_npy(path))
-        labels = None
-    elif suffix == ".npz":
-        items, labels = _read_npz(path)
-    elif suffix == ".csv":
-        items, labels = _read_csv(path, columns), None
-    elif suffix == ".parquet":
-        items, labels = _read_parquet(path, columns), None
-    elif suffix in IMAGE_SUFFIXES:  # one image: one item
-        items, labels = read_image(path, resize)[None], None
-    else:  # IDX, raw or gzipped (MNIST-style names have no suffix)
-        from .idx import read_idx
-
-        items, labels = read_idx(path), None
+    suffix = ("".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix).lower()
+    if columns and suffix not in COLUMN_SUFFIXES:
+        raise DataError(f"{path}: --columns applies to {' and '.join(COLUMN_SUFFIXES)} files only")
+    items, labels = READERS.get(suffix, _read_idx)(path, columns, resize)
     return as_items(items, str(path)), labels
 
 
@@ -316,3 +302,22 @@ def parse_shape(text: str | None, name: str = "--resize") -> tuple[int, int] | N
     if min(h, w) < 1 or h * w > MAX_IMAGE_PIXELS:
         raise DataError(f"{name} must be positive and at most {MAX_IMAGE_PIXELS:,} pixels, got {text!r}")
     return h, w
+
+
+# an input format: its suffix and its reader (path, columns, resize) -> (items, labels); COLUMN_SUFFIXES take --columns
+READERS = {
+    ".npy": lambda path, columns, resize: (np.asarray(load_npy(path)), None),
+    ".npz": lambda path, columns, resize: _read_npz(path),
+    ".csv": lambda path, columns, resize: (_read_csv(path, columns), None),
+    ".parquet": lambda path, columns, resize: (_read_parquet(path, columns), None),
+    **{suffix: lambda path, columns, resize: (read_image(path, resize)[None], None)  # one image: one item
+       for suffix in IMAGE_SUFFIXES},
+}
+COLUMN_SUFFIXES = (".csv", ".parquet")
+
+
+def _read_idx(path: Path, columns, resize) -> tuple[np.ndarray, None]:
+    """IDX, raw or gzipped: any name without a suffix of READERS (MNIST-style files have none)."""
+    from .idx import read_idx
+
+    return read_idx(path), None

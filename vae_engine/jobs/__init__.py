@@ -5,6 +5,6 @@ from ..core.lazy import exports
 
 _NAMES = {name: "batch" for name in (
     "Source", "open_items", "open_latents", "open_input", "check_output", "stream", "counter", "make_job_fn",
-    "item_shape", "score_items", "JOB_NAMES")}
+    "item_shape", "score_items", "JOB_NAMES", "JOBS")}
 __getattr__ = exports(__name__, _NAMES)
 __all__ = list(_NAMES)

@@ -216,34 +216,49 @@ def _rule_fn(engine: Engine, rule: str, k: int, seed: int):
     return fn
 
 
-JOB_NAMES = ("encode", "decode", "sample", "reconstruct", "score")
+@dataclass(frozen=True)
+class Job:
+    """A job: its chunk function made from an engine and the job's parameters, the shape of one output row, and
+    what it reads ("items", "latents" or "count")."""
+
+    make: Callable[[Engine, dict, int], Callable[[int, np.ndarray], np.ndarray]]  # (engine, params, seed) -> fn
+    row_shape: Callable[[ModelConfig, dict], tuple[int, ...]]
+    reads: str = "items"
+
+
+# a job: its chunk function above and its line here; the CLI command is a docstring and one `run_job` call
+JOBS = {
+    "encode": Job(lambda e, p, seed: encode_fn(e, p.get("sample", False), p.get("with_logvar", False), seed),
+                  lambda cfg, p: (2, cfg.latent_dim) if p.get("with_logvar") else (cfg.latent_dim,)),
+    "decode": Job(lambda e, p, seed: decode_fn(e, p.get("sample", False), seed, p.get("binary", False)),
+                  lambda cfg, p: (cfg.input_dim,), "latents"),
+    "sample": Job(lambda e, p, seed: sample_fn(e, seed), lambda cfg, p: (cfg.input_dim,), "count"),
+    "reconstruct": Job(lambda e, p, seed: reconstruct_fn(e), lambda cfg, p: (cfg.input_dim,)),
+    "score": Job(lambda e, p, seed: score_fn(e, p.get("k", 1), seed, p.get("binarize", True), p.get("rule", "nll")),
+                 lambda cfg, p: ()),
+}
+JOB_NAMES = tuple(JOBS)
+
+
+def _job(job: str) -> Job:
+    if job not in JOBS:
+        raise VaeEngineError(f"unknown job {job!r}: choose one of {', '.join(JOB_NAMES)}")
+    return JOBS[job]
 
 
 def make_job_fn(job: str, engine: Engine, params: dict) -> Callable[[int, np.ndarray], np.ndarray]:
     """The chunk function of a named job with its parameters (the single-process and Ray paths share it)."""
-    seed = params.get("seed", 0)
-    if job == "encode":
-        return encode_fn(engine, params.get("sample", False), params.get("with_logvar", False), seed)
-    if job == "decode":
-        return decode_fn(engine, params.get("sample", False), seed, params.get("binary", False))
-    if job == "sample":
-        return sample_fn(engine, seed)
-    if job == "reconstruct":
-        return reconstruct_fn(engine)
-    if job == "score":
-        return score_fn(engine, params.get("k", 1), seed, params.get("binarize", True), params.get("rule", "nll"))
-    raise VaeEngineError(f"unknown job {job!r}: choose one of {', '.join(JOB_NAMES)}")
+    return _job(job).make(engine, params, params.get("seed", 0))
 
 
 def item_shape(job: str, cfg: ModelConfig, params: dict) -> tuple[int, ...]:
     """The shape of one output row of a job: latents, a score, or an item flattened to D values."""
-    if job == "encode":
-        return (2, cfg.latent_dim) if params.get("with_logvar") else (cfg.latent_dim,)
-    return () if job == "score" else (cfg.input_dim,)
+    return _job(job).row_shape(cfg, params)
 
 
 def open_input(job: str, path: str | Path | None, cfg: ModelConfig, n: int = 0) -> Source:
     """The input of a job: latents for decode, a counter for sample, the model's items otherwise."""
-    if job == "sample":
+    reads = _job(job).reads
+    if reads == "count":
         return counter(n)
-    return open_latents(path, cfg.latent_dim) if job == "decode" else open_items(path, cfg)
+    return open_latents(path, cfg.latent_dim) if reads == "latents" else open_items(path, cfg)
