@@ -21,7 +21,6 @@ def render() -> str:
     lines = ["# CLI reference", "", "Every `vae-engine` command and option, generated from the commands themselves "
              "(`python docs/gen_cli.py`; the same text as `--help`).", ""]
     for name, command in group.commands.items():
-        ctx = command.make_context(name, [], resilient_parsing=True)
         lines += [f"## `vae-engine {name}`", "", " ".join((command.help or "").split()), ""]
         rows = []
         for p in command.params:  # Typer's own copy of click: told apart by param_type_name, not click's classes
