@@ -204,6 +204,12 @@ def test_fused_reconstruct_equals_encode_then_decode(model, images, backend, pre
     two_calls = engine.likelihood.mean(engine.backend.decode(mu))
     np.testing.assert_allclose(fused, two_calls, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(engine.decode(mu), two_calls, rtol=1e-5, atol=1e-6)  # ORT: the mean in the graph
+    from vae_engine.runtime.backends.base import FUSED_MAX_ROWS
+
+    many = engine.prepare_items(_x(np.concatenate([images] * 2), FUSED_MAX_ROWS + 6))  # encoder, then mean graph
+    whole = engine.backend.reconstruct(many)
+    np.testing.assert_allclose(whole[:5], fused, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(whole[-3:], engine.backend.reconstruct(many[-3:]), rtol=1e-5, atol=1e-6)
     mu, logvar = engine.backend.encode(x)  # one copy back for both: separate, contiguous, float32 arrays
     assert mu.flags.c_contiguous and logvar.flags.c_contiguous and mu.dtype == logvar.dtype == np.float32
     assert not np.shares_memory(mu, x)

@@ -62,6 +62,10 @@ class Engine:
             budget = tuning.DEFAULT_BUDGET if max_nll_change is None else max_nll_change
             decision = tuning.choose(cls.load, model_dir, backend, device, threads, batch_size, budget,
                                      progress=progress, items=items)
+            opened = decision.pop("engine", None)
+            if opened is not None and not spin:  # a short job runs on the engine its path was timed on
+                opened.decision = decision
+                return opened
             if items is not None:
                 row = tuning.for_items(decision, items)
                 decision = {**decision, "backend": row["backend"], "precision": row["precision"],

@@ -464,7 +464,8 @@ def for_items(decision: dict[str, Any], items: int) -> dict[str, Any]:
 def _short_job(load: Load, model_dir: Path, path: tuple[str, str], threads: int, device: str, batch: int,
                items: int, k: dict[str, Any]) -> dict[str, Any] | None:
     """For a job of `items` items with no decision saved: `path` timed on one call at the job's batch; a decision
-    to run it (not saved) when the job takes under DECIDE_SECONDS at that rate, else None (measure the paths)."""
+    to run it (not saved; "engine": the engine it was timed on, for the job to run on) when the job takes under
+    DECIDE_SECONDS at that rate, else None (measure the paths)."""
     engine = load(model_dir, backend=path[0], precision=path[1], threads=threads, device=device)
     x, z = _inputs(engine, batch)
     call = _encode_decode(engine.backend, x, z)
@@ -478,7 +479,8 @@ def _short_job(load: Load, model_dir: Path, path: tuple[str, str], threads: int,
     row = {"backend": path[0], "precision": path[1], "threads": threads, "provider": engine.backend.provider,
            "items_per_s": batch / seconds, "rounds": 1}
     return {"key": k, "backend": path[0], "precision": path[1], "threads": threads, "measurements": [row],
-            "clear": False, "checks": 0, "saved": False, "reused": False, "short_job": job, "for_items": items}
+            "clear": False, "checks": 0, "saved": False, "reused": False, "short_job": job, "for_items": items,
+            "engine": engine}  # the job runs on it (not saved: the decision is never written)
 
 
 def affords_recheck(decision: dict[str, Any], items: int | None) -> bool:
