@@ -402,8 +402,9 @@ def time_paths(load: Load, model_dir: Path, paths: list[tuple[str, str]], thread
         for n in threads:
             step(f"opening {backend} {precision}" + (f", {n} thread{'s' * (n > 1)}" if len(threads) > 1 else ""))
             t0 = time.perf_counter()
-            engines[backend, precision, n] = load(model_dir, backend=backend, precision=precision, threads=n,
-                                                  device=device)
+            engine = engines[backend, precision, n] = load(model_dir, backend=backend, precision=precision,
+                                                           threads=n, device=device)
+            _encode_decode(engine.backend, *_inputs(engine, 1))()  # sessions open on first use: count them here
             opened[backend, precision, n] = time.perf_counter() - t0
     if len(engines) == 1:
         (b, p, n), engine = next(iter(engines.items()))

@@ -107,11 +107,19 @@ class GraphBackend(BackendDefaults):
         self.likelihood, self.mean_width = likelihoods.get(cfg.likelihood), cfg.input_dim
         self.paths: dict[str, Path] = {}
         self.graphs: dict[str, graphs.Graph] = {}  # role -> the checked graph
+        self.open_roles: set[str] = set()  # the encoder and decoder, once opened (`_opened`)
         self.ends_in_mean: dict[str, bool] = {}  # for each mean graph made: does it end in E[x|z] itself?
 
     def _open(self, role: str, graph: graphs.Graph) -> None:
         """Make a checked graph runnable as `role` in this backend's runtime."""
         raise NotImplementedError
+
+    def _opened(self, role: str) -> None:
+        """Open the encoder or decoder on its first use: a job runs one of them (encode; decode and sample), so
+        the other's session is never made (10-15 ms each on the 2-core machines). Both were checked at load."""
+        if role not in self.open_roles:
+            self._open(role, self.graphs[role])
+            self.open_roles.add(role)
 
     @staticmethod
     def _graph(model_dir: Path, role: str, variant: str) -> Path:
@@ -132,6 +140,8 @@ class GraphBackend(BackendDefaults):
         `chunk_rows` rows run chunk by chunk into one output (`config.CHUNK_ROWS`: the chunk's activations stay
         in cache), the first chunk checked, the others written in place, where a wrong shape cannot fit."""
         rows, a = self.chunk_rows, np.ascontiguousarray(a)  # runtimes share C-ordered memory (and so its chunks)
+        if role in self.graphs:
+            self._opened(role)
         try:
             if not rows or len(a) <= rows:
                 outs = self._infer(role, a)
@@ -178,6 +188,8 @@ class GraphBackend(BackendDefaults):
         """The graph a raw call of `op` runs (see `RAW_CALL`): the fused one for reconstruct, made here on first use."""
         if op == "reconstruct":
             self._mean_call("reconstruct", a[:1])  # the fused graph, opened
+        else:
+            self._opened({"encode": "encoder", "decode": "decoder"}[op])
         return {"encode": "encoder", "decode": "decoder", "reconstruct": "reconstruct"}[op]
 
     def _mean_call(self, role: str, a: np.ndarray) -> np.ndarray:

@@ -31,8 +31,10 @@ class OrtBackend(GraphBackend):
         for role in graphs.ROLES:
             path = self.paths[role] = self._graph(model_dir, role, self.variant)
             self.graphs[role] = graphs.load_graph(path, role, cfg)
-            self._open(role, self.graphs[role])
-        self.provider = self.sessions["decoder"].get_providers()[0]
+        self.provider = "CPUExecutionProvider"  # on the CPU sessions open on first use (`_opened`)
+        if device != "cpu":  # the provider a GPU session got (ORT falls back to the CPU where CUDA cannot start)
+            self._opened("decoder")
+            self.provider = self.sessions["decoder"].get_providers()[0]
         if self.provider != "CPUExecutionProvider":
             self.chunk_rows = None  # a GPU runs a large call best whole; its outputs are not in host memory
 

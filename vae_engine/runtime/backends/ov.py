@@ -43,8 +43,7 @@ class OpenVinoBackend(GraphBackend):
         self.requests = {}
         for role in graphs.ROLES:
             path = self.paths[role] = self._graph(model_dir, role, "fp32")
-            self.graphs[role] = graphs.load_graph(path, role, cfg)
-            self._open(role, self.graphs[role])
+            self.graphs[role] = graphs.load_graph(path, role, cfg)  # compiled on first use (`_opened`)
 
     def _open(self, role: str, graph: graphs.Graph) -> None:
         """One compiled model and infer request for `role`, from the checked graph's bytes."""
