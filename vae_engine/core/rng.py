@@ -249,6 +249,19 @@ def iwae_blocks(streams: Streams, k: int, d: int, rows: int, device=None, sample
             yield i, j, s, streams.eps(i, j, k, d, s, min(s1, s + rows), device)
 
 
+def iwae_log_sums(streams: Streams, k: int, d: int, rows: int, block_log_sum, device=None,
+                  samples: tuple[int, int] | None = None) -> np.ndarray:
+    """log sum_s w_s per item (n,) float64 over samples s0..s1 of k, block by block (`iwae_blocks`):
+    `block_log_sum(i, j, eps)` gives log sum_s w_s over one block's samples for items i..j-1, and the blocks of an
+    item combine by log-sum-exp. The one blocked log-sum-exp of the engine and of its PyTorch reference."""
+    s0 = samples[0] if samples else 0
+    out = np.empty(len(streams))
+    for i, j, s, eps in iwae_blocks(streams, k, d, rows, device, samples):
+        block = np.asarray(block_log_sum(i, j, eps), np.float64)
+        out[i:j] = block if s == s0 else np.logaddexp(out[i:j], block)
+    return out
+
+
 def binarize(x: np.ndarray, seed: int, start: int, parallel: bool | None = None) -> np.ndarray:
     """Bernoulli(x) pixels (n, P) float32 for items start..start+n-1, x in [0, 1] (`parallel`: as `normal_eps`)."""
     return binarize_items(x, *run_of(seed, start, len(x), BINARIZE_STREAM), parallel)

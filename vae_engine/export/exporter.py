@@ -240,9 +240,12 @@ def _test_nelbo(encoder: onnx.ModelProto, decoder: onnx.ModelProto, x_bin: np.nd
                 prior) -> tuple:
     """(test -ELBO, decoder params) of a graph pair on the model's test items, eps from the counter stream;
     `prior` as the engine runs it (`priors.load`)."""
+    from ..model import kernels
+
     mu, logvar = _run(encoder, x_bin)
-    eps = rng.normal_eps(seed, 0, len(x_bin), 1, mu.shape[1])[:, 0]
-    z = (mu + np.exp(0.5 * logvar) * eps).astype(np.float32)
+    eps = rng.normal_eps(seed, 0, len(x_bin), 1, mu.shape[1])
+    z = kernels.reparameterize(mu, logvar, eps)[:, 0]  # the engine's own reparameterization
+    eps = eps[:, 0]
     logits = _run(decoder, z)[0]
     log_px = lk.log_prob(torch.from_numpy(x_bin).double(), torch.from_numpy(logits).double()).numpy()
     nelbo = float(np.mean(-(log_px - prior.kl(mu, logvar, z, eps))))

@@ -87,12 +87,14 @@ def reference_scores(model: VAE, x: np.ndarray, start: int, k: int, seed: int) -
     """
     device = _device(model)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
-    log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks (the engine's blocking, same streams)
-    for i, j, s, eps in rng.iwae_blocks(rng.Streams.contiguous(seed, start, len(x)), k, model.cfg.latent_dim,
-                                            SCORE_ROWS):
+
+    def block_log_sum(i: int, j: int, eps: np.ndarray) -> np.ndarray:  # (b,) over the block's samples
         log_w = log_weights(model, xt[i:j], torch.from_numpy(eps).to(device)).double()  # (b, K')
-        block = torch.logsumexp(log_w, dim=-1).cpu().numpy()
-        log_sum[i:j] = block if s == 0 else np.logaddexp(log_sum[i:j], block)
+        return torch.logsumexp(log_w, dim=-1).cpu().numpy()
+
+    # the engine's blocking and streams
+    log_sum = rng.iwae_log_sums(rng.Streams.contiguous(seed, start, len(x)), k, model.cfg.latent_dim, SCORE_ROWS,
+                                block_log_sum)
     return reference_nelbo(model, x, start, seed), -(log_sum - np.log(k))
 
 

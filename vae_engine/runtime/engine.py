@@ -175,9 +175,8 @@ class Engine:
         mu, logvar = self.backend.encode(x)
         # a GPU backend computes the log-weights itself, next to the decoder's outputs (the prior's log-density too)
         on_device = self.backend.score_rows
-        log_sum = np.empty(len(x))  # log sum_k w_k, accumulated over K blocks
-        for i, j, s, eps in rng.iwae_blocks(streams, k, self.latent_dim, on_device or SCORE_ROWS,
-                                            self.backend.device if on_device else None, (s0, s1)):
+
+        def block_log_sum(i: int, j: int, eps) -> np.ndarray:
             if on_device:
                 log_w = self.backend.log_weights(x[i:j], mu[i:j], logvar[i:j], eps, self.prior)
             else:
@@ -186,9 +185,10 @@ class Engine:
                 log_pz = None if self.prior.standard else \
                     self.prior.log_prob(z.reshape(-1, self.latent_dim)).reshape(z.shape[:2])
                 log_w = kernels.log_weights(x[i:j], params, z, mu[i:j], logvar[i:j], self.likelihood, log_pz)
-            block = kernels.log_mean_exp(log_w) + np.log(eps.shape[1])  # log sum_k w over this block
-            log_sum[i:j] = block if s == s0 else np.logaddexp(log_sum[i:j], block)
-        return log_sum
+            return kernels.log_mean_exp(log_w) + np.log(eps.shape[1])  # log sum_k w over this block
+
+        return rng.iwae_log_sums(streams, k, self.latent_dim, on_device or SCORE_ROWS, block_log_sum,
+                                 self.backend.device if on_device else None, (s0, s1))
 
     def warm_up(self, kernels: bool = True) -> None:
         """Run every op once on one item, so that a server's first requests do not pay for what is made on first
