@@ -70,7 +70,8 @@ def _missing(precision: str, device: str, model_dir: Path | None) -> str | None:
         import onnxruntime
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            return "onnxruntime has no CUDA provider here (pip install 'vae-engine[gpu]')"
+            return ("onnxruntime has no CUDA provider here (replace it with the GPU build: pip uninstall "
+                    "onnxruntime && pip install onnxruntime-gpu)")
     variant = GRAPHS[precision]
     if model_dir is not None and not graphs.graph_path(model_dir, "encoder", variant).is_file():
         return f"{variant} graphs not exported (vae-engine export MODEL{EXPORT_FLAG[variant]})"
