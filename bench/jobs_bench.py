@@ -170,6 +170,9 @@ def run(repeats: int = 5, names: list[str] | None = None) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+SECTION = "jobs-table"  # the generated section of docs/benchmarks/jobs.md
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Machine: {m['cpu']}, {m['available_cpus']} CPUs, flags {' '.join(m['flags'])}; Python "
@@ -193,11 +196,6 @@ if __name__ == "__main__":
     if a.json:
         a.json.write_text(json.dumps(report, indent=2) + "\n")
     if a.markdown:  # the table between the page's markers, or the whole file
-        begin, end = "<!-- jobs-table: written by bench/jobs_bench.py --markdown -->\n", "<!-- /jobs-table -->\n"
-        text = a.markdown.read_text() if a.markdown.is_file() else ""
-        if begin in text and end in text:
-            head, rest = text.split(begin, 1)
-            text = head + begin + markdown(report) + end + rest.split(end, 1)[1]
-        else:
-            text = markdown(report)
-        a.markdown.write_text(text)
+        from vae_engine.perf import pages
+
+        pages.write_section(a.markdown, SECTION, markdown(report))

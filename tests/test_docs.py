@@ -147,3 +147,34 @@ def test_runnable_block_runs(name, language, code, tmp_path):
     args = ["bash", "-e", "-o", "pipefail", "-c", code] if language == "bash" else [sys.executable, "-c", code]
     r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{name}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+
+
+def _bench_table(report: dict) -> str:
+    pytest.importorskip("torch")
+    from vae_engine.runtime import bench
+
+    return bench.markdown(report)
+
+
+def _jobs_table(report: dict) -> str:
+    from bench import jobs_bench
+
+    return jobs_bench.markdown(report)
+
+
+@pytest.mark.parametrize("page,name,data,render", [
+    ("docs/benchmarks/backends.md", "bench-table", "bench/results/bench.json", _bench_table),
+    ("docs/benchmarks/jobs.md", "jobs-table", "bench/results/jobs.json", _jobs_table),
+])
+def test_measurement_tables_are_generated_from_their_json(page, name, data, render):
+    """A measurement page's table is its benchmark's JSON rendered (`perf.pages`): it cannot drift from the data,
+    and it names the run's machine, versions, date and command."""
+    import json
+
+    from vae_engine.perf import pages
+
+    got = pages.section(ROOT / page, name)
+    assert got is not None, f"{page} has no {name} section"
+    want = render(json.loads((ROOT / data).read_text())).rstrip("\n") + "\n"
+    assert got == want, f"{page}: regenerate with the command on the page"
+    assert "Machine:" in got and "2026-" in got

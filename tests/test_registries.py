@@ -34,6 +34,8 @@ def test_every_backend_reaches_its_paths_the_cli_and_auto(name):
     spec = backends.REGISTRY[name]
     assert spec.paths and all((name, p.precision, p.device) in backends.PATHS for p in spec.paths)
     assert name in backends.BACKENDS and name in _help("encode")  # --backend lists it
+    bench_help = _help("bench")  # --backends lists each benchmarked path (help texts are not built from the
+    assert all(p.label in bench_help for p in spec.paths if p.label)  # registry: `--help` imports no backend)
     for p in spec.paths:  # `unavailable` answers for every path: None (it runs here) or one line why not
         why = backends.unavailable(name, p.precision, p.device, TINY_EXPORTED)
         assert why is None or (isinstance(why, str) and "\n" not in why)

@@ -448,7 +448,7 @@ def bench(
     quick: Annotated[bool, typer.Option(help="A short run (under 30 s): fewer backends and batch sizes, shorter timing.")] = False,
     json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON report.")] = Path("bench.json"),
     plot_path: Annotated[Path, typer.Option("--plot", help="Where to write the PNG chart: one panel per operation (items/s vs batch, GEMM-peak ceilings), batch-1 latency.")] = Path("bench.png"),
-    markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Also write the results as a Markdown table (as in the README).")] = None,
+    markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Also write the results as Markdown: between a page's bench-table markers (docs/benchmarks/backends.md), or as the whole file.")] = None,
     auto: Annotated[bool, typer.Option(help="Mark with * the row --precision auto takes at each batch size (its decision reused from the model's tuning.json, or measured: ~10 s per batch size); not with --quick.")] = True,
 ) -> None:
     """Compare backends on one model in one run: latency p50/p90/p99, samples/s, GFLOP/s vs this machine's GEMM peak."""
@@ -480,11 +480,17 @@ def bench(
     with console.status("benchmarking") as status:
         report = bench_mod.benchmark(resolve_model_dir(model_dir), labels, batch_list, op_list, threads, quick, spin,
                                progress=lambda message: status.update(f"benchmarking: {message}"), auto=auto)
+    import shlex
+    import sys
+
+    report["command"] = shlex.join(["vae-engine", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "vae-engine bench"
     for renderable in bench_mod.render(report):
         out.print(renderable)
     atomic.write_json(json_path, report)
     if markdown_path:
-        atomic.write_text(markdown_path, bench_mod.markdown(report) + "\n")
+        from ..perf import pages
+
+        pages.write_section(markdown_path, bench_mod.SECTION, bench_mod.markdown(report))
     bench_chart(report, plot_path, [c.label for c in bench_mod.CANDIDATES])
     out.print(f"wrote {json_path} and {plot_path}")
 

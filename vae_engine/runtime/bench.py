@@ -3,6 +3,7 @@ the machine's own GEMM peak for that precision (fp32, bf16, int8; CPU and GPU), 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,7 +239,8 @@ def benchmark(model_dir: str | Path, labels: tuple[str, ...] | None = None, batc
     post = postprocess_bench(min_time=min_time)
     _add_ratios(results)
     return {
-        "schema": "vae-engine-bench/2", "model_dir": str(model_dir), "model": {"arch": cfg.arch,
+        "schema": "vae-engine-bench/2", "date": time.strftime("%Y-%m-%d"), "model_dir": str(model_dir),
+        "model": {"arch": cfg.arch,
         "latent_dim": cfg.latent_dim, "hidden": list(cfg.hidden)}, "flops_per_sample": flops,
         "machine": hardware.describe(threads),
         "versions": {**modeldir.versions(), "numba_threads": numba.get_num_threads(),
@@ -272,9 +274,23 @@ def peaks_line(peaks: dict[str, dict[str, float]]) -> str:
         for precision, rates in peaks.items())
 
 
+SECTION = "bench-table"  # the generated section of docs/benchmarks/backends.md (`perf.pages`)
+
+
+def describe_run(report: dict[str, Any]) -> str:
+    """One line naming a report's machine, versions, date and command."""
+    m, v = report["machine"], report["versions"]
+    libs = ", ".join(f"{k} {v[k]}" for k in ("torch", "onnxruntime", "openvino", "numba") if v.get(k))
+    return (f"Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m['flags'])}; {m['threads']} threads; "
+            f"Python {v['python']}; {libs}; {report.get('date', 'date not recorded')}; "
+            f"`{report.get('command', 'vae-engine bench')}`.")
+
+
 def markdown(report: dict[str, Any], batches: tuple[int, ...] = (1, 1024)) -> str:
-    """A Markdown table of a report (for the README), rows at the given batch sizes."""
-    lines = ["| op | batch | backend | p50 / p90 / p99 us | samples/s | GFLOP/s | % of peak | x torch "
+    """A Markdown table of a report (for docs/benchmarks/backends.md), rows at the given batch sizes, under the
+    line that names its machine, versions, date and command."""
+    lines = [describe_run(report), "",
+             "| op | batch | backend | p50 / p90 / p99 us | samples/s | GFLOP/s | % of peak | x torch "
              "| raw runtime p50 us (engine overhead) |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
