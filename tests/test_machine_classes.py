@@ -33,8 +33,9 @@ EXPECTED = {
                          False: [(ORT, "fp32"), (TORCH, "bf16"), (ORT, "int8")]},
     "amx": {True: [(ORT, "fp32"), (OV, "fp32"), (OV, "bf16"), (ORT, "int8")],
             False: [(ORT, "fp32"), (TORCH, "bf16"), (ORT, "int8")]},
-    "cuda": {True: [(TORCH, "fp32"), (ORT, "fp32"), (TORCH, "bf16"), (TORCH, "fp16"), (ORT, "int8")],
-             False: [(TORCH, "fp32"), (ORT, "fp32"), (TORCH, "bf16"), (TORCH, "fp16"), (ORT, "int8")]},
+    # a GPU: no int8 path there (ONNX Runtime's int8 graphs are a CPU path), ONNX Runtime fp32 with its CUDA provider
+    "cuda": {True: [(TORCH, "fp32"), (ORT, "fp32"), (TORCH, "bf16"), (TORCH, "fp16")],
+             False: [(TORCH, "fp32"), (ORT, "fp32"), (TORCH, "bf16"), (TORCH, "fp16")]},
 }
 DEVICE = {"cuda": "cuda"}  # the device a job on that class asks for
 
@@ -49,7 +50,12 @@ def model(exported_model, tmp_path):
 @pytest.mark.parametrize("openvino", [True, False], ids=["openvino", "no-openvino"])
 @pytest.mark.parametrize("name", CLASSES)
 def test_candidates_and_notes(model, name, openvino, monkeypatch):
+    import onnxruntime
+
     monkeypatch.setattr(backends, "openvino_installed", lambda: openvino)
+    if name == "cuda":  # the GPU build of ONNX Runtime, as such a machine would have
+        monkeypatch.setattr(onnxruntime, "get_available_providers",
+                            lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with hardware.pretend(CLASSES[name]):
         paths, notes = tuning.candidates(model, device=DEVICE.get(name, "cpu"))
         assert paths == EXPECTED[name][openvino]
@@ -57,6 +63,17 @@ def test_candidates_and_notes(model, name, openvino, monkeypatch):
         assert no_bf16 == (name == "avx2"), notes
         # int8 left out only when asked
         assert (ORT, "int8") not in tuning.candidates(model, device=DEVICE.get(name, "cpu"), int8=False)[0]
+
+
+def test_a_gpu_times_only_the_paths_it_can_run(model):
+    """On a GPU whose ONNX Runtime is the CPU build (as on a machine with CUDA PyTorch and the base install), and
+    with int8 graphs exported (a CPU path): neither is timed, and the notes say why (before, auto opened them and
+    failed the job)."""
+    with hardware.pretend(CUDA):
+        paths, notes = tuning.candidates(model, device="cuda")
+    assert (ORT, "int8") not in paths and (ORT, "fp32") not in paths and (TORCH, "fp32") in paths
+    assert any(n.startswith("onnxruntime/int8: ") for n in notes)
+    assert any(n.startswith("onnxruntime/fp32: ") and "CUDA provider" in n for n in notes)
 
 
 def test_notes_say_what_is_not_exported(tiny_model):

@@ -106,6 +106,14 @@ def candidates(model_dir: Path, backend: str = "auto", device: str = "cpu",
         paths.append(("onnxruntime", "int8"))
     elif not exported["int8"]:
         notes.append("int8: not exported (vae-engine export MODEL --quantize int8)")
+    runnable = []  # the registry has the last word: a path the backend does not implement on this device, or
+    for b, p in paths:  # that this machine lacks (ONNX Runtime without its CUDA provider), is never timed
+        why = backends.unavailable(b, p, "cuda" if gpu else "cpu", model_dir)
+        if why:
+            notes.append(f"{b}/{p}: {why}")
+        else:
+            runnable.append((b, p))
+    paths = runnable
     if backend != "auto":
         paths = [p for p in paths if p[0] == backend] or [(backend, "fp32")]
     if not paths:
