@@ -339,9 +339,14 @@ def test_bench_names_the_row_auto_takes():
            "gflops": 1.0, "fraction_of_peak": 0.5, "speedup_vs_torch": 1.0}
     report = {"results": [{**row, "backend": "torch", "auto": False}, {**row, "backend": "ort-fp32", "auto": True}],
               "gemm_peak_gflops": {"fp32": {"numpy": 100.0}}, "auto": {"8": {"label": "ort-fp32"}},
-              "postprocess": [{"backend": "numba", "p50_us": 1.0, "max_rel_err_vs_numpy": 0.0}]}
+              "postprocess": [{"backend": "numba", "p50_us": 1.0, "max_rel_err_vs_numpy": 0.0}],
+              "machine": {"cpu": "Some CPU", "cores": 2, "flags": ["avx2"], "threads": 2},
+              "versions": {"python": "3.11.7", "onnxruntime": "1.32.0"}, "date": "2026-12-07",
+              "command": "vae-engine bench m"}
     table = bench.markdown(report, batches=(8,))
     assert "| ort-fp32* |" in table and "| torch |" in table and bench.AUTO_MARK in table
+    assert table.startswith("Machine: Some CPU, 2 cores, flags avx2; 2 threads; Python 3.11.7; onnxruntime 1.32.0; "
+                            "2026-12-07; `vae-engine bench m`.")
 
 
 @pytest.mark.slow  # ~30 s: GEMM peaks, two paths timed, and the auto decision measured
