@@ -170,7 +170,7 @@ def evaluate(
                                 max_nll_change=max_nll_change, device=device,
                                 data_path=str(data) if data else None,
                                 columns=comma_list("--columns", columns))
-    table = Table(title=f"evaluation of {model_dir} ({result['n']} test images, seed {seed})")
+    table = Table(title=f"evaluation of {model_dir} ({result['n']} test items, seed {seed})")
     for col in ("path", "-ELBO (nats)", f"NLL k={k} (nats)", "seconds"):
         table.add_column(col)
     table.add_row(result["path"], f"{result['test_nelbo']:.3f} ± {result['test_nelbo_stderr']:.3f}",

@@ -143,4 +143,4 @@ def _evaluation(model_dir: Path, console: Console) -> None:
     if ev:
         console.print(f"evaluation: test -ELBO {_num(ev.get('test_nelbo'), '.3f')}, "
                       f"NLL {_num(ev.get('test_nll'), '.3f')} (k={ev.get('k', '?')})")
-        console.print(f"  {ev.get('n', '?')} test images, seed {ev.get('seed', '?')}, backend {ev.get('backend', '?')}")
+        console.print(f"  {ev.get('n', '?')} test items, seed {ev.get('seed', '?')}, backend {ev.get('backend', '?')}")
