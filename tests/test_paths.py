@@ -259,7 +259,7 @@ def test_evaluate_auto_backend(model, tmp_path):
     the PyTorch reference where they are not, torch on a GPU (scores next to its decoder)."""
     import shutil
 
-    from vae_engine.jobs.evaluate import evaluate_model, evaluation_backend
+    from vae_engine.jobs.evaluate import evaluate_model
 
     kw = {"k": K, "limit": 8, "seed": SEED, "threads": 2}
     got, want = evaluate_model(model, **kw), evaluate_model(model, backend="torch", **kw)
@@ -269,9 +269,11 @@ def test_evaluate_auto_backend(model, tmp_path):
     for f in bare.glob("*.onnx"):
         f.unlink()
     assert evaluate_model(bare, **kw)["path"] == "torch/fp32 (reference)"
-    assert evaluation_backend(model, "auto", "fp32", "cuda") == "torch"
-    assert evaluation_backend(model, "auto", "bf16", "cpu") == "auto"  # Engine.load picks for other precisions
-    assert evaluation_backend(model, "openvino", "fp32", "cpu") == "openvino"
+    from vae_engine.runtime.backends import default_backend  # the one default, for evaluate and every job
+
+    assert default_backend(model, "fp32", "cuda") == default_backend(model, "fp16", "cuda:1") == "torch"
+    assert default_backend(model, "fp32", "cpu") == "onnxruntime" and default_backend(bare, "fp32", "cpu") == "torch"
+    assert default_backend(model, "int8", "cpu") == "onnxruntime"
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -14,7 +14,7 @@ BudgetOpt = Annotated[float, typer.Option(help="With --precision auto: the large
 ModelDir = Annotated[Path, typer.Argument(help="Model directory (config.json + model.safetensors, as written by train).")]
 ModelOpt = Annotated[Path | None, typer.Argument(help="Model directory; default: the shipped models/mnist-vae.", show_default=False)]
 
-BackendOpt = Annotated[str, typer.Option(help="auto, torch, torch-compile, onnxruntime or openvino (pip install 'vae-engine\\[openvino]'). auto with --precision auto: the fastest measured path; with a fixed precision: ONNX Runtime if exported, else torch.")]
+BackendOpt = Annotated[str, typer.Option(help="auto, torch, torch-compile, onnxruntime or openvino (pip install 'vae-engine\\[openvino]'). auto with --precision auto: the fastest measured path; with a fixed precision: on the CPU ONNX Runtime if exported, else torch; torch on a GPU.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (the first CUDA GPU torch sees, else the CPU); torch, and onnxruntime with onnxruntime-gpu. A GPU that is not usable here is an error, not a quiet run on the CPU.")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto: the fastest path measured here within --max-nll-change of fp32 (decided once per machine and batch size, saved in MODEL/tuning.json, shown by info); fp32; bf16 (torch, or openvino on CPUs with AVX512_BF16/AMX); int8 (onnxruntime; export --quantize int8); fp16 (GPU).")]
 BatchOpt = Annotated[int, typer.Option(help="Items per chunk: memory stays bounded by this, whatever the input size.")]

@@ -15,7 +15,7 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
         max_nll_change: float | None = None, device: str = "cpu") -> dict:
     """Evaluate a model directory on its own test split (or on `data_path`); returns the summary record.
 
-    backend="auto": `evaluation_backend` (at fp32 on the CPU, ONNX Runtime where the graphs are exported: the same
+    backend="auto": `default_backend` (at fp32 on the CPU, ONNX Runtime where the graphs are exported: the same
     NLL as the reference to ~1e-3 nats, 2.0x faster at k=5000 on the 2-core AVX2 EPYC). compare=True also runs the
     PyTorch reference on the same images and streams, and records its time, the speed ratio and the largest
     per-image difference.
@@ -42,7 +42,10 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
     threads = set_threads(threads)
     binarize = likelihoods.get(modeldir.model_config(model_dir).likelihood).binarizes(train_cfg.binarize)
     path, reference = "torch/fp32 (reference)", None
-    backend = evaluation_backend(model_dir, backend, precision, device)
+    if backend == "auto" and precision == "fp32":  # the job's default path (`default_backend`): the reference's
+        from ..runtime.backends import default_backend  # numbers on ONNX Runtime's graphs, torch on a GPU
+
+        backend = default_backend(model_dir, precision, device)
     if compare or (backend == "torch" and precision == "fp32" and device == "cpu"):  # the PyTorch reference
         from ..model.estimators import reference_scores
 
@@ -77,18 +80,6 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
             "mean_diff_nll": float(np.mean(nll - ref_nll)),
         }
     return result
-
-
-def evaluation_backend(model_dir, backend: str, precision: str, device: str) -> str:
-    """The backend `--backend auto` evaluates an fp32 model with: on the CPU the engine's default (ONNX Runtime
-    where the graphs are exported, else torch: the PyTorch reference); on a GPU torch, which computes the
-    log-weights next to its decoder (`score_rows`) instead of copying every block's outputs back. Other precisions
-    and named backends are left to `Engine.load`."""
-    from ..runtime.backends import default_backend
-
-    if backend != "auto" or precision != "fp32":
-        return backend
-    return default_backend(model_dir, precision) if device == "cpu" else "torch"
 
 
 def hardware_limit(model_dir, path: str, n: int, k: int, threads: int, seconds: float, device: str = "cpu") -> dict:

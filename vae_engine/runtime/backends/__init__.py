@@ -35,8 +35,12 @@ def openvino_installed() -> bool:
 
 
 def default_backend(model_dir: Path, precision: str, device: str = "cpu") -> str:
-    """The backend that runs a precision when none is named: ONNX Runtime for exported fp32/int8/fp16 graphs,
-    torch otherwise (bf16 on torch, or OpenVINO when it is installed and the CPU has native bf16)."""
+    """The backend that runs a precision when none is named (every job, `evaluate`, the server). On a GPU torch
+    (every GPU precision but int8, and it scores next to its decoder; ONNX Runtime needs its GPU build there). On
+    the CPU ONNX Runtime for exported fp32/int8/fp16 graphs, torch otherwise (bf16 on torch, or OpenVINO when it
+    is installed and the CPU has native bf16)."""
+    if device.split(":")[0] == "cuda" and precision != "int8":
+        return "torch"
     if precision == "bf16":
         return "openvino" if device == "cpu" and hardware.native_bf16() and openvino_installed() else "torch"
     if precision != "fp32":  # int8/fp16 exist only as ONNX: onnxruntime asks for their export if missing
