@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from vae_engine import modeldir
-from vae_engine.training.plots import nll_against_time
+from vae_engine.core.figures import nll_against_time
 
 REFERENCES = {"IWAE k=50, one stochastic layer (Burda 2015): 84.78": 84.78,
               "IWAE k=50, two stochastic layers (Burda 2015): 82.90": 82.90,

@@ -456,9 +456,9 @@ def bench(
 ) -> None:
     """Compare backends on one model in one run: latency p50/p90/p99, samples/s, GFLOP/s vs this machine's GEMM peak."""
     from ..core import atomic
+    from ..core.figures import bench_chart
     from ..modeldir import resolve_model_dir
     from ..runtime import bench as bench_mod
-    from ..training.plots import bench_chart
 
     for path in (json_path, plot_path, markdown_path):
         if path is not None:

@@ -90,7 +90,7 @@ def run(model_dir: Path, input: Path, output: Path, scores_path: Path | None, co
     if scores_path is not None:
         atomic.save_npy(scores_path, scores)
     if plot is not None:
-        from ..training.plots import anomaly_chart
+        from ..core.figures import anomaly_chart
 
         anomaly_chart(scores, offset, det.rule, labels, plot)
     return result
