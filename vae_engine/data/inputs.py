@@ -129,6 +129,14 @@ def items(x, cfg, unit_interval: bool, name: str = "x", start: int = 0) -> np.nd
     return np.ascontiguousarray(model_input(a, unit_interval, name, start))
 
 
+def check_fits(item_shape: tuple[int, ...], cfg, name: str) -> None:
+    """Do items of this shape fit the model (its own shape, or flattened to its D values)? A DataError naming the
+    source otherwise: the one test of "does this data fit this model" (jobs, evaluate, the request checks)."""
+    if not cfg.accepts(tuple(item_shape)):
+        raise DataError(f"{name}: items of shape {tuple(item_shape)} do not fit this model, which takes "
+                        f"{tuple(cfg.input_shape)} (or {cfg.input_dim} values per row)")
+
+
 def latents(z, latent_dim: int, name: str = "z") -> np.ndarray:
     """Latent-space arrays (z, mu, logvar) by the input rule: finite floats of shape (N, latent_dim) ->
     contiguous float32."""

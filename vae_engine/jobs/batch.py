@@ -53,20 +53,12 @@ def open_items(path: str | Path, cfg: ModelConfig) -> Source:
         return _images(path, readers.image_files(path), cfg, unit)
     if not path.is_file():
         raise DataError(f"{path}: input not found")
-    suffix = path.suffix.lower()
-    if suffix in readers.IMAGE_SUFFIXES:
+    if path.suffix.lower() in readers.IMAGE_SUFFIXES:
         return _images(path, [path], cfg, unit)
-    if suffix == ".npy":
-        arr = readers.load_npy(path)
-    elif suffix in (".npz", ".csv", ".parquet"):
-        arr = readers.read(path)[0]
-    else:
-        arr = data.read_idx(path)
+    arr = readers.read(path)[0]  # a .npy stays memory-mapped
     if len(arr) == 0:
         raise DataError(f"{path}: the input holds no items")
-    if not cfg.accepts(arr.shape[1:]):
-        raise DataError(f"{path}: items of shape {arr.shape[1:]} do not fit this model, which takes "
-                        f"{tuple(cfg.input_shape)} (or {cfg.input_dim} values per row)")
+    data.check_fits(arr.shape[1:], cfg, str(path))
     return Source(str(path), len(arr), cfg.input_dim, lambda i, j: data.model_input(arr[i:j], unit, str(path), i))
 
 

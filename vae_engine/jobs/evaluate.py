@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.errors import DataError
 from ..model.evaluation import evaluate, summarize
 
 
@@ -33,9 +32,7 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
 
         images = readers.read(data_path, columns)[0]
         cfg = modeldir.model_config(model_dir)
-        if not cfg.accepts(images.shape[1:]):
-            raise DataError(f"{data_path}: items of shape {images.shape[1:]} do not fit this model, which takes "
-                            f"{tuple(cfg.input_shape)}")
+        data.check_fits(images.shape[1:], cfg, str(data_path))
     else:
         images, _ = data.load_test_data(train_cfg)
     images = images[:limit]
