@@ -29,10 +29,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .. import modeldir
 from ..core import atomic
-from ..core.config import (  # listed in config, so the CLI needs no scikit-learn import for them
-    DEFAULT_RULE,
-    RULES,
-)
+from ..core.config import DEFAULT_RULE, RULES  # noqa: F401 - RULES re-exported; in config, so the CLI needs no sklearn
+from . import rules
 from .rules import CHUNK, DETECTOR, SCHEMA, chunks, flags, read_detector, rule_scores  # noqa: F401 - re-exported
 
 MIN_STEPS = 1000  # epochs="auto": optimizer steps at least (3000 overfit small tables: breast cancer 0.948 AUC)
@@ -71,11 +69,7 @@ class VAEOutlierDetector(OutlierMixin, BaseEstimator):
     # ---- fitting ----
 
     def _check_params(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
-        c = self.contamination
-        if not (c == "auto" or (isinstance(c, int | float) and not isinstance(c, bool) and 0 < c <= 0.5)):
-            raise ValueError(f"contamination must be 'auto' or a fraction in (0, 0.5], got {c!r}")
+        rules.check_rule(self.rule, self.contamination, ValueError, "contamination")
         if not (isinstance(self.k, int | np.integer) and 1 <= self.k <= 100_000):
             raise ValueError(f"k must be an integer in [1, 100000], got {self.k!r}")
         if not (self.epochs == "auto" or isinstance(self.epochs, int | np.integer) and self.epochs >= 1):

@@ -13,12 +13,25 @@ import numpy as np
 from .. import modeldir
 from ..core import rng
 from ..core.config import LOG_2PI, RULES
-from ..core.errors import DataError, ModelDirError
+from ..core.errors import DataError, ModelDirError, VaeEngineError
 from ..model import kernels
 
 DETECTOR = "detector.json"
 SCHEMA = "vae-engine-detector/1"
 CHUNK = 256  # rows per network call, padded: the same kernels for every item, whatever the caller's batch
+
+
+def check_rule(rule: str, contamination=None, error: type[Exception] = VaeEngineError,
+               name: str = "--contamination") -> None:
+    """A scoring rule's name and a contamination fraction (None: not given; "auto" where the estimator takes
+    it), or one clear error: the CLI's and the jobs' VaeEngineError, the estimator's ValueError (scikit-learn's
+    convention for parameters)."""
+    if rule not in RULES:
+        raise error(f"unknown scoring rule {rule!r}: choose one of {', '.join(RULES)}")
+    c = contamination
+    if not (c is None or c == "auto" or (isinstance(c, int | float) and not isinstance(c, bool) and 0 < c <= 0.5)):
+        auto = "'auto' or " if error is ValueError else ""
+        raise error(f"{name} must be {auto}a fraction in (0, 0.5], got {c!r}")
 
 
 def flags(scores: np.ndarray, threshold: float) -> np.ndarray:

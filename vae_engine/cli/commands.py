@@ -101,7 +101,7 @@ def train(
     from ..training.train import train as run_train
 
     if contamination is not None:
-        from ..jobs.detect import check_rule
+        from ..anomaly.rules import check_rule
 
         check_rule(rule, contamination)
     model_cfg = ModelConfig(arch=arch, latent_dim=latent_dim, hidden=comma_list("--hidden", hidden.replace("x", ","), int) or (), activation=activation,

@@ -53,9 +53,12 @@ def open_items(path: str | Path, cfg: ModelConfig) -> Source:
         return _images(path, readers.image_files(path), cfg, unit)
     if not path.is_file():
         raise DataError(f"{path}: input not found")
-    if path.suffix.lower() in readers.IMAGE_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix in readers.IMAGE_SUFFIXES:
         return _images(path, [path], cfg, unit)
-    arr = readers.read(path)[0]  # a .npy stays memory-mapped
+    # a .npy is memory-mapped and converted chunk by chunk (memory bounded by the batch, whatever the file's
+    # size); the other formats are read whole (readers.read, which converts to float32 at once)
+    arr = readers.load_npy(path) if suffix == ".npy" else readers.read(path)[0]
     if len(arr) == 0:
         raise DataError(f"{path}: the input holds no items")
     data.check_fits(arr.shape[1:], cfg, str(path))
@@ -195,8 +198,7 @@ def _rule_fn(engine: Engine, rule: str, k: int, seed: int):
     rule needs none); inputs are not binarized (the rules are deterministic)."""
     from ..anomaly import rules as detector
 
-    if rule not in detector.RULES:
-        raise VaeEngineError(f"unknown rule {rule!r}: choose one of {', '.join(detector.RULES)}")
+    detector.check_rule(rule)
     doc = detector.read_detector(engine.model_dir) if rule != "reconstruction" else None
     stats = (np.asarray(doc["latent_mean"]), np.asarray(doc["latent_cov"]),
              tuple(np.asarray(r, np.float64) for r in doc["quantize_range"])) if doc else (None, None, None)

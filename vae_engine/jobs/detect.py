@@ -15,14 +15,6 @@ from ..core.config import RULES
 from ..core.errors import DataError, VaeEngineError
 
 
-def check_rule(rule: str, contamination: float | None) -> None:
-    """A scoring rule name and a contamination fraction, or a clear error."""
-    if rule not in RULES:
-        raise VaeEngineError(f"unknown scoring rule {rule!r}: choose one of {', '.join(RULES)}")
-    if contamination is not None and not (0 < contamination <= 0.5):
-        raise VaeEngineError(f"--contamination must be a fraction in (0, 0.5], got {contamination}")
-
-
 def _items(path: str | Path, n_features: int) -> np.ndarray:
     """The file's items as float (N, D) by the one input rule (uint8 = intensity / 255)."""
     from ..data import readers
@@ -57,7 +49,7 @@ def run(model_dir: Path, input: Path, output: Path, scores_path: Path | None, co
 
     if contamination is not None and threshold is not None:
         raise VaeEngineError("give --contamination or --threshold, not both")
-    check_rule(RULES[0], contamination)
+    rules.check_rule(RULES[0], contamination)
     if threshold is not None and not np.isfinite(threshold):
         raise VaeEngineError("--threshold must be a finite number")
     for path in (output, scores_path, plot):
