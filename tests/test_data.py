@@ -141,3 +141,23 @@ def test_csv_fast_reader_equals_the_row_reader(tmp_path, header):
     path.write_text("a,b\n1,2\n3\n")
     with pytest.raises(DataError, match="row 3 has 1 fields"):
         readers._read_csv(path, None)
+
+
+def test_a_jobs_npy_input_is_streamed_not_loaded(tmp_path):
+    """A job's .npy input is memory-mapped and converted chunk by chunk: opening a 64 MB float64 file and reading
+    one chunk allocates a small fraction of it (the job's memory is bounded by its batch, not by the file)."""
+    import tracemalloc
+
+    from vae_engine.core.config import ModelConfig
+    from vae_engine.jobs import batch
+
+    cfg = ModelConfig()
+    path = tmp_path / "big.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(10_000, cfg.input_dim))[:] = 0.5
+    tracemalloc.start()
+    source = batch.open_items(path, cfg)
+    chunk = source.read(0, 100)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert source.n == 10_000 and chunk.shape == (100, cfg.input_dim)
+    assert peak < 8 * 1024 * 1024, peak
