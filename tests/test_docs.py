@@ -178,3 +178,13 @@ def test_measurement_tables_are_generated_from_their_json(page, name, data, rend
     want = render(json.loads((ROOT / data).read_text())).rstrip("\n") + "\n"
     assert got == want, f"{page}: regenerate with the command on the page"
     assert "Machine:" in got and "2026-" in got
+
+
+def test_charts_are_drawn_from_their_json(tmp_path):
+    """bench/charts.py draws the docs' load and detector charts from the committed JSON (a PNG each)."""
+    pytest.importorskip("matplotlib")
+    from bench import charts
+
+    for path in charts.draw(out=tmp_path):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (ROOT / "bench" / "results" / path.name).is_file()  # the chart the docs show is committed

@@ -151,3 +151,55 @@ def bench_chart(report: dict[str, Any], path: Path, order: list[str]) -> None:
                  + (f"; {machine['gpu']}" if machine.get("gpu") else ""), fontsize=10)
     fig.tight_layout()
     _save(fig, path)
+
+
+def load_chart(report: dict[str, Any], path: Path) -> None:
+    """The server under load (`bench/load_test.py`'s JSON): requests/s and p99 latency against the number of
+    concurrent clients, one line per protocol, solid with micro-batching on and dashed with it off, per op."""
+    rows = report["rows"]
+    ops = sorted({r["op"] for r in rows})
+    protocols = sorted({r["protocol"] for r in rows})
+    colours = dict(zip(protocols, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    fig, axes = plt.subplots(2, len(ops), figsize=(5.5 * len(ops), 7), squeeze=False, sharex=True)
+    for col, op in enumerate(ops):
+        for protocol in protocols:
+            for mode, style in (("batching on", "-"), ("batching off", "--")):
+                pts = sorted((r["concurrency"], r["requests_per_s"], r["p99_ms"]) for r in rows
+                             if r["op"] == op and r["protocol"] == protocol and r["mode"] == mode)
+                if not pts:
+                    continue
+                c, rps, p99 = zip(*pts, strict=True)
+                label = f"{protocol}, {mode}"
+                axes[0][col].plot(c, rps, style, marker="o", color=colours[protocol], label=label)
+                axes[1][col].plot(c, p99, style, marker="o", color=colours[protocol], label=label)
+        axes[0][col].set_title(f"{op}: throughput")
+        axes[0][col].set_ylabel("requests/s")
+        axes[1][col].set_title(f"{op}: tail latency")
+        axes[1][col].set_ylabel("p99 latency (ms)")
+        axes[1][col].set_xlabel("concurrent clients")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    _save(fig, path)
+
+
+def detector_chart(rows: list[dict[str, Any]], path: Path) -> None:
+    """Anomaly detectors side by side (`bench/detect_bench.py`'s JSON): ROC AUC and average precision of each
+    detector (one marker each) on each dataset (one row each)."""
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    detectors = list(dict.fromkeys(r["detector"] for r in rows))
+    markers = "osD^vP*Xh"
+    fig, axes = plt.subplots(1, 2, figsize=(13, 1.2 + 0.32 * len(cases)), sharey=True)
+    for ax, metric, title in ((axes[0], "roc_auc", "ROC AUC"), (axes[1], "average_precision", "average precision")):
+        for i, det in enumerate(detectors):
+            values = [next((r[metric] for r in rows if r["case"] == c and r["detector"] == det), np.nan)
+                      for c in cases]
+            ax.plot(values, np.arange(len(cases)), markers[i % len(markers)], label=det, alpha=0.85)
+        ax.set_yticks(np.arange(len(cases)), cases)
+        ax.invert_yaxis()
+        ax.set_xlim(0.0, 1.02)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    _save(fig, path)
