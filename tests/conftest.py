@@ -6,6 +6,7 @@ matches its weights), and tests that need `tiny_model` (training) are skipped.""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 from pathlib import Path
@@ -124,6 +125,21 @@ def chromium() -> str | None:
 def launch_chromium(playwright):
     """A headless Chromium of `chromium()` for a playwright session (root needs --no-sandbox)."""
     return playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--headless=new"])
+
+
+@contextlib.contextmanager
+def chromium_page():
+    """A page of a headless Chromium, and the list that collects the page's uncaught script errors."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        try:
+            page, errors = browser.new_page(), []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            yield page, errors
+        finally:
+            browser.close()
 
 
 def start_serve(args: list[str], ready_path: str = "/readyz"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import chromium, launch_chromium
+from .conftest import chromium, chromium_page
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -78,7 +78,7 @@ def test_built_site_renders_in_chromium(tmp_path):
     import http.server
     import threading
 
-    playwright = pytest.importorskip("playwright.sync_api")
+    pytest.importorskip("playwright.sync_api")
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(site)], cwd=ROOT,
                    check=True, capture_output=True, timeout=300)
@@ -91,11 +91,7 @@ def test_built_site_renders_in_chromium(tmp_path):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
-        with playwright.sync_playwright() as p:
-            browser = launch_chromium(p)
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
+        with chromium_page() as (page, errors):
             page.goto(url + "/")
             assert "vae-engine" in page.title()
             text = page.inner_text("body")
@@ -105,7 +101,6 @@ def test_built_site_renders_in_chromium(tmp_path):
             page.goto(url + "/reference/cli/")
             assert "vae-engine serve" in page.inner_text("body") and "--max-work" in page.inner_text("body")
             page.screenshot(path=str(tmp_path / "cli.png"))
-            browser.close()
         assert not errors, errors
         for shot in ("home.png", "cli.png"):
             assert (tmp_path / shot).stat().st_size > 20_000, shot  # a rendered page, not a blank one

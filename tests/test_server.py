@@ -22,7 +22,7 @@ from vae_engine.runtime.engine import Engine  # noqa: E402
 from vae_engine.serving.oip import RequestError  # noqa: E402
 from vae_engine.serving.server import Limits, create_app  # noqa: E402
 
-from .conftest import chromium, launch_chromium, one_line_error, start_serve  # noqa: E402
+from .conftest import chromium, chromium_page, one_line_error, start_serve  # noqa: E402
 
 NPY = "application/x-npy"
 
@@ -192,12 +192,8 @@ def test_concurrent_requests_are_merged_and_answers_unchanged(server, model, x):
 
 @pytest.mark.skipif(chromium() is None or not os.environ.get("DISPLAY", "1"), reason="no chromium on this machine")
 def test_page_renders_and_draws_in_chromium(server, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as p:
-        browser = launch_chromium(p)
-        page = browser.new_page()
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+    pytest.importorskip("playwright.sync_api")
+    with chromium_page() as (page, errors):
         page.goto(server + "/")
         page.wait_for_selector("body[data-ready='1']", timeout=30000)
         assert "latent 4" in page.inner_text("#info")
@@ -219,8 +215,7 @@ def test_page_renders_and_draws_in_chromium(server, tmp_path):
         page.fill("#seed", "7")
         page.click("#resample")
         page.screenshot(path=str(tmp_path / "page.png"))
-        browser.close()
-        assert not errors, errors
+    assert not errors, errors
 
 
 def _answers_like_one(url: str, items: list, want: list, requests: int, concurrency: int) -> None:

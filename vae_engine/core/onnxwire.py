@@ -55,6 +55,22 @@ def fields(buf: memoryview, name: str) -> Iterator[tuple[int, int, int | memoryv
         yield field, wire, value
 
 
+def varints(buf: memoryview, name: str) -> list[int]:
+    """The values of a packed repeated varint field (e.g. a tensor's dims written packed)."""
+    out, value, shift = [], 0, 0
+    for byte in bytes(buf):
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            out.append(value)
+            value = shift = 0
+        elif shift > 63:
+            raise ModelDirError(f"{name}: corrupt or truncated ONNX file (bad varint)")
+    if shift:
+        raise ModelDirError(f"{name}: corrupt or truncated ONNX file (bad varint)")
+    return out
+
+
 def _varint(value: int) -> bytes:
     value &= (1 << 64) - 1  # negative int64 values: ten bytes, two's complement
     out = bytearray()

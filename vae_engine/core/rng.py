@@ -46,7 +46,6 @@ EPS_PARTS = 16  # slices of each item's samples the parallel eps kernel spreads 
 # launch pays far below PARALLEL_MIN; measured 2.0x serial's speed from 3,200 values up (2-core AVX2 EPYC, idle
 # cores), and the k=5000 evaluation's blocks (750,000 values) were drawn serially under PARALLEL_MIN
 EPS_PARALLEL_MIN = PARALLEL_MIN // 16
-# draws of up to NUMPY_MAX values run on the NumPy twins (the very same numbers) while Numba is not loaded
 
 
 @inline
@@ -126,7 +125,8 @@ def normal_eps(seed: int, start: int, n: int, k: int, d: int, s0: int = 0, s1: i
 def normal_eps_items(keys: np.ndarray, items: np.ndarray, k: int, d: int, s0: int = 0, s1: int | None = None,
                      parallel: bool | None = None) -> np.ndarray:
     """`normal_eps` for items that each name their own stream: item b reads stream keys[b] (uint64) at item index
-    items[b] (int64); one kernel call however many requests a batch merges."""
+    items[b] (int64); one kernel call however many requests a batch merges. Up to `NUMPY_MAX` values are drawn by
+    the NumPy twin (the very same numbers) while Numba is not loaded."""
     s1 = k if s1 is None else s1
     if not loaded() and len(keys) * (s1 - s0) * d <= NUMPY_MAX:
         return normal_eps_items_numpy(keys, items, k, d, s0, s1)
@@ -268,7 +268,8 @@ def binarize(x: np.ndarray, seed: int, start: int, parallel: bool | None = None)
 
 
 def binarize_items(x: np.ndarray, keys: np.ndarray, items: np.ndarray, parallel: bool | None = None) -> np.ndarray:
-    """`binarize` for items that each name their own stream (as `normal_eps_items`): one kernel call."""
+    """`binarize` for items that each name their own stream (as `normal_eps_items`): one kernel call (the NumPy
+    twin, the same pixels, for up to `NUMPY_MAX` values while Numba is not loaded)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not loaded() and x.size <= NUMPY_MAX:
         return binarize_items_numpy(x, keys, items)

@@ -44,8 +44,8 @@ def _dist_infos() -> dict[str, str]:
         for name in names:
             stem = name.removesuffix(".dist-info")
             if stem != name and stem.count("-") == 1:
-                dist, version = stem.split("-")
-                found.setdefault(dist.lower().replace("-", "_").replace(".", "_"), version)
+                dist, version = stem.split("-")  # the name part holds no "-" (wheels write "_")
+                found.setdefault(dist.lower().replace(".", "_"), version)
     return found
 
 
@@ -56,6 +56,10 @@ def installed_version(name: str, infos: dict[str, str] | None = None) -> str | N
     for dist in ALIASES.get(name, (name,)):
         if dist.replace("-", "_") in infos:
             return infos[dist.replace("-", "_")]
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:  # not installed: no metadata scan (torch in an inference install)
+        return None
     import importlib.metadata as md
 
     for dist in ALIASES.get(name, (name,)):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from ..core.config import DECODER_OUTPUTS, ModelConfig
 from ..core.errors import ModelDirError, first_line, os_error_reason
 from ..core.onnxwire import fields as _fields
+from ..core.onnxwire import varints
 
 ROLES = ("encoder", "decoder")
 VARIANTS = {  # variant -> file suffix
@@ -59,18 +60,23 @@ MAX_DEPTH = 16  # subgraphs nested deeper are refused (exports nest a few levels
 
 @dataclass(frozen=True)
 class Graph:
-    """A checked graph file: its bytes (what the runtimes are given), its inputs and outputs with their dims,
-    the operators it uses and its metadata. Read from the protobuf wire format without importing onnx; `proto()`
-    parses it with onnx for the few uses that rewrite or analyse a graph."""
+    """A checked graph file: its bytes (what the runtimes are given), its inputs and outputs with their dims, its
+    metadata, and its top-level nodes and initializers' shapes (what counting its work reads). Read from the
+    protobuf wire format without importing onnx; `proto()` parses it with onnx for the few uses that rewrite a
+    graph or infer its shapes."""
 
     path: Path
     data: bytes
     inputs: tuple[tuple[str, tuple[int | str, ...]], ...]
     outputs: tuple[tuple[str, tuple[int | str, ...]], ...]
-    op_types: frozenset[str]
     metadata: dict[str, str]
-    nodes: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()  # top-level (op_type, inputs, outputs)
-    initializer_dims: dict[str, tuple[int, ...]] | None = None  # top-level initializers' shapes
+    nodes: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]  # top-level (op_type, inputs, outputs)
+    initializer_dims: dict[str, tuple[int, ...]]  # top-level initializers' shapes
+
+    @property
+    def op_types(self) -> frozenset[str]:
+        """The operators of the top-level graph."""
+        return frozenset(op for op, _, _ in self.nodes)
 
     def proto(self) -> onnx.ModelProto:
         import onnx
@@ -81,16 +87,6 @@ class Graph:
     def of(cls, model: onnx.ModelProto, name: str) -> Graph:
         """A graph made in memory from checked ones (the fused and mean graphs), described the same way."""
         return inspect(model.SerializeToString(), Path(name))
-
-
-def _packed(value) -> bytes:
-    """Packed varints as a message of field-1 varints, so `fields` reads them."""
-    out, start = bytearray(), 0
-    for i, byte in enumerate(bytes(value)):
-        if byte < 0x80:
-            out += b"\x08" + bytes(value[start:i + 1])
-            start = i + 1
-    return bytes(out)
 
 
 def _text(value) -> str:
@@ -105,7 +101,7 @@ class _Walk:
     first), is refused as corrupt."""
 
     def __init__(self, path: Path, local_functions: set[tuple[str, str]]):
-        self.path, self.name, self.local, self.op_types = path, str(path), local_functions, set()
+        self.path, self.name, self.local = path, str(path), local_functions
 
     def fields(self, buf):
         return _fields(buf, self.name)
@@ -123,7 +119,7 @@ class _Walk:
             elif field == 1 and wire == 0:
                 dims.append(value)
             elif field == 1 and wire == 2:  # packed
-                dims += [v for _, _, v in self.fields(_packed(value))]
+                dims += varints(value, self.name)
             elif field == 13 or (field == 14 and value != 0):
                 raise ModelDirError(f"{self.path}: tensor {name!r} refers to external data; refusing to load it "
                                     "(self-contained graphs only)")
@@ -160,7 +156,6 @@ class _Walk:
             if domain not in ALLOWED_DOMAINS and (domain, op) not in self.local:
                 raise ModelDirError(f"{self.path}: operator {domain}::{op} is from a domain this project never "
                                     f"exports ({', '.join(repr(d) for d in ALLOWED_DOMAINS)}); refusing to load it")
-            self.op_types.add(op)
             out.append((op, tuple(io[0]), tuple(io[1])))
             for attribute in attributes:
                 self.attribute(attribute, depth)
@@ -251,8 +246,8 @@ def inspect(data: bytes, path: Path) -> Graph:
         entry = {f: _text(v) for f, w, v in walk.fields(walk.message(wire, value)) if w == 2}
         metadata[entry.get(1, "")] = entry.get(2, "")
     inputs = tuple(v for v in map(walk.value_info, parts["inputs"]) if v[0] not in parts["initializers"])
-    return Graph(path, bytes(data), inputs, tuple(map(walk.value_info, parts["outputs"])),
-                 frozenset(walk.op_types), metadata, tuple(parts["nodes"]), parts["initializers"])
+    return Graph(path, bytes(data), inputs, tuple(map(walk.value_info, parts["outputs"])), metadata,
+                 tuple(parts["nodes"]), parts["initializers"])
 
 
 def load_graph(path: str | os.PathLike, role: str, cfg: ModelConfig) -> Graph:

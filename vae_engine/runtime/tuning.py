@@ -476,12 +476,7 @@ def _short_job(load: Load, model_dir: Path, path: tuple[str, str], threads: int,
     to run it (not saved; "engine": the engine it was timed on, for the job to run on) when the job takes under
     DECIDE_SECONDS at that rate, else None (measure the paths)."""
     engine = load(model_dir, backend=path[0], precision=path[1], threads=threads, device=device)
-    x, z = _inputs(engine, batch)
-    call = _encode_decode(engine.backend, x, z)
-    call()  # the first call allocates
-    t0 = time.perf_counter()
-    call()
-    seconds = time.perf_counter() - t0
+    seconds = race({path: _encode_decode(engine.backend, *_inputs(engine, batch))}, 0.0, min_rounds=1)[0][path][0]
     job = items * seconds / batch
     if job >= DECIDE_SECONDS:
         return None
@@ -570,14 +565,14 @@ def describe_path(backend: str, precision: str, decision: dict[str, Any] | None 
     """One line naming the path a command ran, and for auto, why."""
     if not decision:
         return f"{backend}/{precision}"
+    if "short_job" in decision:
+        return (f"{backend}/{precision} (auto: a job this short, ~{decision['short_job']:.2f} s of work here, is "
+                "not worth measuring every path for; a longer job or `vae-engine tune` decides)")
     row = next((r for r in decision["measurements"]
                 if (r["backend"], r["precision"]) == (backend, precision)), None)
     cost = f", mean NLL change {row['nll_change_nats']:+.4f} nats" if row and row["precision"] != "fp32" else ""
     n = len(decision["measurements"])
     how = "reused from tuning.json" if decision.get("reused") else f"measured {n} path{'s' * (n != 1)}"
-    if "short_job" in decision:
-        return (f"{backend}/{precision} (auto: a job this short, ~{decision['short_job']:.2f} s of work here, is "
-                "not worth measuring every path for; a longer job or `vae-engine tune` decides)")
     if decision.get("for_items"):  # a job's choice: start-up counted against its size
         how = f"soonest done for {decision['for_items']:,} items; {how}"
     if isinstance(decision["key"].get("threads"), str) and "threads" in decision:  # the thread count was chosen

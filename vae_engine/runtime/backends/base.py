@@ -186,11 +186,12 @@ class GraphBackend(BackendDefaults):
 
     def _raw_role(self, op: str, a: np.ndarray) -> str:
         """The graph a raw call of `op` runs (see `RAW_CALL`): the fused one for reconstruct, made here on first use."""
-        if op == "reconstruct":
-            self._mean_call("reconstruct", a[:1])  # the fused graph, opened
+        role = {"encode": "encoder", "decode": "decoder", "reconstruct": "reconstruct"}[op]
+        if role == "reconstruct":
+            self._mean_call(role, a[:1])  # the fused graph, opened
         else:
-            self._opened({"encode": "encoder", "decode": "decoder"}[op])
-        return {"encode": "encoder", "decode": "decoder", "reconstruct": "reconstruct"}[op]
+            self._opened(role)
+        return role
 
     def _mean_call(self, role: str, a: np.ndarray) -> np.ndarray:
         if role not in self.ends_in_mean:
@@ -203,32 +204,26 @@ class GraphBackend(BackendDefaults):
         """`role`'s graph, made on first use: the decoder (after the encoder for "reconstruct") with the
         likelihood's `mean_onnx` appended, or, for a likelihood without one, its parameters (`mean` follows in
         NumPy). A graph of its own, not a second output of the decoder's: ONNX Runtime runs every node of a graph
-        whatever outputs are asked for, so the IWAE blocks would pay for a mean they never read. The decoder's
-        mean graph is spliced in the wire format (no onnx import for a decode or sample job); the fused
-        reconstruct graph is merged by onnx.compose."""
+        whatever outputs are asked for, so the IWAE blocks would pay for a mean they never read. The mean is
+        spliced in the wire format (a decode or sample job imports no onnx); only merging the encoder and decoder
+        for reconstruct takes onnx.compose."""
         decoder = self.graphs["decoder"]
         params = decoder.outputs[0][0]
-        nodes = self.likelihood.mean_onnx(params, "mean", self.mean_width)
-        self.paths[role], self.ends_in_mean[role] = self.paths["decoder"], bool(nodes)
-        if role != "reconstruct":
-            if not nodes:
-                return decoder
-            data = onnxwire.append_to_graph(decoder.data, nodes, [onnxwire.output("mean", ("batch", self.mean_width))],
-                                            str(decoder.path))
-            return graphs.inspect(data, Path(f"{role} graph"))
-        import onnx
-        from onnx import compose
+        data = decoder.data
+        if role == "reconstruct":  # merged by onnx, the decoder's names prefixed
+            from onnx import compose
 
-        enc, dec = self.graphs["encoder"].proto(), compose.add_prefix(decoder.proto(), "decoder/")
-        for m in (enc, dec):
-            del m.metadata_props[:]  # the graphs' own metadata differ (role); the fused one needs none
-        fused = compose.merge_models(enc, dec, io_map=[("mu", "decoder/z")], outputs=[dec.graph.output[0].name])
-        if nodes:
-            fused.graph.node.extend(onnx.NodeProto.FromString(n) for n in
-                                    self.likelihood.mean_onnx(fused.graph.output[0].name, "mean", self.mean_width))
-            fused.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info(
-                "mean", onnx.TensorProto.FLOAT, ["batch", self.mean_width]))
-        return graphs.Graph.of(fused, f"{role} graph")
+            enc, dec = self.graphs["encoder"].proto(), compose.add_prefix(decoder.proto(), "decoder/")
+            for m in (enc, dec):
+                del m.metadata_props[:]  # the graphs' own metadata differ (role); the fused one needs none
+            params = dec.graph.output[0].name
+            data = compose.merge_models(enc, dec, io_map=[("mu", "decoder/z")], outputs=[params]).SerializeToString()
+        nodes = self.likelihood.mean_onnx(params, "mean", self.mean_width)
+        if nodes:  # spliced in the wire format
+            data = onnxwire.append_to_graph(data, nodes, [onnxwire.output("mean", ("batch", self.mean_width))],
+                                            f"{role} graph")
+        self.paths[role], self.ends_in_mean[role] = self.paths["decoder"], bool(nodes)
+        return graphs.inspect(data, Path(f"{role} graph"))
 
 
 RAW_CALL = """Every backend's `raw_call(op, a)` returns a zero-argument callable that runs the runtime alone on the
