@@ -100,7 +100,7 @@ def timed(args: list[str], env: dict[str, str]) -> float:
             proc.wait(30)
     r = subprocess.run(args, env=env, capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed: {r.stderr.strip()[-500:]}")
+        raise RuntimeError(f"{' '.join(args)} failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
     return time.perf_counter() - t0
 
 

@@ -130,7 +130,8 @@ def main(job: str, model: str, src: str, out: str, k: int = 1) -> None:
         app = fastapi.FastAPI()
         app.get("/health")(lambda: {"ready": bool(sessions)})
         server = uvicorn.Server(uvicorn.Config(app, port=int(src), log_level="warning"))
-        threading.Thread(target=server.run, daemon=True).start()
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
         import time
         import urllib.request
 
@@ -141,6 +142,7 @@ def main(job: str, model: str, src: str, out: str, k: int = 1) -> None:
             except OSError:
                 time.sleep(0.01)
         server.should_exit = True
+        thread.join(30)  # a process that exits while uvicorn's thread still runs can crash at finalization
     else:
         raise SystemExit(f"unknown job {job!r}")
 
