@@ -112,7 +112,7 @@ def test_every_server_operation_has_a_v1_route_and_a_v2_model(op):
     routes = create_app(TINY_EXPORTED).openapi()["paths"]
     assert f"/v1/{op}" in routes and "post" in routes[f"/v1/{op}"]
     cfg = config.ModelConfig()
-    specs = oip.model_specs("m", cfg.input_shape, cfg.latent_dim, detector=True)
+    specs = oip.model_specs("m", cfg.input_shape, cfg.latent_shape, detector=True)
     assert f"m-{op}" in specs and specs[f"m-{op}"].op == op
 
 

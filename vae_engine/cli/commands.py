@@ -231,6 +231,35 @@ def export(
     out.print(f"exported in {report['seconds']:.1f} s; report: {Path(out_dir or model_dir) / REPORT}")
 
 
+@app.command("import")
+@friendly
+def import_(
+    source: Annotated[str, typer.Argument(help="A diffusers AutoencoderKL: its folder (config.json and diffusion_pytorch_model.safetensors; save_pretrained writes one), a pipeline folder holding it in vae/, or a Hugging Face hub id (downloaded where this machine has the network).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="The new model folder to write (config.json, model.safetensors, encoder.onnx, decoder.onnx, export_report.json).")],
+    size: Annotated[str, typer.Option(help="H,W of the images the model folder takes (multiples of the autoencoder's downsampling, 8 for Stable Diffusion's); its latents are (latent channels, H/8, W/8).")] = "256,256",
+) -> None:
+    """Import a pretrained diffusers AutoencoderKL (Stable Diffusion's VAE and its relatives) as a model folder.
+
+    Its items are images in [0, 1] (uint8 files or arrays; mapped to the autoencoder's [-1, 1] inside the graphs);
+    its latents are the autoencoder's posterior mean times its scaling_factor (after shift_factor), the latents a
+    diffusion model trains on. encode, decode, reconstruct, serve and bench run on it; it declares no likelihood
+    and no prior, so score, evaluate and sample do not. Your own PyTorch modules import through the Python API
+    (vae_engine.export.imported.import_modules). Needs pip install 'vae-engine[diffusers]'.
+    """
+    from ..core.atomic import check_writable
+    from ..data.readers import parse_shape
+    from ..export.imported import import_diffusers
+
+    check_writable(out_dir, folder=True)
+    shape = parse_shape(size, "--size")
+    with console.status("importing") as status:
+        report = import_diffusers(source, out_dir, shape, progress=lambda message: status.update(message))
+    err = report["max_abs_err_vs_torch"]
+    out.print(f"wrote {out_dir}: latents {tuple(report['latent_shape'])} per image (scaling factor "
+              f"{report['scaling_factor']:g}); graphs against PyTorch, max |err| encoder {err['encoder']:.1e}, "
+              f"decoder {err['decoder']:.1e}; {report['seconds']:.1f} s")
+
+
 @app.command()
 @friendly
 def info(model_dir: ModelOpt = None) -> None:

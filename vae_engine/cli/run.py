@@ -60,6 +60,7 @@ def run_job(job: str, model_dir: Path | None, input: Path | None, output: Path, 
                              items=source.n * (params.get("k", 1) if job == "score" else 1))
     with Meter(job, "items", info=f"{engine.backend.name}/{engine.backend.precision}") as meter:
         meter.start(source.n)
+        # chunks of at most the model's rows per call: a large image model's progress moves item by item
         jobs.stream(source, jobs.make_job_fn(job, engine, params), output, jobs.item_shape(job, engine.cfg, params),
-                 batch_size, meter.advance, image_shape=engine.cfg.image_shape if job not in ("encode", "score") else None)
+                 min(batch_size, engine.cfg.chunk_rows), meter.advance, image_shape=engine.cfg.image_shape if job not in ("encode", "score") else None)
     OUT.print(f"wrote {output} ({source.n} item{'s' * (source.n != 1)}; path {engine.path})")

@@ -28,17 +28,24 @@ SCORE_ROWS = 16384
 # ms (112 -> 164-171 GFLOP/s) on the 2-core AVX2 EPYC (ONNX Runtime, 2 threads, spinning off), OpenVINO 175-187 ->
 # 154-158 ms. 512 rows ran as fast for ONNX Runtime, slower for OpenVINO; 2048 and 4096 slower for both.
 CHUNK_ROWS = 1024
+# ...of items this many values hold in all (1024 MNIST images): larger items run in proportionally fewer rows per
+# call (`ModelConfig.chunk_rows`), so a call's activations are bounded whatever an item's size (a 256x256 RGB image
+# through the SD-VAE encoder is ~0.3 GB of activations: 4 rows a call, not 1024)
+CHUNK_VALUES = CHUNK_ROWS * 784
 MAX_SCORE_K = 100_000_000  # importance samples per input when scoring (streamed over K, so memory stays bounded)
 
 SEED_MAX = 2**32 - 1  # seeds are 0..2^32-1: every generator (torch, NumPy, the counter streams) takes them
 # Limits checked before anything is allocated: a config.json is user input, and latent_dim 1e9 must be an
 # error line, not an out-of-memory kill.
-MAX_LATENT, MAX_WIDTH, MAX_LAYERS, MAX_PARAMS = 4096, 16384, 16, 200_000_000
+MAX_LATENT, MAX_WIDTH, MAX_LAYERS, MAX_PARAMS = 1 << 20, 16384, 16, 200_000_000
 MAX_INPUT = 1 << 22  # values per item (e.g. 3x1024x1024 images are under it)
 # The likelihoods (defined in likelihoods/) and what their decoder graph returns: (output name, values per
 # feature). Listed here so the graphs' spec (and `info`) need not import Numba; the classes read it from here.
-DECODER_OUTPUTS = {"bernoulli": ("logits", 1), "continuous-bernoulli": ("logits", 1), "gaussian": ("params", 2)}
+# "none": an imported autoencoder that declares no p(x|z); its decoder returns E[x|z] (encode/decode only).
+DECODER_OUTPUTS = {"bernoulli": ("logits", 1), "continuous-bernoulli": ("logits", 1), "gaussian": ("params", 2),
+                   "none": ("mean", 1)}
 LIKELIHOODS = tuple(DECODER_OUTPUTS)
+TRAINED_LIKELIHOODS = LIKELIHOODS[:3]  # what `train` fits
 MAX_THREADS, MAX_BATCH, MAX_TRAIN_K, MAX_EPOCHS = 1024, 1 << 18, 10_000, 1_000_000  # batch: ~1 GB of pixels
 
 RULES = ("nll", "nll-complexity", "reconstruction", "latent")  # the detector's scoring rules (anomaly/detector.py)
@@ -46,14 +53,62 @@ RULES = ("nll", "nll-complexity", "reconstruction", "latent")  # the detector's 
 # encoder and one decoder pass per item instead of k decoder passes (fast enough to serve)
 DEFAULT_RULE = "reconstruction"
 ARCHS = ("mlp", "conv", "resnet")  # resnet: residual conv blocks around the conv arch's strided layers
+# models brought in from outside (`vae-engine import`, export/imported.py): diffusers' AutoencoderKL, which torch
+# rebuilds from its own config; or a user's modules, which run on their exported graphs only
+IMPORTED_ARCHS = ("autoencoder-kl", "modules")
 ACTIVATIONS = ("relu", "tanh", "elu", "softplus")
 # dreg: the IWAE bound with doubly reparameterized gradients for the encoder (Tucker et al. 2018)
 OBJECTIVES = ("elbo", "iwae", "dreg")
-PRIORS = ("normal", "vamp")  # p(z): N(0, I), or the VampPrior mixture over learned pseudo-inputs (model/priors.py)
+# p(z): N(0, I), the VampPrior mixture over learned pseudo-inputs (model/priors.py), or none (an imported model
+# that declares no prior: no sampling, no likelihood scores)
+PRIORS = ("normal", "vamp", "none")
 MAX_PSEUDO_INPUTS = 10_000
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast where the CPU has native bf16, else fp32
 BINARIZE = ("dynamic", "none")
 LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class ImportSpec:
+    """How an imported model's networks meet the engine (`ModelConfig.imported`, export/imported.py): the engine's
+    items are in [0, 1] (uint8 / 255) and its latents are the model's scaled latents, so the graphs map
+    `input_range` in, (mean - shift_factor) * scaling_factor out of the encoder (Stable Diffusion's convention:
+    latents a diffusion model trains on), the inverse into the decoder, and a decoder's `output_range` back to
+    [0, 1]."""
+
+    source: str = "modules"  # "diffusers" (rebuilt from `config` by diffusers) or "modules" (graphs only)
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    input_range: tuple[float, float] | None = None  # what the networks take items in; None: the engine's units
+    output_range: tuple[float, float] | None = None  # what a decoder without likelihood returns; None: as is
+    config: dict[str, Any] | None = None  # the source's own config (diffusers: AutoencoderKL's config.json)
+    origin: str = ""  # where it was imported from (a folder, a hub id), for the record
+
+    def __post_init__(self) -> None:
+        if self.source not in IMPORT_SOURCES:
+            raise VaeEngineError(f"unknown import source {self.source!r}: choose one of {', '.join(IMPORT_SOURCES)}")
+        for name in ("scaling_factor", "shift_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise VaeEngineError(f"{name} must be a finite number, got {value!r}")
+        if self.scaling_factor <= 0:
+            raise VaeEngineError(f"scaling_factor must be positive, got {self.scaling_factor!r}")
+        for name in ("input_range", "output_range"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            if not ok or value[0] >= value[1]:
+                raise VaeEngineError(f"{name} must be [low, high] with low < high, got {value!r}")
+            object.__setattr__(self, name, (float(value[0]), float(value[1])))
+        if self.config is not None and not isinstance(self.config, dict):
+            raise VaeEngineError(f"the source's config must be a JSON object, got {type(self.config).__name__}")
+        if self.source == "diffusers" and self.config is None:
+            raise VaeEngineError("a model imported from diffusers needs its AutoencoderKL config")
+
+
+IMPORT_SOURCES = ("diffusers", "modules")
 
 
 @dataclass(frozen=True)
@@ -69,9 +124,14 @@ class ModelConfig:
     standardize: bool = False  # inputs standardized per feature inside the model (mean/std stored as buffers)
     prior: str = "normal"  # p(z): "normal" N(0, I) or "vamp" (Tomczak & Welling 2018); folders before it: normal
     pseudo_inputs: int = 500  # VampPrior: mixture components, one learned pseudo-input each (unused for normal)
+    latent_shape: tuple[int, ...] | None = None  # one item's latent, e.g. (4, 32, 32); None: (latent_dim,)
+    # an imported model's declaration (export/imported.py): its source's own config, the scaling conventions
+    imported: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "input_shape"):
+        if self.latent_shape is None:
+            object.__setattr__(self, "latent_shape", (self.latent_dim,))
+        for name in ("hidden", "input_shape", "latent_shape"):
             if not isinstance(getattr(self, name), (list, tuple)):
                 raise VaeEngineError(f"{name} must be a list of sizes, got {getattr(self, name)!r}")
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -79,6 +139,13 @@ class ModelConfig:
             object.__setattr__(self, "input_shape", (1, *IMAGE_SHAPE))
         if len(self.input_shape) not in (1, 3):
             raise VaeEngineError(f"input_shape must be (D,) or (C, H, W), got {list(self.input_shape)}")
+        if not 1 <= len(self.latent_shape) <= 4 or not all(type(s) is int and s >= 1 for s in self.latent_shape) \
+                or math.prod(self.latent_shape) != self.latent_dim:
+            raise VaeEngineError(f"latent_shape must be 1 to 4 positive sizes with latent_dim = {self.latent_dim} "
+                                 f"values, got {list(self.latent_shape)}")
+        if self.imported is not None:
+            spec = from_dict(ImportSpec, self.imported)  # checked now: a config.json is user input
+            object.__setattr__(self, "imported", json.loads(json.dumps(dataclasses.asdict(spec))))
         for name, value, lo, hi in (("latent dim", self.latent_dim, 1, MAX_LATENT),
                                     *(("input size", s, 1, MAX_INPUT) for s in self.input_shape),
                                     *(("hidden size", h, 1, MAX_WIDTH) for h in self.hidden)):
@@ -93,8 +160,10 @@ class ModelConfig:
                             ("prior", self.prior)):
             if not isinstance(value, str):
                 raise VaeEngineError(f"{name} must be a string, got {value!r}")
-        if self.arch not in ARCHS:
+        if self.arch not in ARCHS + IMPORTED_ARCHS:
             raise VaeEngineError(f"unknown architecture {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        if (self.arch in IMPORTED_ARCHS) != (self.imported is not None):
+            raise VaeEngineError(f"architecture {self.arch!r} and the 'imported' declaration do not go together")
         if self.activation not in ACTIVATIONS:
             raise VaeEngineError(f"unknown activation {self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
         if not self.hidden or len(self.hidden) > MAX_LAYERS:
@@ -104,6 +173,10 @@ class ModelConfig:
                                  f"{', '.join(LIKELIHOODS)}")
         if self.prior not in PRIORS:
             raise VaeEngineError(f"unknown prior {self.prior!r}: choose one of {', '.join(PRIORS)}")
+        if self.arch in IMPORTED_ARCHS:
+            return  # its networks are its own: the layer checks below are the trainer's architectures'
+        if self.likelihood == "none" or self.prior == "none" or len(self.latent_shape) != 1:
+            raise VaeEngineError(f"the {self.arch} architecture has a likelihood, a prior and flat latents")
         if self.arch != "mlp" and (len(self.input_shape) != 3 or min(self.input_shape[1:]) < 4):
             raise VaeEngineError(f"the {self.arch} architecture needs (C, H, W) images of at least 4x4, got "
                                  f"{list(self.input_shape)}; use --arch mlp")
@@ -136,6 +209,34 @@ class ModelConfig:
         if len(self.input_shape) == 3:
             return tuple(self.input_shape)
         return (1, *IMAGE_SHAPE) if self.input_shape == (INPUT_DIM,) else None
+
+    @property
+    def cannot_score(self) -> str | None:
+        """Why this model cannot be scored (likelihoods, evaluation, sampling from its prior), or None where it
+        can: an imported autoencoder that declares no likelihood or no prior."""
+        missing = [what for what, name in (("likelihood p(x|z)", self.likelihood), ("prior p(z)", self.prior))
+                   if name == "none"]
+        if not missing:
+            return None
+        return (f"this model declares no {' and no '.join(missing)} (an imported autoencoder): encode, decode and "
+                "reconstruct run on it; scores, evaluation" + (" and sampling" if self.prior == "none" else "")
+                + " need a model that declares them")
+
+    @property
+    def import_spec(self) -> ImportSpec | None:
+        """An imported model's declaration (None for a model this project trained)."""
+        return None if self.imported is None else from_dict(ImportSpec, self.imported)
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per runtime call (and per job chunk) for items of this size: CHUNK_ROWS for MNIST-sized items,
+        proportionally fewer for larger ones, at least 1."""
+        return max(1, min(CHUNK_ROWS, CHUNK_VALUES // self.input_dim))
+
+    @property
+    def trained(self) -> bool:
+        """Made by this project's trainer (its networks rebuilt by model/networks.py), not imported."""
+        return self.arch in ARCHS
 
     @property
     def input_dim(self) -> int:
@@ -259,4 +360,4 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
         raise VaeEngineError(f"config does not describe a {cls.__name__}: {exc}") from None
 
 
-__all__ = ["ModelConfig", "TrainConfig", "check_int", "to_dict", "from_dict"]
+__all__ = ["ImportSpec", "ModelConfig", "TrainConfig", "check_int", "to_dict", "from_dict"]

@@ -33,7 +33,7 @@ class Interrupted(VaeEngineError):
 # optional libraries -> the extra of vae-engine that installs them
 EXTRAS = {"torch": "train", "onnxscript": "train", "matplotlib": "train", "fastapi": "serve", "uvicorn": "serve",
           "prometheus_client": "serve", "orjson": "serve", "grpc": "grpc", "openvino": "openvino",
-          "ray": "distributed", "pyarrow": "distributed"}
+          "ray": "distributed", "pyarrow": "distributed", "diffusers": "diffusers"}
 
 
 class MissingDependency(VaeEngineError):

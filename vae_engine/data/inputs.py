@@ -137,13 +137,16 @@ def check_fits(item_shape: tuple[int, ...], cfg, name: str) -> None:
                         f"{tuple(cfg.input_shape)} (or {cfg.input_dim} values per row)")
 
 
-def latents(z, latent_dim: int, name: str = "z") -> np.ndarray:
-    """Latent-space arrays (z, mu, logvar) by the input rule: finite floats of shape (N, latent_dim) ->
-    contiguous float32."""
+def latents(z, shape: int | tuple[int, ...], name: str = "z") -> np.ndarray:
+    """Latent-space arrays (z, mu, logvar) by the input rule: finite floats of shape (N, *shape) (a model's
+    latent_shape, e.g. (4, 32, 32)) or flattened (N, L) -> contiguous float32 (N, L)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    dim = math.prod(shape)
     a = np.asarray(z)
-    if a.ndim != 2 or a.shape[1] != latent_dim or a.dtype.kind != "f":
-        raise DataError(f"{name} must be float of shape (N, {latent_dim}), got {a.dtype} {a.shape}")
-    a = float32(a)
+    if a.ndim < 2 or a.shape[1:] not in (shape, (dim,)) or a.dtype.kind != "f":
+        expected = f"(N, {', '.join(map(str, shape))})" + (f" or (N, {dim})" if len(shape) > 1 else "")
+        raise DataError(f"{name} must be float of shape {expected}, got {a.dtype} {a.shape}")
+    a = float32(a.reshape(len(a), dim))
     if not span(a)[2]:
         raise DataError(f"{name} holds NaN or Inf values (or values beyond float32's range)")
     return a

@@ -97,6 +97,7 @@ def _set_metadata(model: onnx.ModelProto, role: str, variant: str, cfg: ModelCon
         "vae_engine.outputs": json.dumps([list(o) for o in sp.outputs]),
         "vae_engine.input_shape": json.dumps([-1, cfg.input_dim]),  # the graph's input: items flattened
         "vae_engine.item_shape": json.dumps(list(cfg.input_shape)),  # one item before flattening
+        "vae_engine.latent_shape": json.dumps(list(cfg.latent_shape)),  # one item's latent before flattening
         "vae_engine.likelihood": cfg.likelihood,  # how to read the decoder's output (see likelihoods/)
     }
     del model.metadata_props[:]
@@ -214,12 +215,14 @@ def _run(model: onnx.ModelProto, feed: np.ndarray, threads: int | None = None) -
     return sess.run(None, {sess.get_inputs()[0].name: feed})
 
 
-def _validate(model: onnx.ModelProto, net: torch.nn.Module, inputs: np.ndarray, atol: float, name: str) -> float:
-    """ORT vs PyTorch at batch 1 and an odd batch (37); raise ExportError beyond `atol` times each output's scale
+def _validate(model: onnx.ModelProto, net: torch.nn.Module, inputs: np.ndarray, atol: float, name: str,
+              batches: tuple[int, ...] = (1, 37)) -> float:
+    """ORT vs PyTorch at batch 1 and an odd batch (37; an imported image model: 1 and 2); raise ExportError beyond
+    `atol` times each output's scale
     (its largest magnitude, at least 1): float rounding grows with the values, so a Gaussian decoder's outputs of
     order 10 differ by ~1e-4 where logits of order 1 differ by ~1e-5. Returns the largest scaled error."""
     worst = 0.0
-    for batch in (1, 37):
+    for batch in batches:
         x = inputs[:batch]
         with torch.no_grad():
             ref = net(torch.from_numpy(x))
@@ -264,6 +267,9 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, optimize: b
     if quantize not in (None, "int8"):
         raise VaeEngineError(f"--quantize supports int8 only, got {quantize!r}")
     cfg = modeldir.model_config(model_dir)
+    if not cfg.trained:
+        raise VaeEngineError(f"{model_dir}: an imported model; its fp32 graphs were exported and checked by "
+                             "`vae-engine import` (its optimized, int8 and fp16 variants are not made yet)")
     model: VAE = modeldir.load_model(model_dir)
     sha = modeldir.weights_sha256(model_dir)
     nets = {"encoder": model.encoder, "decoder": model.decoder}

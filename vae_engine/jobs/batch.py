@@ -65,21 +65,21 @@ def open_items(path: str | Path, cfg: ModelConfig) -> Source:
     return Source(str(path), len(arr), cfg.input_dim, lambda i, j: data.model_input(arr[i:j], unit, str(path), i))
 
 
-def open_latents(path: str | Path, latent_dim: int) -> Source:
-    """A latent source: .npy (N, D) float, each chunk by the input rule's `latents` (shape and dtype checked
-    here first, on the memory map, so a wrong file fails before any work)."""
+def open_latents(path: str | Path, shape: tuple[int, ...]) -> Source:
+    """A latent source: .npy (N, *shape) or (N, L) float, each chunk by the input rule's `latents` (shape and
+    dtype checked here first, on the memory map, so a wrong file fails before any work)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: input not found")
     arr = readers.load_npy(path)
     if len(arr) == 0:
         raise DataError(f"{path}: the input holds no latents")
-    data.latents(arr[:1], latent_dim, str(path))  # the rule's shape and dtype error, naming the file
+    data.latents(arr[:1], shape, str(path))  # the rule's shape and dtype error, naming the file
 
     def read(i: int, j: int) -> np.ndarray:
-        return data.latents(arr[i:j], latent_dim, f"{path} rows {i}..{j - 1}")
+        return data.latents(arr[i:j], shape, f"{path} rows {i}..{j - 1}")
 
-    return Source(str(path), len(arr), latent_dim, read)
+    return Source(str(path), len(arr), math.prod(shape), read)
 
 
 def _images(source: Path, files: list[Path], cfg: ModelConfig, unit: bool) -> Source:
@@ -128,7 +128,7 @@ def stream(source: Source, fn: Callable[[int, np.ndarray], np.ndarray], out_path
         return out_path
     with atomic.npy_writer(out_path, (source.n, *item_shape)) as out:  # reserves the space before any work
         for i, chunk in source.chunks(batch_size):
-            out.write(fn(i, chunk))
+            out.write(fn(i, chunk).reshape(len(chunk), *item_shape))  # flat latents -> the model's latent shape
             if progress:
                 progress(len(chunk))
     return out_path
@@ -164,6 +164,8 @@ def decode_fn(engine: Engine, sample: bool, seed: int, binary: bool = False):
 
 
 def sample_fn(engine: Engine, seed: int):
+    if engine.cfg.prior == "none":
+        engine.check_scores()  # the one error, before the job starts
     return lambda start, rows: engine.sample(len(rows), seed, start)
 
 
@@ -176,6 +178,8 @@ def score_fn(engine: Engine, k: int, seed: int, binarize: bool, rule: str = "nll
     that anomaly-detection rule's normality score (`rules.RULES`; higher = more unusual either way)."""
     if rule != "nll":
         return _rule_fn(engine, rule, k, seed)
+    engine.check_scores()
+
     def fn(start: int, x: np.ndarray) -> np.ndarray:
         return score_items(engine, x, k, rng.Streams.contiguous(seed, start, len(x)), binarize).astype(np.float32)
     return fn
@@ -223,7 +227,7 @@ class Job:
 # a job: its chunk function above and its line here; the CLI command is a docstring and one `run_job` call
 JOBS = {
     "encode": Job(lambda e, p, seed: encode_fn(e, p.get("sample", False), p.get("with_logvar", False), seed),
-                  lambda cfg, p: (2, cfg.latent_dim) if p.get("with_logvar") else (cfg.latent_dim,)),
+                  lambda cfg, p: (2, *cfg.latent_shape) if p.get("with_logvar") else cfg.latent_shape),
     "decode": Job(lambda e, p, seed: decode_fn(e, p.get("sample", False), seed, p.get("binary", False)),
                   lambda cfg, p: (cfg.input_dim,), "latents"),
     "sample": Job(lambda e, p, seed: sample_fn(e, seed), lambda cfg, p: (cfg.input_dim,), "count"),
@@ -255,4 +259,4 @@ def open_input(job: str, path: str | Path | None, cfg: ModelConfig, n: int = 0) 
     reads = _job(job).reads
     if reads == "count":
         return counter(n)
-    return open_latents(path, cfg.latent_dim) if reads == "latents" else open_items(path, cfg)
+    return open_latents(path, cfg.latent_shape) if reads == "latents" else open_items(path, cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.errors import VaeEngineError
 from ..model.evaluation import evaluate, summarize
 
 
@@ -27,6 +28,8 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
     from ..runtime.backends import set_threads
 
     train_cfg = modeldir.train_config(model_dir)
+    if modeldir.model_config(model_dir).cannot_score:
+        raise VaeEngineError(modeldir.model_config(model_dir).cannot_score)
     if data_path is not None:  # other data: any readable file or folder whose items fit the model
         from ..data import readers
 

@@ -42,7 +42,8 @@ class PriorKind:
         return cfg.pseudo_inputs * cfg.latent_dim if self.mixture else 0
 
 
-KINDS = {"normal": PriorKind("normal", "N(0, I)", False), "vamp": PriorKind("vamp", "VampPrior", True)}
+KINDS = {"normal": PriorKind("normal", "N(0, I)", False), "vamp": PriorKind("vamp", "VampPrior", True),
+         "none": PriorKind("none", "no prior", False)}
 
 
 def kind(cfg: Any) -> PriorKind:
@@ -108,6 +109,24 @@ class NormalPrior:
     def sample(self, seed: int, start: int, n: int) -> np.ndarray:
         """z (n, L) for items start..start+n-1 of seed: the eps stream's first sample."""
         return rng.normal_eps(seed, start, n, 1, self.latent_dim)[:, 0]
+
+
+class NoPrior:
+    """An imported model that declares no p(z) (its latents are scaled for a diffusion model, say): sampling and
+    every likelihood score are one clear error; encode, decode and reconstruct need no prior."""
+
+    standard = False
+
+    def __init__(self, latent_dim: int):
+        self.latent_dim = latent_dim
+
+    def _refuse(self, *args, **kwargs):
+        from ..core.errors import VaeEngineError
+
+        raise VaeEngineError("this model declares no prior p(z) (an imported autoencoder): sampling and likelihood "
+                             "scores need one; encode, decode and reconstruct run on it")
+
+    log_prob = kl = sample = _refuse
 
 
 class MixturePrior:

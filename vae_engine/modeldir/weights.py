@@ -18,7 +18,7 @@ from .layout import PRIOR, WEIGHTS
 if TYPE_CHECKING:  # torch is imported where tensors are used, so `info` and `--help` start fast
     import torch
 
-    from ..model.engine_priors import MixturePrior, NormalPrior
+    from ..model.engine_priors import MixturePrior, NoPrior, NormalPrior
     from ..model.networks import VAE
 
 
@@ -88,11 +88,20 @@ def load_weights(model: VAE, tensors: dict[str, torch.Tensor], path: Path) -> No
 
 
 def load_model(model_dir: str | os.PathLike) -> VAE:
-    """Rebuild the VAE from config.json and load model.safetensors into it (eval mode), every tensor checked."""
+    """Rebuild the VAE from config.json and load model.safetensors into it (eval mode), every tensor checked. An
+    imported model's source module (diffusers' AutoencoderKL) is rebuilt from its own config and its weights,
+    under its own names, checked the same way, then wrapped in the engine's conventions (`model/imported.py`)."""
+    model_dir = Path(model_dir)
+    cfg = model_config(model_dir)
+    if not cfg.trained:
+        from ..model import imported
+
+        source = imported.source_module(cfg)
+        load_weights(source, load_tensors(model_dir / WEIGHTS)[0], model_dir / WEIGHTS)
+        return imported.wrap(cfg, source)
     from ..model.networks import VAE
 
-    model_dir = Path(model_dir)
-    model = VAE(model_config(model_dir))
+    model = VAE(cfg)
     load_weights(model, load_tensors(model_dir / WEIGHTS)[0], model_dir / WEIGHTS)
     return model.eval()
 
@@ -122,14 +131,14 @@ def save_prior(model_dir: Path, model: VAE) -> None:
         save_tensors(model_dir / PRIOR, {"mu": mu.float(), "logvar": logvar.float()}, {"format": "pt"})
 
 
-def load_prior(model_dir: str | os.PathLike, cfg: ModelConfig) -> NormalPrior | MixturePrior:
+def load_prior(model_dir: str | os.PathLike, cfg: ModelConfig) -> NormalPrior | MixturePrior | NoPrior:
     """The prior a model folder's config names; a VampPrior's mixture from prior.safetensors, every value checked
     (shape (C, L) from config.json, finite, log-variances in the encoder's bounds), read as NumPy arrays: the
     engine's prior needs no torch."""
-    from ..model.engine_priors import MixturePrior, NormalPrior, kind
+    from ..model.engine_priors import MixturePrior, NoPrior, NormalPrior, kind
 
     if not kind(cfg).mixture:
-        return NormalPrior(cfg.latent_dim)
+        return (NoPrior if cfg.prior == "none" else NormalPrior)(cfg.latent_dim)
     path = Path(model_dir) / PRIOR
     tensors, _ = load_tensors(path, "numpy")
     shape = (cfg.pseudo_inputs, cfg.latent_dim)

@@ -14,7 +14,7 @@ import numpy as np
 from .. import data, modeldir
 from ..core import hardware, rng
 from ..core.config import MAX_SCORE_K, SCORE_ROWS, SEED_MAX, ModelConfig, check_int
-from ..core.errors import DataError
+from ..core.errors import DataError, VaeEngineError
 from ..model import kernels, likelihoods
 from . import tuning
 from .backends import Backend, load_backend, set_threads
@@ -83,7 +83,14 @@ class Engine:
 
     @property
     def latent_dim(self) -> int:
+        """Values in one item's latent, flattened: what every array the engine returns has per row."""
         return self.cfg.latent_dim
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """One item's latent as the model declares it, e.g. (4, 32, 32) for an imported AutoencoderKL: the jobs
+        and the server give latents this shape (`z.reshape(-1, *engine.latent_shape)`); (L,) for a trained VAE."""
+        return self.cfg.latent_shape
 
     def prepare_items(self, x: np.ndarray, name: str = "x", start: int = 0) -> np.ndarray:
         """Items by the one input rule (`data.items`) -> contiguous float32 (B, D) in model units."""
@@ -91,7 +98,7 @@ class Engine:
 
     def prepare_latents(self, z: np.ndarray, name: str = "z") -> np.ndarray:
         """Latent-space arrays (z, mu, logvar) by the one input rule (`data.latents`) -> contiguous float32."""
-        return data.latents(z, self.latent_dim, name)
+        return data.latents(z, self.cfg.latent_shape, name)
 
     def _sample(self, mu: np.ndarray, logvar: np.ndarray, k: int, seed: int, start: int) -> np.ndarray:
         """z (B, K, D) from checked float32 (mu, logvar), e.g. straight from the backend (which checks them)."""
@@ -139,10 +146,17 @@ class Engine:
         mu, logvar = self.encode(x)  # checked by the backend: no second validation on the way to the decoder
         return self._mean(self._sample(mu, logvar, 1, seed, start)[:, 0])
 
+    def check_scores(self) -> None:
+        """Raise the one clear error where this model cannot be scored: an imported autoencoder that declares no
+        likelihood or no prior (`likelihoods.none`, `engine_priors.NoPrior`). Jobs call it before any work."""
+        if self.cfg.cannot_score:
+            raise VaeEngineError(self.cfg.cannot_score)
+
     def elbo(self, x: np.ndarray, seed: int = 0, start: int = 0, streams: rng.Streams | None = None) -> np.ndarray:
         """ELBO per input (B,): one posterior sample for log p(x|z), the KL analytic for N(0, I) (K&W 2013, eq. 10)
         and estimated at that sample for a VampPrior. `streams` (optional) says which eps stream each item reads;
         default: (seed, start + b)."""
+        self.check_scores()
         x = self.prepare_items(x)
         streams = _streams(streams, seed, start, len(x))
         mu, logvar = self.backend.encode(x)
@@ -167,6 +181,7 @@ class Engine:
         """log sum_{s0 <= s < s1} w_s per input (B,) float64, of the k importance weights of the IWAE estimate:
         `log_likelihood` is all k of them less log k, and the partial sums of any split of [0, k) combine into it
         by log-sum-exp (a server runs a long request in such slices)."""
+        self.check_scores()
         x = self.prepare_items(x)
         k = check_int("k", k, 1, MAX_SCORE_K)
         if not 0 <= s0 < s1 <= k:
@@ -215,12 +230,13 @@ class Engine:
         stand_in = copy.copy(self)  # this engine's prior and likelihood, over the stand-in backend
         stand_in.backend = _Zeros(self)
         x = np.zeros((1, self.cfg.input_dim), np.float32)
-        stand_in.scores(x, 0, 2, 0)
+        if not self.cfg.cannot_score:  # not an imported autoencoder
+            stand_in.scores(x, 0, 2, 0)
+            stand_in.decode_sample(np.zeros((1, self.latent_dim), np.float32))
+            self.prior.sample(0, 0, 1)
         rng.binarize(x, 0, 0)
-        stand_in.decode_sample(np.zeros((1, self.latent_dim), np.float32))
         stand_in.sample_posterior(np.zeros((1, self.latent_dim), np.float32), np.zeros((1, self.latent_dim),
                                                                                        np.float32))
-        self.prior.sample(0, 0, 1)
 
     def scores(self, x: np.ndarray, start: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """(-ELBO, -log p(x) estimate) per input: the same quantities as `estimators.reference_scores`."""

@@ -155,8 +155,9 @@ class App:
         self.active = 0  # requests received and not yet answered (the batcher waits only while others exist)
         self.batcher = MicroBatcher(self.run_batch, max_batch, max_wait_ms / 1000, self.metrics, lambda: self.active)
         self.max_batch, self.max_wait_ms, self._map = max_batch, max_wait_ms, None
-        self.models = oip.model_specs(self.model_dir.name, tuple(self.cfg.input_shape), self.engine.latent_dim,
-                                      self.detector is not None)  # the Open Inference Protocol's models
+        self.models = oip.model_specs(self.model_dir.name, tuple(self.cfg.input_shape), self.engine.latent_shape,
+                                      self.detector is not None,  # the Open Inference Protocol's models
+                                      not self.cfg.cannot_score)
 
     # -- the Open Inference Protocol (v2): the same checks, batcher and answers as /v1 --
 
@@ -427,6 +428,7 @@ class App:
         cfg = self.cfg
         return {"model_dir": str(self.model_dir), "input_shape": list(cfg.input_shape),
                 "image_shape": list(cfg.image_shape) if cfg.image_shape else None, "latent_dim": cfg.latent_dim,
+                "latent_shape": list(cfg.latent_shape),
                 "likelihood": cfg.likelihood, "path": self.path, "detector": self.detector is not None,
                 "detector_rule": self.detector.rule if self.detector else None, "max_batch": self.max_batch,
                 "max_wait_ms": self.max_wait_ms, "limits": self.limits.__dict__, "work_limit": self.work_limit,

@@ -104,21 +104,24 @@ class ModelSpec:
                 "inputs": [t.metadata() for t in self.inputs], "outputs": [t.metadata() for t in self.outputs]}
 
 
-def model_specs(name: str, input_shape: tuple[int, ...], latent_dim: int, detector: bool) -> dict[str, ModelSpec]:
-    """The v2 models of one model folder, by name."""
+def model_specs(name: str, input_shape: tuple[int, ...], latent_shape: tuple[int, ...], detector: bool,
+                scores: bool = True) -> dict[str, ModelSpec]:
+    """The v2 models of one model folder, by name: latents in the model's latent shape ((L,), or (C, h, w) for an
+    imported autoencoder); sample and score only where the model can be scored (`scores`), detect only with a
+    stored detector."""
     items = TensorSpec("items", "FP32", (-1, *input_shape), NUMERIC)
-    z = TensorSpec("z", "FP32", (-1, latent_dim), FLOATS)
+    z = TensorSpec("z", "FP32", (-1, *latent_shape), FLOATS)
     out_items = TensorSpec("items", "FP32", (-1, *input_shape))
     tensors = {  # op -> (inputs, outputs); its parameters are OPERATIONS' (v2 sends sample's n as a tensor)
-        "encode": ((items,), (TensorSpec("mu", "FP32", (-1, latent_dim)),
-                              TensorSpec("logvar", "FP32", (-1, latent_dim)))),
+        "encode": ((items,), (TensorSpec("mu", "FP32", (-1, *latent_shape)),
+                              TensorSpec("logvar", "FP32", (-1, *latent_shape)))),
         "decode": ((z,), (out_items,)),
         "reconstruct": ((items,), (TensorSpec("reconstruction", "FP32", (-1, *input_shape), source="items"),)),
         "sample": ((TensorSpec("n", "INT64", (1,), INTEGERS),), (out_items,)),
         "score": ((items,), (TensorSpec("scores", "FP64", (-1,)),)),
         "detect": ((items,), (TensorSpec("scores", "FP64", (-1,)), TensorSpec("flags", "INT64", (-1,)))),
     }
-    ops = [op for op in OPERATIONS if op != "detect" or detector]
+    ops = [op for op in OPERATIONS if (op != "detect" or detector) and (op not in ("sample", "score") or scores)]
     return {f"{name}-{op}": ModelSpec(f"{name}-{op}", op, *tensors[op],
                                       tuple(p for p in OPERATIONS[op][2] if p != "n")) for op in ops}
 

@@ -13,8 +13,10 @@ from .base import Likelihood
 from .bernoulli import Bernoulli
 from .continuous_bernoulli import ContinuousBernoulli
 from .gaussian import Gaussian
+from .none import NoLikelihood
 
-LIKELIHOODS: dict[str, Likelihood] = {lk.name: lk for lk in (Bernoulli(), ContinuousBernoulli(), Gaussian())}
+LIKELIHOODS: dict[str, Likelihood] = {lk.name: lk for lk in (Bernoulli(), ContinuousBernoulli(), Gaussian(),
+                                                               NoLikelihood())}
 assert tuple(LIKELIHOODS) == config.LIKELIHOODS  # config lists the names without importing Numba
 
 
@@ -28,4 +30,4 @@ def get(name: str) -> Likelihood:
         raise VaeEngineError(f"unknown likelihood {name!r}: choose one of {', '.join(LIKELIHOODS)}") from None
 
 
-__all__ = ["Likelihood", "LIKELIHOODS", "get", "Bernoulli", "ContinuousBernoulli", "Gaussian"]
+__all__ = ["Likelihood", "LIKELIHOODS", "get", "Bernoulli", "ContinuousBernoulli", "Gaussian", "NoLikelihood"]

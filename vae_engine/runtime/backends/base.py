@@ -104,6 +104,7 @@ class GraphBackend(BackendDefaults):
         from ...model import likelihoods
 
         self.latent_dim, self.out_dim = cfg.latent_dim, graphs.spec("decoder", cfg).outputs[0][1]
+        self.chunk_rows = cfg.chunk_rows
         self.likelihood, self.mean_width = likelihoods.get(cfg.likelihood), cfg.input_dim
         self.paths: dict[str, Path] = {}
         self.graphs: dict[str, graphs.Graph] = {}  # role -> the checked graph
@@ -128,7 +129,8 @@ class GraphBackend(BackendDefaults):
             raise VaeEngineError(f"{path} not found: run `vae-engine export {model_dir}{EXPORT_FLAG[variant]}` first")
         return path
 
-    chunk_rows: int | None = CHUNK_ROWS  # calls of more rows run in chunks of this many (None: in one call)
+    chunk_rows: int | None = CHUNK_ROWS  # calls of more rows run in chunks of this many (None: in one call);
+    #                                      `ModelConfig.chunk_rows` for the model's item size
 
     def _infer(self, role: str, a: np.ndarray, out: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """The graph's outputs for one input array, written into `out` (arrays of the right shape) when given
