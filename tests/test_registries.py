@@ -47,7 +47,7 @@ def test_every_likelihood_is_declared_where_the_config_and_graphs_read_it(name):
     assert name in config.LIKELIHOODS and config.DECODER_OUTPUTS[name][1] == lk.n_params
     nodes = lk.mean_onnx("params", "mean", 3)
     assert nodes is None or all(isinstance(n, bytes) for n in nodes)
-    assert name in _help("train")  # --likelihood lists it
+    assert (name in _help("train")) == (name in config.TRAINED_LIKELIHOODS)  # --likelihood lists what train fits
     params = np.zeros((2, lk.n_params * 3), np.float32)
     assert lk.mean(params).shape == (2, 3)
 
@@ -55,6 +55,10 @@ def test_every_likelihood_is_declared_where_the_config_and_graphs_read_it(name):
 @pytest.mark.parametrize("name", list(config.PRIORS))
 def test_every_prior_has_its_engine_form(name):
     assert set(config.PRIORS) == set(engine_priors.KINDS)
+    if name == "none":  # an imported model's: no prior to train
+        cfg = config.ModelConfig(arch="modules", prior=name, likelihood="none", imported={})
+        assert engine_priors.kind(cfg).name == name and cfg.cannot_score and name not in config.TRAINED_PRIORS
+        return
     cfg = config.ModelConfig(prior=name)
     assert engine_priors.kind(cfg).name == name
     assert name in _help("train")  # --prior lists it

@@ -16,6 +16,7 @@ from .core.lazy import exports
 _LAZY = {
     "VAE": "model.networks", "Engine": "runtime.engine", "VAEOutlierDetector": "anomaly.detector",
     "evaluate_model": "jobs.evaluate", "load_backend": "runtime.backends",
+    "import_modules": "export.imported", "import_diffusers": "export.imported",
 }
 
 # public modules, imported on first use: `vae_engine.data`, `vae_engine.ray_jobs`
@@ -33,5 +34,5 @@ def __getattr__(name: str):
 __all__ = [
     "__version__", "ModelConfig", "TrainConfig", "VAE", "Engine", "VAEOutlierDetector", "VaeEngineError",
     "DataError", "ModelDirError", "ExportError", "OutputError", "evaluate_model", "load_backend", "data",
-    "ray_jobs",
+    "ray_jobs", "import_modules", "import_diffusers",
 ]

@@ -244,7 +244,7 @@ def import_(
     its latents are the autoencoder's posterior mean times its scaling_factor (after shift_factor), the latents a
     diffusion model trains on. encode, decode, reconstruct, serve and bench run on it; it declares no likelihood
     and no prior, so score, evaluate and sample do not. Your own PyTorch modules import through the Python API
-    (vae_engine.export.imported.import_modules). Needs pip install 'vae-engine[diffusers]'.
+    (vae_engine.import_modules). Needs pip install 'vae-engine[diffusers]'.
     """
     from ..core.atomic import check_writable
     from ..data.readers import parse_shape

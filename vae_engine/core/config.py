@@ -62,6 +62,7 @@ OBJECTIVES = ("elbo", "iwae", "dreg")
 # p(z): N(0, I), the VampPrior mixture over learned pseudo-inputs (model/priors.py), or none (an imported model
 # that declares no prior: no sampling, no likelihood scores)
 PRIORS = ("normal", "vamp", "none")
+TRAINED_PRIORS = PRIORS[:2]  # what `train` fits
 MAX_PSEUDO_INPUTS = 10_000
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast where the CPU has native bf16, else fp32
 BINARIZE = ("dynamic", "none")
@@ -139,10 +140,6 @@ class ModelConfig:
             object.__setattr__(self, "input_shape", (1, *IMAGE_SHAPE))
         if len(self.input_shape) not in (1, 3):
             raise VaeEngineError(f"input_shape must be (D,) or (C, H, W), got {list(self.input_shape)}")
-        if not 1 <= len(self.latent_shape) <= 4 or not all(type(s) is int and s >= 1 for s in self.latent_shape) \
-                or math.prod(self.latent_shape) != self.latent_dim:
-            raise VaeEngineError(f"latent_shape must be 1 to 4 positive sizes with latent_dim = {self.latent_dim} "
-                                 f"values, got {list(self.latent_shape)}")
         if self.imported is not None:
             spec = from_dict(ImportSpec, self.imported)  # checked now: a config.json is user input
             object.__setattr__(self, "imported", json.loads(json.dumps(dataclasses.asdict(spec))))
@@ -150,6 +147,10 @@ class ModelConfig:
                                     *(("input size", s, 1, MAX_INPUT) for s in self.input_shape),
                                     *(("hidden size", h, 1, MAX_WIDTH) for h in self.hidden)):
             check_int(name, value, lo, hi)
+        if not 1 <= len(self.latent_shape) <= 4 or not all(type(s) is int and s >= 1 for s in self.latent_shape) \
+                or math.prod(self.latent_shape) != self.latent_dim:
+            raise VaeEngineError(f"latent_shape must be 1 to 4 positive sizes holding latent_dim = {self.latent_dim} "
+                                 f"values, got {list(self.latent_shape)}")
         if self.input_dim > MAX_INPUT:
             raise VaeEngineError(f"an item of shape {list(self.input_shape)} has {self.input_dim:,} values, over the "
                                  f"limit of {MAX_INPUT:,}")
@@ -175,8 +176,12 @@ class ModelConfig:
             raise VaeEngineError(f"unknown prior {self.prior!r}: choose one of {', '.join(PRIORS)}")
         if self.arch in IMPORTED_ARCHS:
             return  # its networks are its own: the layer checks below are the trainer's architectures'
-        if self.likelihood == "none" or self.prior == "none" or len(self.latent_shape) != 1:
-            raise VaeEngineError(f"the {self.arch} architecture has a likelihood, a prior and flat latents")
+        if self.likelihood == "none" or self.prior == "none":
+            raise VaeEngineError(f"likelihood and prior 'none' are for imported models; the {self.arch} architecture "
+                                 f"trains with one of {', '.join(TRAINED_LIKELIHOODS)} and {', '.join(TRAINED_PRIORS)}")
+        if len(self.latent_shape) != 1:
+            raise VaeEngineError(f"the {self.arch} architecture has flat latents, got latent_shape "
+                                 f"{list(self.latent_shape)}")
         if self.arch != "mlp" and (len(self.input_shape) != 3 or min(self.input_shape[1:]) < 4):
             raise VaeEngineError(f"the {self.arch} architecture needs (C, H, W) images of at least 4x4, got "
                                  f"{list(self.input_shape)}; use --arch mlp")
@@ -315,6 +320,9 @@ class TrainConfig:
 
 
 DEFAULT_BUDGET = 0.01  # nats: the largest change of the mean NLL a faster path may cost (--max-nll-change)
+# a model without a likelihood (an imported autoencoder) has no nats: its faster paths may change its
+# reconstructions (items in [0, 1]) by at most one 8-bit grey level on average, by the same rule
+RECONSTRUCTION_BUDGET = 1 / 255
 CONFIDENCE_SE = 2.0  # a path is within a budget when |mean NLL change| + this many standard errors of it is
 
 

@@ -14,6 +14,7 @@ from .datasets import (
     load_test_data,
     load_training_data,
     resolve_data_dir,
+    sample_photos,
     split_indices,
 )
 from .idx import IMAGES_MAGIC, LABELS_MAGIC, MAX_IDX_BYTES, parse_idx, read_idx, sha256_idx
@@ -21,7 +22,8 @@ from .inputs import check_fits, items, latents, model_input, to_float, to_unit
 
 __all__ = [
     "DATASETS", "DOWNLOADS", "SPLITS", "Dataset", "bundled_dir", "cache_dir", "download", "load_dataset",
-    "load_split", "load_test_data", "load_training_data", "resolve_data_dir", "split_indices", "IMAGES_MAGIC",
+    "load_split", "load_test_data", "load_training_data", "resolve_data_dir", "sample_photos", "split_indices",
+    "IMAGES_MAGIC",
     "LABELS_MAGIC", "MAX_IDX_BYTES", "parse_idx", "read_idx", "sha256_idx", "items", "latents",
     "model_input", "to_float", "to_unit", "check_fits",
 ]

@@ -220,3 +220,27 @@ def load_dataset(dataset: str = "mnist", data_dir: str | os.PathLike | None = No
     test_images, test_labels = load_split(folder, "test")
     name = dataset if data_dir is None else "dir"
     return Dataset(name, str(folder), train_images, train_labels, test_images, test_labels)
+
+
+def sample_photos(shape: tuple[int, int, int], n: int = 2) -> np.ndarray:
+    """n real photos as float32 (n, C*H*W) in [0, 1], offline: scikit-learn's bundled china.jpg and flower.jpg
+    (427x640), square crops (centred, then shifted left and right for more than two) resized with Pillow to (H, W),
+    grey for C=1. What an imported image model is checked on (`vae-engine import`) and what `--precision auto`
+    measures its paths' reconstruction error on."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    c, h, w = shape
+    images = load_sample_images().images
+    out = np.empty((n, c * h * w), np.float32)
+    for i in range(n):
+        img = images[i % len(images)]
+        side = min(img.shape[:2])
+        room = img.shape[1] - side
+        left = (room // 2 + (i // len(images)) * room // 3) % (room + 1)
+        top = (img.shape[0] - side) // 2
+        pic = Image.fromarray(img[top:top + side, left:left + side]).resize((w, h), Image.BICUBIC)
+        a = np.asarray(pic.convert("L" if c == 1 else "RGB"), np.float32) / 255.0
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        out[i] = np.resize(a, (c, h, w)).reshape(-1)  # other channel counts: the RGB planes repeated
+    return out

@@ -24,32 +24,12 @@ from .. import modeldir
 from ..core import atomic
 from ..core.config import LIKELIHOODS, ImportSpec, ModelConfig, to_dict
 from ..core.errors import DataError, ExportError, ModelDirError, VaeEngineError, first_line, missing_dependency
+from ..data.datasets import sample_photos
 from ..model import imported
 from ..modeldir import graphs
 from .exporter import FP32_ATOL, _export_graph, _set_metadata, _validate
 
 MAX_IMPORT_SIDE = 4096  # pixels: an image side larger than this is not a VAE input we can export and check
-
-
-def photos(shape: tuple[int, ...], n: int = 2) -> np.ndarray:
-    """n real photos (scikit-learn's bundled china.jpg and flower.jpg, centre-cropped and resized with Pillow) as
-    float32 (n, C*H*W) in [0, 1]: what the graphs are checked on (and the import report's errors are measured on)."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    c, h, w = shape
-    out = []
-    for i in range(n):
-        img = load_sample_images().images[i % 2]  # (427, 640, 3) uint8
-        side = min(img.shape[:2])
-        top, left = (img.shape[0] - side) // 2, (img.shape[1] - side) // 2
-        pic = Image.fromarray(img[top:top + side, left:left + side]).resize((w, h), Image.BICUBIC)
-        a = np.asarray(pic.convert("L" if c == 1 else "RGB"), np.float32) / 255.0
-        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-        if c not in (1, 3):
-            a = np.resize(a, (c, h, w))
-        out.append(a.reshape(-1))
-    return np.stack(out)
 
 
 def _diffusers_folder(source: str | os.PathLike) -> tuple[str, str | None]:
@@ -163,11 +143,9 @@ def _model_config(input_shape, latent_shape, likelihood, prior, arch, spec: Impo
     for name, shape in (("input_shape", input_shape), ("latent_shape", latent_shape)):
         if not shape or not all(type(s) is int and s >= 1 for s in shape):
             raise VaeEngineError(f"{name} must be a tuple of positive sizes, got {shape!r}")
-    if likelihood != "none" or prior != "none":  # images in [0, 1] hold for "none"; the others say what they take
-        pass
     return ModelConfig(arch=arch, latent_dim=math.prod(latent_shape), latent_shape=latent_shape,
                        input_shape=input_shape, likelihood=likelihood, prior=prior,
-                       imported={k: v for k, v in to_dict(spec).items()})
+                       imported=to_dict(spec))
 
 
 def _check_outputs(model: imported.ImportedVAE, cfg: ModelConfig, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -203,7 +181,7 @@ def _check_outputs(model: imported.ImportedVAE, cfg: ModelConfig, x: torch.Tenso
         recon = model.decoder(mu)
     for name, t in (("mean", mu), ("log-variance", logvar), ("decoder output", recon)):
         if not torch.isfinite(t).all():
-            raise VaeEngineError(f"the {name} holds NaN or Inf on real images; check the weights and input_range")
+            raise VaeEngineError(f"the {name} holds NaN or Inf on real items; check the weights and input_range")
     return mu, logvar, recon
 
 
@@ -219,8 +197,10 @@ def _write(out: str | os.PathLike, cfg: ModelConfig, model: imported.ImportedVAE
     for k, v in state.items():
         if not torch.isfinite(v).all():
             raise ModelDirError(f"the weights hold NaN or Inf values in {k}; refusing to import them")
-    x = torch.from_numpy(photos(cfg.input_shape))
-    step("check the networks on real images")
+    # real photos for image models; seeded uniform values in [0, 1) for items of any other shape
+    x = torch.from_numpy(sample_photos(cfg.input_shape) if len(cfg.input_shape) == 3 else
+                         np.random.default_rng(0).random((2, cfg.input_dim), dtype=np.float32))
+    step("check the networks on real items")
     mu, logvar, recon = _check_outputs(model, cfg, x)
     existed = out.exists()
     try:
@@ -243,7 +223,8 @@ def _write(out: str | os.PathLike, cfg: ModelConfig, model: imported.ImportedVAE
             weights = save(state, metadata={"format": "pt", "source": cfg.import_spec.source})
             report = {"source": cfg.import_spec.origin or cfg.import_spec.source, "opset": graphs.OPSET,
                       "check_items": "scikit-learn's sample photos (china.jpg, flower.jpg), centre-cropped and "
-                                     f"resized to {cfg.input_shape[1:] if len(cfg.input_shape) == 3 else 'D'}",
+                                     f"resized to {cfg.input_shape[1:]}" if len(cfg.input_shape) == 3 else
+                                     "2 rows of seeded uniform values in [0, 1)",
                       "max_abs_err_vs_torch": errors,
                       "reconstruction_mean_abs_err": float((recon - x).abs().mean()) if recon.shape == x.shape
                       else None,

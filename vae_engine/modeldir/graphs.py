@@ -344,7 +344,7 @@ def graph_macs(graph: Graph) -> dict[str, int]:
             dims = value.type.tensor_type.shape.dim
             if dims and not dims[0].HasField("dim_value"):
                 dims[0].dim_value = 1
-        inferred = onnx.shape_inference.infer_shapes(fixed).graph
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True).graph  # through Shape->Reshape
         for value in (*inferred.value_info, *inferred.input, *inferred.output):
             dims = value.type.tensor_type.shape.dim
             if all(d.HasField("dim_value") for d in dims):

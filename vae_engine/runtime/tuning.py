@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import modeldir
 from ..core import hardware
-from ..core.config import DEFAULT_BUDGET, within_budget
+from ..core.config import DEFAULT_BUDGET, RECONSTRUCTION_BUDGET, within_budget
 from ..core.errors import VaeEngineError
 from ..modeldir import graphs
 
@@ -45,6 +45,10 @@ ACCURACY = "accuracy.json"  # the model's measured accuracy per path and numeric
 SCHEMA = "vae-engine-tuning/2"
 ACCURACY_SCHEMA = "vae-engine-accuracy/1"
 VALIDATION_ITEMS = 2048
+PHOTO_ITEMS = 4  # sample photos a model without a likelihood is measured on (a 256x256 SD-VAE: ~2 s each, fp32)
+# a path's accuracy is measured in the model's own terms: nats (an NLL), or for a model without a likelihood the
+# mean absolute change of its reconstructions in the items' [0, 1] units ("pixels")
+COST_SUFFIXES = ("_nats", "_pixels")
 ACCURACY_K = 64  # importance samples of the NLL compared (same eps for every path)
 KEEP = 16  # decisions kept in tuning.json (one per key: machine, versions, threads, batch, budget)
 KEEP_ACCURACY = 32  # accuracy entries kept in accuracy.json (one per path, numerics class and graph files)
@@ -114,10 +118,6 @@ def candidates(model_dir: Path, backend: str = "auto", device: str = "cpu",
         else:
             runnable.append((b, p))
     paths = runnable
-    if modeldir.model_config(model_dir).likelihood == "none":  # an imported autoencoder: no nats to judge a cost by
-        notes += [f"{b}/{p}: this model declares no likelihood, so the cost of {p} cannot be judged in nats; "
-                  f"--precision {p} runs it" for b, p in paths if p != "fp32"]
-        paths = [(b, p) for b, p in paths if p == "fp32"]
     if backend != "auto":
         paths = [p for p in paths if p[0] == backend] or [(backend, "fp32")]
     if not paths:
@@ -138,6 +138,11 @@ def validation_items(model_dir: Path, engine, n: int = VALIDATION_ITEMS, seed: i
 
     cfg, train_cfg = modeldir.model_config(model_dir), modeldir.train_config(model_dir)
     lk = get(cfg.likelihood)
+    if cfg.likelihood == "none":  # an imported autoencoder: real photos (or seeded values for other items)
+        if cfg.image_shape is not None:
+            return data.sample_photos(cfg.image_shape, PHOTO_ITEMS), f"{PHOTO_ITEMS} sample photos"
+        x = np.random.default_rng(seed).random((PHOTO_ITEMS, cfg.input_dim), dtype=np.float32)
+        return x, f"{PHOTO_ITEMS} rows of seeded uniform values"
     try:
         x = data.to_float(data.load_test_data(train_cfg)[0][:n]).reshape(-1, cfg.input_dim)
         source = f"{len(x)} test items"
@@ -219,7 +224,7 @@ def _path_row(row: Any) -> bool:
             and isinstance(row.get("threads"), int) and not isinstance(row.get("threads"), bool)
             and row["threads"] >= 1 and _number(row.get("items_per_s"), none=True)
             and _number(row.get("open_s"), none=True)
-            and all(_finite(v) for k, v in row.items() if k.endswith("_nats")))
+            and all(_finite(v) for k, v in row.items() if k.endswith(COST_SUFFIXES)))
 
 
 def _well_formed(d: dict[str, Any]) -> bool:
@@ -275,7 +280,8 @@ def accuracies(load: Load, model_dir: Path, paths: list[tuple[str, str]], thread
     step = progress or (lambda message: None)
     ref_path = reference_path(model_dir)
     known = {_freeze(e["key"]): e for e in _entries(model_dir, ACCURACY, ACCURACY_SCHEMA, "paths")
-             if _finite(e.get("nll_change_nats")) and all(_finite(v) for k, v in e.items() if k.endswith("_nats"))}
+             if (_finite(e.get("nll_change_nats")) or _finite(e.get("reconstruction_change_pixels")))
+             and all(_finite(v) for k, v in e.items() if k.endswith(COST_SUFFIXES))}
     out, ref = {}, None
     for backend, precision in paths:
         if precision == "fp32":
@@ -292,7 +298,7 @@ def accuracies(load: Load, model_dir: Path, paths: list[tuple[str, str]], thread
             entry = {"key": k, **accuracy(engine, ref), "validation": ref["source"],
                      "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             _put(model_dir, ACCURACY, ACCURACY_SCHEMA, "paths", entry, KEEP_ACCURACY)
-        out[backend, precision] = {k2: v for k2, v in entry.items() if k2.endswith("_nats")}
+        out[backend, precision] = {k2: v for k2, v in entry.items() if k2.endswith(COST_SUFFIXES)}
     return out
 
 
@@ -306,9 +312,12 @@ def _freeze(value: Any) -> Any:
 
 
 def reference(load: Load, model_dir: Path, threads: int, backend: str = "torch") -> dict[str, Any]:
-    """The fp32 reference on the validation items: {"x", "source", "nll", "nelbo", "engine"}."""
+    """The fp32 reference on the validation items: {"x", "source", "nll", "nelbo", "engine"}; for a model without
+    a likelihood {"x", "source", "reconstruction", "engine"}."""
     ref = load(model_dir, backend=backend, precision="fp32", threads=threads)
     x_val, source = validation_items(model_dir, ref)
+    if ref.cfg.likelihood == "none":
+        return {"x": x_val, "source": source, "reconstruction": ref.reconstruct(x_val), "engine": ref}
     return {"x": x_val, "source": source, "nll": -ref.log_likelihood(x_val, ACCURACY_K), "nelbo": -ref.elbo(x_val),
             "engine": ref}
 
@@ -318,6 +327,12 @@ def accuracy(engine, ref: dict[str, Any]) -> dict[str, float]:
     largest and mean absolute per-item NLL change (same items, same eps)."""
     import numpy as np
 
+    if "reconstruction" in ref:  # no likelihood: each item's mean absolute change of its reconstruction
+        diff = np.abs(engine.reconstruct(ref["x"]) - ref["reconstruction"]).mean(axis=1, dtype=np.float64)
+        return {"reconstruction_change_pixels": float(diff.mean()),
+                "reconstruction_change_se_pixels": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1
+                else 0.0,
+                "max_item_reconstruction_change_pixels": float(diff.max())}
     nll, nelbo = -engine.log_likelihood(ref["x"], ACCURACY_K), -engine.elbo(ref["x"])
     diff = nll - ref["nll"]
     return {"nll_change_nats": float(diff.mean()),
@@ -505,9 +520,28 @@ def affords_recheck(decision: dict[str, Any], items: int | None) -> bool:
 
 def within(row: dict[str, Any], budget: float) -> bool:
     """Does a path keep its mean NLL change within the budget, by the one rule (`config.within_budget`: the mean
-    and its standard error)? fp32 paths always do."""
-    return row["precision"] == "fp32" or within_budget(row["nll_change_nats"], row.get("nll_change_se_nats", 0.0),
-                                                       budget)
+    and its standard error)? A model without a likelihood: its mean reconstruction change within
+    `RECONSTRUCTION_BUDGET`. fp32 paths always do."""
+    if row["precision"] == "fp32":
+        return True
+    if "reconstruction_change_pixels" in row:
+        return within_budget(row["reconstruction_change_pixels"], row.get("reconstruction_change_se_pixels", 0.0),
+                             RECONSTRUCTION_BUDGET)
+    return within_budget(row["nll_change_nats"], row.get("nll_change_se_nats", 0.0), budget)
+
+
+def cost_text(row: dict[str, Any]) -> str:
+    """A measured path's accuracy cost in the model's own terms, e.g. "mean NLL change +0.0012 nats"."""
+    if "reconstruction_change_pixels" in row:
+        return f"mean reconstruction change {row['reconstruction_change_pixels']:.4f} (items in [0, 1])"
+    return f"mean NLL change {row['nll_change_nats']:+.4f} nats"
+
+
+def budget_text(decision: dict[str, Any]) -> str:
+    """What a decision's paths had to keep within."""
+    if decision.get("budget") == "reconstruction":
+        return f"a mean reconstruction change of {RECONSTRUCTION_BUDGET:.4f}"
+    return f"{decision['key']['budget_nats']} nats"
 
 
 def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None,
@@ -552,8 +586,7 @@ def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str
         if within(row, budget):
             fits.append(path)
         else:
-            notes.append(f"{path[0]}/{path[1]}: mean NLL change {row['nll_change_nats']:+.4f} nats is over the "
-                         f"budget ({budget} nats); not timed")
+            notes.append(f"{path[0]}/{path[1]}: {cost_text(row)} is over the budget; not timed")
     rows, clear = time_paths(load, model_dir, fits, options, batch, device, seconds, progress, items)
     rows = [{**r, **(costs[r["backend"], r["precision"]] or {})} for r in rows]
     best = max(rows, key=lambda r: r["items_per_s"] or 0.0)
@@ -561,6 +594,7 @@ def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str
                 "measurements": rows, "clear": clear, "import_s": imports,
                 "checks": previous.get("checks", 0) + 1 if previous and not retune else 0,
                 "accuracy": {f"{b}/{p}": c for (b, p), c in costs.items() if c}, "notes": notes,
+                "budget": "reconstruction" if modeldir.model_config(model_dir).likelihood == "none" else "nll",
                 "accuracy_k": ACCURACY_K, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     where = _put(model_dir, TUNING, SCHEMA, "decisions", decision, KEEP)
     return {**decision, "saved": where is not None, "saved_to": where, "reused": False}
@@ -575,12 +609,12 @@ def describe_path(backend: str, precision: str, decision: dict[str, Any] | None 
                 "not worth measuring every path for; a longer job or `vae-engine tune` decides)")
     row = next((r for r in decision["measurements"]
                 if (r["backend"], r["precision"]) == (backend, precision)), None)
-    cost = f", mean NLL change {row['nll_change_nats']:+.4f} nats" if row and row["precision"] != "fp32" else ""
+    cost = f", {cost_text(row)}" if row and row["precision"] != "fp32" else ""
     n = len(decision["measurements"])
     how = "reused from tuning.json" if decision.get("reused") else f"measured {n} path{'s' * (n != 1)}"
     if decision.get("for_items"):  # a job's choice: start-up counted against its size
         how = f"soonest done for {decision['for_items']:,} items; {how}"
     if isinstance(decision["key"].get("threads"), str) and "threads" in decision:  # the thread count was chosen
         how = f"{decision['threads']} thread{'s' * (decision['threads'] > 1)}; {how}"
-    return f"{backend}/{precision} (auto: fastest within {decision['key']['budget_nats']} nats{cost}; {how})"
+    return f"{backend}/{precision} (auto: fastest within {budget_text(decision)}{cost}; {how})"
 

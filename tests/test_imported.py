@@ -1,0 +1,309 @@
+"""Bring your own VAE: a tiny randomly initialized diffusers AutoencoderKL (save_pretrained, no network) and a
+user's own modules become model folders; every job and both server protocols run on them and agree with diffusers
+(the reference) within fp32 tolerance; every bad declaration or source is one clear error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from vae_engine import Engine, ModelConfig  # noqa: E402
+from vae_engine.core.errors import DataError, ModelDirError, VaeEngineError  # noqa: E402
+from vae_engine.data import sample_photos as photos  # noqa: E402
+from vae_engine.export.imported import import_modules  # noqa: E402
+from vae_engine.runtime import backends  # noqa: E402
+
+from .conftest import one_line_error as _one_line  # noqa: E402
+
+SIZE = (32, 32)
+LATENT = (4, 8, 8)  # three blocks: the tiny model downsamples by 4, as SD's by 8
+TOL = 1e-4
+
+
+def one_line_error(args: list[str]) -> str:
+    """The CLI's one `error:` line (exit 2, no traceback) for these arguments."""
+    from typer.testing import CliRunner
+
+    from vae_engine.cli import app
+
+    return _one_line(CliRunner().invoke(app, args))
+
+
+def tiny_autoencoder_kl():
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4,
+                                   latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 3,
+                                   up_block_types=("UpDecoderBlock2D",) * 3, sample_size=32).eval()
+
+
+@pytest.fixture(scope="module")
+def kl(tmp_path_factory):
+    """(the diffusers folder, the model folder imported from it by the CLI, the AutoencoderKL)."""
+    from typer.testing import CliRunner
+
+    from vae_engine.cli import app
+
+    root = tmp_path_factory.mktemp("kl")
+    vae = tiny_autoencoder_kl()
+    vae.save_pretrained(root / "diffusers")
+    result = CliRunner().invoke(app, ["import", str(root / "diffusers"), "--out", str(root / "model"),
+                                      "--size", f"{SIZE[0]},{SIZE[1]}"])
+    assert result.exit_code == 0, result.output
+    return root / "diffusers", root / "model", vae
+
+
+def _reference(vae, x: np.ndarray):
+    """diffusers itself: the scaled posterior mean and the decoded image in [0, 1], as a user of it computes them."""
+    sf = vae.config.scaling_factor
+    with torch.no_grad():
+        dist = vae.encode(torch.from_numpy(x).reshape(len(x), 3, *SIZE) * 2 - 1).latent_dist
+        image = (vae.decode(dist.mean).sample / 2 + 0.5).clamp(0, 1)
+    return (dist.mean * sf).numpy(), image.numpy(), (dist.logvar + 2 * np.log(sf)).numpy()
+
+
+def test_the_folder_declares_the_import(kl):
+    _, model, vae = kl
+    doc = json.loads((model / "config.json").read_text())
+    cfg = ModelConfig(**doc["model"])
+    assert cfg.arch == "autoencoder-kl" and cfg.latent_shape == LATENT and cfg.input_shape == (3, *SIZE)
+    assert cfg.likelihood == "none" and cfg.prior == "none"
+    assert cfg.import_spec.scaling_factor == pytest.approx(vae.config.scaling_factor)
+    assert cfg.import_spec.config["block_out_channels"] == [8, 16, 16]
+    report = json.loads((model / "export_report.json").read_text())
+    assert max(report["max_abs_err_vs_torch"].values()) < TOL
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "decoder.onnx", "encoder.onnx",
+                                                       "export_report.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "torch"])
+def test_every_path_equals_diffusers(kl, backend):
+    _, model, vae = kl
+    if backends.unavailable(backend, "fp32", "cpu", model):
+        pytest.skip(backends.unavailable(backend, "fp32", "cpu", model))
+    x = photos((3, *SIZE), 3)
+    mu_ref, image_ref, logvar_ref = _reference(vae, x)
+    engine = Engine.load(model, backend=backend, precision="fp32")
+    mu, logvar = engine.encode(x)
+    assert mu.shape == (3, int(np.prod(LATENT))) and engine.latent_shape == LATENT
+    np.testing.assert_allclose(mu.reshape(mu_ref.shape), mu_ref, atol=TOL)
+    np.testing.assert_allclose(logvar.reshape(mu_ref.shape), np.clip(logvar_ref, -16, 10), atol=1e-3)
+    np.testing.assert_allclose(engine.decode(mu_ref).reshape(image_ref.shape), image_ref, atol=TOL)  # shaped z
+    np.testing.assert_allclose(engine.reconstruct(x).reshape(image_ref.shape), image_ref, atol=TOL)
+    uint8 = np.round(x * 255).astype(np.uint8).reshape(3, 3, *SIZE)  # images as files hold them
+    np.testing.assert_allclose(engine.encode(uint8)[0], engine.encode(uint8.reshape(3, -1) / 255.0)[0], atol=1e-6)
+
+
+def test_jobs_on_an_image_folder(kl, tmp_path):
+    from PIL import Image
+
+    from vae_engine.cli import app
+    from vae_engine.jobs import batch
+
+    _, model, vae = kl
+    x = np.round(photos((3, *SIZE), 5) * 255).astype(np.uint8).reshape(5, 3, *SIZE)
+    (tmp_path / "images").mkdir()
+    for i, a in enumerate(x):
+        Image.fromarray(a.transpose(1, 2, 0)).save(tmp_path / "images" / f"{i}.png")
+    from typer.testing import CliRunner
+
+    run = CliRunner().invoke
+    common = ["--backend", "onnxruntime", "--precision", "fp32"]
+    assert run(app, ["encode", str(model), "-i", str(tmp_path / "images"), "-o", str(tmp_path / "z.npy"),
+                     *common]).exit_code == 0
+    z = np.load(tmp_path / "z.npy")
+    mu_ref, image_ref, _ = _reference(vae, x.reshape(5, -1).astype(np.float32) / 255)
+    assert z.shape == (5, *LATENT)
+    np.testing.assert_allclose(z, mu_ref, atol=TOL)
+    assert run(app, ["decode", str(model), "-i", str(tmp_path / "z.npy"), "-o", str(tmp_path / "x.npy"),
+                     *common]).exit_code == 0
+    np.testing.assert_allclose(np.load(tmp_path / "x.npy").reshape(image_ref.shape), image_ref, atol=TOL)
+    result = run(app, ["reconstruct", str(model), "-i", str(tmp_path / "images"), "-o", str(tmp_path / "r.png"),
+                       *common])
+    assert result.exit_code == 0 and (tmp_path / "r.png").stat().st_size > 0
+    # a posterior sample per image: its own stream, whatever the batch (--with-logvar keeps the latent shape too)
+    engine = Engine.load(model, backend="onnxruntime", precision="fp32")
+    source = batch.open_items(tmp_path / "images", engine.cfg)
+    fn = batch.make_job_fn("encode", engine, {"sample": True, "with_logvar": True, "seed": 3})
+    for size in (1, 2, 5):
+        batch.stream(source, fn, tmp_path / f"s{size}.npy", batch.item_shape("encode", engine.cfg,
+                                                                              {"with_logvar": True}), size)
+    s = [np.load(tmp_path / f"s{size}.npy") for size in (1, 2, 5)]
+    assert s[0].shape == (5, 2, *LATENT) and np.array_equal(s[0], s[1]) and np.array_equal(s[0], s[2])
+    assert not np.allclose(s[0][:, 0], z)
+
+
+@pytest.mark.parametrize("job", [["score", "-i", "{x}", "-o", "{out}/s.npy"],
+                                 ["sample", "-n", "2", "-o", "{out}/s.npy"], ["evaluate"]])
+def test_what_needs_a_likelihood_or_prior_is_one_error(kl, tmp_path, job):
+    _, model, _ = kl
+    np.save(tmp_path / "x.npy", np.zeros((2, 3, *SIZE), np.uint8))
+    args = [a.format(x=tmp_path / "x.npy", out=tmp_path) for a in job]
+    message = one_line_error([args[0], str(model), *args[1:]])
+    assert "declares no" in message and "encode, decode and reconstruct run on it" in message
+    assert not (tmp_path / "s.npy").exists()
+
+
+def test_both_server_protocols(kl):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from vae_engine.serving.server import create_app
+
+    _, model, vae = kl
+    x = photos((3, *SIZE), 2)
+    mu_ref, image_ref, _ = _reference(vae, x)
+    name = model.name
+    with TestClient(create_app(model, backend="onnxruntime", precision="fp32")) as c:
+        meta = c.get(f"/v2/models/{name}-encode").json()
+        assert meta["outputs"][0]["shape"] == [-1, *LATENT] and meta["inputs"][0]["shape"] == [-1, 3, *SIZE]
+        assert c.get(f"/v2/models/{name}-sample").status_code == 404  # no prior: not offered
+        r = c.post(f"/v2/models/{name}-encode/infer", json={"inputs": [
+            {"name": "items", "datatype": "FP32", "shape": [2, 3, *SIZE], "data": x.reshape(-1).tolist()}]})
+        out = {o["name"]: o for o in r.json()["outputs"]}
+        assert out["mu"]["shape"] == [2, *LATENT]
+        np.testing.assert_allclose(np.array(out["mu"]["data"], np.float32).reshape(mu_ref.shape), mu_ref, atol=TOL)
+        r = c.post(f"/v2/models/{name}-decode/infer", json={"inputs": [
+            {"name": "z", "datatype": "FP32", "shape": [2, *LATENT], "data": mu_ref.reshape(-1).tolist()}]})
+        items = r.json()["outputs"][0]
+        assert items["shape"] == [2, 3, *SIZE]
+        np.testing.assert_allclose(np.array(items["data"], np.float32).reshape(image_ref.shape), image_ref, atol=TOL)
+        r = c.post("/v1/reconstruct", json={"items": x.tolist()})
+        np.testing.assert_allclose(np.array(r.json()["items"]).reshape(image_ref.shape), image_ref, atol=TOL)
+        r = c.post("/v1/score", json={"items": x.tolist()})
+        assert r.status_code == 422 and "declares no" in r.json()["error"]
+
+
+def test_bad_sources_are_one_error(kl, tmp_path):
+    folder, model, vae = kl
+    assert "not found" in one_line_error(["import", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")])
+    assert "already holds a model" in one_line_error(["import", str(folder), "--out", str(model), "--size", "32,32"])
+    assert "multiples of 4" in one_line_error(["import", str(folder), "--out", str(tmp_path / "m"), "--size", "30,30"])
+    pickled = tmp_path / "pickled"
+    vae.save_pretrained(pickled, safe_serialization=False)  # diffusion_pytorch_model.bin: a pickle
+    message = one_line_error(["import", str(pickled), "--out", str(tmp_path / "m")])
+    assert "safetensors" in message and "pickle" in message
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    assert "not an AutoencoderKL" in one_line_error(["import", str(other), "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()
+
+
+def test_tampered_folder_is_refused(kl, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _, model, _ = kl
+    bad = tmp_path / "bad"
+    shutil.copytree(model, bad)
+    tensors = load_file(bad / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = np.zeros((3,), np.float32)
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(ModelDirError, match="config.json needs"):
+        Engine.load(bad, backend="torch", precision="fp32")
+    doc = json.loads((model / "config.json").read_text())
+    for key, value in (("scaling_factor", -1.0), ("scaling_factor", "x"), ("input_range", [1, -1]),
+                       ("source", "pickle")):
+        doc2 = json.loads(json.dumps(doc))
+        doc2["model"]["imported"][key] = value
+        (bad / "config.json").write_text(json.dumps(doc2))
+        with pytest.raises(ModelDirError, match="'model' section is invalid"):
+            Engine.load(bad, backend="onnxruntime", precision="fp32")
+
+
+class _Encoder(torch.nn.Module):
+    def __init__(self, latent=(2, 4, 4), outputs=2):
+        super().__init__()
+        self.conv, self.latent, self.outputs = torch.nn.Conv2d(1, 2 * latent[0], 3, stride=2, padding=1), latent, \
+            outputs
+
+    def forward(self, x):
+        h = self.conv(x)
+        return h.chunk(2, dim=1) if self.outputs == 2 else h
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self, out=64):
+        super().__init__()
+        self.net, self.out = torch.nn.Linear(32, out), out
+
+    def forward(self, z):
+        return self.net(z.flatten(1))
+
+
+def test_your_own_modules(tmp_path):
+    torch.manual_seed(0)
+    enc, dec = _Encoder(), _Decoder()
+    report = import_modules(enc, dec, tmp_path / "m", (1, 8, 8), (2, 4, 4), likelihood="bernoulli", prior="normal",
+                            scaling_factor=2.0)
+    assert max(report["max_abs_err_vs_torch"].values()) < TOL
+    engine = Engine.load(tmp_path / "m", backend="onnxruntime", precision="fp32")
+    x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        mu_ref, logvar_ref = enc(torch.from_numpy(x))
+        logits_ref = dec(mu_ref)
+    mu, logvar = engine.encode(x)
+    np.testing.assert_allclose(mu, 2.0 * mu_ref.flatten(1).numpy(), atol=TOL)  # scaled latents
+    np.testing.assert_allclose(logvar, (logvar_ref + 2 * np.log(2.0)).clamp(-16, 10).flatten(1).numpy(), atol=TOL)
+    np.testing.assert_allclose(engine.decode(mu, params=True), logits_ref.numpy(), atol=TOL)
+    nll = -engine.log_likelihood(x, 8)  # a likelihood and a prior declared: scores and samples work
+    assert nll.shape == (3,) and np.isfinite(nll).all()
+    assert engine.sample(2).shape == (2, 64)
+    with pytest.raises(VaeEngineError, match="no code for"):
+        Engine.load(tmp_path / "m", backend="torch", precision="fp32")
+
+
+def test_modules_of_flat_items(tmp_path):
+    """An MLP encoder of 20 features: latents (2, 3), checked on seeded values, scored with a Gaussian decoder."""
+    torch.manual_seed(0)
+
+    class Enc(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(20, 12)
+
+        def forward(self, x):
+            mu, logvar = self.net(x).chunk(2, dim=1)
+            return mu.reshape(-1, 2, 3), logvar.reshape(-1, 2, 3)
+
+    dec = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 40))
+    import_modules(Enc(), dec, tmp_path / "m", (20,), (2, 3), likelihood="gaussian", prior="normal")
+    engine = Engine.load(tmp_path / "m", backend="onnxruntime", precision="fp32")
+    x = np.random.default_rng(1).standard_normal((4, 20)).astype(np.float32)
+    assert engine.encode(x)[0].shape == (4, 6) and np.isfinite(engine.log_likelihood(x, 4)).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"latent_shape": (3, 4, 4)}, "latent_shape declares"),
+    ({"encoder": _Encoder(outputs=1)}, "must return \\(mean, log-variance\\)"),
+    ({"decoder": _Decoder(out=10)}, "returns 10 values per item"),
+    ({"input_shape": (3, 8, 8)}, "check input_shape"),
+    ({"likelihood": "poisson"}, "unknown likelihood"),
+    ({"output_range": (-1.0, 1.0)}, "output_range is for a decoder"),
+    ({"scaling_factor": 0.0}, "scaling_factor must be positive"),
+    ({"input_range": (1.0, 0.0)}, "low < high"),
+    ({"encoder": "not a module"}, "must be a torch.nn.Module"),
+])
+def test_each_bad_declaration_is_one_error(tmp_path, kwargs, match):
+    args = {"encoder": _Encoder(), "decoder": _Decoder(), "out": tmp_path / "m", "input_shape": (1, 8, 8),
+            "latent_shape": (2, 4, 4), "likelihood": "bernoulli", "prior": "normal", **kwargs}
+    with pytest.raises(VaeEngineError, match=match) as info:
+        import_modules(**args)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "m").exists()
+
+
+def test_latents_of_a_shape_by_the_input_rule():
+    from vae_engine import data
+
+    z = np.zeros((2, 4, 8, 8), np.float32)
+    assert data.latents(z, (4, 8, 8)).shape == (2, 256)
+    assert data.latents(z.reshape(2, -1), (4, 8, 8)).shape == (2, 256)
+    with pytest.raises(DataError, match=r"\(N, 4, 8, 8\) or \(N, 256\)"):
+        data.latents(z.reshape(2, 8, 4, 8), (4, 8, 8))
