@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-SECTION = "import-table"  # the generated table of docs/benchmarks/imported.md
+SECTION = "import-table-{size}"  # the generated tables of docs/benchmarks/imported.md, one per image size
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
               scaling_factor=0.18215)
@@ -177,7 +177,7 @@ def main() -> None:
     if args.page:
         from vae_engine.perf import pages
 
-        pages.write_section(args.page, SECTION, markdown(report))
+        pages.write_section(args.page, SECTION.format(size=args.size), markdown(report))
         print(f"wrote {args.page}")
 
 

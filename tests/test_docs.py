@@ -157,9 +157,17 @@ def _jobs_table(report: dict) -> str:
     return jobs_bench.markdown(report)
 
 
+def _import_table(report: dict) -> str:
+    from bench import import_bench
+
+    return import_bench.markdown(report)
+
+
 @pytest.mark.parametrize("page,name,data,render", [
     ("docs/benchmarks/backends.md", "bench-table", "bench/results/bench.json", _bench_table),
     ("docs/benchmarks/jobs.md", "jobs-table", "bench/results/jobs.json", _jobs_table),
+    ("docs/benchmarks/imported.md", "import-table-256", "bench/results/import_bench.json", _import_table),
+    ("docs/benchmarks/imported.md", "import-table-512", "bench/results/import_bench_512.json", _import_table),
 ])
 def test_measurement_tables_are_generated_from_their_json(page, name, data, render):
     """A measurement page's table is its benchmark's JSON rendered (`perf.pages`): it cannot drift from the data,

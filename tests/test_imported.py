@@ -179,6 +179,35 @@ def test_both_server_protocols(kl):
         assert r.status_code == 422 and "declares no" in r.json()["error"]
 
 
+def test_auto_judges_a_model_without_likelihood_by_its_reconstructions(kl, tmp_path):
+    """No nats to judge a path by: auto measures each approximate path's mean reconstruction change against fp32
+    on sample photos and keeps it within one grey level (on a CPU class with native bf16, pretended where this one
+    is not: OpenVINO then runs bf16 emulated, slowly, but the same arithmetic is judged)."""
+    from vae_engine.core import config, hardware
+    from vae_engine.runtime import tuning
+
+    _, model, _ = kl
+    copy = tmp_path / "m"
+    shutil.copytree(model, copy)
+    bf16 = hardware.Machine("AMD EPYC (Zen 4)", frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni"}))
+    with hardware.pretend(bf16):
+        engine = Engine.load(copy, precision="auto", batch_size=4, threads=1)
+    decision = engine.decision
+    assert decision["budget"] == "reconstruction"
+    approximate = [r for r in decision["measurements"] if r["precision"] != "fp32"]
+    for path, cost in decision["accuracy"].items():
+        assert set(cost) == {"reconstruction_change_pixels", "reconstruction_change_se_pixels",
+                             "max_item_reconstruction_change_pixels"}, path
+        assert 0 <= cost["reconstruction_change_pixels"] < 0.05
+    for row in approximate:  # only paths within the budget are timed
+        assert config.within_budget(row["reconstruction_change_pixels"], row["reconstruction_change_se_pixels"],
+                                    config.RECONSTRUCTION_BUDGET)
+    assert "reconstruction change of 0.0039" in engine.path
+    if backends.openvino_installed():
+        assert "openvino/bf16" in decision["accuracy"]
+    assert tuning.within({"precision": "bf16", "reconstruction_change_pixels": 0.01}, 1.0) is False
+
+
 def test_bad_sources_are_one_error(kl, tmp_path):
     folder, model, vae = kl
     assert "not found" in one_line_error(["import", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")])
