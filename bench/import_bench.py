@@ -59,6 +59,7 @@ def run(size: int, images: int, threads: int, rounds: int) -> dict:
     import_diffusers(tmp / "sd-vae", tmp / "model", (size, size))
     import_s = time.perf_counter() - t0
     model = tmp / "model"
+    graph_errors = json.loads((model / "export_report.json").read_text())["max_abs_err_vs_torch"]
     x = photos((3, size, size), images)
     sf = vae.config.scaling_factor
 
@@ -124,6 +125,7 @@ def run(size: int, images: int, threads: int, rounds: int) -> dict:
             row[f"{op}_of_peak"] = gflops / peak if peak else None
     return {"benchmark": "import_bench", "date": time.strftime("%Y-%m-%d"), "size": size, "images": images,
             "threads": threads, "rounds": rounds, "import_s": import_s,
+            "import_graph_errors": graph_errors,
             "machine": {"cpu": hardware.cpu_info()[0], "flags": hardware.key_flags(),
                         "python": platform.python_version()},
             "versions": {k: v for k, v in versions().items() if v} | {"diffusers": __import__("diffusers").__version__},

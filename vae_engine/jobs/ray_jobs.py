@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import data
 from ..core import atomic, hardware
 from ..core.errors import VaeEngineError, write_error
 from ..data import readers
@@ -37,9 +38,7 @@ def _require_ray():
 def _open(job: str, path: str, cfg) -> jobs.Source:
     """The input source of a job (Parquet: numeric columns, or one list column of D values per row)."""
     if path.endswith(".parquet") and job == "decode":
-        arr = readers.read(path)[0]
-        if arr.shape[1:] != (cfg.latent_dim,):
-            raise VaeEngineError(f"{path}: latents must have shape (N, {cfg.latent_dim}), got {arr.shape}")
+        arr = data.latents(readers.read(path)[0], cfg.latent_shape, path)  # the input rule's shape and values
         return jobs.Source(path, len(arr), cfg.latent_dim, lambda i, j: arr[i:j])
     return jobs.open_input(job, path, cfg)
 
@@ -136,7 +135,8 @@ def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: st
             y = np.stack(batch["y"]) if batch["y"].dtype == object else batch["y"]
             index = batch["index"]
             for run in np.split(np.arange(len(index)), np.flatnonzero(np.diff(index) != 1) + 1):
-                out.write_at(int(index[run[0]]), y[run])  # batches arrive in any order, rows in runs
+                # batches arrive in any order, rows in runs; flat latents take the model's latent shape
+                out.write_at(int(index[run[0]]), y[run].reshape(len(run), *item_shape))
             if progress:
                 progress(len(index))
     return output_path
