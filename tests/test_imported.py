@@ -134,6 +134,15 @@ def test_jobs_on_an_image_folder(kl, tmp_path):
         batch.stream(source, fn, tmp_path / f"s{size}.npy", batch.item_shape("encode", engine.cfg,
                                                                               {"with_logvar": True}), size)
     s = [np.load(tmp_path / f"s{size}.npy") for size in (1, 2, 5)]
+    # photos of another size (and aspect): --fit scales each to cover the model's size and centre-crops it
+    (tmp_path / "large").mkdir()
+    for i, a in enumerate(x[:2]):
+        Image.fromarray(a.transpose(1, 2, 0)).resize((48, 40)).save(tmp_path / "large" / f"{i}.png")
+    assert "--fit" in one_line_error(["encode", str(model), "-i", str(tmp_path / "large"), "-o",
+                                      str(tmp_path / "l.npy"), *common])
+    assert run(app, ["encode", str(model), "-i", str(tmp_path / "large"), "-o", str(tmp_path / "l.npy"), "--fit",
+                     *common]).exit_code == 0
+    assert np.load(tmp_path / "l.npy").shape == (2, *LATENT)
     assert s[0].shape == (5, 2, *LATENT) and np.array_equal(s[0], s[1]) and np.array_equal(s[0], s[2])
     assert not np.allclose(s[0][:, 0], z)
 

@@ -20,6 +20,7 @@ from .options import (
     BudgetOpt,
     CpusOpt,
     DeviceOpt,
+    FitOpt,
     InputOpt,
     ModelDir,
     ModelOpt,
@@ -309,21 +310,22 @@ def tune(
 @app.command()
 @friendly
 def encode(
-    model_dir: ModelOpt = None, input: InputOpt = ..., output: Annotated[Path, typer.Option("--output", "-o", help="Latents .npy: (N, D), or (N, 2, D) with --with-logvar.")] = ...,
+    model_dir: ModelOpt = None, input: InputOpt = ..., output: Annotated[Path, typer.Option("--output", "-o", help="Latents .npy of the model's latent shape: (N, L) for a trained VAE, (N, C, h, w) for an imported autoencoder (scaled as it declares); (N, 2, ...) with --with-logvar.")] = ...,
     sample: Annotated[bool, typer.Option(help="Write a posterior sample z ~ q(z|x) instead of the mean.")] = False,
-    with_logvar: Annotated[bool, typer.Option(help="Also write logvar: output (N, 2, D), [:, 0] = z, [:, 1] = logvar.")] = False,
+    with_logvar: Annotated[bool, typer.Option(help="Also write logvar: output (N, 2, ...), [:, 0] = z, [:, 1] = logvar.")] = False,
+    fit: FitOpt = False,
     backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Encode images to latents (posterior mean, or a sample with --sample)."""
-    run_job("encode", model_dir, input, output, {"sample": sample, "with_logvar": with_logvar, "seed": seed}, path_options(backend, precision, max_nll_change, device), batch_size, threads, ray, actors, cpus_per_actor)
+    run_job("encode", model_dir, input, output, {"sample": sample, "with_logvar": with_logvar, "seed": seed, "fit": fit}, path_options(backend, precision, max_nll_change, device), batch_size, threads, ray, actors, cpus_per_actor)
 
 
 @app.command()
 @friendly
 def decode(
-    model_dir: ModelOpt = None, input: Annotated[Path, typer.Option("--input", "-i", help="Latents .npy of shape (N, D), D the model's latent size.")] = ...,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = ...,
+    model_dir: ModelOpt = None, input: Annotated[Path, typer.Option("--input", "-i", help="Latents .npy of the model's latent shape (N, L) or (N, C, h, w), or flattened (N, L) (what encode writes).")] = ...,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Items: .npy (N, D), D the values of one item (784 for MNIST), or a .png grid of images.")] = ...,
     sample: Annotated[bool, typer.Option(help="Write one draw x ~ p(x|z) per latent instead of E[x|z]: Bernoulli pixels (0/1), continuous-Bernoulli intensities or Gaussian values, from the seed's per-item streams.")] = False,
     binary: Annotated[bool, typer.Option(help="Bernoulli models: the same as --sample (pixels 0/1).")] = False,
     backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
@@ -354,12 +356,13 @@ def sample(
 @friendly
 def reconstruct(
     model_dir: ModelOpt = None, input: InputOpt = ...,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = ...,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Items: .npy (N, D), D the values of one item (784 for MNIST), or a .png grid of images.")] = ...,
+    fit: FitOpt = False,
     backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
 ) -> None:
     """Reconstruct images: decode the posterior mean of each input."""
-    run_job("reconstruct", model_dir, input, output, {"seed": seed}, path_options(backend, precision, max_nll_change, device), batch_size, threads, ray, actors,
+    run_job("reconstruct", model_dir, input, output, {"seed": seed, "fit": fit}, path_options(backend, precision, max_nll_change, device), batch_size, threads, ray, actors,
          cpus_per_actor)
 
 

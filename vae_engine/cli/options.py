@@ -21,6 +21,7 @@ BatchOpt = Annotated[int, typer.Option(help="Items per chunk: memory stays bound
 ThreadsOpt = Annotated[int | None, typer.Option(help="Threads for torch, ONNX Runtime and Numba (default: all cores).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of every random draw; results depend on it and the item index only.")]
 InputOpt = Annotated[Path, typer.Option("--input", "-i", help="The model's items: .npy (N, *item_shape) or flattened (N, D) (uint8 0..255 or float), .npz, .csv, .parquet, IDX(.gz), one PNG/JPEG image or a folder of them, of the model's size.")]
+FitOpt = Annotated[bool, typer.Option(help="Image inputs of another size: scale each to cover the model's size and centre-crop it (aspect ratio kept); without it they must be the model's size.")]
 
 
 RayOpt = Annotated[str | None, typer.Option("--ray", help="Run on Ray Data: 'local' starts a local Ray, or give a cluster address (ray://host:10001, auto). Needs the 'distributed' extra.")]

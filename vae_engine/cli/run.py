@@ -53,7 +53,8 @@ def run_job(job: str, model_dir: Path | None, input: Path | None, output: Path, 
         return
     from ..runtime.engine import Engine
 
-    source = jobs.open_input(job, input, model_config(model_dir), n)  # a bad input fails before any measuring
+    # a bad input fails before any measuring
+    source = jobs.open_input(job, input, model_config(model_dir), n, params.pop("fit", False))
     with CONSOLE.status("choosing the fastest path (once per machine; saved in the model folder)") as status:
         engine = Engine.load(model_dir, threads=threads, batch_size=batch_size, **path,
                              progress=lambda message: status.update(f"measuring paths: {message}"),

@@ -257,8 +257,10 @@ def read_image_folder(folder: Path, resize: tuple[int, int] | None = None) -> tu
 
 
 def read_image(path: Path, resize: tuple[int, int] | None = None,
-               expect: tuple[int, ...] | None = None) -> np.ndarray:
-    """One image as uint8 (C, H, W): grey stays C=1, anything else becomes RGB; size checked before decoding."""
+               expect: tuple[int, ...] | None = None, fit: bool = False) -> np.ndarray:
+    """One image as uint8 (C, H, W): grey stays C=1, anything else becomes RGB; size checked before decoding.
+    `fit` (with `expect`): an image of another size is scaled so that it covers the expected (H, W) and
+    centre-cropped to it (aspect ratio kept), as image models' preprocessing does."""
     import warnings
 
     from PIL import Image
@@ -271,8 +273,16 @@ def read_image(path: Path, resize: tuple[int, int] | None = None,
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise DataError(f"{path}: {w}x{h} pixels is too large (limit {MAX_IMAGE_PIXELS:,})")
+            if fit and expect is not None and (h, w) != tuple(expect[1:]):
+                eh, ew = expect[1:]
+                scale = max(eh / h, ew / w)
+                sw, sh = max(ew, round(w * scale)), max(eh, round(h * scale))
+                left, top = (sw - ew) // 2, (sh - eh) // 2
+                img = img.resize((sw, sh), Image.BICUBIC, box=None).crop((left, top, left + ew, top + eh))
+                w, h = ew, eh
             if expect is not None and resize is None and (h, w) != tuple(expect[1:]):
-                raise DataError(f"{path}: images must be {expect[2]}x{expect[1]} for this model, got {w}x{h}")
+                raise DataError(f"{path}: images must be {expect[2]}x{expect[1]} for this model, got {w}x{h} (--fit "
+                                "scales and centre-crops them)")
             grey = img.mode in ("1", "L", "I", "I;16", "F") or (expect is not None and expect[0] == 1)
             img = img.convert("L" if grey else "RGB")
             if resize is not None:

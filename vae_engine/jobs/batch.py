@@ -40,22 +40,23 @@ class Source:
             yield i, self.read(i, min(self.n, i + batch_size))
 
 
-def open_items(path: str | Path, cfg: ModelConfig) -> Source:
+def open_items(path: str | Path, cfg: ModelConfig, fit: bool = False) -> Source:
     """The model's input items from .npy (memory-mapped), .npz, .csv, .parquet, IDX(.gz), one PNG/JPEG image or a
     folder of them.
 
-    Items must have the model's shape (or be flattened to its D values); each chunk passes the one input rule
-    (`data.model_input`) with the file's name and row in any error.
+    Items must have the model's shape (or be flattened to its D values); images of another size are scaled and
+    centre-cropped to it with `fit`. Each chunk passes the one input rule (`data.model_input`) with the file's
+    name and row in any error.
     """
     path = Path(path)
     unit = likelihoods.get(cfg.likelihood).unit_interval
     if path.is_dir():
-        return _images(path, readers.image_files(path), cfg, unit)
+        return _images(path, readers.image_files(path), cfg, unit, fit)
     if not path.is_file():
         raise DataError(f"{path}: input not found")
     suffix = path.suffix.lower()
     if suffix in readers.IMAGE_SUFFIXES:
-        return _images(path, [path], cfg, unit)
+        return _images(path, [path], cfg, unit, fit)
     # a .npy is memory-mapped and converted chunk by chunk (memory bounded by the batch, whatever the file's
     # size); the other formats are read whole (readers.read, which converts to float32 at once)
     arr = readers.load_npy(path) if suffix == ".npy" else readers.read(path)[0]
@@ -82,7 +83,7 @@ def open_latents(path: str | Path, shape: tuple[int, ...]) -> Source:
     return Source(str(path), len(arr), math.prod(shape), read)
 
 
-def _images(source: Path, files: list[Path], cfg: ModelConfig, unit: bool) -> Source:
+def _images(source: Path, files: list[Path], cfg: ModelConfig, unit: bool, fit: bool = False) -> Source:
     """PNG/JPEG files (a folder's, or one image; `source`, the folder or the file, names them in errors), decoded
     chunk by chunk; each must have the model's size."""
     shape = tuple(cfg.input_shape) if len(cfg.input_shape) == 3 else (1, *IMAGE_SHAPE)
@@ -90,7 +91,7 @@ def _images(source: Path, files: list[Path], cfg: ModelConfig, unit: bool) -> So
         raise DataError(f"{source}: this model takes items of shape {tuple(cfg.input_shape)}, not images")
 
     def read(i: int, j: int) -> np.ndarray:
-        out = np.stack([readers.read_image(f, expect=shape) for f in files[i:j]])
+        out = np.stack([readers.read_image(f, expect=shape, fit=fit) for f in files[i:j]])
         if out.shape[1:] != shape:
             raise DataError(f"{source}: images must have {shape[0]} channel(s) for this model")
         return data.model_input(out, unit, str(source), i)
@@ -254,9 +255,10 @@ def item_shape(job: str, cfg: ModelConfig, params: dict) -> tuple[int, ...]:
     return _job(job).row_shape(cfg, params)
 
 
-def open_input(job: str, path: str | Path | None, cfg: ModelConfig, n: int = 0) -> Source:
-    """The input of a job: latents for decode, a counter for sample, the model's items otherwise."""
+def open_input(job: str, path: str | Path | None, cfg: ModelConfig, n: int = 0, fit: bool = False) -> Source:
+    """The input of a job: latents for decode, a counter for sample, the model's items otherwise (images of
+    another size scaled and centre-cropped with `fit`)."""
     reads = _job(job).reads
     if reads == "count":
         return counter(n)
-    return open_latents(path, cfg.latent_shape) if reads == "latents" else open_items(path, cfg)
+    return open_latents(path, cfg.latent_shape) if reads == "latents" else open_items(path, cfg, fit)

@@ -35,12 +35,13 @@ def _require_ray():
     return ray
 
 
-def _open(job: str, path: str, cfg) -> jobs.Source:
-    """The input source of a job (Parquet: numeric columns, or one list column of D values per row)."""
+def _open(job: str, path: str, cfg, fit: bool = False) -> jobs.Source:
+    """The input source of a job (Parquet: numeric columns, or one list column of D values per row); images of
+    another size scaled and centre-cropped with `fit`."""
     if path.endswith(".parquet") and job == "decode":
         arr = data.latents(readers.read(path)[0], cfg.latent_shape, path)  # the input rule's shape and values
         return jobs.Source(path, len(arr), cfg.latent_dim, lambda i, j: arr[i:j])
-    return jobs.open_input(job, path, cfg)
+    return jobs.open_input(job, path, cfg, fit=fit)
 
 
 class JobActor:
@@ -82,7 +83,8 @@ def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: st
         raise VaeEngineError(f"{output_path}: Ray job output must end in .npy or .parquet")
     model_dir = modeldir.resolve_model_dir(model_dir)
     cfg = modeldir.model_config(model_dir)
-    source = _open(job, str(input_path), cfg)  # validates shape/dtype up front
+    fit = params.pop("fit", False)
+    source = _open(job, str(input_path), cfg, fit)  # validates shape/dtype up front
     item_shape = jobs.item_shape(job, cfg, params)
     if precision == "auto":
         from ..runtime import tuning
@@ -113,7 +115,7 @@ def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: st
     restarts = {"max_restarts": 0} if address in (None, "", "local") else {}
 
     def read_shard(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        src = _open(job, path, cfg)  # memory-mapped .npy: a task reads only its shard
+        src = _open(job, path, cfg, fit)  # memory-mapped .npy: a task reads only its shard
         xs, idx = [], []
         for start, stop in zip(batch["start"], batch["stop"], strict=True):
             xs.append(src.read(int(start), int(stop)))
