@@ -246,6 +246,14 @@ def test_tampered_folder_is_refused(kl, tmp_path):
     with pytest.raises(ModelDirError, match="config.json needs"):
         Engine.load(bad, backend="torch", precision="fp32")
     doc = json.loads((model / "config.json").read_text())
+    for key, value, match in (("block_out_channels", [100000, 100000], "between 1 and 4,096"),
+                              ("block_out_channels", [4096] * 8, "over the limit"),
+                              ("_class_name", "UNet2DModel", "not an AutoencoderKL")):
+        doc2 = json.loads(json.dumps(doc))
+        doc2["model"]["imported"]["config"][key] = value
+        (bad / "config.json").write_text(json.dumps(doc2))
+        with pytest.raises(VaeEngineError, match=match):
+            Engine.load(bad, backend="torch", precision="fp32")
     for key, value in (("scaling_factor", -1.0), ("scaling_factor", "x"), ("input_range", [1, -1]),
                        ("source", "pickle")):
         doc2 = json.loads(json.dumps(doc))

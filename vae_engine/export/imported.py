@@ -52,6 +52,7 @@ def _diffusers_folder(source: str | os.PathLike) -> tuple[str, str | None]:
             doc = modeldir.read_json(folder / "config.json", "diffusers config")
             name = doc.get("_class_name") if isinstance(doc, dict) else None
             if name == "AutoencoderKL":
+                imported.check_autoencoder_kl(doc)  # its sizes, before diffusers allocates anything
                 return str(path), sub
             if sub is None and name is not None and not (path / "vae").is_dir():
                 raise DataError(f"{folder / 'config.json'}: describes a {name}, not an AutoencoderKL")

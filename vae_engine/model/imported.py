@@ -94,8 +94,31 @@ class _DiffusersDecoder(nn.Module):
         return self.vae.decode(z).sample
 
 
+def check_autoencoder_kl(config: dict[str, Any]) -> None:
+    """The sizes of an AutoencoderKL config checked before anything is allocated (config.json is user input: a
+    crafted width must be an error line, not an out-of-memory kill): its convolutions' weights, about
+    9 c^2 (4 layers + 2) per block of c channels, within the project's MAX_PARAMS."""
+    from ..core.config import MAX_PARAMS, check_int
+
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise VaeEngineError(f"the imported config describes a {config.get('_class_name')!r}, not an AutoencoderKL")
+    channels = config.get("block_out_channels", (64,))
+    if not isinstance(channels, (list, tuple)) or not 1 <= len(channels) <= 8:
+        raise VaeEngineError(f"block_out_channels must list 1 to 8 sizes, got {channels!r}")
+    for c in channels:
+        check_int("a block's channels", c, 1, 4096)
+    layers = check_int("layers_per_block", config.get("layers_per_block", 1), 1, 16)
+    for name in ("in_channels", "out_channels", "latent_channels", "norm_num_groups"):
+        if name in config:
+            check_int(name, config[name], 1, 4096)
+    params = sum(9 * c * c * (4 * layers + 2) for c in channels)
+    if params > MAX_PARAMS:
+        raise VaeEngineError(f"this AutoencoderKL has about {params:,} weights, over the limit of {MAX_PARAMS:,}")
+
+
 def autoencoder_kl(config: dict[str, Any]) -> nn.Module:
     """diffusers' AutoencoderKL built from its config (random weights, eval mode): no network, no remote code."""
+    check_autoencoder_kl(config)
     try:
         from diffusers import AutoencoderKL
     except ImportError as exc:
