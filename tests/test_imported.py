@@ -188,6 +188,45 @@ def test_both_server_protocols(kl):
         assert r.status_code == 422 and "declares no" in r.json()["error"]
 
 
+def test_served_to_real_kserve_clients_over_rest_and_grpc(kl):
+    """`vae-engine serve` on the imported folder, driven by tritonclient (a client vae-engine did not write) over
+    KServe v2 REST and gRPC: the latent shape in the metadata and the tensors, the answers equal diffusers'."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    import socket
+
+    from .conftest import start_serve
+
+    _, model, vae = kl
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        grpc_port = s.getsockname()[1]
+    proc, url = start_serve([str(model), "--backend", "onnxruntime", "--precision", "fp32",
+                             "--grpc-port", str(grpc_port)])
+    try:
+        x = photos((3, *SIZE), 2).reshape(2, 3, *SIZE)
+        mu_ref, image_ref, _ = _reference(vae, x.reshape(2, -1))
+        name = model.name
+        for lib, client in ((httpclient, httpclient.InferenceServerClient(url.removeprefix("http://"))),
+                            (grpcclient, grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}"))):
+            meta = client.get_model_metadata(f"{name}-encode")
+            outputs = meta["outputs"] if isinstance(meta, dict) else [
+                {"name": o.name, "shape": list(o.shape)} for o in meta.outputs]
+            assert [list(o["shape"]) for o in outputs] == [[-1, *LATENT]] * 2
+            t = lib.InferInput("items", list(x.shape), "FP32")
+            t.set_data_from_numpy(x)
+            mu = client.infer(f"{name}-encode", [t]).as_numpy("mu")
+            assert mu.shape == (2, *LATENT)
+            np.testing.assert_allclose(mu, mu_ref, atol=TOL)
+            z = lib.InferInput("z", list(mu.shape), "FP32")
+            z.set_data_from_numpy(mu)
+            items = client.infer(f"{name}-decode", [z]).as_numpy("items")
+            np.testing.assert_allclose(items.reshape(image_ref.shape), image_ref, atol=2 * TOL)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_auto_judges_a_model_without_likelihood_by_its_reconstructions(kl, tmp_path):
     """No nats to judge a path by: auto measures each approximate path's mean reconstruction change against fp32
     on sample photos and keeps it within one grey level (on a CPU class with native bf16, pretended where this one
