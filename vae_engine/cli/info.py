@@ -20,10 +20,17 @@ def describe(model_dir: str | Path, console: Console) -> None:
     model_cfg = modeldir.model_config(model_dir)
     console.print(f"[bold]{model_dir}[/]  (format {cfg.get('format', '?')})")
     t = Table(title="configuration", show_header=False)
+    trainer_only = () if model_cfg.trained else ("hidden", "activation", "standardize", "pseudo_inputs")
     for section in ("model", "train", "data"):
         for key, value in cfg.get(section, {}).items():
-            if value is not None:
-                t.add_row(f"{section}.{key}", str(value)[:200])
+            if value is None or (section == "model" and key in trainer_only):
+                continue
+            if section == "model" and key == "imported":  # the source's own config is long: its class and sizes
+                source = value.get("config") or {}
+                value = {k: v for k, v in value.items() if k != "config"} | (
+                    {"class": source.get("_class_name"), "block_out_channels": source.get("block_out_channels")}
+                    if source else {})
+            t.add_row(f"{section}.{key}", str(value)[:200])
     console.print(t)
 
     weights = model_dir / modeldir.WEIGHTS
