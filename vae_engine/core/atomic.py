@@ -169,6 +169,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def write_files(folder: Path, files: dict[str, bytes], scratch: Path) -> None:
+    """Write several files into `folder` as nearly at once as a file system allows: every one written into the
+    scratch folder (`temp_dir`, inside `folder`) first, so a full disk fails there with nothing replaced, then
+    each renamed into place."""
+    staged = Path(scratch) / "staged"
+    staged.mkdir()
+    for name, payload in files.items():
+        write_bytes(staged / name, payload)
+    for name in files:
+        os.replace(staged / name, Path(folder) / name)
+
+
 @contextlib.contextmanager
 def temp_dir(parent: str | os.PathLike, name: str) -> Iterator[Path]:
     """A scratch folder `.NAME.vae-tmp-PID-XXXX` inside `parent`, removed on exit (stale ones on the next run)."""

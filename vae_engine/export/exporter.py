@@ -11,7 +11,6 @@ import copy
 import io
 import json
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -326,12 +325,7 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
         files[graphs.graph_path(out_dir, role, variant).name] = proto.SerializeToString()
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     files[REPORT] = (json.dumps(report, indent=2) + "\n").encode()
-    staged = scratch / "staged"
-    staged.mkdir()
-    for name, payload in files.items():
-        atomic.write_bytes(staged / name, payload)
-    for name in files:
-        os.replace(staged / name, out_dir / name)
+    atomic.write_files(out_dir, files, scratch)
     return report
 
 

@@ -7,6 +7,7 @@ code."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -237,8 +238,6 @@ def _write(out: str | os.PathLike, cfg: ModelConfig, model: imported.ImportedVAE
                       "shift_factor": cfg.import_spec.shift_factor}
             config = {"format": modeldir.FORMAT, "model": to_dict(cfg), "data": {"imported_from": report["source"]},
                       "versions": modeldir.versions()}
-            import hashlib
-
             sha = hashlib.sha256(weights).hexdigest()
             files = {modeldir.WEIGHTS: weights, modeldir.CONFIG: (json.dumps(config, indent=2) + "\n").encode()}
             for role, proto in built.items():
@@ -248,12 +247,7 @@ def _write(out: str | os.PathLike, cfg: ModelConfig, model: imported.ImportedVAE
                 files[graphs.graph_path(out, role).name] = proto.SerializeToString()
             report["seconds"] = round(time.perf_counter() - t0, 2)
             files[modeldir.EXPORT_REPORT] = (json.dumps(report, indent=2) + "\n").encode()
-            staged = scratch / "staged"
-            staged.mkdir()
-            for name, payload in files.items():
-                atomic.write_bytes(staged / name, payload)
-            for name in files:
-                os.replace(staged / name, out / name)
+            atomic.write_files(out, files, scratch)
             return report
     except BaseException:
         if not existed:
