@@ -227,6 +227,23 @@ def test_served_to_real_kserve_clients_over_rest_and_grpc(kl):
         proc.wait(30)
 
 
+@pytest.mark.slow  # ~15 s: the bench measures the GEMM peaks and its kernel table too
+def test_bench_runs_on_an_imported_folder(kl, tmp_path):
+    """`vae-engine bench` counts an imported model's work on its graphs (no trainer network to rebuild)."""
+    from typer.testing import CliRunner
+
+    from vae_engine.cli import app
+
+    _, model, _ = kl
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", str(model), "--quick", "--backends", "ort-fp32", "--batches", "1,2",
+                                      "--ops", "encode,decode", "--threads", "1", "--json", str(out),
+                                      "--plot", str(tmp_path / "bench.png")])
+    assert result.exit_code == 0, result.output
+    rows = [r for r in json.loads(out.read_text())["results"] if r.get("gflops")]
+    assert rows and all(r["gflops"] > 0 for r in rows)
+
+
 def test_auto_judges_a_model_without_likelihood_by_its_reconstructions(kl, tmp_path):
     """No nats to judge a path by: auto measures each approximate path's mean reconstruction change against fp32
     on sample photos and keeps it within one grey level (on a CPU class with native bf16, pretended where this one

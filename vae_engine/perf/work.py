@@ -35,8 +35,14 @@ def _layer_flops(module: torch.nn.Module, x: torch.Tensor) -> float:
     return total[0] / x.shape[0]
 
 
-def model_flops(cfg: ModelConfig) -> dict[str, float]:
-    """FLOPs per sample of the encoder and decoder (2 per multiply-add; activations not counted)."""
+def model_flops(cfg: ModelConfig, model_dir: Path | None = None) -> dict[str, float]:
+    """FLOPs per sample of the encoder and decoder (2 per multiply-add; activations not counted): counted on the
+    exported fp32 graphs of `model_dir` where it has them (no PyTorch needed; an imported model always does),
+    else on the trainer's networks."""
+    if model_dir is not None and all(graphs.graph_path(model_dir, r).is_file() for r in graphs.ROLES):
+        enc, dec = (2.0 * graphs.graph_macs(graphs.load_graph(graphs.graph_path(model_dir, r), r, cfg))["float"]
+                    for r in graphs.ROLES)
+        return {"encode": enc, "decode": dec, "reconstruct": enc + dec}
     import torch
 
     from ..model.networks import VAE
