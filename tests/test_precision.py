@@ -214,6 +214,26 @@ def test_race_finds_the_clearly_faster_function_and_says_when_it_cannot():
     assert len(times["a"]) >= tuning.MIN_ROUNDS  # equal functions: stops at the time limit, whatever it decided
 
 
+def test_slow_rows_are_raced_briefly_at_a_batch_that_fits():
+    """A round longer than the race's whole budget: JOB_MIN_ROUNDS rounds, not MIN_ROUNDS. A row slower than
+    SLOW_ROW (an imported image autoencoder's seconds): timed at as many rows as fit a quarter of the budget; a
+    small model's batch is never changed (its batch-1 call is mostly fixed cost)."""
+    import time
+    from types import SimpleNamespace
+
+    nap = lambda: time.sleep(0.03)  # noqa: E731
+    times, _ = tuning.race({"a": nap, "b": nap}, seconds=0.01)
+    assert len(times["a"]) == tuning.JOB_MIN_ROUNDS
+
+    def engine(per_row: float):
+        backend = SimpleNamespace(encode=lambda x: time.sleep(per_row * len(x)), decode=lambda z: None)
+        return SimpleNamespace(backend=backend, cfg=SimpleNamespace(input_dim=4, latent_dim=2))
+
+    assert tuning._timed_batch(engine(0.04), 256, 0.6) == 3  # 0.15 s of a 0.6 s race: 3 rows of 0.04 s
+    assert tuning._timed_batch(engine(0.5), 256, 0.6) == 1
+    assert tuning._timed_batch(engine(0.0), 4096, 0.6) == 4096
+
+
 def test_a_short_jobs_race_is_as_long_as_the_job():
     """job_calls: equal functions (no clear winner) stop after JOB_MIN_ROUNDS rounds once the race has run as
     long as the job would, not at the time limit; a long job races on to MIN_ROUNDS and beyond."""

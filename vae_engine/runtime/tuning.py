@@ -62,6 +62,7 @@ MIN_ROUNDS = 5  # rounds every candidate is timed at least
 # decision (importing, opening and racing every path: 0.3-0.6 s on the 2-core machines) to a longer job
 DECIDE_SECONDS = 0.5
 JOB_MIN_ROUNDS = 3  # ... in the race of a job shorter than MIN_ROUNDS rounds (its decision stays to be re-checked)
+SLOW_ROW = 0.01  # seconds: a row this slow is timed at a batch that fits the race (`_timed_batch`)
 SAMPLE_SECONDS = 0.002  # one timing sample runs the path this long at least (batch 1: many calls per sample)
 RECHECKS = 2  # a decision whose ranking was not clear is raced again by this many later jobs (that can afford it)
 # opens one path of a model: (model_dir, backend=, precision=, threads=[, device=]) -> an Engine (`Engine.load`);
@@ -399,6 +400,8 @@ def race(fns: dict[Any, Callable[[], Any]], seconds: float = RACE_SECONDS, min_r
                 fn()
             times[name].append((time.perf_counter() - t0) / n)
         rounds += 1
+        if rounds == 1 and time.perf_counter() - start > seconds:  # one round is longer than the whole budget:
+            min_rounds = min(min_rounds, JOB_MIN_ROUNDS)  # the fewest rounds that rank (quartiles of 3 samples)
         if rounds < min_rounds:
             continue
         order = sorted(names, key=lambda m: np.median(times[m]))
@@ -437,15 +440,30 @@ def time_paths(load: Load, model_dir: Path, paths: list[tuple[str, str]], thread
         (b, p, n), engine = next(iter(engines.items()))
         return [{"backend": b, "precision": p, "threads": n, "provider": engine.backend.provider,
                  "items_per_s": None, "open_s": opened[b, p, n], "rounds": 0}], True
-    fns = {name: _encode_decode(engine.backend, *_inputs(engine, batch)) for name, engine in engines.items()}
-    step(f"timing {len(fns)} paths at batch {batch}")
-    times, clear = race(fns, seconds, job_calls=None if items is None else items / batch)
+    timed = _timed_batch(next(iter(engines.values())), batch, seconds)
+    fns = {name: _encode_decode(engine.backend, *_inputs(engine, timed)) for name, engine in engines.items()}
+    step(f"timing {len(fns)} paths at batch {timed}")
+    times, clear = race(fns, seconds, job_calls=None if items is None else items / timed)
     rows = [{"backend": b, "precision": p, "threads": n, "provider": engines[b, p, n].backend.provider,
-             "seconds_per_batch": float(np.median(t)), "items_per_s": batch / float(np.median(t)),
+             "timed_batch": timed, "seconds_per_batch": float(np.median(t)), "items_per_s": timed / float(np.median(t)),
              "spread": float((np.percentile(t, 75) - np.percentile(t, 25)) / np.median(t)), "rounds": len(t),
              "open_s": opened[b, p, n]}
             for (b, p, n), t in times.items()]
     return rows, clear
+
+
+def _timed_batch(engine, batch: int, seconds: float) -> int:
+    """The batch a race times for a decision at `batch`: the same, unless a single row takes over `SLOW_ROW`
+    seconds and a call of `batch` rows over a quarter of the race's budget; then as many rows as fit in that (at
+    least 1). Rows that slow (an imported image autoencoder: ~1-4 s each) run at the same rate whatever their batch
+    (a call's fixed cost, ~0.1 ms, is lost in them), and a decision at batch 256 would otherwise time minutes of
+    calls per path. A small model's batch-1 call is mostly that fixed cost: its batch is never changed."""
+    t0 = time.perf_counter()
+    _encode_decode(engine.backend, *_inputs(engine, 1))()  # the engine is open and warm (`time_paths`)
+    per_row = time.perf_counter() - t0
+    if per_row <= SLOW_ROW:
+        return batch
+    return max(1, min(batch, int(seconds / 4 / per_row)))
 
 
 RUNTIMES = {"torch": "torch", "torch-compile": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
