@@ -123,6 +123,19 @@ def test_jobs_on_an_image_folder(kl, tmp_path):
     assert run(app, ["decode", str(model), "-i", str(tmp_path / "z.npy"), "-o", str(tmp_path / "x.npy"),
                      *common]).exit_code == 0
     np.testing.assert_allclose(np.load(tmp_path / "x.npy").reshape(image_ref.shape), image_ref, atol=TOL)
+    # safetensors shards, as diffusion trainers keep latents: one tensor "latents", read back by decode
+    from safetensors.numpy import load_file
+
+    assert run(app, ["encode", str(model), "-i", str(tmp_path / "images"), "-o", str(tmp_path / "z.safetensors"),
+                     *common]).exit_code == 0
+    assert np.array_equal(load_file(tmp_path / "z.safetensors")["latents"], z)
+    assert run(app, ["decode", str(model), "-i", str(tmp_path / "z.safetensors"), "-o",
+                     str(tmp_path / "x.safetensors"), *common]).exit_code == 0
+    assert np.array_equal(load_file(tmp_path / "x.safetensors")["items"], np.load(tmp_path / "x.npy"))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    bad = str(tmp_path / "bad.safetensors")
+    assert "not a readable .safetensors" in one_line_error(["decode", str(model), "-i", bad, "-o",
+                                                            str(tmp_path / "y.npy")])
     result = run(app, ["reconstruct", str(model), "-i", str(tmp_path / "images"), "-o", str(tmp_path / "r.png"),
                        *common])
     assert result.exit_code == 0 and (tmp_path / "r.png").stat().st_size > 0

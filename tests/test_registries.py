@@ -87,6 +87,10 @@ def _write(suffix: str, path):
         np.save(path, x)
     elif suffix == ".npz":
         np.savez(path, x=x, y=np.array([1, 2]))
+    elif suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        save_file({"items": x}, str(path))
     elif suffix == ".csv":
         np.savetxt(path, x.reshape(2, -1), delimiter=",")
     elif suffix == ".parquet":

@@ -310,7 +310,7 @@ def tune(
 @app.command()
 @friendly
 def encode(
-    model_dir: ModelOpt = None, input: InputOpt = ..., output: Annotated[Path, typer.Option("--output", "-o", help="Latents .npy of the model's latent shape: (N, L) for a trained VAE, (N, C, h, w) for an imported autoencoder (scaled as it declares); (N, 2, ...) with --with-logvar.")] = ...,
+    model_dir: ModelOpt = None, input: InputOpt = ..., output: Annotated[Path, typer.Option("--output", "-o", help="Latents .npy, or .safetensors (one tensor, 'latents'), of the model's latent shape: (N, L) for a trained VAE, (N, C, h, w) for an imported autoencoder (scaled as it declares); (N, 2, ...) with --with-logvar.")] = ...,
     sample: Annotated[bool, typer.Option(help="Write a posterior sample z ~ q(z|x) instead of the mean.")] = False,
     with_logvar: Annotated[bool, typer.Option(help="Also write logvar: output (N, 2, ...), [:, 0] = z, [:, 1] = logvar.")] = False,
     fit: FitOpt = False,
@@ -324,8 +324,8 @@ def encode(
 @app.command()
 @friendly
 def decode(
-    model_dir: ModelOpt = None, input: Annotated[Path, typer.Option("--input", "-i", help="Latents .npy of the model's latent shape (N, L) or (N, C, h, w), or flattened (N, L) (what encode writes).")] = ...,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Items: .npy (N, D), D the values of one item (784 for MNIST), or a .png grid of images.")] = ...,
+    model_dir: ModelOpt = None, input: Annotated[Path, typer.Option("--input", "-i", help="Latents .npy or .safetensors (what encode writes) of the model's latent shape, (N, L) or (N, C, h, w), or flattened (N, L).")] = ...,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Items: .npy or .safetensors (one tensor, 'items') (N, D), D the values of one item (784 for MNIST), or a .png grid of images.")] = ...,
     sample: Annotated[bool, typer.Option(help="Write one draw x ~ p(x|z) per latent instead of E[x|z]: Bernoulli pixels (0/1), continuous-Bernoulli intensities or Gaussian values, from the seed's per-item streams.")] = False,
     binary: Annotated[bool, typer.Option(help="Bernoulli models: the same as --sample (pixels 0/1).")] = False,
     backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
@@ -340,7 +340,7 @@ def decode(
 @friendly
 def sample(
     model_dir: ModelOpt = None, n: Annotated[int, typer.Option("-n", help="Number of images to sample.")] = 64,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Images: .npy (N, 784) or a .png grid.")] = Path("samples.png"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Items: .npy or .safetensors (one tensor, 'items') (N, D), or a .png grid of images.")] = Path("samples.png"),
     backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
 ) -> None:
@@ -356,7 +356,7 @@ def sample(
 @friendly
 def reconstruct(
     model_dir: ModelOpt = None, input: InputOpt = ...,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Items: .npy (N, D), D the values of one item (784 for MNIST), or a .png grid of images.")] = ...,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Items: .npy or .safetensors (one tensor, 'items') (N, D), D the values of one item (784 for MNIST), or a .png grid of images.")] = ...,
     fit: FitOpt = False,
     backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,
@@ -370,7 +370,7 @@ def reconstruct(
 @friendly
 def score(
     model_dir: ModelOpt = None, input: InputOpt = ...,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Scores .npy (N,): nats per input, higher = less likely.")] = ...,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Scores .npy or .safetensors (one tensor, 'scores') (N,): nats per input, higher = less likely.")] = ...,
     k: Annotated[int, typer.Option("--k", help="1: -ELBO; more: IWAE negative log-likelihood with K importance samples.")] = 1,
     binarize: Annotated[bool, typer.Option(help="Binarize inputs with the seeded stream first (as the model was trained).")] = True,
     rule: Annotated[str, typer.Option(help="nll: -ELBO / IWAE NLL as above. Or an anomaly rule, written as minus its normality score (higher = more unusual): reconstruction (-log p(x|z=mu)), latent and nll-complexity (need detector.json: train --contamination).")] = "nll",

@@ -20,7 +20,7 @@ PrecisionOpt = Annotated[str, typer.Option(help="auto: the fastest path measured
 BatchOpt = Annotated[int, typer.Option(help="Items per chunk: memory stays bounded by this, whatever the input size.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="Threads for torch, ONNX Runtime and Numba (default: all cores).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of every random draw; results depend on it and the item index only.")]
-InputOpt = Annotated[Path, typer.Option("--input", "-i", help="The model's items: .npy (N, *item_shape) or flattened (N, D) (uint8 0..255 or float), .npz, .csv, .parquet, IDX(.gz), one PNG/JPEG image or a folder of them, of the model's size.")]
+InputOpt = Annotated[Path, typer.Option("--input", "-i", help="The model's items: .npy (N, *item_shape) or flattened (N, D) (uint8 0..255 or float), .npz, .safetensors, .csv, .parquet, IDX(.gz), one PNG/JPEG image or a folder of them, of the model's size.")]
 FitOpt = Annotated[bool, typer.Option(help="Image inputs of another size: scale each to cover the model's size and centre-crop it (aspect ratio kept); without it they must be the model's size.")]
 
 

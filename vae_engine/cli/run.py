@@ -63,5 +63,7 @@ def run_job(job: str, model_dir: Path | None, input: Path | None, output: Path, 
         meter.start(source.n)
         # chunks of at most the model's rows per call: a large image model's progress moves item by item
         jobs.stream(source, jobs.make_job_fn(job, engine, params), output, jobs.item_shape(job, engine.cfg, params),
-                 min(batch_size, engine.cfg.chunk_rows), meter.advance, image_shape=engine.cfg.image_shape if job not in ("encode", "score") else None)
+                 min(batch_size, engine.cfg.chunk_rows), meter.advance,
+                 image_shape=engine.cfg.image_shape if job not in ("encode", "score") else None,
+                 name=jobs.output_name(job))
     OUT.print(f"wrote {output} ({source.n} item{'s' * (source.n != 1)}; path {engine.path})")

@@ -236,19 +236,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-class NpyWriter:
-    """Rows of a float32 .npy array written with plain positioned writes (no memory map).
+class ArrayWriter:
+    """Rows of a float32 array file (.npy, or a one-tensor .safetensors) written with plain positioned writes (no
+    memory map) after its header: both formats put a header before the raw little-endian rows, and the shape is
+    known up front.
 
     The whole file is reserved up front (posix_fallocate), so a full disk is found before any work, and a
     write error is an OSError, never the SIGBUS that a memory-mapped output dies of when the disk fills.
     """
 
-    def __init__(self, file, shape: tuple[int, ...]):
+    def __init__(self, file, shape: tuple[int, ...], header: bytes):
         import numpy as np
 
         self.fd, self.shape, self.rows = file.fileno(), shape, 0
         self.row_bytes = 4 * int(np.prod(shape[1:], dtype=np.int64))
-        np.lib.format.write_array_header_1_0(file, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        file.write(header)
         file.flush()
         self.offset = file.tell()
         total = self.offset + self.row_bytes * shape[0]
@@ -279,11 +281,38 @@ class NpyWriter:
         self.write_at(self.rows, rows)
 
 
+ARRAY_SUFFIXES = (".npy", ".safetensors")  # the array files a job writes (`array_writer`)
+
+
+def _header(suffix: str, shape: tuple[int, ...], name: str) -> bytes:
+    """The bytes before the rows: NumPy's .npy header, or safetensors' (its length, then JSON naming one F32
+    tensor `name` of `shape`, padded with spaces to 8 bytes as the format recommends)."""
+    import io
+    import math
+
+    import numpy as np
+
+    if suffix == ".npy":
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        return buf.getvalue()
+    size = 4 * math.prod(shape)
+    meta = json.dumps({name: {"dtype": "F32", "shape": list(shape), "data_offsets": [0, size]},
+                       "__metadata__": {"format": "np"}}, separators=(",", ":")).encode()
+    meta += b" " * (-len(meta) % 8)
+    return len(meta).to_bytes(8, "little") + meta
+
+
 @contextlib.contextmanager
-def npy_writer(path: str | os.PathLike, shape: tuple[int, ...]) -> Iterator[NpyWriter]:
-    """Atomically write a float32 .npy of `shape`, rows block by block; an incomplete output is an error."""
-    with atomic_path(path, ".npy") as tmp, open(tmp, "r+b") as f:
-        writer = NpyWriter(f, tuple(int(s) for s in shape))
+def array_writer(path: str | os.PathLike, shape: tuple[int, ...], name: str = "data") -> Iterator[ArrayWriter]:
+    """Atomically write a float32 array of `shape` as .npy or .safetensors (by the path's suffix; the tensor named
+    `name`), rows block by block; an incomplete output is an error."""
+    suffix = Path(path).suffix
+    if suffix not in ARRAY_SUFFIXES:
+        raise OutputError(f"{path}: an array output must end in {' or '.join(ARRAY_SUFFIXES)}")
+    shape = tuple(int(s) for s in shape)
+    with atomic_path(path, suffix) as tmp, open(tmp, "r+b") as f:
+        writer = ArrayWriter(f, shape, _header(suffix, shape, name))
         yield writer
         if writer.rows != writer.shape[0]:
             raise RuntimeError(f"{path}: {writer.rows} of {writer.shape[0]} rows written")

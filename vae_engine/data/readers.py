@@ -19,7 +19,7 @@ from ..core.errors import DataError, first_line, read_error
 from .inputs import float32
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-ARRAY_KEYS = ("x", "X", "data", "images", "features")  # .npz: the items
+ARRAY_KEYS = ("x", "X", "data", "images", "features", "items", "latents")  # .npz/.safetensors: the array
 LABEL_KEYS = ("y", "labels", "targets")  # .npz: optional labels
 MAX_IMAGE_PIXELS = 1 << 24  # per image, checked from the header before decoding
 
@@ -90,6 +90,26 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if labels is not None and (labels.ndim != 1 or len(labels) != len(items)):
         raise DataError(f"{path}: labels of shape {labels.shape} do not match {len(items)} items")
     return items, labels
+
+
+def read_safetensors(path: Path, keys: Sequence[str] = ARRAY_KEYS) -> np.ndarray:
+    """The array of a .safetensors file (what a job's .safetensors output holds): its one tensor, or the one named
+    by the first of `keys` it has; read as NumPy (the format holds raw tensors only: no code, no pickle)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            names = list(f.keys())
+            key = next((k for k in keys if k in names), names[0] if len(names) == 1 else None)
+            if key is None:
+                raise DataError(f"{path}: holds {names[:5]}; name the array one of {', '.join(keys)}")
+            return f.get_tensor(key)
+    except DataError:
+        raise
+    except PermissionError as exc:
+        raise read_error(path, exc, ".safetensors file") from None
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise DataError(f"{path}: not a readable .safetensors file ({first_line(exc, 200)})") from None
 
 
 def _pick_columns(names: list[str], columns: Sequence[str] | None, path: Path) -> list[int]:
@@ -318,6 +338,7 @@ def parse_shape(text: str | None, name: str = "--resize") -> tuple[int, int] | N
 READERS = {
     ".npy": lambda path, columns, resize: (np.asarray(load_npy(path)), None),
     ".npz": lambda path, columns, resize: _read_npz(path),
+    ".safetensors": lambda path, columns, resize: (read_safetensors(path), None),
     ".csv": lambda path, columns, resize: (_read_csv(path, columns), None),
     ".parquet": lambda path, columns, resize: (_read_parquet(path, columns), None),
     **{suffix: lambda path, columns, resize: (read_image(path, resize)[None], None)  # one image: one item

@@ -67,12 +67,13 @@ def open_items(path: str | Path, cfg: ModelConfig, fit: bool = False) -> Source:
 
 
 def open_latents(path: str | Path, shape: tuple[int, ...]) -> Source:
-    """A latent source: .npy (N, *shape) or (N, L) float, each chunk by the input rule's `latents` (shape and
-    dtype checked here first, on the memory map, so a wrong file fails before any work)."""
+    """A latent source: .npy (memory-mapped) or .safetensors (what encode writes), (N, *shape) or (N, L) float,
+    each chunk by the input rule's `latents` (shape and dtype checked here first, so a wrong file fails before any
+    work)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: input not found")
-    arr = readers.load_npy(path)
+    arr = readers.read_safetensors(path) if path.suffix == ".safetensors" else readers.load_npy(path)
     if len(arr) == 0:
         raise DataError(f"{path}: the input holds no latents")
     data.latents(arr[:1], shape, str(path))  # the rule's shape and dtype error, naming the file
@@ -102,7 +103,7 @@ def _images(source: Path, files: list[Path], cfg: ModelConfig, unit: bool, fit: 
 def check_output(path: str | Path, images: bool) -> None:
     """Refuse an output path before any work: wrong suffix, a folder, or a parent that cannot be written."""
     path = Path(path)
-    allowed = (".npy", ".png") if images else (".npy",)
+    allowed = (*atomic.ARRAY_SUFFIXES, ".png") if images else atomic.ARRAY_SUFFIXES
     if path.suffix not in allowed:
         raise OutputError(f"{path}: output must end in {' or '.join(allowed)}")
     atomic.check_writable(path)
@@ -110,9 +111,9 @@ def check_output(path: str | Path, images: bool) -> None:
 
 def stream(source: Source, fn: Callable[[int, np.ndarray], np.ndarray], out_path: str | Path, item_shape: tuple,
         batch_size: int, progress: Callable[[int], None] | None = None,
-        image_shape: tuple[int, ...] | None = None) -> Path:
-    """Stream `source` through `fn(start, chunk) -> (b, *item_shape)` into out_path (.npy, or a .png grid of
-    images of `image_shape` (C, H, W) when outputs are images)."""
+        image_shape: tuple[int, ...] | None = None, name: str = "data") -> Path:
+    """Stream `source` through `fn(start, chunk) -> (b, *item_shape)` into out_path (.npy, .safetensors with one
+    tensor `name`, or a .png grid of images of `image_shape` (C, H, W) when outputs are images)."""
     out_path = Path(out_path)
     check_output(out_path, image_shape is not None)
     if batch_size < 1:
@@ -127,7 +128,7 @@ def stream(source: Source, fn: Callable[[int, np.ndarray], np.ndarray], out_path
         if progress:
             progress(source.n)
         return out_path
-    with atomic.npy_writer(out_path, (source.n, *item_shape)) as out:  # reserves the space before any work
+    with atomic.array_writer(out_path, (source.n, *item_shape), name) as out:  # reserves the space before any work
         for i, chunk in source.chunks(batch_size):
             out.write(fn(i, chunk).reshape(len(chunk), *item_shape))  # flat latents -> the model's latent shape
             if progress:
@@ -217,24 +218,26 @@ def _rule_fn(engine: Engine, rule: str, k: int, seed: int):
 
 @dataclass(frozen=True)
 class Job:
-    """A job: its chunk function made from an engine and the job's parameters, the shape of one output row, and
-    what it reads ("items", "latents" or "count")."""
+    """A job: its chunk function made from an engine and the job's parameters, the shape of one output row, what
+    it reads ("items", "latents" or "count"), and the name of what it writes (a .safetensors output's tensor)."""
 
     make: Callable[[Engine, dict, int], Callable[[int, np.ndarray], np.ndarray]]  # (engine, params, seed) -> fn
     row_shape: Callable[[ModelConfig, dict], tuple[int, ...]]
     reads: str = "items"
+    writes: str = "items"
 
 
 # a job: its chunk function above and its line here; the CLI command is a docstring and one `run_job` call
 JOBS = {
     "encode": Job(lambda e, p, seed: encode_fn(e, p.get("sample", False), p.get("with_logvar", False), seed),
-                  lambda cfg, p: (2, *cfg.latent_shape) if p.get("with_logvar") else cfg.latent_shape),
+                  lambda cfg, p: (2, *cfg.latent_shape) if p.get("with_logvar") else cfg.latent_shape,
+                  writes="latents"),
     "decode": Job(lambda e, p, seed: decode_fn(e, p.get("sample", False), seed, p.get("binary", False)),
                   lambda cfg, p: (cfg.input_dim,), "latents"),
     "sample": Job(lambda e, p, seed: sample_fn(e, seed), lambda cfg, p: (cfg.input_dim,), "count"),
     "reconstruct": Job(lambda e, p, seed: reconstruct_fn(e), lambda cfg, p: (cfg.input_dim,)),
     "score": Job(lambda e, p, seed: score_fn(e, p.get("k", 1), seed, p.get("binarize", True), p.get("rule", "nll")),
-                 lambda cfg, p: ()),
+                 lambda cfg, p: (), writes="scores"),
 }
 JOB_NAMES = tuple(JOBS)
 
@@ -248,6 +251,11 @@ def _job(job: str) -> Job:
 def make_job_fn(job: str, engine: Engine, params: dict) -> Callable[[int, np.ndarray], np.ndarray]:
     """The chunk function of a named job with its parameters (the single-process and Ray paths share it)."""
     return _job(job).make(engine, params, params.get("seed", 0))
+
+
+def output_name(job: str) -> str:
+    """The name of what a job writes: a .safetensors output's tensor ("latents", "items", "scores")."""
+    return _job(job).writes
 
 
 def item_shape(job: str, cfg: ModelConfig, params: dict) -> tuple[int, ...]:

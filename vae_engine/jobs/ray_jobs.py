@@ -132,7 +132,7 @@ def run(job: str, model_dir: str | Path, input_path: str | Path, output_path: st
                            num_cpus=cpus_per_actor, **restarts))
     if output_path.suffix == ".parquet":
         return _write_parquet(ds, output_path)
-    with atomic.npy_writer(output_path, (source.n, *item_shape)) as out:
+    with atomic.array_writer(output_path, (source.n, *item_shape), jobs.output_name(job)) as out:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             y = np.stack(batch["y"]) if batch["y"].dtype == object else batch["y"]
             index = batch["index"]
