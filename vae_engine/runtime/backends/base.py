@@ -178,7 +178,9 @@ class GraphBackend(BackendDefaults):
         (`_mean_graph`); one call instead of two, and no NumPy pass after it, is what batch-1 latency needs (the
         runtime's fixed cost per call is most of the time there). Larger calls run the encoder, then the decoder's
         mean graph: the same arithmetic, where a call's fixed cost is negligible, and no onnx import for merging."""
-        if len(x) > FUSED_MAX_ROWS:
+        if len(x) > FUSED_MAX_ROWS or (self.chunk_rows or FUSED_MAX_ROWS) < FUSED_MAX_ROWS:
+            # large calls, and items so large that a call holds fewer rows (an imported image autoencoder: merging
+            # its two graphs would cost seconds and gigabytes for a fixed cost lost in its convolutions)
             return self.decode_mean(self.encode(x)[0])
         return self._mean_call("reconstruct", x)
 
