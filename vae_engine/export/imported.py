@@ -90,6 +90,7 @@ def import_diffusers(source: str | os.PathLike, out: str | os.PathLike, size: tu
     images of `size` (H, W): the engine's items are those images in [0, 1], its latents the model's latents times
     its scaling_factor (after subtracting shift_factor), as a diffusion model trains on them. Returns the report."""
     h, w = _size(size)
+    _check_new(out)  # before seconds of loading
     step = progress or (lambda message: None)
     step("load the AutoencoderKL")
     vae = load_diffusers(source)
@@ -120,6 +121,7 @@ def import_modules(encoder: nn.Module, decoder: nn.Module, out: str | os.PathLik
     and scores work) or "none". `scaling_factor`/`shift_factor`: the latents the engine returns are
     (mean - shift) * scale. Every declaration is checked on a real batch before anything is written; the folder
     runs on its graphs (ONNX Runtime, OpenVINO), not on the torch backend (it has no code for your modules)."""
+    _check_new(out)
     step = progress or (lambda message: None)
     for name, module in (("encoder", encoder), ("decoder", decoder)):
         if not isinstance(module, nn.Module):
@@ -136,6 +138,12 @@ def import_modules(encoder: nn.Module, decoder: nn.Module, out: str | os.PathLik
     cfg = _model_config(tuple(input_shape), tuple(latent_shape), likelihood, prior, "modules", spec)
     model = imported.ImportedVAE(cfg, nn.ModuleDict({"encoder": encoder, "decoder": decoder}), encoder, decoder)
     return _write(out, cfg, model.eval(), model.source.state_dict(), step)
+
+
+def _check_new(out: str | os.PathLike) -> None:
+    """An import writes a new model folder: never over one that holds a model."""
+    if (Path(out) / modeldir.CONFIG).exists():
+        raise VaeEngineError(f"{out}: already holds a model; choose a new folder")
 
 
 def _size(size: tuple[int, int]) -> tuple[int, int]:
@@ -197,8 +205,6 @@ def _write(out: str | os.PathLike, cfg: ModelConfig, model: imported.ImportedVAE
     files are staged and renamed into place; a new folder that fails is removed)."""
     t0 = time.perf_counter()
     out = Path(out)
-    if (out / modeldir.CONFIG).exists():
-        raise VaeEngineError(f"{out}: already holds a model; choose a new folder")
     state = {k: v.detach().float().contiguous() for k, v in state.items()}
     for k, v in state.items():
         if not torch.isfinite(v).all():
@@ -211,6 +217,7 @@ def _write(out: str | os.PathLike, cfg: ModelConfig, model: imported.ImportedVAE
     existed = out.exists()
     try:
         with modeldir.lock(out), atomic.temp_dir(out, "import") as scratch:
+            _check_new(out)  # again, under the lock: another import may have written one meanwhile
             built, errors = {}, {}
             inputs = {"encoder": x.numpy(), "decoder": mu.numpy()}
             for role, net in (("encoder", model.encoder), ("decoder", model.decoder)):
