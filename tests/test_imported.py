@@ -300,6 +300,12 @@ def test_bad_sources_are_one_error(kl, tmp_path):
     vae.save_pretrained(pickled, safe_serialization=False)  # diffusion_pytorch_model.bin: a pickle
     message = one_line_error(["import", str(pickled), "--out", str(tmp_path / "m")])
     assert "safetensors" in message and "pickle" in message
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    weights = damaged / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a truncated download
+    message = one_line_error(["import", str(damaged), "--out", str(tmp_path / "m")])
+    assert "diffusers cannot load it" in message and "pickle" not in message
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))

@@ -75,7 +75,8 @@ def load_diffusers(source: str | os.PathLike) -> nn.Module:
                                             local_files_only=Path(where).exists())
     except (OSError, ValueError) as exc:
         text = first_line(exc, 250)
-        if "safetensors" in text.lower():
+        folder = Path(where) / (sub or "")
+        if folder.is_dir() and not any(folder.glob("*.safetensors")):  # only pickled weights (or none) there
             raise DataError(f"{source}: no safetensors weights; vae-engine never loads pickled weights (.bin, "
                             ".ckpt): convert them to safetensors first") from None
         raise DataError(f"{source}: diffusers cannot load it ({text})") from None
