@@ -112,6 +112,17 @@ class ImportSpec:
 IMPORT_SOURCES = ("diffusers", "modules")
 
 
+def no_scores(no_likelihood: bool, no_prior: bool) -> str | None:
+    """The one message for what a model without a likelihood or a prior cannot do (None when it has both): the
+    config's `cannot_score`, and the likelihood and prior objects that stand for "none"."""
+    missing = [what for what, none in (("likelihood p(x|z)", no_likelihood), ("prior p(z)", no_prior)) if none]
+    if not missing:
+        return None
+    return (f"this model declares no {' and no '.join(missing)} (an imported autoencoder): encode, decode and "
+            "reconstruct run on it; scores, evaluation" + (" and sampling" if no_prior else "")
+            + " need a model that declares them")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a VAE from its weights."""
@@ -141,8 +152,8 @@ class ModelConfig:
         if len(self.input_shape) not in (1, 3):
             raise VaeEngineError(f"input_shape must be (D,) or (C, H, W), got {list(self.input_shape)}")
         if self.imported is not None:
-            spec = from_dict(ImportSpec, self.imported)  # checked now: a config.json is user input
-            object.__setattr__(self, "imported", json.loads(json.dumps(dataclasses.asdict(spec))))
+            # checked now (a config.json is user input), and kept in its JSON form
+            object.__setattr__(self, "imported", to_dict(from_dict(ImportSpec, self.imported)))
         for name, value, lo, hi in (("latent dim", self.latent_dim, 1, MAX_LATENT),
                                     *(("input size", s, 1, MAX_INPUT) for s in self.input_shape),
                                     *(("hidden size", h, 1, MAX_WIDTH) for h in self.hidden)):
@@ -215,17 +226,11 @@ class ModelConfig:
             return tuple(self.input_shape)
         return (1, *IMAGE_SHAPE) if self.input_shape == (INPUT_DIM,) else None
 
-    @property
+    @functools.cached_property  # asked by every score call (a batch-1 request): computed once
     def cannot_score(self) -> str | None:
         """Why this model cannot be scored (likelihoods, evaluation, sampling from its prior), or None where it
-        can: an imported autoencoder that declares no likelihood or no prior."""
-        missing = [what for what, name in (("likelihood p(x|z)", self.likelihood), ("prior p(z)", self.prior))
-                   if name == "none"]
-        if not missing:
-            return None
-        return (f"this model declares no {' and no '.join(missing)} (an imported autoencoder): encode, decode and "
-                "reconstruct run on it; scores, evaluation" + (" and sampling" if self.prior == "none" else "")
-                + " need a model that declares them")
+        can: an imported autoencoder that declares no likelihood or no prior (`no_scores`)."""
+        return no_scores(self.likelihood == "none", self.prior == "none")
 
     @property
     def import_spec(self) -> ImportSpec | None:

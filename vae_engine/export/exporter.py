@@ -329,6 +329,19 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
     return report
 
 
+def checked_graph(net: torch.nn.Module, role: str, cfg: ModelConfig, sha: str, inputs: np.ndarray, atol: float,
+                  batches: tuple[int, ...] = (1, 37)) -> tuple[onnx.ModelProto, float]:
+    """One network's fp32 graph, checked: exported, its metadata set (tied to the weights' `sha`), onnx.checker,
+    then against PyTorch within `atol` (`_validate`). Returns (graph, its largest scaled error)."""
+    proto = _export_graph(net, role, cfg)
+    _set_metadata(proto, role, "fp32", cfg, sha)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{role}: exported graph fails onnx.checker ({first_line(exc)})") from None
+    return proto, _validate(proto, net, inputs, atol, f"{role}.onnx", batches)
+
+
 def _build_graphs(nets, cfg, sha, inputs, scratch: Path, optimize: bool, fp16: bool, step):
     """The fp32 graph of each network (onnx.checker, then against PyTorch within FP32_ATOL) and its optimized and
     fp16 variants where asked: ({(role, variant): graph}, {(role, variant): max abs error against PyTorch})."""
@@ -336,13 +349,7 @@ def _build_graphs(nets, cfg, sha, inputs, scratch: Path, optimize: bool, fp16: b
     errors: dict[tuple[str, str], float] = {}
     for role, net in nets.items():
         step(f"export {role}")
-        proto = _export_graph(net, role, cfg)
-        _set_metadata(proto, role, "fp32", cfg, sha)
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(f"{role}: exported graph fails onnx.checker ({first_line(exc)})") from None
-        errors[role, "fp32"] = _validate(proto, net, inputs[role], FP32_ATOL, f"{role}.onnx")
+        proto, errors[role, "fp32"] = checked_graph(net, role, cfg, sha, inputs[role], FP32_ATOL)
         built[role, "fp32"] = proto
         variants: list[tuple[str, onnx.ModelProto, float]] = []
         if optimize:

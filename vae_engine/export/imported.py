@@ -17,18 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
 from .. import modeldir
 from ..core import atomic
 from ..core.config import LIKELIHOODS, ImportSpec, ModelConfig, to_dict
-from ..core.errors import DataError, ExportError, ModelDirError, VaeEngineError, first_line, missing_dependency
+from ..core.errors import DataError, ModelDirError, VaeEngineError, first_line, missing_dependency
 from ..data.datasets import sample_photos
 from ..model import imported
 from ..modeldir import graphs
-from .exporter import _export_graph, _set_metadata, _validate
+from .exporter import checked_graph
 
 MAX_IMPORT_SIDE = 4096  # pixels: an image side larger than this is not a VAE input we can export and check
 # ONNX Runtime against PyTorch, per unit of an output's scale: an imported network is deep (the SD VAE's decoder:
@@ -219,22 +218,15 @@ def _write(out: str | os.PathLike, cfg: ModelConfig, model: imported.ImportedVAE
     try:
         with modeldir.lock(out), atomic.temp_dir(out, "import") as scratch:
             _check_new(out)  # again, under the lock: another import may have written one meanwhile
-            built, errors = {}, {}
-            inputs = {"encoder": x.numpy(), "decoder": mu.numpy()}
-            for role, net in (("encoder", model.encoder), ("decoder", model.decoder)):
-                step(f"export {role}")
-                proto = _export_graph(net, role, cfg)
-                _set_metadata(proto, role, "fp32", cfg, "")
-                try:
-                    onnx.checker.check_model(proto, full_check=True)
-                except onnx.checker.ValidationError as exc:
-                    raise ExportError(f"{role}: exported graph fails onnx.checker ({first_line(exc)})") from None
-                step(f"check {role} against PyTorch")
-                errors[role] = _validate(proto, net, inputs[role], IMPORT_ATOL, f"{role}.onnx", batches=(1, 2))
-                built[role] = proto
             from safetensors.torch import save
 
             weights = save(state, metadata={"format": "pt", "source": cfg.import_spec.source})
+            sha = hashlib.sha256(weights).hexdigest()  # the graphs record it, as export's do
+            built, errors = {}, {}
+            inputs = {"encoder": x.numpy(), "decoder": mu.numpy()}
+            for role, net in (("encoder", model.encoder), ("decoder", model.decoder)):
+                step(f"export and check {role}")
+                built[role], errors[role] = checked_graph(net, role, cfg, sha, inputs[role], IMPORT_ATOL, (1, 2))
             report = {"source": cfg.import_spec.origin or cfg.import_spec.source, "opset": graphs.OPSET,
                       "check_items": "scikit-learn's sample photos (china.jpg, flower.jpg), centre-cropped and "
                                      f"resized to {cfg.input_shape[1:]}" if len(cfg.input_shape) == 3 else
@@ -246,12 +238,8 @@ def _write(out: str | os.PathLike, cfg: ModelConfig, model: imported.ImportedVAE
                       "shift_factor": cfg.import_spec.shift_factor}
             config = {"format": modeldir.FORMAT, "model": to_dict(cfg), "data": {"imported_from": report["source"]},
                       "versions": modeldir.versions()}
-            sha = hashlib.sha256(weights).hexdigest()
             files = {modeldir.WEIGHTS: weights, modeldir.CONFIG: (json.dumps(config, indent=2) + "\n").encode()}
             for role, proto in built.items():
-                for prop in proto.metadata_props:
-                    if prop.key == "vae_engine.weights_sha256":
-                        prop.value = sha
                 files[graphs.graph_path(out, role).name] = proto.SerializeToString()
             report["seconds"] = round(time.perf_counter() - t0, 2)
             files[modeldir.EXPORT_REPORT] = (json.dumps(report, indent=2) + "\n").encode()

@@ -27,20 +27,19 @@ def evaluate_model(model_dir, k: int = 5000, limit: int | None = None, seed: int
     from ..model import likelihoods
     from ..runtime.backends import set_threads
 
-    train_cfg = modeldir.train_config(model_dir)
-    if modeldir.model_config(model_dir).cannot_score:
-        raise VaeEngineError(modeldir.model_config(model_dir).cannot_score)
+    train_cfg, cfg = modeldir.train_config(model_dir), modeldir.model_config(model_dir)
+    if cfg.cannot_score:
+        raise VaeEngineError(cfg.cannot_score)
     if data_path is not None:  # other data: any readable file or folder whose items fit the model
         from ..data import readers
 
         images = readers.read(data_path, columns)[0]
-        cfg = modeldir.model_config(model_dir)
         data.check_fits(images.shape[1:], cfg, str(data_path))
     else:
         images, _ = data.load_test_data(train_cfg)
     images = images[:limit]
     threads = set_threads(threads)
-    binarize = likelihoods.get(modeldir.model_config(model_dir).likelihood).binarizes(train_cfg.binarize)
+    binarize = likelihoods.get(cfg.likelihood).binarizes(train_cfg.binarize)
     path, reference = "torch/fp32 (reference)", None
     if backend == "auto" and precision == "fp32":  # the job's default path (`default_backend`): the reference's
         from ..runtime.backends import default_backend  # numbers on ONNX Runtime's graphs, torch on a GPU

@@ -121,10 +121,10 @@ class NoPrior:
         self.latent_dim = latent_dim
 
     def _refuse(self, *args, **kwargs):
+        from ..core.config import no_scores
         from ..core.errors import VaeEngineError
 
-        raise VaeEngineError("this model declares no prior p(z) (an imported autoencoder): sampling and likelihood "
-                             "scores need one; encode, decode and reconstruct run on it")
+        raise VaeEngineError(no_scores(False, True))
 
     log_prob = kl = sample = _refuse
 

@@ -138,14 +138,10 @@ def wrap_diffusers(cfg: ModelConfig, vae: nn.Module) -> ImportedVAE:
 
 
 def source_module(cfg: ModelConfig) -> nn.Module:
-    """The module model.safetensors holds the weights of, rebuilt from config.json (weights not loaded yet)."""
+    """The module model.safetensors holds the weights of, rebuilt from config.json (weights not loaded yet; then
+    `wrap_diffusers`): only diffusers' AutoencoderKL can be rebuilt, a user's modules cannot."""
     spec = cfg.import_spec
     if spec.source == "diffusers":
         return autoencoder_kl(spec.config)
     raise VaeEngineError("this model was imported from your own modules: it runs on its exported graphs (--backend "
                          "onnxruntime or openvino); PyTorch cannot rebuild modules it has no code for")
-
-
-def wrap(cfg: ModelConfig, source: nn.Module) -> ImportedVAE:
-    """The engine's model over a rebuilt source module (`source_module`) with its weights loaded."""
-    return wrap_diffusers(cfg, source)

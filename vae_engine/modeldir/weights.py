@@ -98,7 +98,7 @@ def load_model(model_dir: str | os.PathLike) -> VAE:
 
         source = imported.source_module(cfg)
         load_weights(source, load_tensors(model_dir / WEIGHTS)[0], model_dir / WEIGHTS)
-        return imported.wrap(cfg, source)
+        return imported.wrap_diffusers(cfg, source)
     from ..model.networks import VAE
 
     model = VAE(cfg)

@@ -583,7 +583,8 @@ def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str
     if not (isinstance(budget, int | float) and np.isfinite(budget) and budget >= 0):
         raise VaeEngineError(f"--max-nll-change must be a finite number of nats >= 0, got {budget!r}")
     # larger batches run at the same rate: four runtime calls' rows (4096 MNIST items; 16 SD-VAE 256x256 images)
-    batch = min(check_int("batch size", batch, 1, MAX_BATCH), 4 * modeldir.model_config(model_dir).chunk_rows)
+    cfg = modeldir.model_config(model_dir)
+    batch = min(check_int("batch size", batch, 1, MAX_BATCH), 4 * cfg.chunk_rows)
     options = thread_options(None if threads is None else backends.set_threads(threads), batch)
     k = key(model_dir, backend, device, options[0] if threads is not None else f"auto ({options[0]} CPUs)", batch,
             float(budget), int8)
@@ -612,7 +613,7 @@ def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str
                 "measurements": rows, "clear": clear, "import_s": imports,
                 "checks": previous.get("checks", 0) + 1 if previous and not retune else 0,
                 "accuracy": {f"{b}/{p}": c for (b, p), c in costs.items() if c}, "notes": notes,
-                "budget": "reconstruction" if modeldir.model_config(model_dir).likelihood == "none" else "nll",
+                "budget": "reconstruction" if cfg.likelihood == "none" else "nll",
                 "accuracy_k": ACCURACY_K, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     where = _put(model_dir, TUNING, SCHEMA, "decisions", decision, KEEP)
     return {**decision, "saved": where is not None, "saved_to": where, "reused": False}

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...core.config import no_scores
 from ...core.errors import VaeEngineError
 from .base import Likelihood
-
-WHY = ("this model declares no likelihood p(x|z) (an imported autoencoder): encode, decode and reconstruct run on "
-       "it; scores, evaluation and draws from p(x|z) need a model with a likelihood")
 
 
 class NoLikelihood(Likelihood):
@@ -27,6 +25,6 @@ class NoLikelihood(Likelihood):
         return []  # the decoder's output is the mean: nothing to append
 
     def _refuse(self, *args, **kwargs):
-        raise VaeEngineError(WHY)
+        raise VaeEngineError(no_scores(True, False))
 
     log_prob = log_prob_numpy = sample = _refuse
