@@ -433,3 +433,109 @@ def test_latents_of_a_shape_by_the_input_rule():
     assert data.latents(z.reshape(2, -1), (4, 8, 8)).shape == (2, 256)
     with pytest.raises(DataError, match=r"\(N, 4, 8, 8\) or \(N, 256\)"):
         data.latents(z.reshape(2, 8, 4, 8), (4, 8, 8))
+
+
+def _int8_weights_and_ops(path) -> tuple[list, set]:
+    import onnx
+
+    model = onnx.load(path)
+    weights = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    return weights, {n.op_type for n in model.graph.node}
+
+
+def test_int8_of_an_imported_model(kl, tmp_path, monkeypatch):
+    """`export --quantize int8` on an imported folder: QDQ layers grown within auto's reconstruction budget, 7-bit
+    weights (exact on CPUs without VNNI), an item's answer independent of its batch, and auto races the path."""
+    from typer.testing import CliRunner
+
+    from vae_engine.cli import app
+    from vae_engine.core import config
+    from vae_engine.export import imported
+    from vae_engine.runtime import tuning
+
+    monkeypatch.setattr(imported, "SPEEDUP_TO_KEEP", 0.0)  # a 32x32 model's int8 graphs are not faster: keep them
+    _, model, _ = kl
+    copy = tmp_path / "m"
+    shutil.copytree(model, copy)
+    result = CliRunner().invoke(app, ["export", str(copy), "--quantize", "int8"])
+    assert result.exit_code == 0, result.output
+    assert "int8: encoder" in result.output and "reconstruction change" in result.output
+    q = json.loads((copy / "export_report.json").read_text())["int8"]
+    assert json.loads((copy / "export_report.json").read_text())["max_abs_err_vs_torch"]  # import's report kept
+    kept = q["int8_layers"]
+    assert kept["encoder"] or kept["decoder"]
+    assert all(len(kept[r]) <= q["layers"][r] for r in kept)
+    acc = q["accuracy"]
+    assert config.within_budget(acc["reconstruction_change_pixels"], acc["reconstruction_change_se_pixels"],
+                                config.RECONSTRUCTION_BUDGET)
+    assert "sample photos" in q["calibration"] and len(q["candidates"]) >= 2
+    for role in ("encoder", "decoder"):
+        weights, ops = _int8_weights_and_ops(copy / f"{role}.int8.onnx")
+        assert ("DequantizeLinear" in ops) == bool(kept[role])
+        assert all(np.abs(w.astype(int)).max() <= 64 for w in weights)  # 7 bits: no int16 overflow sans VNNI
+    engine = Engine.load(copy, backend="onnxruntime", precision="int8", threads=1)
+    x = photos((3, *SIZE), 4)
+    whole = engine.encode(x)[0]
+    np.testing.assert_allclose(engine.encode(x[2:3])[0], whole[2:3], atol=1e-6)  # static ranges: batch-free
+    fp32 = Engine.load(copy, backend="onnxruntime", precision="fp32", threads=1)
+    change = np.abs(engine.reconstruct(x) - fp32.reconstruct(x)).mean()
+    assert change == pytest.approx(acc["reconstruction_change_pixels"], rel=1e-3)  # the report measured this
+    paths, _ = tuning.candidates(copy, "auto", "cpu")
+    assert ("onnxruntime", "int8") in paths
+
+
+def test_int8_that_gains_nothing_is_not_written(kl, tmp_path, monkeypatch):
+    """No layer set both within the budget and faster: a warning, no int8 graphs (an earlier export's removed),
+    so auto does not time a copy of fp32."""
+    from typer.testing import CliRunner
+
+    from vae_engine.cli import app
+    from vae_engine.export import imported
+
+    monkeypatch.setattr(imported, "SPEEDUP_TO_KEEP", float("inf"))
+    _, model, _ = kl
+    copy = tmp_path / "m"
+    shutil.copytree(model, copy)
+    shutil.copy(copy / "encoder.onnx", copy / "encoder.int8.onnx")  # a stale variant
+    result = CliRunner().invoke(app, ["export", str(copy), "--quantize", "int8", "--optimize"])
+    assert result.exit_code == 0, result.output
+    assert "no int8 graphs written" in " ".join(result.output.split())
+    assert not list(copy.glob("*.int8.onnx")) and (copy / "decoder.opt.onnx").is_file()
+    assert "optimized: max |err| against fp32" in result.output
+    assert "--fp16" in one_line_error(["export", str(copy), "--fp16"])
+    assert "--quantize int8 or --optimize" in one_line_error(["export", str(copy)])
+
+
+def test_int8_of_your_modules_is_judged_in_nats(tmp_path, monkeypatch):
+    """Modules with a likelihood: their int8 layers (a Conv, a Gemm) are judged by the NLL change in nats."""
+    from vae_engine.core import config
+    from vae_engine.export import imported
+
+    monkeypatch.setattr(imported, "SPEEDUP_TO_KEEP", 0.0)
+    torch.manual_seed(0)
+    import_modules(_Encoder(), _Decoder(), tmp_path / "m", (1, 8, 8), (2, 4, 4), likelihood="bernoulli",
+                   prior="normal")
+    q = imported.export_variants(tmp_path / "m", quantize="int8")["int8"]
+    assert "nats" in q["budget"] and q["layers"] == {"encoder": 1, "decoder": 1}
+    acc = q["accuracy"]
+    assert config.within_budget(acc["nll_change_nats"], acc["nll_change_se_nats"], config.DEFAULT_BUDGET)
+    assert Engine.load(tmp_path / "m", backend="onnxruntime", precision="int8").log_likelihood(
+        np.random.default_rng(0).random((2, 64), dtype=np.float32), 4).shape == (2,)
+
+
+def test_int8_layers_grow_by_bisection():
+    """`qdq.grow` keeps every block that fits and leaves out exactly the layers that do not (costs add up)."""
+    from vae_engine.export.qdq import grow
+
+    cost = {f"l{i}": c for i, c in enumerate([1, 1, 9, 1, 1, 1, 8, 1])}
+    calls = []
+
+    def fits(trial):
+        calls.append(trial)
+        return sum(cost[n] for n in trial) <= 7
+
+    chosen = grow([], list(cost), fits)
+    assert sorted(chosen) == ["l0", "l1", "l3", "l4", "l5", "l7"] and sum(cost[n] for n in chosen) <= 7
+    assert len(calls) < 2 * len(cost)
+    assert grow([], list(cost), lambda trial: True) == list(cost)
+    assert grow([], [], fits) == []

@@ -216,6 +216,12 @@ def export(
     with console.status("exporting") as status:
         report = run_export(model_dir, out_dir, optimize=optimize, quantize=quantize, fp16=fp16, seed=seed,
                             progress=lambda message: status.update(message))
+    if "variants" not in report:  # an imported model: variants made from the fp32 graphs import checked
+        _print_imported_variants(report)
+        for warning in report.get("warnings", []):
+            console.print(f"[yellow]warning:[/] {warning}")
+        out.print(f"exported in {report['variants_seconds']:.1f} s; report: {Path(out_dir or model_dir) / REPORT}")
+        return
     from rich.table import Table
 
     table = Table(title=f"export of {model_dir} (opset {report['opset']}, {report['test_images']} test images)")
@@ -230,6 +236,21 @@ def export(
     for warning in report.get("warnings", []):
         console.print(f"[yellow]warning:[/] {warning}")
     out.print(f"exported in {report['seconds']:.1f} s; report: {Path(out_dir or model_dir) / REPORT}")
+
+
+def _print_imported_variants(report: dict) -> None:
+    """What `export` made of an imported model: each variant's difference from fp32, its cost and speed."""
+    from ..runtime.tuning import cost_text
+
+    if "optimized" in report:
+        err = report["optimized"]["max_abs_err_vs_fp32"]
+        out.print(f"optimized: max |err| against fp32 encoder {err['encoder']:.1e}, decoder {err['decoder']:.1e}")
+    q = report.get("int8")
+    if q and q["accuracy"]:
+        kept = ", ".join(f"{role} {len(q['int8_layers'][role])} of {q['layers'][role]} layers"
+                         + (f" ({q['speedup_vs_fp32_one_item'][role]:.2f}x fp32)" if role in
+                            q["speedup_vs_fp32_one_item"] else "") for role in ("encoder", "decoder"))
+        out.print(f"int8: {kept}; {cost_text(q['accuracy'])} on {q['validation']} (budget: {q['budget']})")
 
 
 @app.command("import")

@@ -85,7 +85,7 @@ def _export_graph(net: torch.nn.Module, role: str, cfg: ModelConfig) -> onnx.Mod
     return program.model_proto
 
 
-def _set_metadata(model: onnx.ModelProto, role: str, variant: str, cfg: ModelConfig, weights_sha: str) -> None:
+def set_metadata(model: onnx.ModelProto, role: str, variant: str, cfg: ModelConfig, weights_sha: str) -> None:
     from ..core.config import VERSION as __version__
 
     sp = graphs.spec(role, cfg)
@@ -138,7 +138,7 @@ def _int8(fp32: dict[str, onnx.ModelProto], model_dir: Path, cfg: ModelConfig, s
         for role in fp32:
             keep = {ly.node: rounded[ly.key] for ly in chosen if ly.graph == role}
             protos[role] = quantize.rewrite(fp32[role], keep, found[role])
-            _set_metadata(protos[role], role, "int8", cfg, sha)
+            set_metadata(protos[role], role, "int8", cfg, sha)
         return protos
 
     def score(chosen: list, timed: bool) -> dict[str, Any]:
@@ -200,7 +200,7 @@ def _int8_calibration(fp32: dict[str, onnx.ModelProto], model_dir: Path, cfg: Mo
     return x, found, acts
 
 
-def _optimize(model: onnx.ModelProto, tmp_dir: Path) -> onnx.ModelProto:
+def optimized_graph(model: onnx.ModelProto, tmp_dir: Path) -> onnx.ModelProto:
     """The graph after ONNX Runtime's own optimizations (ORT_ENABLE_ALL), as ORT saves it."""
     path = tmp_dir / "opt.onnx"
     graphs.make_session(model, threads=1, optimized_path=str(path))
@@ -266,9 +266,10 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, optimize: b
     if quantize not in (None, "int8"):
         raise VaeEngineError(f"--quantize supports int8 only, got {quantize!r}")
     cfg = modeldir.model_config(model_dir)
-    if not cfg.trained:
-        raise VaeEngineError(f"{model_dir}: an imported model; its fp32 graphs were exported and checked by "
-                             "`vae-engine import` (its optimized, int8 and fp16 variants are not made yet)")
+    if not cfg.trained:  # no trainer's model to export: its variants are made from the graphs import checked
+        from .imported import export_variants
+
+        return export_variants(model_dir, out_dir, optimize, quantize, fp16, progress)
     model: VAE = modeldir.load_model(model_dir)
     sha = modeldir.weights_sha256(model_dir)
     nets = {"encoder": model.encoder, "decoder": model.decoder}
@@ -334,7 +335,7 @@ def checked_graph(net: torch.nn.Module, role: str, cfg: ModelConfig, sha: str, i
     """One network's fp32 graph, checked: exported, its metadata set (tied to the weights' `sha`), onnx.checker,
     then against PyTorch within `atol` (`_validate`). Returns (graph, its largest scaled error)."""
     proto = _export_graph(net, role, cfg)
-    _set_metadata(proto, role, "fp32", cfg, sha)
+    set_metadata(proto, role, "fp32", cfg, sha)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -353,13 +354,13 @@ def _build_graphs(nets, cfg, sha, inputs, scratch: Path, optimize: bool, fp16: b
         built[role, "fp32"] = proto
         variants: list[tuple[str, onnx.ModelProto, float]] = []
         if optimize:
-            variants.append(("optimized", _optimize(proto, scratch), FP32_ATOL))
+            variants.append(("optimized", optimized_graph(proto, scratch), FP32_ATOL))
         if fp16:
             half = _export_graph(_FP32IO(copy.deepcopy(net), torch.float16), role, cfg)
             variants.append(("fp16", half, FP16_ATOL))
         for variant, vproto, atol in variants:
             step(f"{variant} {role}")
-            _set_metadata(vproto, role, variant, cfg, sha)
+            set_metadata(vproto, role, variant, cfg, sha)
             errors[role, variant] = _validate(vproto, net, inputs[role], atol, f"{role}{graphs.VARIANTS[variant]}")
             built[role, variant] = vproto
     return built, errors

@@ -23,7 +23,7 @@ from torch import nn
 from .. import modeldir
 from ..core import atomic
 from ..core.config import LIKELIHOODS, ImportSpec, ModelConfig, to_dict
-from ..core.errors import DataError, ModelDirError, VaeEngineError, first_line, missing_dependency
+from ..core.errors import DataError, ExportError, ModelDirError, VaeEngineError, first_line, missing_dependency
 from ..data.datasets import sample_photos
 from ..model import imported
 from ..modeldir import graphs
@@ -249,3 +249,194 @@ def _write(out: str | os.PathLike, cfg: ModelConfig, model: imported.ImportedVAE
         if not existed:
             atomic.remove_empty([out])
         raise
+
+
+CALIBRATION_PHOTOS = 4  # crops of the sample photos other than the PHOTO_ITEMS the budget is judged on, + mirrors
+CALIBRATION_ROWS = 16  # seeded rows for models whose items are not images
+SPEEDUP_TO_KEEP = 1.05  # a graph keeps its int8 layers only if they make it at least this much faster than fp32
+
+
+def export_variants(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, optimize: bool = False,
+                    quantize: str | None = None, fp16: bool = False,
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """An imported model's optimized and int8 graphs, made from its fp32 graphs (which `import` checked against
+    PyTorch), written beside them with their measured cost in export_report.json; returns the report.
+
+    int8 (`export --quantize int8` on an imported folder): static QDQ layers (`qdq.py`), calibrated on photos (or
+    seeded rows) the accuracy budget is not judged on, the layer set grown while the pair keeps `--precision
+    auto`'s budget (nats where the model has a likelihood, else the mean reconstruction change), and a graph whose
+    int8 layers do not make it faster kept in fp32."""
+    from .exporter import REPORT, optimized_graph, set_metadata
+
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir)
+    out_dir = Path(out_dir) if out_dir else model_dir
+    if fp16:
+        raise VaeEngineError("--fp16: half-precision graphs are not made for imported models; on a GPU "
+                             "--backend torch --precision fp16 runs an AutoencoderKL")
+    if not optimize and quantize is None:
+        raise VaeEngineError(f"{model_dir}: an imported model; `vae-engine import` exported and checked its fp32 "
+                             "graphs: ask for --quantize int8 or --optimize")
+    cfg = modeldir.model_config(model_dir)
+    sha = modeldir.weights_sha256(model_dir)
+    fp32 = {role: graphs.load_graph(graphs.graph_path(model_dir, role), role, cfg).proto() for role in graphs.ROLES}
+    path = model_dir / REPORT
+    report = modeldir.read_json(path, "export report") if path.is_file() else {}
+    step = progress or (lambda message: None)
+    x, source = _calibration_items(cfg)
+    existed = out_dir.exists()
+    try:
+        with modeldir.lock(out_dir), atomic.temp_dir(out_dir, "export") as scratch:
+            built: dict[tuple[str, str], Any] = {}
+            if optimize:
+                feeds = _feeds(fp32, cfg, x[:2])
+                errors = {}
+                for role in graphs.ROLES:
+                    step(f"optimized {role}")
+                    built[role, "optimized"] = proto = optimized_graph(fp32[role], scratch)
+                    set_metadata(proto, role, "optimized", cfg, sha)
+                    errors[role] = _difference(fp32[role], proto, feeds[role][0], f"{role}.opt.onnx")
+                report["optimized"] = {"max_abs_err_vs_fp32": errors}
+            report.pop("warnings", None)
+            if quantize:
+                protos, report["int8"] = _int8(fp32, model_dir, cfg, x, source, scratch, step)
+                report["warnings"] = report["int8"].get("warnings", [])
+                for role, proto in protos.items():
+                    set_metadata(proto, role, "int8", cfg, sha)
+                    built[role, "int8"] = proto
+            files: dict[str, bytes] = {}
+            if out_dir.resolve() != model_dir.resolve():  # a complete model folder
+                names = [*modeldir.INFERENCE_FILES, *(graphs.graph_path(model_dir, r).name for r in graphs.ROLES)]
+                files.update({n: (model_dir / n).read_bytes() for n in names if (model_dir / n).exists()})
+            for (role, variant), proto in built.items():
+                files[graphs.graph_path(out_dir, role, variant).name] = proto.SerializeToString()
+            report["variants_seconds"] = round(time.perf_counter() - t0, 2)
+            files[REPORT] = (json.dumps(report, indent=2) + "\n").encode()
+            atomic.write_files(out_dir, files, scratch)
+            if quantize and not report["int8"]["accuracy"]:  # none kept: an earlier export's are stale now
+                for role in graphs.ROLES:
+                    graphs.graph_path(out_dir, role, "int8").unlink(missing_ok=True)
+            return report
+    except BaseException:
+        if not existed:
+            atomic.remove_empty([out_dir])
+        raise
+
+
+def _calibration_items(cfg: ModelConfig) -> tuple[np.ndarray, str]:
+    """Items the int8 activation ranges are measured on, none of them one the budget is judged on: (x, source)."""
+    from ..runtime.tuning import PHOTO_ITEMS
+
+    if cfg.image_shape is None:
+        x = np.random.default_rng(1).random((CALIBRATION_ROWS, cfg.input_dim), dtype=np.float32)
+        return x, f"{CALIBRATION_ROWS} rows of seeded uniform values in [0, 1)"
+    crops = sample_photos(cfg.image_shape, PHOTO_ITEMS + CALIBRATION_PHOTOS)[PHOTO_ITEMS:]
+    mirrored = crops.reshape(len(crops), *cfg.image_shape)[..., ::-1].reshape(len(crops), -1)
+    return (np.concatenate([crops, mirrored]),
+            f"{2 * len(crops)} crops of scikit-learn's sample photos and their mirror images (other crops than the "
+            f"{PHOTO_ITEMS} the accuracy is measured on)")
+
+
+def _feeds(fp32: dict[str, Any], cfg: ModelConfig, x: np.ndarray) -> dict[str, list[dict[str, np.ndarray]]]:
+    """One feed per item for each graph: the items for the encoder, their latents (the posterior mean, what decode
+    and reconstruct give the decoder) for the decoder. One item a call: a large image's activations are large."""
+    enc_in, dec_in = (graphs.spec(role, cfg).inputs[0][0] for role in graphs.ROLES)
+    sess = graphs.make_session(fp32["encoder"])
+    mu = [sess.run(["mu"], {enc_in: x[i:i + 1]})[0] for i in range(len(x))]
+    return {"encoder": [{enc_in: x[i:i + 1]} for i in range(len(x))], "decoder": [{dec_in: m} for m in mu]}
+
+
+def _difference(reference: Any, graph: Any, feed: dict[str, np.ndarray], name: str) -> float:
+    """The largest difference of a variant's outputs from the fp32 graph's, per unit of each output's scale."""
+    got = graphs.make_session(graph).run(None, feed)
+    want = graphs.make_session(reference).run(None, feed)
+    worst = max(float(np.max(np.abs(g - w))) / max(1.0, float(np.max(np.abs(w)))) for g, w in zip(got, want,
+                                                                                                 strict=True))
+    if not np.isfinite(worst) or worst > IMPORT_ATOL:
+        raise ExportError(f"{name}: differs from the fp32 graph by {worst:.3g} of the output's scale "
+                          f"(tolerance {IMPORT_ATOL:g})")
+    return worst
+
+
+def _speedup(fp32: Any, int8: Any, feed: dict[str, np.ndarray], threads: int, rounds: int = 3) -> float:
+    """How many times faster the int8 graph runs one item than the fp32 graph: the median of interleaved rounds
+    (the machine's load moves both alike)."""
+    from ..perf.timing import measure
+
+    runs = [graphs.make_session(g, threads=threads) for g in (fp32, int8)]
+    ratios = []
+    for _ in range(rounds):
+        t32, t8 = (float(np.median(measure(lambda s=s: s.run(None, feed), min_time=0.2, warmup=1,
+                                           min_repeats=2).seconds)) for s in runs)
+        ratios.append(t32 / t8)
+    return float(np.median(ratios))
+
+
+def _int8(fp32: dict[str, Any], model_dir: Path, cfg: ModelConfig, x: np.ndarray, source: str, scratch: Path,
+          step: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The int8 graphs to keep and their report: calibrate once, grow each graph's layer set within the budget
+    (encoder first: every job encodes or decodes once a call, so neither graph is favoured by a scoring loop),
+    then keep a graph's int8 layers only where they make it faster."""
+    from ..core import hardware
+    from ..runtime import tuning
+    from ..runtime.engine import Engine
+    from . import qdq
+
+    threads = hardware.available_cpus()
+    step("int8 calibration")
+    feeds = _feeds(fp32, cfg, x)
+    tensor_ranges = {role: qdq.ranges(fp32[role], feeds[role]) for role in graphs.ROLES}
+    names = {role: qdq.layers(fp32[role]) for role in graphs.ROLES}
+    if not any(names.values()):
+        raise ExportError("--quantize int8: this model has no Conv, ConvTranspose, Gemm or MatMul layer with "
+                          "constant weights to quantize; export without --quantize")
+    step("accuracy: fp32 reference")
+    ref = tuning.reference(Engine.load, model_dir, threads, "onnxruntime")
+    cand_dir = scratch / "int8-candidate"
+    cand_dir.mkdir()
+    for name in modeldir.INFERENCE_FILES:
+        if (model_dir / name).exists():
+            atomic.write_bytes(cand_dir / name, (model_dir / name).read_bytes())
+    rows: list[dict[str, Any]] = []
+
+    def build(chosen: dict[str, list[str]]) -> dict[str, Any]:
+        return {role: qdq.quantize(fp32[role], tensor_ranges[role], chosen[role]) for role in graphs.ROLES}
+
+    def score(chosen: dict[str, list[str]]) -> dict[str, Any]:
+        for role, proto in build(chosen).items():
+            atomic.write_bytes(graphs.graph_path(cand_dir, role, "int8"), proto.SerializeToString())
+        engine = Engine.load(cand_dir, backend="onnxruntime", precision="int8", threads=threads)
+        row = {"int8_layers": {role: len(chosen[role]) for role in graphs.ROLES}, **tuning.accuracy(engine, ref)}
+        row["within_budget"] = tuning.within({"precision": "int8", **row}, tuning.DEFAULT_BUDGET)
+        rows.append(row)
+        step(f"int8: {row['int8_layers']['encoder']} + {row['int8_layers']['decoder']} layers, "
+             f"{tuning.cost_text(row)}")
+        return row
+
+    chosen: dict[str, list[str]] = {role: [] for role in graphs.ROLES}
+    for role in graphs.ROLES:
+        chosen[role] = qdq.grow([], names[role], lambda trial, r=role: score({**chosen, r: trial})["within_budget"])
+    speedup = {}
+    for role in graphs.ROLES:
+        if chosen[role]:
+            step(f"int8: time the {role} against fp32")
+            speedup[role] = round(_speedup(fp32[role], build(chosen)[role], feeds[role][0], threads), 3)
+            if speedup[role] < SPEEDUP_TO_KEEP:
+                chosen[role] = []
+    final = score(chosen) if any(chosen.values()) else None
+    report = {"method": "ONNX Runtime static QDQ: uint8 activations (MinMax ranges), int8 per-channel 7-bit weights",
+              "calibration": source, "validation": ref["source"], "threads": threads,
+              "budget": tuning.budget_text({"budget": "reconstruction"} if tuning.by_reconstruction(cfg) else
+                                           {"key": {"budget_nats": tuning.DEFAULT_BUDGET}}),
+              "layers": {role: len(names[role]) for role in graphs.ROLES},
+              "int8_layers": {role: chosen[role] for role in graphs.ROLES},
+              "speedup_vs_fp32_one_item": speedup, "speedup_to_keep": SPEEDUP_TO_KEEP,
+              "accuracy": final and {k: v for k, v in final.items() if k != "int8_layers"}, "candidates": rows}
+    if final is None:  # nothing to gain: no int8 graphs, so --precision auto does not time a copy of fp32
+        report["warnings"] = [f"no int8 layers are both within {report['budget']} and faster than fp32 here "
+                              f"(speed-up kept: {SPEEDUP_TO_KEEP}x); no int8 graphs written"]
+        return {}, report
+    if not final["within_budget"]:  # the set grew within the budget; without a graph's layers it measured over
+        report["warnings"] = [f"the int8 graphs measured over {report['budget']} ({tuning.cost_text(final)}); "
+                              "--precision auto will not choose them"]
+    return build(chosen), report

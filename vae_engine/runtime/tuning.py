@@ -127,6 +127,12 @@ def candidates(model_dir: Path, backend: str = "auto", device: str = "cpu",
     return paths, notes
 
 
+def by_reconstruction(cfg) -> bool:
+    """Is a path of this model judged by its reconstructions (in [0, 1] item units) rather than in nats? Where the
+    model cannot be scored: an imported autoencoder that declares no likelihood or no prior."""
+    return cfg.cannot_score is not None
+
+
 def validation_items(model_dir: Path, engine, n: int = VALIDATION_ITEMS, seed: int = 0) -> tuple[np.ndarray, str]:
     """Up to n items of the model's own test split in model units (binarized by the seeded stream for Bernoulli
     models, as evaluate does); if that data is gone, n samples E[x|z] of the model itself, drawn by `engine` (the
@@ -139,11 +145,13 @@ def validation_items(model_dir: Path, engine, n: int = VALIDATION_ITEMS, seed: i
 
     cfg, train_cfg = modeldir.model_config(model_dir), modeldir.train_config(model_dir)
     lk = get(cfg.likelihood)
-    if cfg.likelihood == "none":  # an imported autoencoder: real photos (or seeded values for other items)
+    if by_reconstruction(cfg):  # an imported autoencoder: real photos (or seeded values for other items)
         if cfg.image_shape is not None:
             return data.sample_photos(cfg.image_shape, PHOTO_ITEMS), f"{PHOTO_ITEMS} sample photos"
         x = np.random.default_rng(seed).random((PHOTO_ITEMS, cfg.input_dim), dtype=np.float32)
         return x, f"{PHOTO_ITEMS} rows of seeded uniform values"
+    if not cfg.trained:  # imported modules with a likelihood and a prior: no test split here, its own samples
+        return engine.sample(n, seed), f"{n} samples of the model (an imported model brings no test data)"
     try:
         x = data.to_float(data.load_test_data(train_cfg)[0][:n]).reshape(-1, cfg.input_dim)
         source = f"{len(x)} test items"
@@ -317,7 +325,7 @@ def reference(load: Load, model_dir: Path, threads: int, backend: str = "torch")
     a likelihood {"x", "source", "reconstruction", "engine"}."""
     ref = load(model_dir, backend=backend, precision="fp32", threads=threads)
     x_val, source = validation_items(model_dir, ref)
-    if ref.cfg.likelihood == "none":
+    if by_reconstruction(ref.cfg):
         return {"x": x_val, "source": source, "reconstruction": ref.reconstruct(x_val), "engine": ref}
     return {"x": x_val, "source": source, "nll": -ref.log_likelihood(x_val, ACCURACY_K), "nelbo": -ref.elbo(x_val),
             "engine": ref}
@@ -613,7 +621,7 @@ def choose(load: Load, model_dir: str | Path, backend: str = "auto", device: str
                 "measurements": rows, "clear": clear, "import_s": imports,
                 "checks": previous.get("checks", 0) + 1 if previous and not retune else 0,
                 "accuracy": {f"{b}/{p}": c for (b, p), c in costs.items() if c}, "notes": notes,
-                "budget": "reconstruction" if cfg.likelihood == "none" else "nll",
+                "budget": "reconstruction" if by_reconstruction(cfg) else "nll",
                 "accuracy_k": ACCURACY_K, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     where = _put(model_dir, TUNING, SCHEMA, "decisions", decision, KEEP)
     return {**decision, "saved": where is not None, "saved_to": where, "reused": False}
