@@ -144,6 +144,19 @@ def test_jobs_on_an_image_folder(kl, tmp_path):
     result = run(app, ["reconstruct", str(model), "-i", str(tmp_path / "images"), "-o", str(tmp_path / "r.png"),
                        *common])
     assert result.exit_code == 0 and (tmp_path / "r.png").stat().st_size > 0
+    # latents back to a folder of images, one PNG per item (what a diffusion pipeline's user looks at)
+    assert run(app, ["decode", str(model), "-i", str(tmp_path / "z.npy"), "-o", str(tmp_path / "decoded"),
+                     "--batch-size", "2", *common]).exit_code == 0
+    files = sorted((tmp_path / "decoded").iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(5)]
+    pngs = np.stack([np.asarray(Image.open(f)) for f in files]).transpose(0, 3, 1, 2)
+    assert np.array_equal(pngs, np.round(np.clip(np.load(tmp_path / "x.npy"), 0, 1) * 255).astype(np.uint8)
+                          .reshape(pngs.shape))
+    assert "not an empty folder" in one_line_error(["decode", str(model), "-i", str(tmp_path / "z.npy"), "-o",
+                                                    str(tmp_path / "decoded")])
+    assert "with --ray" in one_line_error(["decode", str(model), "-i", str(tmp_path / "z.npy"), "-o",
+                                           str(tmp_path / "other"), "--ray", "local"])
+    assert not (tmp_path / "other").exists() and not list(tmp_path.glob(".*vae-tmp*"))
     # a posterior sample per image: its own stream, whatever the batch (--with-logvar keeps the latent shape too)
     engine = Engine.load(model, backend="onnxruntime", precision="fp32")
     source = batch.open_items(tmp_path / "images", engine.cfg)

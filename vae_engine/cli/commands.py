@@ -202,11 +202,15 @@ def export(
     model_dir: ModelDir,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Write a complete model directory here (config, weights, graphs) instead of adding the graphs to MODEL_DIR.")] = None,
     optimize: Annotated[bool, typer.Option(help="Also save ONNX Runtime's optimized graph (*.opt.onnx; may hold ORT-only fused ops).")] = False,
-    quantize: Annotated[str | None, typer.Option(help="int8: also save dynamically quantized graphs (*.int8.onnx).")] = None,
+    quantize: Annotated[str | None, typer.Option(help="int8: also save int8 graphs (*.int8.onnx), with the layers kept in int8 chosen by measured accuracy (nats, or an imported autoencoder's reconstruction change) within --precision auto's budget: per-item-scaled matrix products for the trainer's MLPs, static QDQ convolutions for an imported model.")] = None,
     fp16: Annotated[bool, typer.Option(help="Also save half-precision graphs (*.fp16.onnx) for GPU providers; slower on CPU.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the test-set binarization and eps used for the accuracy report.")] = 0,
 ) -> None:
-    """Export encoder.onnx and decoder.onnx, validate them against PyTorch, and report each variant's accuracy."""
+    """Export encoder.onnx and decoder.onnx, validate them against PyTorch, and report each variant's accuracy.
+
+    On a folder made by `vae-engine import` (whose fp32 graphs import already checked), export makes the
+    --quantize int8 and --optimize variants from those graphs.
+    """
     from ..core.atomic import check_writable
     from ..export.exporter import REPORT
     from ..export.exporter import export as run_export
@@ -346,7 +350,7 @@ def encode(
 @friendly
 def decode(
     model_dir: ModelOpt = None, input: Annotated[Path, typer.Option("--input", "-i", help="Latents .npy or .safetensors (what encode writes) of the model's latent shape, (N, L) or (N, C, h, w), or flattened (N, L).")] = ...,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Items: .npy or .safetensors (one tensor, 'items') (N, D), D the values of one item (784 for MNIST), or a .png grid of images.")] = ...,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Items: .npy or .safetensors (one tensor, 'items') (N, D), D the values of one item (784 for MNIST), a .png grid of images, or a new folder (a path without suffix) of one PNG file per item.")] = ...,
     sample: Annotated[bool, typer.Option(help="Write one draw x ~ p(x|z) per latent instead of E[x|z]: Bernoulli pixels (0/1), continuous-Bernoulli intensities or Gaussian values, from the seed's per-item streams.")] = False,
     binary: Annotated[bool, typer.Option(help="Bernoulli models: the same as --sample (pixels 0/1).")] = False,
     backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
@@ -361,7 +365,7 @@ def decode(
 @friendly
 def sample(
     model_dir: ModelOpt = None, n: Annotated[int, typer.Option("-n", help="Number of images to sample.")] = 64,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Items: .npy or .safetensors (one tensor, 'items') (N, D), or a .png grid of images.")] = Path("samples.png"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Items: .npy or .safetensors (one tensor, 'items') (N, D), a .png grid of images, or a new folder (a path without suffix) of one PNG file per item.")] = Path("samples.png"),
     backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
 ) -> None:
@@ -377,7 +381,7 @@ def sample(
 @friendly
 def reconstruct(
     model_dir: ModelOpt = None, input: InputOpt = ...,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Items: .npy or .safetensors (one tensor, 'items') (N, D), D the values of one item (784 for MNIST), or a .png grid of images.")] = ...,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Items: .npy or .safetensors (one tensor, 'items') (N, D), D the values of one item (784 for MNIST), a .png grid of images, or a new folder (a path without suffix) of one PNG file per item.")] = ...,
     fit: FitOpt = False,
     backend: BackendOpt = "auto", precision: PrecisionOpt = "auto", max_nll_change: BudgetOpt = DEFAULT_BUDGET, device: DeviceOpt = "cpu", batch_size: BatchOpt = 1024, threads: ThreadsOpt = None,
     seed: SeedOpt = 0, ray: RayOpt = None, actors: ActorsOpt = 1, cpus_per_actor: CpusOpt = 1,

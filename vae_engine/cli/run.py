@@ -32,6 +32,9 @@ def run_job(job: str, model_dir: Path | None, input: Path | None, output: Path, 
     check_int("--k", params.get("k", 1), 1, MAX_SCORE_K)
     if threads is not None:
         check_int("--threads", threads, 1, MAX_THREADS)
+    if ray is not None and output.suffix == "":
+        raise VaeEngineError(f"{output}: a folder of PNG files is written by a local job; with --ray write .npy "
+                             "or .parquet")
     if output.suffix == ".parquet" and ray is not None:
         from ..core.atomic import check_writable
 

@@ -49,3 +49,12 @@ def save_grid_png(path: str | Path, images: np.ndarray, shape: tuple[int, ...] |
 
     with atomic.atomic_path(path, ".png") as tmp:
         Image.fromarray(pixels, "L" if pixels.ndim == 2 else "RGB").save(tmp, format="PNG")
+
+
+def save_png(path: str | Path, item: np.ndarray, shape: tuple[int, ...]) -> None:
+    """One item (C*H*W values of `shape`) as a pixel-exact PNG file, values as `displayable` makes them."""
+    from PIL import Image
+
+    c, h, w = shape
+    pixels = (np.clip(displayable(item), 0.0, 1.0).reshape(c, h, w).transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    Image.fromarray(pixels[..., 0] if c == 1 else pixels, "L" if c == 1 else "RGB").save(path, format="PNG")

@@ -101,11 +101,19 @@ def _images(source: Path, files: list[Path], cfg: ModelConfig, unit: bool, fit: 
 
 
 def check_output(path: str | Path, images: bool) -> None:
-    """Refuse an output path before any work: wrong suffix, a folder, or a parent that cannot be written."""
+    """Refuse an output path before any work: wrong suffix, a folder, or a parent that cannot be written. Image
+    outputs may also be a new (or empty) folder: a path without a suffix, one PNG file per item."""
     path = Path(path)
+    if images and path.suffix == "":
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise OutputError(f"{path}: exists and is not an empty folder; a folder of PNG files is written new, "
+                              "choose another path")
+        atomic.check_writable(path, folder=True)
+        return
     allowed = (*atomic.ARRAY_SUFFIXES, ".png") if images else atomic.ARRAY_SUFFIXES
     if path.suffix not in allowed:
-        raise OutputError(f"{path}: output must end in {' or '.join(allowed)}")
+        raise OutputError(f"{path}: output must end in {' or '.join(allowed)}"
+                          + (", or be a folder (no suffix) for one PNG file per item" if images else ""))
     atomic.check_writable(path)
 
 
@@ -113,11 +121,26 @@ def stream(source: Source, fn: Callable[[int, np.ndarray], np.ndarray], out_path
         batch_size: int, progress: Callable[[int], None] | None = None,
         image_shape: tuple[int, ...] | None = None, name: str = "data") -> Path:
     """Stream `source` through `fn(start, chunk) -> (b, *item_shape)` into out_path (.npy, .safetensors with one
-    tensor `name`, or a .png grid of images of `image_shape` (C, H, W) when outputs are images)."""
+    tensor `name`, or when outputs are images of `image_shape` (C, H, W): a .png grid, or a folder (a path without
+    suffix) of one PNG file per item, 000000.png on, staged and renamed into place when complete)."""
     out_path = Path(out_path)
     check_output(out_path, image_shape is not None)
     if batch_size < 1:
         raise VaeEngineError(f"batch size must be at least 1, got {batch_size}")
+    if out_path.suffix == "":
+        from ..data.grids import save_png
+
+        width = max(6, len(str(source.n - 1)))
+        with atomic.temp_dir(out_path.parent, out_path.name) as scratch:
+            staged = scratch / "images"
+            staged.mkdir()
+            for i, chunk in source.chunks(batch_size):
+                for j, item in enumerate(fn(i, chunk)):
+                    save_png(staged / f"{i + j:0{width}d}.png", item, image_shape)
+                if progress:
+                    progress(len(chunk))
+            atomic.replace_dir(staged, out_path)
+        return out_path
     if out_path.suffix == ".png" and source.n > MAX_PNG_IMAGES:
         raise VaeEngineError(f"{source.n} images are too many for a PNG grid (max {MAX_PNG_IMAGES}); write .npy")
     if out_path.suffix == ".png":

@@ -20,7 +20,7 @@ ROLES = ("encoder", "decoder")
 VARIANTS = {  # variant -> file suffix
     "fp32": ".onnx",  # the portable graph, validated against PyTorch
     "optimized": ".opt.onnx",  # ORT-optimized (may hold ORT-only fused ops), CPU provider
-    "int8": ".int8.onnx",  # dynamically quantized weights (onnxruntime.quantization)
+    "int8": ".int8.onnx",  # int8 layers within the accuracy budget (export/quantize.py, export/qdq.py)
     "fp16": ".fp16.onnx",  # half-precision weights and compute, fp32 inputs/outputs; for GPU providers
 }
 OPSET = 18
