@@ -45,7 +45,7 @@ def run(size: int, images: int, threads: int, rounds: int) -> dict:
     from vae_engine import Engine
     from vae_engine.core import hardware
     from vae_engine.data import sample_photos as photos
-    from vae_engine.export.imported import import_diffusers
+    from vae_engine.export.imported import export_variants, import_diffusers
     from vae_engine.modeldir import graphs, versions
     from vae_engine.perf.peaks import gemm_peak
     from vae_engine.runtime import backends
@@ -92,31 +92,31 @@ def run(size: int, images: int, threads: int, rounds: int) -> dict:
                          "skipped": why or "no native bf16 on this CPU (emulated bf16 is slower than fp32)"})
             continue
         engine = Engine.load(model, backend=backend, precision=precision, threads=threads)
-        z = engine.encode(x)[0]
-        img = engine.decode(ref_z)
-        rows.append({"path": f"{backend}/{precision}", "precision": precision,
-                     "encode_s": _timed(lambda: engine.encode(x), rounds) / images,  # noqa: B023
-                     "decode_s": _timed(lambda: engine.decode(ref_z), rounds) / images,  # noqa: B023
-                     "latent_max_abs_err": float(np.abs(z - ref_z.reshape(images, -1)).max()),
-                     "latent_mean_abs_err": float(np.abs(z - ref_z.reshape(images, -1)).mean()),
-                     "image_mean_abs_err": float(np.abs(img - ref_img.reshape(images, -1)).mean())})
+        rows.append(_row(f"{backend}/{precision}", precision, engine, x, ref_z, ref_img, rounds))
+    # int8 of every convolution and matrix product (static QDQ, calibrated as export calibrates): its speed and cost
+    every = _every_layer_int8(model, tmp / "int8-every-layer")
+    engine = Engine.load(every, backend="onnxruntime", precision="int8", threads=threads)
+    rows.append(_row("onnxruntime/int8, every layer (QDQ)", "int8", engine, x, ref_z, ref_img, rounds))
+    # what export keeps within auto's budget (the search; a graph keeps int8 layers only where they make it faster)
+    t0 = time.perf_counter()
+    q = export_variants(model, quantize="int8")["int8"]
+    export_int8 = {"seconds": time.perf_counter() - t0, "kept": {r: len(v) for r, v in q["int8_layers"].items()},
+                   "layers": q["layers"], "trials": q["trials"], "speedup": q["speedup_vs_fp32_one_item"],
+                   "accuracy": q["accuracy"], "warnings": q.get("warnings", [])}
+    if graphs.graph_path(model, "encoder", "int8").is_file():
+        engine = Engine.load(model, backend="onnxruntime", precision="int8", threads=threads)
+        rows.append(_row("onnxruntime/int8, export's layers", "int8", engine, x, ref_z, ref_img, rounds))
     # what `--precision auto` picks here (its accuracy measured on sample photos, within the reconstruction budget)
     t0 = time.perf_counter()
     auto = Engine.load(model, precision="auto", threads=threads, batch_size=images)
     decide_s = time.perf_counter() - t0
-    z, img = auto.encode(x)[0], auto.decode(ref_z)
-    rows.append({"path": f"auto -> {auto.backend.name}/{auto.backend.precision}", "precision": auto.backend.precision,
-                 "decide_s": decide_s, "auto_path": auto.path,
-                 "encode_s": _timed(lambda: auto.encode(x), rounds) / images,
-                 "decode_s": _timed(lambda: auto.decode(ref_z), rounds) / images,
-                 "latent_max_abs_err": float(np.abs(z - ref_z.reshape(images, -1)).max()),
-                 "latent_mean_abs_err": float(np.abs(z - ref_z.reshape(images, -1)).mean()),
-                 "image_mean_abs_err": float(np.abs(img - ref_img.reshape(images, -1)).mean())})
+    rows.append({**_row(f"auto -> {auto.backend.name}/{auto.backend.precision}", auto.backend.precision, auto, x,
+                        ref_z, ref_img, rounds), "decide_s": decide_s, "auto_path": auto.path})
     base = rows[0]
     for row in rows:
         if "encode_s" not in row:
             continue
-        peak = peaks.get("bf16" if row["precision"] == "bf16" else "fp32")
+        peak = peaks.get(row["precision"] if row["precision"] in ("bf16", "int8") else "fp32")
         for op, role in (("encode", "encoder"), ("decode", "decoder")):
             gflops = 2 * cfg_macs[role] / row[f"{op}_s"] / 1e9
             row[f"{op}_images_per_s"] = 1 / row[f"{op}_s"]
@@ -129,9 +129,39 @@ def run(size: int, images: int, threads: int, rounds: int) -> dict:
             "machine": {"cpu": hardware.cpu_info()[0], "flags": hardware.key_flags(),
                         "python": platform.python_version()},
             "versions": {k: v for k, v in versions().items() if v} | {"diffusers": __import__("diffusers").__version__},
-            "gemm_peaks_gflops": peaks, "macs_per_image": cfg_macs, "rows": rows,
+            "gemm_peaks_gflops": peaks, "macs_per_image": cfg_macs, "rows": rows, "export_int8": export_int8,
             "command": f"python bench/import_bench.py --size {size} --images {images} --threads {threads} "
                        f"--rounds {rounds}"}
+
+
+def _row(path: str, precision: str, engine, x: np.ndarray, ref_z: np.ndarray, ref_img: np.ndarray, rounds: int) -> dict:
+    """One path's seconds per image (encode of the photos, decode of diffusers' latents) and its errors against
+    diffusers fp32."""
+    n = len(x)
+    z, img = engine.encode(x)[0], engine.decode(ref_z)
+    return {"path": path, "precision": precision,
+            "encode_s": _timed(lambda: engine.encode(x), rounds) / n,
+            "decode_s": _timed(lambda: engine.decode(ref_z), rounds) / n,
+            "latent_max_abs_err": float(np.abs(z - ref_z.reshape(n, -1)).max()),
+            "latent_mean_abs_err": float(np.abs(z - ref_z.reshape(n, -1)).mean()),
+            "image_mean_abs_err": float(np.abs(img - ref_img.reshape(n, -1)).mean())}
+
+
+def _every_layer_int8(model: Path, out: Path) -> Path:
+    """A copy of the model folder whose int8 graphs quantize every layer export could (no accuracy search)."""
+    import shutil
+
+    from vae_engine.export import imported, qdq
+    from vae_engine.modeldir import graphs, model_config
+
+    shutil.copytree(model, out)
+    cfg = model_config(model)
+    fp32 = {role: graphs.load_graph(graphs.graph_path(model, role), role, cfg).proto() for role in graphs.ROLES}
+    feeds = imported._feeds(fp32, cfg, imported._calibration_items(cfg)[0])
+    for role in graphs.ROLES:
+        proto = qdq.quantize(fp32[role], qdq.ranges(fp32[role], feeds[role]), qdq.layers(fp32[role]))
+        graphs.graph_path(out, role, "int8").write_bytes(proto.SerializeToString())
+    return out
 
 
 def _rate(row: dict, op: str) -> str:
@@ -159,6 +189,12 @@ def markdown(report: dict) -> str:
                      f"{r['image_mean_abs_err']:.1e} |")
     auto = next((r for r in report["rows"] if "auto_path" in r), None)
     tail = f"\n`--precision auto` chose {auto['auto_path']}; deciding took {auto['decide_s']:.0f} s.\n" if auto else ""
+    q = report.get("export_int8")
+    if q:
+        tail += (f"\n`vae-engine export MODEL --quantize int8` ({q['seconds']:.0f} s, {q['trials']['encoder']} + "
+                 f"{q['trials']['decoder']} layer sets tried) kept {q['kept']['encoder']} of {q['layers']['encoder']} "
+                 f"encoder and {q['kept']['decoder']} of {q['layers']['decoder']} decoder layers in int8"
+                 + (f" ({'; '.join(q['warnings'])})" if q["warnings"] else "") + ".\n")
     return head + "\n".join(lines) + "\n" + tail
 
 

@@ -510,11 +510,13 @@ def test_int8_that_gains_nothing_is_not_written(kl, tmp_path, monkeypatch):
     copy = tmp_path / "m"
     shutil.copytree(model, copy)
     shutil.copy(copy / "encoder.onnx", copy / "encoder.int8.onnx")  # a stale variant
+    (copy / "export_report.json").write_text("[1, 2")  # and a damaged report: written anew
     result = CliRunner().invoke(app, ["export", str(copy), "--quantize", "int8", "--optimize"])
     assert result.exit_code == 0, result.output
     assert "no int8 graphs written" in " ".join(result.output.split())
     assert not list(copy.glob("*.int8.onnx")) and (copy / "decoder.opt.onnx").is_file()
     assert "optimized: max |err| against fp32" in result.output
+    assert "int8" in json.loads((copy / "export_report.json").read_text())
     assert "--fp16" in one_line_error(["export", str(copy), "--fp16"])
     assert "--quantize int8 or --optimize" in one_line_error(["export", str(copy)])
 

@@ -254,6 +254,8 @@ def _write(out: str | os.PathLike, cfg: ModelConfig, model: imported.ImportedVAE
 CALIBRATION_PHOTOS = 4  # crops of the sample photos other than the PHOTO_ITEMS the budget is judged on, + mirrors
 CALIBRATION_ROWS = 16  # seeded rows for models whose items are not images
 SPEEDUP_TO_KEEP = 1.05  # a graph keeps its int8 layers only if they make it at least this much faster than fp32
+# layer sets tried per graph (each: both graphs reconstruct the validation items; ~10 s for the SD VAE at 256x256)
+MAX_TRIALS = 16
 
 
 def export_variants(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, optimize: bool = False,
@@ -281,7 +283,11 @@ def export_variants(model_dir: str | os.PathLike, out_dir: str | os.PathLike | N
     sha = modeldir.weights_sha256(model_dir)
     fp32 = {role: graphs.load_graph(graphs.graph_path(model_dir, role), role, cfg).proto() for role in graphs.ROLES}
     path = model_dir / REPORT
-    report = modeldir.read_json(path, "export report") if path.is_file() else {}
+    try:  # import's report, which the variants' sections join; a damaged one is written anew
+        report = modeldir.read_json(path, "export report") if path.is_file() else {}
+    except ModelDirError:
+        report = {}
+    report = report if isinstance(report, dict) else {}
     step = progress or (lambda message: None)
     x, source = _calibration_items(cfg)
     existed = out_dir.exists()
@@ -385,7 +391,7 @@ def _int8(fp32: dict[str, Any], model_dir: Path, cfg: ModelConfig, x: np.ndarray
     threads = hardware.available_cpus()
     step("int8 calibration")
     feeds = _feeds(fp32, cfg, x)
-    tensor_ranges = {role: qdq.ranges(fp32[role], feeds[role]) for role in graphs.ROLES}
+    tensor_ranges = {role: qdq.ranges(fp32[role], feeds[role], scratch) for role in graphs.ROLES}
     names = {role: qdq.layers(fp32[role]) for role in graphs.ROLES}
     if not any(names.values()):
         raise ExportError("--quantize int8: this model has no Conv, ConvTranspose, Gemm or MatMul layer with "
@@ -398,13 +404,17 @@ def _int8(fp32: dict[str, Any], model_dir: Path, cfg: ModelConfig, x: np.ndarray
         if (model_dir / name).exists():
             atomic.write_bytes(cand_dir / name, (model_dir / name).read_bytes())
     rows: list[dict[str, Any]] = []
+    written: dict[str, tuple[str, ...] | None] = {role: None for role in graphs.ROLES}
 
     def build(chosen: dict[str, list[str]]) -> dict[str, Any]:
         return {role: qdq.quantize(fp32[role], tensor_ranges[role], chosen[role]) for role in graphs.ROLES}
 
     def score(chosen: dict[str, list[str]]) -> dict[str, Any]:
-        for role, proto in build(chosen).items():
-            atomic.write_bytes(graphs.graph_path(cand_dir, role, "int8"), proto.SerializeToString())
+        for role in graphs.ROLES:  # quantize (seconds on a large graph) only the graph whose set changed
+            if written[role] != tuple(chosen[role]):
+                proto = qdq.quantize(fp32[role], tensor_ranges[role], chosen[role])
+                atomic.write_bytes(graphs.graph_path(cand_dir, role, "int8"), proto.SerializeToString())
+                written[role] = tuple(chosen[role])
         engine = Engine.load(cand_dir, backend="onnxruntime", precision="int8", threads=threads)
         row = {"int8_layers": {role: len(chosen[role]) for role in graphs.ROLES}, **tuning.accuracy(engine, ref)}
         row["within_budget"] = tuning.within({"precision": "int8", **row}, tuning.DEFAULT_BUDGET)
@@ -414,8 +424,16 @@ def _int8(fp32: dict[str, Any], model_dir: Path, cfg: ModelConfig, x: np.ndarray
         return row
 
     chosen: dict[str, list[str]] = {role: [] for role in graphs.ROLES}
+    trials = {role: 0 for role in graphs.ROLES}
+
+    def fits(role: str, trial: list[str]) -> bool:
+        if trials[role] >= MAX_TRIALS:  # the search is bounded: layers not reached stay fp32
+            return False
+        trials[role] += 1
+        return score({**chosen, role: trial})["within_budget"]
+
     for role in graphs.ROLES:
-        chosen[role] = qdq.grow([], names[role], lambda trial, r=role: score({**chosen, r: trial})["within_budget"])
+        chosen[role] = qdq.grow([], names[role], lambda trial, r=role: fits(r, trial))
     speedup = {}
     for role in graphs.ROLES:
         if chosen[role]:
@@ -429,6 +447,7 @@ def _int8(fp32: dict[str, Any], model_dir: Path, cfg: ModelConfig, x: np.ndarray
               "budget": tuning.budget_text({"budget": "reconstruction"} if tuning.by_reconstruction(cfg) else
                                            {"key": {"budget_nats": tuning.DEFAULT_BUDGET}}),
               "layers": {role: len(names[role]) for role in graphs.ROLES},
+              "trials": trials, "max_trials": MAX_TRIALS,
               "int8_layers": {role: chosen[role] for role in graphs.ROLES},
               "speedup_vs_fp32_one_item": speedup, "speedup_to_keep": SPEEDUP_TO_KEEP,
               "accuracy": final and {k: v for k, v in final.items() if k != "int8_layers"}, "candidates": rows}

@@ -12,9 +12,9 @@ which its CPU provider runs as integer kernels (QLinearConv and friends).
   CPU adds two u8 x s8 products into a saturating int16 (255 x 127 x 2 overflows it, 255 x 64 x 2 = 32,640 does
   not), so the graph gives the same answer on every x86 class. Activations uint8.
 - Which layers: `grow` bisects each graph's layers in graph order, keeping every block of layers whose addition
-  keeps the pair within the accuracy budget (a dozen evaluations for a network of ~60 layers, where one per layer
-  would cost minutes on a large model). Then a graph whose int8 set does not run faster than its fp32 graph keeps
-  none (stock QDQ decoders of the SD-VAE measured ~1.05x: not worth their error).
+  keeps the pair within the accuracy budget: one evaluation when the whole graph fits, a few per layer left out
+  (the caller bounds the evaluations: each is seconds on a large model). Then a graph whose int8 set does not run
+  faster than its fp32 graph keeps none (a stock QDQ decoder of the SD VAE measured ~1.05x: not worth its error).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def layers(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in inits]
 
 
-def ranges(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]):
-    """Each tensor's activation range over the calibration feeds (MinMax): ONNX Runtime's calibrator, run once."""
+def ranges(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], scratch: Path | None = None):
+    """Each tensor's activation range over the calibration feeds (MinMax): ONNX Runtime's calibrator, run once
+    (its files, a copy of the graph, in `scratch`: the export's own scratch folder, cleaned with it)."""
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
@@ -48,7 +49,7 @@ def ranges(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]):
         def get_next(self):
             return next(self.feeds, None)
 
-    with tempfile.TemporaryDirectory(prefix="vae-engine-calibrate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="calibrate-", dir=scratch) as tmp:
         path = Path(tmp) / "model.onnx"
         path.write_bytes(model.SerializeToString())
         calibrator = create_calibrator(path, list(WEIGHT_OPS), augmented_model_path=str(Path(tmp) / "aug.onnx"),
