@@ -155,6 +155,7 @@ def test_external_data_refused(exported, tmp_path):
 
 def test_failed_validation_leaves_no_files(tiny_model, tmp_path, monkeypatch):
     import vae_engine.export.exporter as ex
+    from vae_engine.export import tracing
 
     dst = tmp_path / "m"
     dst.mkdir()
@@ -164,7 +165,7 @@ def test_failed_validation_leaves_no_files(tiny_model, tmp_path, monkeypatch):
     def broken(model, feed, threads=None):
         return [o + 1.0 for o in graphs.make_session(model).run(None, {model.graph.input[0].name: feed})]
 
-    monkeypatch.setattr(ex, "_run", broken)
+    monkeypatch.setattr(tracing, "run", broken)
     with pytest.raises(ex.ExportError, match="differs from PyTorch"):
         export(dst)
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
@@ -220,7 +221,7 @@ def test_committed_tiny_model_still_belongs_to_its_weights():
 def test_validation_tolerance_follows_each_outputs_scale(exported):
     """A graph whose outputs are large (a Gaussian decoder on data of order 10) is judged relative to their
     scale: the same relative rounding passes at any scale, and a real difference fails at any scale."""
-    from vae_engine.export import exporter
+    from vae_engine.export import tracing
 
     class Scaled(torch.nn.Module):
         def __init__(self, net, scale, offset=0.0):
@@ -239,7 +240,7 @@ def test_validation_tolerance_follows_each_outputs_scale(exported):
         torch.onnx.export(Scaled(vae.decoder, scale), (torch.from_numpy(z[:2]),), str(path), dynamo=False,
                           input_names=["z"], dynamic_axes={"z": {0: "batch"}})
         proto = onnx.load(path)
-        assert exporter._validate(proto, Scaled(vae.decoder, scale * (1 + 3e-6)), z, FP32_ATOL, "d") < FP32_ATOL
+        assert tracing.validate(proto, Scaled(vae.decoder, scale * (1 + 3e-6)), z, FP32_ATOL, "d") < FP32_ATOL
         with pytest.raises(Exception, match="of the output's scale"):
-            exporter._validate(proto, Scaled(vae.decoder, scale, offset=scale * 1e-3), z, FP32_ATOL, "d")
+            tracing.validate(proto, Scaled(vae.decoder, scale, offset=scale * 1e-3), z, FP32_ATOL, "d")
         path.unlink()

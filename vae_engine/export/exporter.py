@@ -6,13 +6,9 @@ torch.normal inside a traced graph is constant-folded into fixed noise.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
-import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +18,12 @@ import torch
 
 from .. import data, modeldir
 from ..core import atomic, rng
-from ..core.config import CONFIDENCE_SE, ModelConfig, to_dict, within_budget
-from ..core.errors import ExportError, VaeEngineError, first_line
+from ..core.config import CONFIDENCE_SE, ModelConfig, within_budget
+from ..core.errors import ExportError, VaeEngineError
 from ..model.networks import VAE
 from ..modeldir import graphs
 from ..runtime import tuning
+from . import tracing
 
 FP32_ATOL = 1e-4  # ORT vs PyTorch, fp32, per unit of an output's scale: both sum the same products in different
 #                   orders; errors seen ~1e-5 on logits of order 1, ~1e-6 relative on Gaussian outputs of order 10
@@ -49,59 +46,6 @@ class _FP32IO(torch.nn.Module):
     def forward(self, x: torch.Tensor):
         out = self.net(x.to(self.dtype))
         return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
-
-
-def _export_graph(net: torch.nn.Module, role: str, cfg: ModelConfig) -> onnx.ModelProto:
-    """Trace one graph with a dynamic batch axis (example batch 2, so the exporter cannot specialize it).
-
-    We use the dynamo exporter (torch.export + onnxscript): for this model it emits the minimal graph
-    (Gemm/Relu/Split/Clip) where the TorchScript exporter adds a Shape/Gather/Slice chain for `chunk`, and it is
-    the exporter torch maintains.
-    """
-    sp = graphs.spec(role, cfg)
-    (name, features), = sp.inputs
-    example = (torch.rand(2, features),)
-    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
-    try:
-        with warnings.catch_warnings(), quiet[0], quiet[1]:
-            warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            program = torch.onnx.export(
-                net, example, input_names=[name], output_names=[n for n, _ in sp.outputs],
-                opset_version=graphs.OPSET, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
-                external_data=False, verbose=False,
-            )
-    except Exception as exc:
-        # the exporter wraps whatever stops it, Ctrl-C included, in its own error with a long report
-        cause = exc
-        while cause is not None:
-            if isinstance(cause, KeyboardInterrupt):
-                raise KeyboardInterrupt from None
-            cause = cause.__cause__ or cause.__context__
-        first = first_line(exc)
-        raise ExportError(f"{role}: torch.onnx.export failed ({first})") from None
-    if program is None:
-        raise ExportError(f"{role}: torch.onnx.export returned no program")
-    return program.model_proto
-
-
-def set_metadata(model: onnx.ModelProto, role: str, variant: str, cfg: ModelConfig, weights_sha: str) -> None:
-    from ..core.config import VERSION as __version__
-
-    sp = graphs.spec(role, cfg)
-    props = {
-        "vae_engine.version": __version__, "vae_engine.role": role, "vae_engine.variant": variant,
-        "vae_engine.model_config": json.dumps(to_dict(cfg)), "vae_engine.weights_sha256": weights_sha,
-        "vae_engine.inputs": json.dumps([list(i) for i in sp.inputs]),
-        "vae_engine.outputs": json.dumps([list(o) for o in sp.outputs]),
-        "vae_engine.input_shape": json.dumps([-1, cfg.input_dim]),  # the graph's input: items flattened
-        "vae_engine.item_shape": json.dumps(list(cfg.input_shape)),  # one item before flattening
-        "vae_engine.latent_shape": json.dumps(list(cfg.latent_shape)),  # one item's latent before flattening
-        "vae_engine.likelihood": cfg.likelihood,  # how to read the decoder's output (see likelihoods/)
-    }
-    del model.metadata_props[:]
-    for key, value in props.items():
-        model.metadata_props.add(key=key, value=value)
 
 
 def _int8(fp32: dict[str, onnx.ModelProto], model_dir: Path, cfg: ModelConfig, sha: str, scratch: Path,
@@ -138,7 +82,7 @@ def _int8(fp32: dict[str, onnx.ModelProto], model_dir: Path, cfg: ModelConfig, s
         for role in fp32:
             keep = {ly.node: rounded[ly.key] for ly in chosen if ly.graph == role}
             protos[role] = quantize.rewrite(fp32[role], keep, found[role])
-            set_metadata(protos[role], role, "int8", cfg, sha)
+            tracing.set_metadata(protos[role], role, "int8", cfg, sha)
         return protos
 
     def score(chosen: list, timed: bool) -> dict[str, Any]:
@@ -200,55 +144,17 @@ def _int8_calibration(fp32: dict[str, onnx.ModelProto], model_dir: Path, cfg: Mo
     return x, found, acts
 
 
-def optimized_graph(model: onnx.ModelProto, tmp_dir: Path) -> onnx.ModelProto:
-    """The graph after ONNX Runtime's own optimizations (ORT_ENABLE_ALL), as ORT saves it."""
-    path = tmp_dir / "opt.onnx"
-    graphs.make_session(model, threads=1, optimized_path=str(path))
-    out = onnx.load(path)
-    path.unlink()
-    return out
-
-
-def _run(model: onnx.ModelProto, feed: np.ndarray, threads: int | None = None) -> list[np.ndarray]:
-    sess = graphs.make_session(model, threads=threads)
-    return sess.run(None, {sess.get_inputs()[0].name: feed})
-
-
-def _validate(model: onnx.ModelProto, net: torch.nn.Module, inputs: np.ndarray, atol: float, name: str,
-              batches: tuple[int, ...] = (1, 37)) -> float:
-    """ORT vs PyTorch at batch 1 and an odd batch (37; an imported image model: 1 and 2); raise ExportError beyond
-    `atol` times each output's scale
-    (its largest magnitude, at least 1): float rounding grows with the values, so a Gaussian decoder's outputs of
-    order 10 differ by ~1e-4 where logits of order 1 differ by ~1e-5. Returns the largest scaled error."""
-    worst = 0.0
-    for batch in batches:
-        x = inputs[:batch]
-        with torch.no_grad():
-            ref = net(torch.from_numpy(x))
-        ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
-        got = _run(model, x)
-        for r, g in zip(ref, got, strict=True):
-            if g.shape != r.shape:
-                raise ExportError(f"{name}: ONNX Runtime output shape {g.shape} != PyTorch {r.shape} at batch {batch}")
-            scale = max(1.0, float(np.max(np.abs(r)))) if r.size else 1.0
-            worst = max(worst, float(np.max(np.abs(g - r))) / scale if r.size else 0.0)
-    if not np.isfinite(worst) or worst > atol:
-        raise ExportError(f"{name}: ONNX Runtime differs from PyTorch by {worst:.3g} of the output's scale "
-                          f"(tolerance {atol:g})")
-    return worst
-
-
 def _test_nelbo(encoder: onnx.ModelProto, decoder: onnx.ModelProto, x_bin: np.ndarray, seed: int, lk,
                 prior) -> tuple:
     """(test -ELBO, decoder params) of a graph pair on the model's test items, eps from the counter stream;
     `prior` as the engine runs it (`priors.load`)."""
     from ..model import kernels
 
-    mu, logvar = _run(encoder, x_bin)
+    mu, logvar = tracing.run(encoder, x_bin)
     eps = rng.normal_eps(seed, 0, len(x_bin), 1, mu.shape[1])
     z = kernels.reparameterize(mu, logvar, eps)[:, 0]  # the engine's own reparameterization
     eps = eps[:, 0]
-    logits = _run(decoder, z)[0]
+    logits = tracing.run(decoder, z)[0]
     log_px = lk.log_prob(torch.from_numpy(x_bin).double(), torch.from_numpy(logits).double()).numpy()
     nelbo = float(np.mean(-(log_px - prior.kl(mu, logvar, z, eps))))
     return nelbo, logits
@@ -303,7 +209,7 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
         int8, int8_report = _int8({role: built[role, "fp32"] for role in nets}, model_dir, cfg, sha, scratch, seed,
                                   step)
         for role, proto in int8.items():  # judged by the NLL measure, not a tolerance: only shapes are checked
-            errors[role, "int8"] = _validate(proto, nets[role], inputs[role], np.inf, f"{role}.int8.onnx")
+            errors[role, "int8"] = tracing.validate(proto, nets[role], inputs[role], np.inf, f"{role}.int8.onnx")
             built[role, "int8"] = proto
     step("accuracy on the test set")
     report = _accuracy_report(model, built, errors, cfg, sha, x_bin, model_dir, out_dir, seed)
@@ -330,19 +236,6 @@ def _export_all(model, nets, cfg, sha, inputs, x_bin, model_dir: Path, out_dir: 
     return report
 
 
-def checked_graph(net: torch.nn.Module, role: str, cfg: ModelConfig, sha: str, inputs: np.ndarray, atol: float,
-                  batches: tuple[int, ...] = (1, 37)) -> tuple[onnx.ModelProto, float]:
-    """One network's fp32 graph, checked: exported, its metadata set (tied to the weights' `sha`), onnx.checker,
-    then against PyTorch within `atol` (`_validate`). Returns (graph, its largest scaled error)."""
-    proto = _export_graph(net, role, cfg)
-    set_metadata(proto, role, "fp32", cfg, sha)
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"{role}: exported graph fails onnx.checker ({first_line(exc)})") from None
-    return proto, _validate(proto, net, inputs, atol, f"{role}.onnx", batches)
-
-
 def _build_graphs(nets, cfg, sha, inputs, scratch: Path, optimize: bool, fp16: bool, step):
     """The fp32 graph of each network (onnx.checker, then against PyTorch within FP32_ATOL) and its optimized and
     fp16 variants where asked: ({(role, variant): graph}, {(role, variant): max abs error against PyTorch})."""
@@ -350,18 +243,19 @@ def _build_graphs(nets, cfg, sha, inputs, scratch: Path, optimize: bool, fp16: b
     errors: dict[tuple[str, str], float] = {}
     for role, net in nets.items():
         step(f"export {role}")
-        proto, errors[role, "fp32"] = checked_graph(net, role, cfg, sha, inputs[role], FP32_ATOL)
+        proto, errors[role, "fp32"] = tracing.checked_graph(net, role, cfg, sha, inputs[role], FP32_ATOL)
         built[role, "fp32"] = proto
         variants: list[tuple[str, onnx.ModelProto, float]] = []
         if optimize:
-            variants.append(("optimized", optimized_graph(proto, scratch), FP32_ATOL))
+            variants.append(("optimized", tracing.optimized_graph(proto, scratch), FP32_ATOL))
         if fp16:
-            half = _export_graph(_FP32IO(copy.deepcopy(net), torch.float16), role, cfg)
+            half = tracing.trace(_FP32IO(copy.deepcopy(net), torch.float16), role, cfg)
             variants.append(("fp16", half, FP16_ATOL))
         for variant, vproto, atol in variants:
             step(f"{variant} {role}")
-            set_metadata(vproto, role, variant, cfg, sha)
-            errors[role, variant] = _validate(vproto, net, inputs[role], atol, f"{role}{graphs.VARIANTS[variant]}")
+            tracing.set_metadata(vproto, role, variant, cfg, sha)
+            errors[role, variant] = tracing.validate(vproto, net, inputs[role], atol,
+                                                     f"{role}{graphs.VARIANTS[variant]}")
             built[role, variant] = vproto
     return built, errors
 

@@ -27,7 +27,7 @@ from ..core.errors import DataError, ExportError, ModelDirError, VaeEngineError,
 from ..data.datasets import sample_photos
 from ..model import imported
 from ..modeldir import graphs
-from .exporter import checked_graph
+from .tracing import checked_graph, optimized_graph, set_metadata
 
 MAX_IMPORT_SIDE = 4096  # pixels: an image side larger than this is not a VAE input we can export and check
 # ONNX Runtime against PyTorch, per unit of an output's scale: an imported network is deep (the SD VAE's decoder:
@@ -268,8 +268,6 @@ def export_variants(model_dir: str | os.PathLike, out_dir: str | os.PathLike | N
     seeded rows) the accuracy budget is not judged on, the layer set grown while the pair keeps `--precision
     auto`'s budget (nats where the model has a likelihood, else the mean reconstruction change), and a graph whose
     int8 layers do not make it faster kept in fp32."""
-    from .exporter import REPORT, optimized_graph, set_metadata
-
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     out_dir = Path(out_dir) if out_dir else model_dir
@@ -282,7 +280,7 @@ def export_variants(model_dir: str | os.PathLike, out_dir: str | os.PathLike | N
     cfg = modeldir.model_config(model_dir)
     sha = modeldir.weights_sha256(model_dir)
     fp32 = {role: graphs.load_graph(graphs.graph_path(model_dir, role), role, cfg).proto() for role in graphs.ROLES}
-    path = model_dir / REPORT
+    path = model_dir / modeldir.EXPORT_REPORT
     try:  # import's report, which the variants' sections join; a damaged one is written anew
         report = modeldir.read_json(path, "export report") if path.is_file() else {}
     except ModelDirError:
@@ -317,7 +315,7 @@ def export_variants(model_dir: str | os.PathLike, out_dir: str | os.PathLike | N
             for (role, variant), proto in built.items():
                 files[graphs.graph_path(out_dir, role, variant).name] = proto.SerializeToString()
             report["variants_seconds"] = round(time.perf_counter() - t0, 2)
-            files[REPORT] = (json.dumps(report, indent=2) + "\n").encode()
+            files[modeldir.EXPORT_REPORT] = (json.dumps(report, indent=2) + "\n").encode()
             atomic.write_files(out_dir, files, scratch)
             if quantize and not report["int8"]["accuracy"]:  # none kept: an earlier export's are stale now
                 for role in graphs.ROLES:
