@@ -92,3 +92,46 @@ def test_corrupt_idx_gives_one_line(tmp_path, tiny_data):
     path.write_bytes(path.read_bytes()[:100])
     one_line_error(invoke("train", "--data-dir", bad, "--out", tmp_path / "o"), "train-images-idx3-ubyte.gz")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_job_bar_appears_only_after_work_worth_watching(monkeypatch):
+    """A job's bar and status are drawn once work has lasted SHOW_AFTER (rich is never imported by a job that
+    ends sooner); then the bar counts every item done before it appeared."""
+    import time
+
+    from vae_engine.cli import progress
+
+    with progress.Meter("encode") as quick:
+        quick.start(10)
+        quick.advance(10)
+        assert quick.bar is None
+    monkeypatch.setattr(progress, "SHOW_AFTER", 0.05)
+    with progress.Meter("encode") as slow:
+        slow.start(10)
+        slow.advance(3)
+        time.sleep(0.2)  # the timer shows the bar while nothing advances
+        assert slow.bar is not None and slow.bar.tasks[0].completed == 3
+        slow.advance(4)
+        assert slow.bar.tasks[0].completed == 7
+    with progress.lazy_status("choosing") as status:
+        status.update("measuring: onnxruntime/fp32")  # progress reported: shown at once
+    monkeypatch.setattr(progress, "SHOW_AFTER", 60.0)
+    with progress.lazy_status("choosing"):
+        pass  # nothing to show, nothing shown
+
+
+def test_one_command_app_equals_the_whole_app():
+    """`main` builds only the invoked command (Typer otherwise builds all of them on every run): its options, help
+    and name are the whole app's."""
+    import typer.main
+
+    from vae_engine.cli.commands import _only, app
+
+    whole = typer.main.get_command(app)
+    for name, command in whole.commands.items():
+        one = typer.main.get_command(_only(name))
+        assert list(one.commands) == [name]
+        mine = one.commands[name]
+        assert [p.opts for p in mine.params] == [p.opts for p in command.params], name
+        assert mine.help == command.help
+    assert _only("--help") is None and _only("encde") is None

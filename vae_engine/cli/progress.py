@@ -1,59 +1,151 @@
-"""Progress bars for anything that takes more than a second (rich, on stderr)."""
+"""Progress bars for anything that takes more than a second (rich, on stderr), and the consoles commands print to.
+
+rich costs ~20 ms to import, a tenth of a short job's whole command: a console makes its rich Console on first use
+(a plain line is written directly), and a job's bar and status appear only once the work has lasted
+`SHOW_AFTER` seconds (or reports progress), so a job that ends sooner never imports rich."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import threading
 import time
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from ..perf.fraction import percent
 from ..training.callbacks import Callbacks
 
-CONSOLE = Console(stderr=True)  # progress, status and warnings
-OUT = Console()  # what a command reports: stdout
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+SHOW_AFTER = 0.5  # seconds of work before a job's bar appears
+
+
+class LazyConsole:
+    """rich's Console, made on first use; one plain line (no markup, no options) is written without it."""
+
+    def __init__(self, stderr: bool):
+        self.stderr, self._rich = stderr, None
+
+    @property
+    def rich(self):
+        if self._rich is None:
+            from rich.console import Console
+
+            self._rich = Console(stderr=self.stderr)
+        return self._rich
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if self._rich is None and not kwargs and len(objects) == 1 and isinstance(objects[0], str) \
+                and "[" not in objects[0]:
+            stream = sys.stderr if self.stderr else sys.stdout
+            stream.write(objects[0] + "\n")
+            stream.flush()
+            return
+        self.rich.print(*objects, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # status, width, ...: rich's own
+        return getattr(self.rich, name)
+
+
+CONSOLE = LazyConsole(stderr=True)  # progress, status and warnings
+OUT = LazyConsole(stderr=False)  # what a command reports: stdout
 
 
 def progress_bar(unit: str = "items") -> Progress:
     """A rich progress bar with count, rate and time left."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"), TextColumn(f"{{task.fields[rate]}} {unit}/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=CONSOLE, transient=True,
+        TimeElapsedColumn(), TimeRemainingColumn(), console=CONSOLE.rich, transient=True,
     )
 
 
+@contextlib.contextmanager
+def lazy_status(text: str) -> Iterator[Any]:
+    """rich's status spinner with `text`, shown on the first `update` (work worth watching, e.g. measuring) or
+    after SHOW_AFTER seconds; a step that ends sooner shows nothing."""
+    lock, shown = threading.Lock(), []
+
+    def show(message: str | None = None) -> None:
+        with lock:
+            if not shown:
+                shown.append(CONSOLE.status(text))
+                shown[0].start()
+            if message is not None:
+                shown[0].update(message)
+
+    class Status:
+        def update(self, message: str) -> None:
+            show(message)
+
+    timer = threading.Timer(SHOW_AFTER, show)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield Status()
+    finally:
+        timer.cancel()
+        with lock:
+            shown.append(None)  # a late timer shows nothing now
+            if shown[0] is not None:
+                shown[0].stop()
+
+
 class Meter:
-    """A progress bar that appears only once work starts, so errors found while loading print alone."""
+    """A job's progress bar: it appears once work has gone on for SHOW_AFTER seconds (so errors found while loading
+    print alone, and a job that ends sooner draws nothing)."""
 
     def __init__(self, description: str, unit: str = "items", info: str = ""):
         self.description, self.unit, self.info = description, unit, info
         self.bar: Progress | None = None
+        self.total: int | None = None
+        self.t0, self.done, self.timer = 0.0, 0, None
+        self.lock = threading.Lock()
 
     def start(self, total: int | None) -> None:
-        self.bar = progress_bar(self.unit)
-        self.bar.start()
-        self.task = self.bar.add_task(self.description, total=total, info=self.info, rate="")
-        self.t0, self.done = time.perf_counter(), 0
+        self.total, self.t0, self.done = total, time.perf_counter(), 0
+        self.timer = threading.Timer(SHOW_AFTER, self._show)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _show(self) -> None:
+        with self.lock:
+            if self.bar is None and self.timer is not None:
+                self.bar = progress_bar(self.unit)
+                self.bar.start()
+                self.task = self.bar.add_task(self.description, total=self.total, info=self.info, rate="",
+                                              completed=self.done)
 
     def advance(self, n: int) -> None:
         self.done += n
-        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.update(self.task, advance=n, rate=f"{rate:,.1f}")
+        if self.bar is None and time.perf_counter() - self.t0 >= SHOW_AFTER:
+            self._show()
+        if self.bar is not None:
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            with self.lock:
+                self.bar.update(self.task, completed=self.done, rate=f"{rate:,.1f}")
 
     def __enter__(self) -> Meter:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None  # a timer already running shows nothing now
+            if self.bar is not None:
+                self.bar.stop()
 
 
 class TrainingBar(Callbacks):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import VaeEngineError
-from .progress import CONSOLE, OUT, Meter
+from .progress import OUT, Meter, lazy_status
 
 
 def path_options(backend: str, precision: str, max_nll_change: float, device: str) -> dict:
@@ -58,7 +58,7 @@ def run_job(job: str, model_dir: Path | None, input: Path | None, output: Path, 
 
     # a bad input fails before any measuring
     source = jobs.open_input(job, input, model_config(model_dir), n, params.pop("fit", False))
-    with CONSOLE.status("choosing the fastest path (once per machine; saved in the model folder)") as status:
+    with lazy_status("choosing the fastest path (once per machine; saved in the model folder)") as status:
         engine = Engine.load(model_dir, threads=threads, batch_size=batch_size, **path,
                              progress=lambda message: status.update(f"measuring paths: {message}"),
                              items=source.n * (params.get("k", 1) if job == "score" else 1))
