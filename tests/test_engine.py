@@ -358,3 +358,17 @@ def test_bench_marks_what_auto_takes_at_each_batch(model):
     assert decision["path"].startswith(("torch/fp32", "onnxruntime/fp32", "openvino/fp32"))
     marked = [r["backend"] for r in report["results"] if r["auto"]]
     assert marked == ([decision["label"]] if decision["label"] in ("torch", "ort-fp32") else [])
+
+
+def test_openvino_is_imported_without_its_conversion_tools():
+    """The OpenVINO path imports the runtime, not `openvino.tools.ovc` (model conversion and its telemetry: most of
+    `import openvino`'s time); `openvino.convert_model` still works for code that uses it afterwards."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("openvino")
+    code = ("import sys; from vae_engine.runtime.backends.ovlib import ov; ov.Core(); "
+            "print('openvino.tools.ovc' in sys.modules, 'urllib.request' in sys.modules); "
+            "print(callable(ov.convert_model), 'openvino.tools.ovc' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "True", "True"]

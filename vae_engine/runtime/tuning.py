@@ -474,7 +474,8 @@ def _timed_batch(engine, batch: int, seconds: float) -> int:
     return max(1, min(batch, int(seconds / 4 / per_row)))
 
 
-RUNTIMES = {"torch": "torch", "torch-compile": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+RUNTIMES = {"torch": "torch", "torch-compile": "torch", "onnxruntime": "onnxruntime",
+            "openvino": "vae_engine.runtime.backends.ovlib"}  # the modules each path imports
 
 
 def import_seconds(paths: list[tuple[str, str]]) -> dict[str, float]:

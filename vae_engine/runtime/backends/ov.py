@@ -24,7 +24,7 @@ class OpenVinoBackend(GraphBackend):
                  device: str = "cpu"):
         super().__init__(cfg)
         try:
-            import openvino as ov
+            from .ovlib import ov  # the runtime without its model-conversion tools (40-50 ms less)
         except ImportError:
             raise VaeEngineError("--backend openvino needs OpenVINO: pip install 'vae-engine[openvino]'") from None
         if precision not in ("fp32", "bf16"):
