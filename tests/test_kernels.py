@@ -167,3 +167,19 @@ def test_permutation_is_a_seeded_shuffle():
     assert sorted(p.tolist()) == list(range(1000)) and p.dtype == np.int64
     np.testing.assert_array_equal(p, rng.permutation(7, 1000))
     assert not np.array_equal(p, rng.permutation(8, 1000)) and not np.array_equal(p, np.arange(1000))
+
+
+def test_numba_loads_without_scipy_linalg():
+    """Loading Numba for a kernel skips SciPy's linear algebra (its BLAS probe, a fifth of Numba's set-up); SciPy
+    still imports afterwards, and the kernel's answer is its twin's."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from vae_engine.core import fastmath; from vae_engine.model import kernels; "
+            "g = np.random.default_rng(0); mu, lv = g.standard_normal((2, 1, 8), dtype=np.float32); "
+            "eps = g.standard_normal((1, 1 << 18, 8), dtype=np.float32); z = kernels.reparameterize(mu, lv, eps); "
+            "print(fastmath.loaded(), 'scipy.linalg' in sys.modules, "
+            "bool(np.allclose(z, mu[:, None] + np.exp(0.5 * lv)[:, None] * eps, atol=1e-5))); "
+            "import scipy.linalg; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False", "True", "ok"]

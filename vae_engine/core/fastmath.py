@@ -10,6 +10,7 @@ imports numba.np.arraymath, and SciPy with it)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import sys
@@ -59,13 +60,33 @@ def _load() -> None:
     with _LOCK:
         if _loaded:
             return
-        from numba.extending import register_jitable
+        with _without_scipy_linalg():
+            import numba.np.arraymath  # noqa: F401  (here, where its BLAS probe is answered)
+            from numba.extending import register_jitable
 
         for fn in _INLINE:
             register_jitable(inline="always")(fn)
         _loaded = True
         if _pending_threads is not None:
             set_threads(_pending_threads)
+
+
+@contextlib.contextmanager
+def _without_scipy_linalg():
+    """While Numba loads, `import scipy.linalg` fails: `numba.np.arraymath` probes for BLAS on import by importing
+    scipy.linalg.cython_blas (~0.1 s of SciPy, a fifth of Numba's set-up), only to choose how np.cov/np.corrcoef
+    compute inner products inside jitted code, which no kernel here calls. Afterwards SciPy imports as ever (and
+    Numba's np.dot and np.linalg, which probe again when they compile, find it). A process that imported
+    scipy.linalg before is left as it is."""
+    if "scipy.linalg" in sys.modules:
+        yield
+        return
+    sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  (an import of it raises ImportError)
+    try:
+        yield
+    finally:
+        if sys.modules.get("scipy.linalg", 0) is None:
+            del sys.modules["scipy.linalg"]
 
 
 def inline(fn: Callable) -> Callable:
