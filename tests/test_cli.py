@@ -109,7 +109,9 @@ def test_a_job_bar_appears_only_after_work_worth_watching(monkeypatch):
     with progress.Meter("encode") as slow:
         slow.start(10)
         slow.advance(3)
-        time.sleep(0.2)  # the timer shows the bar while nothing advances
+        deadline = time.monotonic() + 10
+        while slow.bar is None and time.monotonic() < deadline:  # the timer shows the bar while nothing advances
+            time.sleep(0.05)
         assert slow.bar is not None and slow.bar.tasks[0].completed == 3
         slow.advance(4)
         assert slow.bar.tasks[0].completed == 7
@@ -118,6 +120,17 @@ def test_a_job_bar_appears_only_after_work_worth_watching(monkeypatch):
     monkeypatch.setattr(progress, "SHOW_AFTER", 60.0)
     with progress.lazy_status("choosing"):
         pass  # nothing to show, nothing shown
+
+
+def test_the_command_line_imports_rich_only_to_draw():
+    """Loading the CLI imports no rich (~20 ms): a bar, a status or a table imports it when drawn (a job's bar
+    after SHOW_AFTER seconds, which the test above checks without a clock-dependent subprocess)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from vae_engine.cli import app, main; print(sorted(m for m in sys.modules if 'rich' in m))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
 
 
 def test_one_command_app_equals_the_whole_app():

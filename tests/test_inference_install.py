@@ -26,9 +26,7 @@ HEAVY = ("torch", "matplotlib", "onnxscript")  # never needed by an inference pa
 # format), Numba's compiler (numba.core) and SciPy, which it imports, for the jobs whose kernels pay its set-up
 NEEDED_BY = {"onnx": {"reconstruct"},
              "numba.core": {"score-k1", "score-k16", "score-int8", "detect", "evaluate"},
-             "scipy": {"score-k1", "score-k16", "score-int8", "detect", "evaluate"},
-             # rich (~20 ms) draws bars and tables: a job that ends within SHOW_AFTER prints its line without it
-             "rich": {"evaluate", "info"}}
+             "scipy": {"score-k1", "score-k16", "score-int8", "detect", "evaluate"}}
 # runs the CLI in a fresh interpreter, then prints the heavy modules it imported as JSON on the last stderr line
 RUNNER = textwrap.dedent("""
     import atexit, json, sys

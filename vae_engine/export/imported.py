@@ -376,6 +376,65 @@ def _speedup(fp32: Any, int8: Any, feed: dict[str, np.ndarray], threads: int, ro
     return float(np.median(ratios))
 
 
+class _Int8Search:
+    """The int8 layer search of one imported model: each candidate pair of graphs is written into a scratch model
+    folder and judged by tuning's own accuracy against the fp32 reference (what `--precision auto` measures);
+    every set tried is kept as a row of the report."""
+
+    def __init__(self, fp32: dict[str, Any], tensor_ranges: dict[str, Any], model_dir: Path, scratch: Path,
+                 threads: int, step: Callable[[str], None]):
+        from ..runtime import tuning
+        from ..runtime.engine import Engine
+
+        self.fp32, self.ranges, self.threads, self.step = fp32, tensor_ranges, threads, step
+        step("accuracy: fp32 reference")
+        self.ref = tuning.reference(Engine.load, model_dir, threads, "onnxruntime")
+        self.folder = scratch / "int8-candidate"
+        self.folder.mkdir()
+        for name in modeldir.INFERENCE_FILES:
+            if (model_dir / name).exists():
+                atomic.write_bytes(self.folder / name, (model_dir / name).read_bytes())
+        self.rows: list[dict[str, Any]] = []
+        self.written: dict[str, tuple[str, ...] | None] = {role: None for role in graphs.ROLES}
+        self.trials = {role: 0 for role in graphs.ROLES}
+
+    def graph(self, role: str, layers: list[str]) -> Any:
+        from . import qdq
+
+        return qdq.quantize(self.fp32[role], self.ranges[role], layers)
+
+    def score(self, chosen: dict[str, list[str]]) -> dict[str, Any]:
+        """One candidate's accuracy row (both graphs with these int8 layers)."""
+        from ..runtime import tuning
+        from ..runtime.engine import Engine
+
+        for role in graphs.ROLES:  # quantize (seconds on a large graph) only the graph whose set changed
+            if self.written[role] != tuple(chosen[role]):
+                proto = self.graph(role, chosen[role])
+                atomic.write_bytes(graphs.graph_path(self.folder, role, "int8"), proto.SerializeToString())
+                self.written[role] = tuple(chosen[role])
+        engine = Engine.load(self.folder, backend="onnxruntime", precision="int8", threads=self.threads)
+        row = {"int8_layers": {role: len(chosen[role]) for role in graphs.ROLES}, **tuning.accuracy(engine, self.ref)}
+        row["within_budget"] = tuning.within({"precision": "int8", **row}, tuning.DEFAULT_BUDGET)
+        self.rows.append(row)
+        self.step(f"int8: {row['int8_layers']['encoder']} + {row['int8_layers']['decoder']} layers, "
+                  f"{tuning.cost_text(row)}")
+        return row
+
+    def grow(self, chosen: dict[str, list[str]], role: str, layers: list[str]) -> list[str]:
+        """`role`'s int8 layers, grown within the budget with the other graph's as chosen (`qdq.grow`), at most
+        MAX_TRIALS sets tried: layers not reached stay fp32."""
+        from . import qdq
+
+        def fits(trial: list[str]) -> bool:
+            if self.trials[role] >= MAX_TRIALS:
+                return False
+            self.trials[role] += 1
+            return self.score({**chosen, role: trial})["within_budget"]
+
+        return qdq.grow([], layers, fits)
+
+
 def _int8(fp32: dict[str, Any], model_dir: Path, cfg: ModelConfig, x: np.ndarray, source: str, scratch: Path,
           step: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The int8 graphs to keep and their report: calibrate once, grow each graph's layer set within the budget
@@ -383,7 +442,6 @@ def _int8(fp32: dict[str, Any], model_dir: Path, cfg: ModelConfig, x: np.ndarray
     then keep a graph's int8 layers only where they make it faster."""
     from ..core import hardware
     from ..runtime import tuning
-    from ..runtime.engine import Engine
     from . import qdq
 
     threads = hardware.available_cpus()
@@ -394,61 +452,27 @@ def _int8(fp32: dict[str, Any], model_dir: Path, cfg: ModelConfig, x: np.ndarray
     if not any(names.values()):
         raise ExportError("--quantize int8: this model has no Conv, ConvTranspose, Gemm or MatMul layer with "
                           "constant weights to quantize; export without --quantize")
-    step("accuracy: fp32 reference")
-    ref = tuning.reference(Engine.load, model_dir, threads, "onnxruntime")
-    cand_dir = scratch / "int8-candidate"
-    cand_dir.mkdir()
-    for name in modeldir.INFERENCE_FILES:
-        if (model_dir / name).exists():
-            atomic.write_bytes(cand_dir / name, (model_dir / name).read_bytes())
-    rows: list[dict[str, Any]] = []
-    written: dict[str, tuple[str, ...] | None] = {role: None for role in graphs.ROLES}
-
-    def build(chosen: dict[str, list[str]]) -> dict[str, Any]:
-        return {role: qdq.quantize(fp32[role], tensor_ranges[role], chosen[role]) for role in graphs.ROLES}
-
-    def score(chosen: dict[str, list[str]]) -> dict[str, Any]:
-        for role in graphs.ROLES:  # quantize (seconds on a large graph) only the graph whose set changed
-            if written[role] != tuple(chosen[role]):
-                proto = qdq.quantize(fp32[role], tensor_ranges[role], chosen[role])
-                atomic.write_bytes(graphs.graph_path(cand_dir, role, "int8"), proto.SerializeToString())
-                written[role] = tuple(chosen[role])
-        engine = Engine.load(cand_dir, backend="onnxruntime", precision="int8", threads=threads)
-        row = {"int8_layers": {role: len(chosen[role]) for role in graphs.ROLES}, **tuning.accuracy(engine, ref)}
-        row["within_budget"] = tuning.within({"precision": "int8", **row}, tuning.DEFAULT_BUDGET)
-        rows.append(row)
-        step(f"int8: {row['int8_layers']['encoder']} + {row['int8_layers']['decoder']} layers, "
-             f"{tuning.cost_text(row)}")
-        return row
-
+    search = _Int8Search(fp32, tensor_ranges, model_dir, scratch, threads, step)
     chosen: dict[str, list[str]] = {role: [] for role in graphs.ROLES}
-    trials = {role: 0 for role in graphs.ROLES}
-
-    def fits(role: str, trial: list[str]) -> bool:
-        if trials[role] >= MAX_TRIALS:  # the search is bounded: layers not reached stay fp32
-            return False
-        trials[role] += 1
-        return score({**chosen, role: trial})["within_budget"]
-
     for role in graphs.ROLES:
-        chosen[role] = qdq.grow([], names[role], lambda trial, r=role: fits(r, trial))
+        chosen[role] = search.grow(chosen, role, names[role])
     speedup = {}
     for role in graphs.ROLES:
         if chosen[role]:
             step(f"int8: time the {role} against fp32")
-            speedup[role] = round(_speedup(fp32[role], build(chosen)[role], feeds[role][0], threads), 3)
+            speedup[role] = round(_speedup(fp32[role], search.graph(role, chosen[role]), feeds[role][0], threads), 3)
             if speedup[role] < SPEEDUP_TO_KEEP:
                 chosen[role] = []
-    final = score(chosen) if any(chosen.values()) else None
+    final = search.score(chosen) if any(chosen.values()) else None
     report = {"method": "ONNX Runtime static QDQ: uint8 activations (MinMax ranges), int8 per-channel 7-bit weights",
-              "calibration": source, "validation": ref["source"], "threads": threads,
+              "calibration": source, "validation": search.ref["source"], "threads": threads,
               "budget": tuning.budget_text({"budget": "reconstruction"} if tuning.by_reconstruction(cfg) else
                                            {"key": {"budget_nats": tuning.DEFAULT_BUDGET}}),
               "layers": {role: len(names[role]) for role in graphs.ROLES},
-              "trials": trials, "max_trials": MAX_TRIALS,
+              "trials": search.trials, "max_trials": MAX_TRIALS,
               "int8_layers": {role: chosen[role] for role in graphs.ROLES},
               "speedup_vs_fp32_one_item": speedup, "speedup_to_keep": SPEEDUP_TO_KEEP,
-              "accuracy": final and {k: v for k, v in final.items() if k != "int8_layers"}, "candidates": rows}
+              "accuracy": final and {k: v for k, v in final.items() if k != "int8_layers"}, "candidates": search.rows}
     if final is None:  # nothing to gain: no int8 graphs, so --precision auto does not time a copy of fp32
         report["warnings"] = [f"no int8 layers are both within {report['budget']} and faster than fp32 here "
                               f"(speed-up kept: {SPEEDUP_TO_KEEP}x); no int8 graphs written"]
@@ -456,4 +480,4 @@ def _int8(fp32: dict[str, Any], model_dir: Path, cfg: ModelConfig, x: np.ndarray
     if not final["within_budget"]:  # the set grew within the budget; without a graph's layers it measured over
         report["warnings"] = [f"the int8 graphs measured over {report['budget']} ({tuning.cost_text(final)}); "
                               "--precision auto will not choose them"]
-    return build(chosen), report
+    return {role: search.graph(role, chosen[role]) for role in graphs.ROLES}, report
