@@ -101,6 +101,7 @@ def test_a_job_bar_appears_only_after_work_worth_watching(monkeypatch):
 
     from vae_engine.cli import progress
 
+    monkeypatch.setattr(progress, "SHOW_AFTER", 60.0)
     with progress.Meter("encode") as quick:
         quick.start(10)
         quick.advance(10)
