@@ -121,11 +121,12 @@ class Meter:
 
     def _show(self) -> None:
         with self.lock:
-            if self.bar is None and self.timer is not None:
-                self.bar = progress_bar(self.unit)
-                self.bar.start()
-                self.task = self.bar.add_task(self.description, total=self.total, info=self.info, rate="",
-                                              completed=self.done)
+            if self.bar is not None or self.timer is None:  # shown already, or the job is over
+                return
+            bar = progress_bar(self.unit)
+            bar.start()
+            self.task = bar.add_task(self.description, total=self.total, info=self.info, rate="", completed=self.done)
+            self.bar = bar  # last: another thread that sees the bar finds its task
 
     def advance(self, n: int) -> None:
         self.done += n
