@@ -554,3 +554,21 @@ def test_int8_layers_grow_by_bisection():
     assert len(calls) < 2 * len(cost)
     assert grow([], list(cost), lambda trial: True) == list(cost)
     assert grow([], [], fits) == []
+
+
+def test_modules_with_a_likelihood_but_no_prior_are_judged_by_reconstructions(tmp_path, monkeypatch):
+    """Without a prior a model cannot be scored, so its approximate paths are judged by their reconstructions (as
+    an AutoencoderKL's are), not in nats: auto's reference and int8 export's search both."""
+    from vae_engine.export import imported
+    from vae_engine.runtime import tuning
+
+    monkeypatch.setattr(imported, "SPEEDUP_TO_KEEP", 0.0)
+    torch.manual_seed(0)
+    import_modules(_Encoder(), _Decoder(), tmp_path / "m", (1, 8, 8), (2, 4, 4), likelihood="bernoulli", prior="none")
+    cfg = ModelConfig(**json.loads((tmp_path / "m" / "config.json").read_text())["model"])
+    assert tuning.by_reconstruction(cfg)
+    ref = tuning.reference(Engine.load, tmp_path / "m", 1, "onnxruntime")
+    assert "reconstruction" in ref and ref["reconstruction"].shape == (tuning.PHOTO_ITEMS, 64)
+    q = imported.export_variants(tmp_path / "m", quantize="int8")["int8"]
+    assert "reconstruction change" in q["budget"]
+    assert all("reconstruction_change_pixels" in row for row in q["candidates"])
