@@ -10,7 +10,7 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..perf.fraction import percent
@@ -71,35 +71,47 @@ def progress_bar(unit: str = "items") -> Progress:
     )
 
 
+class Later:
+    """Draw something once work has lasted SHOW_AFTER seconds: `show` runs once, from a timer thread then, or at
+    once on `now()`; never after `end()`. `end()` says whether it was shown (to stop what it drew)."""
+
+    def __init__(self, show: Callable[[], None]):
+        self.show, self.lock, self.state = show, threading.Lock(), "waiting"
+        self.timer = threading.Timer(SHOW_AFTER, self.now)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def now(self) -> bool:
+        with self.lock:
+            if self.state == "waiting":
+                self.show()
+                self.state = "shown"
+            return self.state == "shown"
+
+    def end(self) -> bool:
+        self.timer.cancel()
+        with self.lock:  # a timer already running has finished showing, or shows nothing now
+            shown, self.state = self.state == "shown", "over"
+        return shown
+
+
 @contextlib.contextmanager
 def lazy_status(text: str) -> Iterator[Any]:
     """rich's status spinner with `text`, shown on the first `update` (work worth watching, e.g. measuring) or
     after SHOW_AFTER seconds; a step that ends sooner shows nothing."""
-    lock, shown = threading.Lock(), []
-
-    def show(message: str | None = None) -> None:
-        with lock:
-            if not shown:
-                shown.append(CONSOLE.status(text))
-                shown[0].start()
-            if message is not None:
-                shown[0].update(message)
+    spinner: list = []
+    later = Later(lambda: spinner.append(CONSOLE.status(text)) or spinner[0].start())
 
     class Status:
         def update(self, message: str) -> None:
-            show(message)
+            if later.now():
+                spinner[0].update(message)
 
-    timer = threading.Timer(SHOW_AFTER, show)
-    timer.daemon = True
-    timer.start()
     try:
         yield Status()
     finally:
-        timer.cancel()
-        with lock:
-            shown.append(None)  # a late timer shows nothing now
-            if shown[0] is not None:
-                shown[0].stop()
+        if later.end():
+            spinner[0].stop()
 
 
 class Meter:
@@ -110,43 +122,32 @@ class Meter:
         self.description, self.unit, self.info = description, unit, info
         self.bar: Progress | None = None
         self.total: int | None = None
-        self.t0, self.done, self.timer = 0.0, 0, None
-        self.lock = threading.Lock()
+        self.t0, self.done, self.later = 0.0, 0, None
 
     def start(self, total: int | None) -> None:
         self.total, self.t0, self.done = total, time.perf_counter(), 0
-        self.timer = threading.Timer(SHOW_AFTER, self._show)
-        self.timer.daemon = True
-        self.timer.start()
+        self.later = Later(self._show)
 
     def _show(self) -> None:
-        with self.lock:
-            if self.bar is not None or self.timer is None:  # shown already, or the job is over
-                return
-            bar = progress_bar(self.unit)
-            bar.start()
-            self.task = bar.add_task(self.description, total=self.total, info=self.info, rate="", completed=self.done)
-            self.bar = bar  # last: another thread that sees the bar finds its task
+        bar = progress_bar(self.unit)
+        bar.start()
+        self.task = bar.add_task(self.description, total=self.total, info=self.info, rate="", completed=self.done)
+        self.bar = bar  # last: another thread that sees the bar finds its task
 
     def advance(self, n: int) -> None:
         self.done += n
-        if self.bar is None and time.perf_counter() - self.t0 >= SHOW_AFTER:
-            self._show()
+        if self.bar is None and self.later is not None and time.perf_counter() - self.t0 >= SHOW_AFTER:
+            self.later.now()
         if self.bar is not None:
             rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            with self.lock:
-                self.bar.update(self.task, completed=self.done, rate=f"{rate:,.1f}")
+            self.bar.update(self.task, completed=self.done, rate=f"{rate:,.1f}")
 
     def __enter__(self) -> Meter:
         return self
 
     def __exit__(self, *exc) -> None:
-        with self.lock:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None  # a timer already running shows nothing now
-            if self.bar is not None:
-                self.bar.stop()
+        if self.later is not None and self.later.end():
+            self.bar.stop()
 
 
 class TrainingBar(Callbacks):

@@ -5,12 +5,11 @@ math.log1p in a loop stay scalar libm calls).
 Numba itself is loaded on first use, not on import: `numba` here is a lazily loaded module, kernels are `Kernel`s
 that compile (or load from the on-disk cache) on their first call, and the helpers kernels call (`inline`) are
 registered with Numba when it loads. A job that runs no kernel (an encode or a decode on ONNX Runtime) does not
-pay Numba's import and the set-up of its compiler (~0.4 s on the 2-core machines: the first kernel of a process
-imports numba.np.arraymath, and SciPy with it)."""
+pay Numba's import and the set-up of its compiler (~0.3 s on the 2-core machines: the first kernel of a process
+imports numba.np.arraymath; SciPy's linear algebra, which it would import too, is skipped in `_load`)."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import sys
@@ -20,6 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from .lazy import without
 
 PARALLEL_MIN = 1 << 20  # elements; a parallel launch costs 0.1-8 ms on 2 busy cores, so only big work pays
 # values a step runs with its NumPy twin instead of loading Numba for it: ~0.1 us a value against Numba's set-up
@@ -60,7 +61,10 @@ def _load() -> None:
     with _LOCK:
         if _loaded:
             return
-        with _without_scipy_linalg():
+        # numba.np.arraymath probes for BLAS on import by importing scipy.linalg.cython_blas (~0.1 s of SciPy, a
+        # fifth of Numba's set-up) only to choose how np.cov/np.corrcoef compute inner products inside jitted
+        # code, which no kernel here calls; Numba's np.dot and np.linalg probe again when they compile
+        with without("scipy.linalg"):
             import numba.np.arraymath  # noqa: F401  (here, where its BLAS probe is answered)
             from numba.extending import register_jitable
 
@@ -69,24 +73,6 @@ def _load() -> None:
         _loaded = True
         if _pending_threads is not None:
             set_threads(_pending_threads)
-
-
-@contextlib.contextmanager
-def _without_scipy_linalg():
-    """While Numba loads, `import scipy.linalg` fails: `numba.np.arraymath` probes for BLAS on import by importing
-    scipy.linalg.cython_blas (~0.1 s of SciPy, a fifth of Numba's set-up), only to choose how np.cov/np.corrcoef
-    compute inner products inside jitted code, which no kernel here calls. Afterwards SciPy imports as ever (and
-    Numba's np.dot and np.linalg, which probe again when they compile, find it). A process that imported
-    scipy.linalg before is left as it is."""
-    if "scipy.linalg" in sys.modules:
-        yield
-        return
-    sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  (an import of it raises ImportError)
-    try:
-        yield
-    finally:
-        if sys.modules.get("scipy.linalg", 0) is None:
-            del sys.modules["scipy.linalg"]
 
 
 def inline(fn: Callable) -> Callable:

@@ -3,8 +3,10 @@ Runtime with them) until a name is first used, so `vae-engine --help` and `info`
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -17,3 +19,18 @@ def exports(package: str, table: dict[str, str]) -> Callable[[str], Any]:
         return getattr(importlib.import_module(f".{table[name]}", package), name)
 
     return __getattr__
+
+
+@contextlib.contextmanager
+def without(module: str) -> Iterator[None]:
+    """While inside, `import module` raises ImportError (a third party's optional import we never use, skipped
+    while that library loads); afterwards it imports as ever. A process that imported it before is left as it is."""
+    if module in sys.modules:
+        yield
+        return
+    sys.modules[module] = None  # type: ignore[assignment]  (the import system raises ImportError for None)
+    try:
+        yield
+    finally:
+        if sys.modules.get(module, 0) is None:
+            del sys.modules[module]

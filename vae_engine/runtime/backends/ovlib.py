@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 
+from ...core.lazy import without
+
 _TOOLS = "openvino.tools.ovc"
 
 
@@ -22,14 +24,10 @@ def _convert_model(name: str):
     return convert_model
 
 
-if "openvino" in sys.modules or _TOOLS in sys.modules:
+if "openvino" in sys.modules:
     import openvino as ov
 else:
-    sys.modules[_TOOLS] = None  # an import of it raises ImportError, which openvino's __init__ passes over
-    try:
+    with without(_TOOLS):  # openvino's __init__ passes over the ImportError
         import openvino as ov
-    finally:
-        if sys.modules.get(_TOOLS, 0) is None:
-            del sys.modules[_TOOLS]
     if "convert_model" not in vars(ov):
         ov.__getattr__ = _convert_model  # PEP 562: looked up in the module's namespace on a missing attribute
