@@ -157,7 +157,7 @@ def _every_layer_int8(model: Path, out: Path) -> Path:
     shutil.copytree(model, out)
     cfg = model_config(model)
     fp32 = {role: graphs.load_graph(graphs.graph_path(model, role), role, cfg).proto() for role in graphs.ROLES}
-    feeds = imported._feeds(fp32, cfg, imported._calibration_items(cfg)[0])
+    feeds, _ = imported.calibration_feeds(fp32, cfg)
     for role in graphs.ROLES:
         proto = qdq.quantize(fp32[role], qdq.ranges(fp32[role], feeds[role]), qdq.layers(fp32[role]))
         graphs.graph_path(out, role, "int8").write_bytes(proto.SerializeToString())

@@ -43,18 +43,21 @@ def save_grid_png(path: str | Path, images: np.ndarray, shape: tuple[int, ...] |
     """Write images as a PNG grid (pixel-exact, grey or RGB, no axes), atomically, with Pillow (no matplotlib:
     a job writing a grid imports what writes a PNG, nothing that draws)."""
     ncols = ncols or max(1, int(np.ceil(np.sqrt(len(images)))))
-    grid = np.clip(image_grid(displayable(images), ncols, shape or (1, *IMAGE_SHAPE)), 0.0, 1.0)
-    pixels = (grid * 255).round().astype(np.uint8)
-    from PIL import Image
-
+    grid = image_grid(displayable(images), ncols, shape or (1, *IMAGE_SHAPE))
     with atomic.atomic_path(path, ".png") as tmp:
-        Image.fromarray(pixels, "L" if pixels.ndim == 2 else "RGB").save(tmp, format="PNG")
+        _write_png(tmp, grid)
 
 
 def save_png(path: str | Path, item: np.ndarray, shape: tuple[int, ...]) -> None:
     """One item (C*H*W values of `shape`) as a pixel-exact PNG file, values as `displayable` makes them."""
+    c, h, w = shape
+    image = displayable(item).reshape(c, h, w).transpose(1, 2, 0)
+    _write_png(path, image[..., 0] if c == 1 else image)
+
+
+def _write_png(path: str | Path, image: np.ndarray) -> None:
+    """Values in [0, 1] (clipped), (H, W) grey or (H, W, 3) RGB, as 8-bit PNG pixels (Pillow)."""
     from PIL import Image
 
-    c, h, w = shape
-    pixels = (np.clip(displayable(item), 0.0, 1.0).reshape(c, h, w).transpose(1, 2, 0) * 255).round().astype(np.uint8)
-    Image.fromarray(pixels[..., 0] if c == 1 else pixels, "L" if c == 1 else "RGB").save(path, format="PNG")
+    pixels = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+    Image.fromarray(pixels, "L" if pixels.ndim == 2 else "RGB").save(path, format="PNG")

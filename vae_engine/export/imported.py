@@ -287,13 +287,13 @@ def export_variants(model_dir: str | os.PathLike, out_dir: str | os.PathLike | N
         report = {}
     report = report if isinstance(report, dict) else {}
     step = progress or (lambda message: None)
-    x, source = _calibration_items(cfg)
+    step("run the encoder on the calibration items")
+    feeds, source = calibration_feeds(fp32, cfg)
     existed = out_dir.exists()
     try:
         with modeldir.lock(out_dir), atomic.temp_dir(out_dir, "export") as scratch:
             built: dict[tuple[str, str], Any] = {}
             if optimize:
-                feeds = _feeds(fp32, cfg, x[:2])
                 errors = {}
                 for role in graphs.ROLES:
                     step(f"optimized {role}")
@@ -303,7 +303,7 @@ def export_variants(model_dir: str | os.PathLike, out_dir: str | os.PathLike | N
                 report["optimized"] = {"max_abs_err_vs_fp32": errors}
             report.pop("warnings", None)
             if quantize:
-                protos, report["int8"] = _int8(fp32, model_dir, cfg, x, source, scratch, step)
+                protos, report["int8"] = _int8(fp32, model_dir, cfg, feeds, source, scratch, step)
                 report["warnings"] = report["int8"].get("warnings", [])
                 for role, proto in protos.items():
                     set_metadata(proto, role, "int8", cfg, sha)
@@ -341,13 +341,15 @@ def _calibration_items(cfg: ModelConfig) -> tuple[np.ndarray, str]:
             f"{PHOTO_ITEMS} the accuracy is measured on)")
 
 
-def _feeds(fp32: dict[str, Any], cfg: ModelConfig, x: np.ndarray) -> dict[str, list[dict[str, np.ndarray]]]:
-    """One feed per item for each graph: the items for the encoder, their latents (the posterior mean, what decode
-    and reconstruct give the decoder) for the decoder. One item a call: a large image's activations are large."""
+def calibration_feeds(fp32: dict[str, Any], cfg: ModelConfig) -> tuple[dict[str, list[dict[str, np.ndarray]]], str]:
+    """The calibration items as one feed per item for each graph, and where they come from: the items for the
+    encoder, their latents (the posterior mean, what decode and reconstruct give the decoder) for the decoder.
+    One item a call: a large image's activations are large."""
+    x, source = _calibration_items(cfg)
     enc_in, dec_in = (graphs.spec(role, cfg).inputs[0][0] for role in graphs.ROLES)
     sess = graphs.make_session(fp32["encoder"])
     mu = [sess.run(["mu"], {enc_in: x[i:i + 1]})[0] for i in range(len(x))]
-    return {"encoder": [{enc_in: x[i:i + 1]} for i in range(len(x))], "decoder": [{dec_in: m} for m in mu]}
+    return {"encoder": [{enc_in: x[i:i + 1]} for i in range(len(x))], "decoder": [{dec_in: m} for m in mu]}, source
 
 
 def _difference(reference: Any, graph: Any, feed: dict[str, np.ndarray], name: str) -> float:
@@ -435,8 +437,8 @@ class _Int8Search:
         return qdq.grow([], layers, fits)
 
 
-def _int8(fp32: dict[str, Any], model_dir: Path, cfg: ModelConfig, x: np.ndarray, source: str, scratch: Path,
-          step: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _int8(fp32: dict[str, Any], model_dir: Path, cfg: ModelConfig, feeds: dict[str, list], source: str,
+          scratch: Path, step: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The int8 graphs to keep and their report: calibrate once, grow each graph's layer set within the budget
     (encoder first: every job encodes or decodes once a call, so neither graph is favoured by a scoring loop),
     then keep a graph's int8 layers only where they make it faster."""
@@ -446,7 +448,6 @@ def _int8(fp32: dict[str, Any], model_dir: Path, cfg: ModelConfig, x: np.ndarray
 
     threads = hardware.available_cpus()
     step("int8 calibration")
-    feeds = _feeds(fp32, cfg, x)
     tensor_ranges = {role: qdq.ranges(fp32[role], feeds[role], scratch) for role in graphs.ROLES}
     names = {role: qdq.layers(fp32[role]) for role in graphs.ROLES}
     if not any(names.values()):
